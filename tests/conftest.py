@@ -1,0 +1,71 @@
+import socket
+
+import pytest
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+from tornado_ollama_proxy.app import make_app
+from tornado_ollama_proxy.settings import Settings
+
+from .fake_ollama import FakeState, make_fake_ollama
+from .get_only_front import make_front
+
+
+class Servers:
+    """Starts servers on loopback ports and stops them when the test ends."""
+
+    def __init__(self):
+        self.running = []
+
+    def start(self, app) -> str:
+        [sock] = bind_sockets(0, "127.0.0.1", family=socket.AF_INET)
+        server = HTTPServer(app)
+        server.add_sockets([sock])
+        self.running.append((server, app))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.fixture
+def servers(io_loop):
+    started = Servers()
+    yield started
+    for server, app in started.running:
+        server.stop()
+        io_loop.run_sync(server.close_all_connections)
+        proxy = getattr(app, "proxy", None)
+        if proxy is not None:
+            proxy.upstream.close()
+
+
+@pytest.fixture
+def fake():
+    return FakeState()
+
+
+@pytest.fixture
+def upstream_url(servers, fake):
+    return servers.start(make_fake_ollama(fake))
+
+
+@pytest.fixture
+def make_proxy(servers, upstream_url, tmp_path):
+    """Start a proxy in front of the stand-in; keyword arguments override settings."""
+
+    def start(**overrides):
+        options = {"upstream": upstream_url, "plugins_dir": str(tmp_path)}
+        options.update(overrides)
+        app = make_app(Settings(**options))
+        return servers.start(app)
+
+    return start
+
+
+@pytest.fixture
+def proxy_url(make_proxy):
+    return make_proxy()
+
+
+@pytest.fixture
+def front_url(servers, proxy_url):
+    """The platform in front: every request reaches the proxy as GET."""
+    return servers.start(make_front(proxy_url))

@@ -1,0 +1,366 @@
+"""A stand-in Ollama that behaves like the real one wherever a proxy can tell.
+
+It enforces Ollama's route/method table (405 with ``Allow``), the loopback
+Host and Origin checks (403, empty body), answers with Ollama's framing
+(NDJSON, SSE, empty-bodied 200s, Content-Types with or without charset) and
+checks blob digests while streaming the upload.
+
+Special model names make it misbehave on purpose, since they travel through
+the proxy untouched: ``silent`` never answers, ``stall`` sends one line and
+goes quiet, ``die`` sends two lines and drops the connection, ``flood`` streams
+``options.num_predict`` KiB as fast as the reader takes it.
+"""
+
+import asyncio
+import hashlib
+import ipaddress
+import json
+import re
+import socket
+import time
+from dataclasses import dataclass, field
+
+from tornado.iostream import StreamClosedError
+from tornado.web import Application, RequestHandler, stream_request_body
+
+ROUTES = {
+    "/": ("GET", "HEAD"),
+    "/api/version": ("GET", "HEAD"),
+    "/api/status": ("GET",),
+    "/api/tags": ("GET", "HEAD"),
+    "/api/ps": ("GET",),
+    "/api/show": ("POST",),
+    "/api/generate": ("POST",),
+    "/api/chat": ("POST",),
+    "/api/embed": ("POST",),
+    "/api/embeddings": ("POST",),
+    "/api/pull": ("POST",),
+    "/api/push": ("POST",),
+    "/api/create": ("POST",),
+    "/api/copy": ("POST",),
+    "/api/delete": ("DELETE",),
+    "/api/me": ("POST",),
+    "/api/signout": ("POST",),
+    "/v1/chat/completions": ("POST",),
+    "/v1/models": ("GET",),
+}
+BLOB_PATH = re.compile(r"/api/blobs/(sha256[:-][0-9a-f]{64})")
+JSON = "application/json; charset=utf-8"
+NDJSON = "application/x-ndjson"
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict
+    body: bytes
+
+
+@dataclass
+class FakeState:
+    """What the stand-in has seen, and knobs the tests turn."""
+
+    models: set = field(default_factory=lambda: {"llama3.2", "silent", "stall", "die", "flood"})
+    blobs: set = field(default_factory=set)
+    seen: list = field(default_factory=list)
+    chunk_delay: float = 0.0
+    # When set, a stream sends its next chunk only after the test releases it:
+    # a proxy that buffered would deadlock the test instead of passing it.
+    lockstep: asyncio.Queue | None = None
+    sent: list = field(default_factory=list)  # (monotonic time, bytes) per chunk sent
+    flood_written: int = 0
+    flood_done: asyncio.Future | None = None
+    blob_received: int = 0
+    arrived: asyncio.Queue = field(default_factory=asyncio.Queue)
+    disconnected: asyncio.Queue = field(default_factory=asyncio.Queue)
+    open_streams: int = 0
+    streams_wanted: int = 0
+    streams_ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def is_local_host(host: str) -> bool:
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    name = name.strip("[]").lower()
+    if name in ("localhost", socket.gethostname().lower()) or name.endswith(
+        (".localhost", ".local", ".internal")
+    ):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_private or address.is_unspecified
+
+
+class OllamaBase(RequestHandler):
+    allowed: tuple = ()
+
+    def initialize(self, state: FakeState) -> None:
+        self.state = state
+
+    def compute_etag(self):
+        return None
+
+    def clear(self):
+        super().clear()
+        # Go's net/http sends no Server header and no default Content-Type.
+        self.clear_header("Server")
+        self.clear_header("Content-Type")
+
+    def prepare(self):
+        if not is_local_host(self.request.host):
+            self.set_status(403)
+            self.finish()
+            return
+        origin = self.request.headers.get("Origin")
+        if origin and not re.fullmatch(r"https?://(localhost|127\.0\.0\.1)(:\d+)?", origin):
+            self.set_status(403)
+            self.finish()
+            return
+        if self.request.method not in self.allowed:
+            self.set_status(405)
+            self.set_header("Allow", ", ".join(self.allowed))
+            self.set_header("Content-Type", "text/plain")
+            self.finish("405 method not allowed")
+            return
+        self.state.arrived.put_nowait(self.request.path)
+
+    def json(self, data, status=200, content_type=JSON):
+        self.set_status(status)
+        self.set_header("Content-Type", content_type)
+        self.finish(json.dumps(data))
+
+    def error(self, status, message):
+        self.json({"error": message}, status)
+
+    def on_connection_close(self):
+        super().on_connection_close()
+        self.state.disconnected.put_nowait(self.request.path)
+
+
+class OllamaHandler(OllamaBase):
+    SUPPORTED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+    def prepare(self):
+        path = self.request.path
+        if path not in ROUTES:
+            self.set_status(404)
+            self.set_header("Content-Type", "text/plain")
+            self.finish("404 page not found")
+            return
+        self.allowed = ROUTES[path]
+        super().prepare()
+        if self._finished:
+            return
+        self.state.seen.append(
+            Seen(self.request.method, path, dict(self.request.headers), self.request.body)
+        )
+
+    async def get(self):
+        handler = getattr(self, "do_" + self.request.path.strip("/").replace("/", "_"))
+        await handler()
+
+    head = post = delete = get
+
+    def body(self):
+        if not self.request.body:
+            self.error(400, "missing request body")
+            return None
+        try:
+            data = json.loads(self.request.body)
+        except ValueError:
+            self.error(400, "invalid character in request body")
+            return None
+        return data
+
+    def model_or_404(self, data):
+        name = data.get("model") or data.get("name")
+        if name not in self.state.models:
+            self.error(404, f"model '{name}' not found")
+            return None
+        return name
+
+    async def do_(self):
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish("Ollama is running")
+
+    async def do_api_version(self):
+        self.json({"version": "0.32.0"})
+
+    async def do_api_status(self):
+        self.json({"status": "ok"})
+
+    async def do_api_tags(self):
+        self.json({"models": [{"name": m, "model": m, "size": 1} for m in sorted(self.state.models)]})
+
+    async def do_api_ps(self):
+        self.json({"models": []})
+
+    async def do_api_show(self):
+        data = self.body()
+        if data is not None and self.model_or_404(data):
+            self.json({"modelfile": "FROM x", "parameters": "", "template": "{{ .Prompt }}"})
+
+    async def do_api_me(self):
+        self.json({"name": "tester"})
+
+    async def do_api_signout(self):
+        self.json({})
+
+    async def do_api_embed(self):
+        data = self.body()
+        if data is not None and self.model_or_404(data):
+            inputs = data["input"] if isinstance(data["input"], list) else [data["input"]]
+            self.json({"model": data["model"], "embeddings": [[0.1, 0.2] for _ in inputs]})
+
+    async def do_api_embeddings(self):
+        data = self.body()
+        if data is not None and self.model_or_404(data):
+            self.json({"embedding": [0.1, 0.2]})
+
+    async def do_api_copy(self):
+        data = self.body()
+        if data is not None and data.get("source") in self.state.models:
+            self.state.models.add(data["destination"])
+            self.finish()
+        elif data is not None:
+            self.error(404, f"model '{data.get('source')}' not found")
+
+    async def do_api_delete(self):
+        data = self.body()
+        if data is not None and self.model_or_404(data):
+            self.state.models.discard(data.get("model") or data.get("name"))
+            self.finish()
+
+    async def do_v1_models(self):
+        self.json({"object": "list", "data": [{"id": m, "object": "model"} for m in sorted(self.state.models)]})
+
+    async def do_api_generate(self):
+        await self.generation("response")
+
+    async def do_api_chat(self):
+        await self.generation("message")
+
+    async def generation(self, kind):
+        data = self.body()
+        if data is None or not self.model_or_404(data):
+            return
+        model = data["model"]
+        empty = not data.get("prompt") if kind == "response" else not data.get("messages")
+        if empty:
+            # A load or unload answers one object even when streaming was asked for.
+            reason = "unload" if data.get("keep_alive") == 0 else "load"
+            self.json({"model": model, kind: self.piece(kind, ""), "done": True, "done_reason": reason})
+            return
+        count = int(data.get("options", {}).get("num_predict", 3))
+        if not data.get("stream", True):
+            text = "".join(f"tok{i} " for i in range(count))
+            self.json({"model": model, kind: self.piece(kind, text), "done": True, "done_reason": "stop"})
+            return
+        self.set_header("Content-Type", NDJSON)
+        if model == "silent":
+            await asyncio.Event().wait()  # ended by the client leaving
+        if model == "flood":
+            await self.flood(count)
+            return
+        for i in range(count):
+            await self.send_line({"model": model, kind: self.piece(kind, f"tok{i} "), "done": False})
+            if model == "stall":
+                await asyncio.Event().wait()
+            if model == "die" and i == 1:
+                self.request.connection.stream.close()
+                return
+        await self.send_line({"model": model, kind: self.piece(kind, ""), "done": True, "done_reason": "stop"})
+
+    @staticmethod
+    def piece(kind, text):
+        return text if kind == "response" else {"role": "assistant", "content": text}
+
+    async def send_line(self, obj):
+        await self.send_bytes(json.dumps(obj).encode() + b"\n")
+
+    async def send_bytes(self, chunk):
+        if self.state.lockstep is not None:
+            await self.state.lockstep.get()
+        elif self.state.chunk_delay and self.state.sent:
+            await asyncio.sleep(self.state.chunk_delay)
+        self.state.sent.append((time.monotonic(), chunk))
+        self.write(chunk)
+        await self.flush()
+
+    async def flood(self, kib):
+        line = b'{"response":"' + b"x" * 1000 + b'"}\n'
+        try:
+            while self.state.flood_written < kib * 1024:
+                self.write(line * 64)
+                await self.flush()
+                self.state.flood_written += len(line) * 64
+        except StreamClosedError:
+            return
+        self.state.flood_done.set_result(time.monotonic())
+
+    async def progress(self):
+        data = self.body()
+        if data is None:
+            return
+        steps = [{"status": "pulling manifest"}, {"status": "pulling abc", "digest": "sha256:abc", "total": 10, "completed": 10}, {"status": "success"}]
+        if not data.get("stream", True):
+            self.json({"status": "success"}, content_type="application/json")
+            return
+        self.set_header("Content-Type", NDJSON)
+        for step in steps:
+            await self.send_line(step)
+
+    do_api_pull = do_api_push = do_api_create = progress
+
+    async def do_v1_chat_completions(self):
+        data = self.body()
+        if data is None:
+            return
+        if not data.get("stream"):
+            self.json({"object": "chat.completion", "choices": [{"message": {"role": "assistant", "content": "hi"}}]})
+            return
+        self.set_header("Content-Type", "text/event-stream")
+        for word in ("Hel", "lo"):
+            chunk = {"object": "chat.completion.chunk", "choices": [{"delta": {"content": word}}]}
+            await self.send_bytes(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        await self.send_bytes(b"data: [DONE]\n\n")
+
+
+@stream_request_body
+class BlobHandler(OllamaBase):
+    allowed = ("HEAD", "POST")
+    SUPPORTED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+    def prepare(self):
+        self.request.connection.set_max_body_size(2**40)
+        self.hasher = hashlib.sha256()
+        super().prepare()
+
+    def data_received(self, chunk):
+        self.hasher.update(chunk)
+        self.state.blob_received += len(chunk)
+
+    async def head(self, digest):
+        self.set_status(200 if digest in self.state.blobs else 404)
+
+    async def post(self, digest):
+        if digest in self.state.blobs:
+            self.set_status(200)
+        elif "sha256:" + self.hasher.hexdigest() != digest.replace("-", ":", 1):
+            self.error(400, "digest mismatch")
+        else:
+            self.state.blobs.add(digest)
+            self.set_status(201)
+
+    get = put = patch = delete = options = post
+
+
+def make_fake_ollama(state: FakeState) -> Application:
+    return Application(
+        [
+            (r"/api/blobs/(sha256[:-][0-9a-f]{64})", BlobHandler, {"state": state}),
+            (r".*", OllamaHandler, {"state": state}),
+        ]
+    )

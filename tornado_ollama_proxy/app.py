@@ -1,0 +1,63 @@
+"""The application factory: settings and plugins in, a Tornado application out."""
+
+import asyncio
+
+import pluggy
+from tornado.web import Application
+
+from .handler import HealthHandler, ProxyHandler, ProxyNotFoundHandler
+from .plugins import build_route_table, make_plugin_manager
+from .routes import RouteTable
+from .settings import Settings
+from .upstream import Upstream
+
+RESERVED_PREFIX = "/_proxy/"
+
+
+class InFlight:
+    """Counts requests being handled, so a shutdown can wait for them to end."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle: list[asyncio.Future] = []
+
+    def enter(self) -> None:
+        self.count += 1
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            for waiter in self._idle:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._idle.clear()
+
+    async def wait_idle(self) -> None:
+        if self.count:
+            waiter = asyncio.get_running_loop().create_future()
+            self._idle.append(waiter)
+            await waiter
+
+
+class Proxy:
+    """Everything a handler needs: settings, the route table, the upstream, the in-flight count."""
+
+    def __init__(self, settings: Settings, routes: RouteTable):
+        self.settings = settings
+        self.routes = routes
+        self.upstream = Upstream(settings)
+        self.in_flight = InFlight()
+
+
+def make_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> Application:
+    pm = pm if pm is not None else make_plugin_manager(settings)
+    proxy = Proxy(settings, build_route_table(pm))
+    app = Application(
+        [
+            (RESERVED_PREFIX + "health", HealthHandler, {"proxy": proxy}),
+            (RESERVED_PREFIX + ".*", ProxyNotFoundHandler),
+            (r".*", ProxyHandler, {"proxy": proxy}),
+        ],
+    )
+    app.proxy = proxy
+    return app

@@ -1,0 +1,53 @@
+"""The command line: ``tornado-ollama-proxy [--settings FILE] [--host H] [--port N] [--upstream URL]``."""
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from pythonjsonlogger.json import JsonFormatter
+
+from .app import make_app
+from .plugins import PluginError, make_plugin_manager
+from .server import serve
+from .settings import DEFAULT_FILE, SettingsError, load_settings
+
+PROG = "tornado-ollama-proxy"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Streaming reverse proxy that restores the HTTP methods of Ollama's API.",
+    )
+    parser.add_argument(
+        "--settings", metavar="FILE", help=f"settings file (default: ./{DEFAULT_FILE} when present)"
+    )
+    parser.add_argument("--host", help="address to listen on (default 0.0.0.0)")
+    parser.add_argument("--port", help="port to listen on (default 8000, or $PORT)")
+    parser.add_argument("--upstream", metavar="URL", help="Ollama's URL (default http://127.0.0.1:11434)")
+    return parser.parse_args(argv)
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter("{asctime}{levelname}{name}{message}", style="{"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    flags = {key: getattr(args, key) for key in ("host", "port", "upstream") if getattr(args, key)}
+    try:
+        settings = load_settings(args.settings, flags=flags)
+        pm = make_plugin_manager(settings)
+        app = make_app(settings, pm)
+    except (SettingsError, PluginError) as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    logging.getLogger(PROG).info(
+        "starting", extra={"plugins": [name for name, _ in pm.list_name_plugin()]}
+    )
+    asyncio.run(serve(app))
+    return 0

@@ -1,0 +1,3 @@
+"""Built-in behaviour, shipped as ordinary plugins on the public hooks."""
+
+DEFAULT_PLUGINS = ("tornado_ollama_proxy.default_plugins.ollama_routes",)

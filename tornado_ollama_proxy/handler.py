@@ -1,0 +1,350 @@
+"""The request handlers: the forwarding proxy and the proxy's own endpoints.
+
+A forwarded request goes through these steps, each in its own method:
+`prepare` decides the method and target and starts the upstream fetch;
+`data_received` streams the request body into it; the HTTP-method handler
+marks the body complete and waits for `_exchange`, which relays the
+response as it arrives (`_on_upstream_header`, `_on_upstream_chunk`) and
+ends it cleanly, with an error, or by cutting the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import TYPE_CHECKING
+
+from tornado import httputil
+from tornado.iostream import StreamClosedError
+from tornado.web import RequestHandler, stream_request_body
+
+from .errors import Rejection, error_body
+from .headers import end_to_end, upstream_request_headers
+from .routes import METHODS, Route, check_target, decide_method
+from .upstream import UNLIMITED, ClientGone, IdleTimeout, UpstreamRequest
+
+if TYPE_CHECKING:
+    from .app import Proxy
+
+JSON_TYPE = "application/json; charset=utf-8"
+# Bodies the proxy must hold whole: alias bodies it merges defaults into, and
+# bodies of unknown length on methods Tornado's client cannot send chunked.
+SMALL_BODY_LIMIT = 1024 * 1024
+# Methods Tornado's client frames as chunked when the length is unknown.
+CHUNKABLE_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+class JSONErrorsMixin(RequestHandler):
+    """Answer errors in Ollama's ``{"error": …}`` shape, never with a traceback page."""
+
+    def compute_etag(self) -> None:
+        return None  # relayed answers carry the upstream's headers, none invented
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        self.set_header("Content-Type", JSON_TYPE)
+        self.finish(error_body(httputil.responses.get(status_code, "error").lower()))
+
+    def reject(self, rejection: Rejection) -> None:
+        self.set_status(rejection.status)
+        for name, value in rejection.headers.items():
+            self.set_header(name, value)
+        self.set_header("Content-Type", JSON_TYPE)
+        self.finish(error_body(rejection.message))
+
+
+@stream_request_body
+class ProxyHandler(JSONErrorsMixin):
+    SUPPORTED_METHODS = METHODS
+
+    def initialize(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._upstream_request: UpstreamRequest | None = None
+        self._exchange_task: asyncio.Future | None = None
+        # Resolved with the upstream connection's write function once it wants
+        # the body, or None when the upstream is gone.
+        self._body_writer: asyncio.Future = loop.create_future()
+        # Resolved when the whole request body has been passed on.
+        self._body_complete: asyncio.Future = loop.create_future()
+        self._small_body: list[bytes] | None = None
+        self._pending: tuple[str, str, httputil.HTTPHeaders, Route | None] | None = None
+        self._received = 0
+        self._upstream_status: httputil.ResponseStartLine | None = None
+        self._upstream_headers = httputil.HTTPHeaders()
+        self._response_started = False
+        self._closed = False  # answered, or the client left: nothing more to write
+        self._relaying = False
+        self._last_activity = loop.time()
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._counted = False
+
+    # -- request side -------------------------------------------------------
+
+    async def prepare(self) -> None:
+        self.proxy.in_flight.enter()
+        self._counted = True
+        request = self.request
+        request.connection.set_max_body_size(UNLIMITED)
+        try:
+            method, target, route, has_body = self._plan()
+        except Rejection as rejection:
+            self._reject(rejection)
+            return
+        headers = upstream_request_headers(
+            request.headers,
+            upstream_host=self.proxy.upstream.host,
+            client_ip=request.remote_ip,
+            scheme=request.protocol,
+        )
+        unframed = "Content-Length" not in request.headers and method not in CHUNKABLE_METHODS
+        if has_body and ((route is not None and route.body_defaults) or unframed):
+            self._small_body = []
+            self._pending = (method, target, headers, route)
+            return
+        self._start(method, target, headers, body_producer=self._produce_body if has_body else None)
+
+    def _plan(self) -> tuple[str, str, Route | None, bool]:
+        """Method, upstream target, route and body presence, or a `Rejection`."""
+        request = self.request
+        check_target(request.uri)
+        matched = self.proxy.routes.match(request.path)
+        route, params = matched if matched else (None, {})
+        if route is None and self.proxy.settings.unmapped_paths == "reject":
+            raise Rejection(404, f"{request.path} is not an Ollama endpoint this proxy knows")
+        has_body = _has_body(request.headers)
+        method = decide_method(route, request.method, request.headers, has_body)
+        limit = self.proxy.settings.max_body_size
+        length = int(request.headers.get("Content-Length", "0"))
+        if limit is not None and length > limit:
+            raise Rejection(413, _too_large(limit))
+        path = (route.upstream_target(params) if route else None) or request.path
+        target = path + ("?" + request.query if request.query else "")
+        return method, target, route, has_body
+
+    async def data_received(self, chunk: bytes) -> None:
+        if self._closed:
+            return
+        self._received += len(chunk)
+        limit = self.proxy.settings.max_body_size
+        if limit is not None and self._received > limit:
+            self._refuse_body(_too_large(limit))
+            return
+        if self._small_body is not None:
+            if self._received > SMALL_BODY_LIMIT:
+                self._refuse_body(
+                    f"a body for this route is held whole and may be at most {SMALL_BODY_LIMIT} bytes"
+                )
+                return
+            self._small_body.append(chunk)
+            return
+        write = await self._body_writer
+        if write is not None:
+            try:
+                await write(chunk)
+            except StreamClosedError:
+                pass  # the fetch reports what happened upstream
+
+    async def _produce_body(self, write) -> None:
+        self._body_writer.set_result(write)
+        await self._body_complete
+
+    def _refuse_body(self, message: str) -> None:
+        self._abort_upstream(ClientGone())
+        if self._response_started:
+            self._cut()
+        else:
+            self._reject(Rejection(413, message))
+
+    async def get(self) -> None:
+        """Every method lands here once the request body has been received."""
+        if self._pending is not None:
+            method, target, headers, route = self._pending
+            try:
+                body = _merge_body(b"".join(self._small_body), route)
+            except Rejection as rejection:
+                self._reject(rejection)
+                return
+            headers["Content-Length"] = str(len(body))
+            self._start(method, target, headers, body=body)
+        _resolve(self._body_complete, None)
+        self._arm_idle_timer(self.proxy.upstream.idle_timeout)
+        await self._exchange_task
+
+    head = post = put = patch = delete = options = get
+
+    # -- upstream exchange --------------------------------------------------
+
+    def _start(self, method: str, target: str, headers, **body) -> None:
+        self._upstream_request = self.proxy.upstream.request(
+            method,
+            target,
+            headers,
+            header_callback=self._on_upstream_header,
+            streaming_callback=self._on_upstream_chunk,
+            **body,
+        )
+        self._exchange_task = asyncio.ensure_future(self._exchange())
+
+    async def _exchange(self) -> None:
+        try:
+            await self.proxy.upstream.fetch(self._upstream_request)
+            error = None
+        except Exception as failure:
+            error = failure
+        self._disarm_idle_timer()
+        _resolve(self._body_writer, None)
+        _resolve(self._body_complete, None)
+        if self._closed:
+            return
+        if error is None:
+            self._closed = True
+            self.finish()
+        elif self._response_started:
+            self._cut()
+        else:
+            self._reject(self.proxy.upstream.failure(error))
+
+    def _on_upstream_header(self, line: str) -> None:
+        self._last_activity = self._loop.time()
+        if self._upstream_status is None:
+            self._upstream_status = httputil.parse_response_start_line(line.rstrip())
+            self._upstream_headers = httputil.HTTPHeaders()
+        elif line != "\r\n":
+            self._upstream_headers.parse_line(line)
+        else:
+            status, self._upstream_status = self._upstream_status, None
+            if status.code >= 200 and not self._closed:
+                self._start_response(status, self._upstream_headers)
+
+    def _start_response(self, status: httputil.ResponseStartLine, headers) -> None:
+        self.set_status(status.code, status.reason)
+        for name in ("Content-Type", "Server", "Date"):
+            self.clear_header(name)
+        for name, value in end_to_end(headers):
+            self.add_header(name, value)
+        self._response_started = True
+        # The status and headers go out now, before a body that may be slow to come.
+        self.flush()
+
+    async def _on_upstream_chunk(self, chunk: bytes) -> None:
+        if self._closed:
+            return
+        self._relaying = True
+        self.write(chunk)
+        try:
+            # Awaiting the flush is the backpressure: the next upstream read
+            # waits until this chunk has gone to the client.
+            await self.flush()
+        except StreamClosedError:
+            self.on_connection_close()
+        self._relaying = False
+        self._last_activity = self._loop.time()
+
+    # -- timeouts, aborts and endings ---------------------------------------
+
+    def _arm_idle_timer(self, delay: float) -> None:
+        self._idle_timer = self._loop.call_later(delay, self._on_idle_timer)
+
+    def _disarm_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+
+    def _on_idle_timer(self) -> None:
+        timeout = self.proxy.upstream.idle_timeout
+        quiet = self._loop.time() - self._last_activity
+        if self._relaying or quiet < timeout:
+            # A slow client, not a silent upstream, or activity since arming.
+            self._arm_idle_timer(timeout - quiet if not self._relaying else timeout)
+        else:
+            self._abort_upstream(IdleTimeout())
+
+    def _abort_upstream(self, error: Exception) -> None:
+        if self._upstream_request is not None:
+            self._upstream_request.abort(error)
+        _resolve(self._body_writer, None)
+        _resolve(self._body_complete, None)
+
+    def _reject(self, rejection: Rejection) -> None:
+        self._closed = True
+        self.reject(rejection)
+
+    def _cut(self) -> None:
+        """End a response that has started without a clean end, so the client can tell."""
+        self._closed = True
+        self.request.connection.close()
+
+    def on_connection_close(self) -> None:
+        super().on_connection_close()
+        self._closed = True
+        self._abort_upstream(ClientGone())
+        self._leave()
+
+    def on_finish(self) -> None:
+        self._leave()
+
+    def _leave(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.proxy.in_flight.leave()
+
+
+class HealthHandler(JSONErrorsMixin):
+    """200 when the upstream answers, 503 with the reason when it does not."""
+
+    def initialize(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    async def get(self) -> None:
+        upstream = self.proxy.upstream
+        request = upstream.request(
+            "GET", "/api/version", httputil.HTTPHeaders({"Host": upstream.host})
+        )
+        request.request_timeout = upstream.connect_timeout
+        try:
+            response = await upstream.fetch(request)
+        except Exception as error:
+            self.reject(Rejection(503, upstream.failure(error).message))
+            return
+        if response.code != 200:
+            self.reject(Rejection(503, f"upstream {upstream.base} answered {response.code}"))
+            return
+        try:
+            version = json.loads(response.body)["version"]
+        except (ValueError, TypeError, KeyError):
+            self.reject(Rejection(503, f"upstream {upstream.base} does not answer like Ollama"))
+            return
+        self.finish({"status": "ok", "upstream": upstream.base, "upstream_version": version})
+
+
+class ProxyNotFoundHandler(JSONErrorsMixin):
+    """The reserved /_proxy/ prefix is never forwarded."""
+
+    def prepare(self) -> None:
+        self.reject(Rejection(404, f"{self.request.path} is not an endpoint of this proxy"))
+
+
+def _has_body(headers: httputil.HTTPHeaders) -> bool:
+    return "Transfer-Encoding" in headers or int(headers.get("Content-Length", "0")) > 0
+
+
+def _too_large(limit: int) -> str:
+    return f"request body is larger than max_body_size ({limit} bytes)"
+
+
+def _merge_body(body: bytes, route: Route | None) -> bytes:
+    """Apply an alias's body defaults; other small bodies pass unchanged."""
+    if route is None or not route.body_defaults:
+        return body
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise Rejection(400, f"{route.path} needs a JSON object body, such as {{\"model\": \"llama3.2\"}}")
+    return json.dumps({**route.body_defaults, **data}).encode()
+
+
+def _resolve(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)

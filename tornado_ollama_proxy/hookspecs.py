@@ -1,0 +1,26 @@
+"""The hooks a plugin may implement.
+
+Built-in behaviour is supplied through these same hooks by the modules in
+``default_plugins``, so a plugin can extend or replace anything the proxy does.
+"""
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pluggy
+
+PROJECT = "tornado_ollama_proxy"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def register_routes() -> Iterable[Mapping[str, Any]]:
+    """Return route entries to add to the endpoint→method map.
+
+    Each entry is a mapping with ``path`` and ``methods`` and optionally
+    ``upstream_path``, ``body_defaults`` and ``requires_body`` (see
+    ``routes.parse_route``). An entry for a path that is already mapped
+    replaces it; plugins registered later win over earlier ones.
+    """

@@ -1,0 +1,59 @@
+"""Listening on the configured address, and draining in-flight requests on SIGTERM."""
+
+import asyncio
+import logging
+import signal
+
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+from tornado.web import Application
+
+log = logging.getLogger(__name__)
+
+
+class ProxyServer:
+    def __init__(self, app: Application):
+        self.app = app
+        self.proxy = app.proxy
+        self.http = HTTPServer(app)
+        self.port: int | None = None
+
+    def listen(self) -> None:
+        settings = self.proxy.settings
+        sockets = bind_sockets(settings.port, settings.host)
+        self.port = sockets[0].getsockname()[1]
+        self.http.add_sockets(sockets)
+
+    async def drain(self) -> None:
+        """Stop accepting, give in-flight requests the grace period, then close everything."""
+        grace = self.proxy.settings.shutdown_grace
+        self.http.stop()
+        log.info("draining", extra={"in_flight": self.proxy.in_flight.count, "grace_s": grace})
+        try:
+            await asyncio.wait_for(self.proxy.in_flight.wait_idle(), grace)
+        except TimeoutError:
+            log.warning("grace period over", extra={"cut": self.proxy.in_flight.count})
+        await self.http.close_all_connections()
+        self.proxy.upstream.close()
+
+
+async def serve(app: Application) -> None:
+    """Run until SIGTERM or SIGINT, then drain."""
+    server = ProxyServer(app)
+    server.listen()
+    settings = app.proxy.settings
+    log.info(
+        "listening",
+        extra={
+            "address": f"http://{settings.host}:{server.port}",
+            "upstream": settings.upstream_base,
+            "routes": len(app.proxy.routes),
+        },
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await server.drain()
+    log.info("stopped")

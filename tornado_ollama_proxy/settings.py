@@ -1,0 +1,201 @@
+"""One configuration schema, validated once at start-up.
+
+Precedence: built-in defaults < settings file < environment < command-line
+flags. Every key has an environment override ``OLLAMA_PROXY_<KEY>``; ``PORT``
+(the PaaS convention) sets the port too, below ``OLLAMA_PROXY_PORT``.
+"""
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+from urllib.parse import urlsplit
+
+from .routes import Route, RouteError, parse_route
+
+DEFAULT_FILE = "settings.json"
+ENV_PREFIX = "OLLAMA_PROXY_"
+
+
+class SettingsError(ValueError):
+    """Invalid configuration; the message names the source, the key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "0.0.0.0"
+    port: int = 8000
+    upstream: str = "http://127.0.0.1:11434"
+    connect_timeout: float = 10.0
+    idle_timeout: float = 600.0
+    max_body_size: int | None = None
+    unmapped_paths: str = "forward"
+    routes: tuple[Route, ...] = ()
+    plugins_dir: str = "plugins"
+    shutdown_grace: float = 30.0
+    log_level: str = "info"
+
+    @property
+    def upstream_base(self) -> str:
+        """The upstream URL without a trailing slash, to which request paths are appended."""
+        return self.upstream.rstrip("/")
+
+    @property
+    def upstream_host(self) -> str:
+        """host:port for the Host header: Ollama answers 403 to a non-local one."""
+        return urlsplit(self.upstream).netloc
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("a non-empty string")
+    return value
+
+
+def _port(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ValueError("a whole number from 0 to 65535 (0 picks a free port)")
+    return value
+
+
+def _url(value: Any) -> str:
+    parts = urlsplit(value) if isinstance(value, str) else None
+    if (
+        parts is None
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.query
+        or parts.fragment
+        or parts.username is not None
+    ):
+        raise ValueError("an http:// or https:// URL with a host, such as http://127.0.0.1:11434")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError("an http:// or https:// URL with a valid port") from None
+    return value
+
+
+def _seconds(allow_zero: bool) -> Callable[[Any], float]:
+    wanted = f"a number of seconds {'>=' if allow_zero else '>'} 0"
+
+    def check(value: Any) -> float:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < 0
+            or (value == 0 and not allow_zero)
+        ):
+            raise ValueError(wanted)
+        return float(value)
+
+    return check
+
+
+def _size_or_null(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("a whole number of bytes >= 1, or null for no limit")
+    return value
+
+
+def _choice(*allowed: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in allowed:
+            raise ValueError(" or ".join(repr(a) for a in allowed))
+        return value
+
+    return check
+
+
+def _routes(value: Any) -> tuple[Route, ...]:
+    if not isinstance(value, list):
+        raise ValueError("a list of route objects")
+    parsed = []
+    for index, entry in enumerate(value):
+        try:
+            parsed.append(parse_route(entry))
+        except RouteError as error:
+            raise ValueError(f"entry {index}: {error}") from None
+    return tuple(parsed)
+
+
+# key -> (validator, whether a text value from the environment or a flag is JSON)
+SCHEMA: dict[str, tuple[Callable[[Any], Any], bool]] = {
+    "host": (_text, False),
+    "port": (_port, True),
+    "upstream": (_url, False),
+    "connect_timeout": (_seconds(False), True),
+    "idle_timeout": (_seconds(False), True),
+    "max_body_size": (_size_or_null, True),
+    "unmapped_paths": (_choice("forward", "reject"), False),
+    "routes": (_routes, True),
+    "plugins_dir": (_text, False),
+    "shutdown_grace": (_seconds(True), True),
+    "log_level": (_choice("debug", "info", "warning", "error"), False),
+}
+assert list(SCHEMA) == [f.name for f in fields(Settings)]
+
+
+def _validate(source: str, key: str, value: Any) -> Any:
+    if key not in SCHEMA:
+        raise SettingsError(f"{source}: unknown key {key!r}; allowed keys: {', '.join(SCHEMA)}")
+    check, _ = SCHEMA[key]
+    try:
+        return check(value)
+    except ValueError as error:
+        raise SettingsError(f"{source}: {key}: expected {error}, got {value!r}") from None
+
+
+def _from_text(source: str, key: str, text: str) -> Any:
+    _, is_json = SCHEMA[key]
+    if not is_json:
+        return _validate(source, key, text)
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = text
+    return _validate(source, key, value)
+
+
+def read_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as file:
+            data = json.load(file)
+    except OSError as error:
+        raise SettingsError(f"{path}: cannot be read: {error.strerror}") from None
+    except ValueError as error:
+        raise SettingsError(f"{path}: not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: must hold a JSON object of settings")
+    return {key: _validate(path, key, value) for key, value in data.items()}
+
+
+def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    values = {}
+    if "PORT" in environ:
+        values["port"] = _from_text("PORT", "port", environ["PORT"])
+    for key in SCHEMA:
+        name = ENV_PREFIX + key.upper()
+        if name in environ:
+            values[key] = _from_text(name, key, environ[name])
+    return values
+
+
+def load_settings(
+    path: str | None,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, str] | None = None,
+) -> Settings:
+    """Merge and validate every source; `path` None means ./settings.json if present."""
+    if path is None and os.path.exists(DEFAULT_FILE):
+        path = DEFAULT_FILE
+    values = read_file(path) if path is not None else {}
+    values.update(read_environment(os.environ if environ is None else environ))
+    for key, text in (flags or {}).items():
+        values[key] = _from_text(f"--{key.replace('_', '-')}", key, text)
+    return Settings(**values)
