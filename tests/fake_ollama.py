@@ -72,6 +72,7 @@ class FakeState:
     flood_written: int = 0
     flood_done: asyncio.Future | None = None
     blob_received: int = 0
+    blob_gate: asyncio.Event | None = None  # when set, uploads are read only once it fires
     arrived: asyncio.Queue = field(default_factory=asyncio.Queue)
     disconnected: asyncio.Queue = field(default_factory=asyncio.Queue)
     open_streams: int = 0
@@ -269,6 +270,7 @@ class OllamaHandler(OllamaBase):
             if model == "stall":
                 await asyncio.Event().wait()
             if model == "die" and i == 1:
+                await asyncio.sleep(0.1)  # a crash some time after the last token
                 self.request.connection.stream.close()
                 return
         await self.send_line({"model": model, kind: self.piece(kind, ""), "done": True, "done_reason": "stop"})
@@ -290,15 +292,17 @@ class OllamaHandler(OllamaBase):
         await self.flush()
 
     async def flood(self, kib):
-        line = b'{"response":"' + b"x" * 1000 + b'"}\n'
+        block = (b'{"response":"' + b"x" * 1000 + b'"}\n') * 64
+        self.state.flood_written = 0
         try:
             while self.state.flood_written < kib * 1024:
-                self.write(line * 64)
+                self.write(block)
                 await self.flush()
-                self.state.flood_written += len(line) * 64
+                self.state.flood_written += len(block)
         except StreamClosedError:
             return
-        self.state.flood_done.set_result(time.monotonic())
+        if self.state.flood_done is not None:
+            self.state.flood_done.set_result(time.monotonic())
 
     async def progress(self):
         data = self.body()
@@ -338,7 +342,9 @@ class BlobHandler(OllamaBase):
         self.hasher = hashlib.sha256()
         super().prepare()
 
-    def data_received(self, chunk):
+    async def data_received(self, chunk):
+        if self.state.blob_gate is not None:
+            await self.state.blob_gate.wait()
         self.hasher.update(chunk)
         self.state.blob_received += len(chunk)
 

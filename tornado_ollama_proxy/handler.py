@@ -112,11 +112,11 @@ class ProxyHandler(JSONErrorsMixin):
         route, params = matched if matched else (None, {})
         if route is None and self.proxy.settings.unmapped_paths == "reject":
             raise Rejection(404, f"{request.path} is not an Ollama endpoint this proxy knows")
-        has_body = _has_body(request.headers)
+        length = _declared_length(request.headers)
+        has_body = length is None or length > 0
         method = decide_method(route, request.method, request.headers, has_body)
         limit = self.proxy.settings.max_body_size
-        length = int(request.headers.get("Content-Length", "0"))
-        if limit is not None and length > limit:
+        if limit is not None and length is not None and length > limit:
             raise Rejection(413, _too_large(limit))
         path = (route.upstream_target(params) if route else None) or request.path
         target = path + ("?" + request.query if request.query else "")
@@ -221,8 +221,11 @@ class ProxyHandler(JSONErrorsMixin):
         self.set_status(status.code, status.reason)
         for name in ("Content-Type", "Server", "Date"):
             self.clear_header(name)
+        bodiless = self._upstream_request.method == "HEAD" and self.request.method != "HEAD"
         for name, value in end_to_end(headers):
-            self.add_header(name, value)
+            # A HEAD answer's Content-Length describes a body this client will not get.
+            if not (bodiless and name.lower() == "content-length"):
+                self.add_header(name, value)
         self._response_started = True
         # The status and headers go out now, before a body that may be slow to come.
         self.flush()
@@ -324,8 +327,14 @@ class ProxyNotFoundHandler(JSONErrorsMixin):
         self.reject(Rejection(404, f"{self.request.path} is not an endpoint of this proxy"))
 
 
-def _has_body(headers: httputil.HTTPHeaders) -> bool:
-    return "Transfer-Encoding" in headers or int(headers.get("Content-Length", "0")) > 0
+def _declared_length(headers: httputil.HTTPHeaders) -> int | None:
+    """The request body's length, None when it comes chunked."""
+    if "Transfer-Encoding" in headers:
+        return None
+    value = headers.get("Content-Length", "0")
+    if not value.isascii() or not value.isdigit():
+        raise Rejection(400, f"Content-Length {value[:40]!r} is not a byte count")
+    return int(value)
 
 
 def _too_large(limit: int) -> str:

@@ -51,7 +51,7 @@ def make_plugin_manager(settings: Settings) -> pluggy.PluginManager:
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as error:
-        raise PluginError(f"plugin {error.plugin_name}: {error}") from None
+        raise PluginError(f"plugin {pm.get_name(error.plugin)}: {error}") from None
     return pm
 
 

@@ -172,7 +172,11 @@ def read_file(path: str) -> dict[str, Any]:
         raise SettingsError(f"{path}: not valid JSON: {error}") from None
     if not isinstance(data, dict):
         raise SettingsError(f"{path}: must hold a JSON object of settings")
-    return {key: _validate(path, key, value) for key, value in data.items()}
+    values = {key: _validate(path, key, value) for key, value in data.items()}
+    if "plugins_dir" in values:
+        # A relative folder belongs with the file that names it.
+        values["plugins_dir"] = os.path.join(os.path.dirname(path), values["plugins_dir"])
+    return values
 
 
 def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:

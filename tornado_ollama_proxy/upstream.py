@@ -11,7 +11,7 @@ package pins tornado's minor version and the tests cover it).
 from collections.abc import Callable
 
 from tornado.httpclient import HTTPRequest, HTTPResponse
-from tornado.httputil import HTTPHeaders, HTTPInputError
+from tornado.httputil import HTTPHeaders
 from tornado.iostream import StreamClosedError
 from tornado.simple_httpclient import (
     HTTPStreamClosedError,
@@ -122,7 +122,6 @@ class Upstream:
         if isinstance(error, ConnectionRefusedError):
             return Rejection(502, f"{where} refused the connection")
         if isinstance(error, HTTPStreamClosedError | StreamClosedError | ConnectionResetError):
-            return Rejection(502, f"{where} closed the connection without answering")
-        if isinstance(error, HTTPInputError):
-            return Rejection(502, f"{where} sent a malformed response: {error}")
+            # Tornado reports a malformed answer this way too.
+            return Rejection(502, f"{where} closed the connection without a valid HTTP response")
         return Rejection(502, f"{where} could not be reached: {error}")

@@ -1,0 +1,128 @@
+"""Clients and upstreams at the byte level, for what a library client would hide."""
+
+import asyncio
+import json
+import socket
+import time
+from urllib.parse import urlsplit
+
+
+def address(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname, parts.port
+
+
+async def open_raw(url: str, *, rcvbuf: int | None = None):
+    """A plain TCP connection to a server under test."""
+    sock = None
+    if rcvbuf is not None:
+        # A small fixed receive buffer (no autotuning) makes a slow reader slow.
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.connect(address(url))
+        return await asyncio.open_connection(sock=sock)
+    return await asyncio.open_connection(*address(url))
+
+
+async def raw_request(url: str, data: bytes) -> bytes:
+    """Send raw request bytes and read until the server closes or the response is complete."""
+    reader, writer = await open_raw(url)
+    writer.write(data)
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = _content_length(head)
+    body = await reader.readexactly(length) if length is not None else await reader.read()
+    writer.close()
+    return head + body
+
+
+def _content_length(head: bytes) -> int | None:
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return None
+
+
+def split_response(raw: bytes) -> tuple[int, dict[str, list[str]], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers: dict[str, list[str]] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers.setdefault(name.strip().lower(), []).append(value.strip())
+    return status, headers, body
+
+
+async def read_chunked_to_end(reader) -> int:
+    """Read a chunked body (after the head) up to its terminating chunk; return its size."""
+    size, tail = 0, b"\r\n"  # so that an empty body's lone terminator matches too
+    while not tail.endswith(b"\r\n0\r\n\r\n"):
+        chunk = await reader.read(1 << 20)
+        if not chunk:
+            raise AssertionError("connection closed before the end of the body")
+        size += len(chunk)
+        tail = (tail + chunk)[-16:]
+    return size
+
+
+async def settled(read, *, quiet: float = 0.5, limit: float = 30.0):
+    """Wait until `read()` stops changing for `quiet` seconds and return it.
+
+    A stall has no event to await: quiescence can only be observed over time.
+    """
+    deadline = time.monotonic() + limit
+    last = read()
+    still_since = time.monotonic()
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        value = read()
+        if value != last:
+            last, still_since = value, time.monotonic()
+        elif time.monotonic() - still_since >= quiet:
+            return value
+    raise AssertionError(f"value kept changing for {limit} s (last {last})")
+
+
+class CannedUpstream:
+    """An upstream that reads one request head and answers with fixed bytes."""
+
+    def __init__(self, answer: bytes, *, read_request: bool = True):
+        self.answer = answer
+        self.read_request = read_request
+        self.requests: list[bytes] = []
+        self.server = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader, writer):
+        if self.read_request:
+            self.requests.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(self.answer)
+        await writer.drain()
+        writer.close()
+
+    def stop(self):
+        self.server.close()
+
+
+class BlackHole:
+    """A listening socket whose accept queue is full, so connects hang unanswered."""
+
+    def __init__(self):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(0)
+        self.fillers = []
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(self.listener.getsockname())
+            self.fillers.append(filler)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def close(self):
+        for sock in [*self.fillers, self.listener]:
+            sock.close()

@@ -1,0 +1,542 @@
+"""The forwarding handler end to end: a real proxy before the stand-in Ollama on loopback."""
+
+import asyncio
+import hashlib
+import json
+import time
+
+import httpx
+import pytest
+
+from .helpers import BlackHole, CannedUpstream, open_raw, raw_request, read_chunked_to_end, settled, split_response
+
+CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+def http(io_loop):
+    client = httpx.AsyncClient(timeout=10)
+    yield client
+    io_loop.run_sync(client.aclose)
+
+
+def lines(body: bytes) -> list[dict]:
+    return [json.loads(line) for line in body.splitlines()]
+
+
+# -- method correction, targets and headers ------------------------------------
+
+
+async def test_get_with_body_reaches_ollama_as_post_with_the_same_bytes(proxy_url, fake, http):
+    body = json.dumps({**CHAT, "stream": False}).encode()
+    response = await http.request("GET", proxy_url + "/api/chat?x=1", content=body,
+                                  headers={"Content-Type": "application/json"})
+    assert response.status_code == 200
+    assert response.json()["message"]["content"] == "tok0 tok1 tok2 "
+    [seen] = fake.seen
+    assert (seen.method, seen.path, seen.body) == ("POST", "/api/chat", body)
+
+
+async def test_the_upstream_sees_its_own_host_and_the_forwarding_headers(proxy_url, upstream_url, fake, http):
+    await http.get(proxy_url + "/api/tags", headers={"Host": "abc-8000.proxy.runpod.net",
+                                                      "X-Forwarded-For": "203.0.113.7",
+                                                      "Authorization": "Bearer k"})
+    [seen] = fake.seen
+    assert seen.headers["Host"] == upstream_url.removeprefix("http://")
+    assert seen.headers["X-Forwarded-For"] == "203.0.113.7, 127.0.0.1"
+    assert seen.headers["X-Forwarded-Host"] == "abc-8000.proxy.runpod.net"
+    assert seen.headers["X-Forwarded-Proto"] == "http"
+    assert seen.headers["Authorization"] == "Bearer k"
+
+
+async def test_query_and_path_reach_the_upstream_unchanged(make_proxy, http):
+    canned = CannedUpstream(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    proxy = make_proxy(upstream=await canned.start())
+    await http.get(proxy + "/v1/models/library%2Fllama3?a=1&b=%20")
+    assert canned.requests[0].startswith(b"GET /v1/models/library%2Fllama3?a=1&b=%20 HTTP/1.1\r\n")
+    canned.stop()
+
+
+async def test_head_probe_is_kept_and_answered_without_body(proxy_url, http):
+    response = await http.head(proxy_url + "/")
+    assert response.status_code == 200
+    assert response.headers["content-length"] == "17"
+    assert response.content == b""
+
+
+async def test_blob_probe_without_body_becomes_head(proxy_url, fake, http):
+    digest = "sha256:" + "0" * 64
+    response = await http.get(proxy_url + "/api/blobs/" + digest)
+    assert response.status_code == 404
+    assert fake.seen == [] or fake.seen[0].method == "HEAD"
+    assert response.content == b""
+
+
+async def test_override_header_picks_the_method_or_gets_405_with_allow(proxy_url, fake, http):
+    ok = await http.request("GET", proxy_url + "/api/tags", headers={"X-HTTP-Method-Override": "HEAD"})
+    assert ok.status_code == 200 and ok.content == b""
+    refused = await http.request("GET", proxy_url + "/api/tags", headers={"X-HTTP-Method-Override": "POST"})
+    assert refused.status_code == 405
+    assert refused.headers["allow"] == "GET, HEAD"
+    assert refused.headers["content-type"] == "application/json; charset=utf-8"
+    assert "allows only GET, HEAD" in refused.json()["error"]
+
+
+async def test_lost_body_is_explained_not_forwarded(proxy_url, fake, http):
+    response = await http.get(proxy_url + "/api/generate")
+    assert response.status_code == 400
+    assert "body was lost" in response.json()["error"]
+    assert fake.seen == []
+
+
+async def test_unmapped_paths_are_forwarded_and_get_with_body_becomes_post(proxy_url, fake, http):
+    response = await http.request("GET", proxy_url + "/api/brand-new", content=b"{}")
+    assert response.status_code == 404
+    assert response.text == "404 page not found"  # Ollama's own answer, unchanged
+    assert response.headers["content-type"] == "text/plain"
+
+
+async def test_unmapped_paths_can_be_refused(make_proxy, fake, http):
+    proxy = make_proxy(unmapped_paths="reject")
+    response = await http.get(proxy + "/api/brand-new")
+    assert response.status_code == 404
+    assert response.json() == {"error": "/api/brand-new is not an Ollama endpoint this proxy knows"}
+
+
+async def test_aliases_do_what_their_names_say(proxy_url, fake, http):
+    listed = await http.get(proxy_url + "/api/ls")
+    assert [m["name"] for m in listed.json()["models"]][:1] == ["die"]
+    served = await http.get(proxy_url + "/api/serve")
+    assert served.text == "Ollama is running"
+    unloaded = await http.request("GET", proxy_url + "/api/stop", content=b'{"model": "llama3.2"}')
+    assert unloaded.json()["done_reason"] == "unload"
+    stop = fake.seen[-1]
+    assert (stop.method, stop.path) == ("POST", "/api/generate")
+    assert json.loads(stop.body) == {"keep_alive": 0, "model": "llama3.2"}
+    assert stop.headers["Content-Length"] == str(len(stop.body))
+
+
+async def test_alias_defaults_yield_to_the_clients_values(proxy_url, fake, http):
+    await http.post(proxy_url + "/api/unload", json={"model": "llama3.2", "keep_alive": "5m"})
+    assert json.loads(fake.seen[-1].body)["keep_alive"] == "5m"
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[1, 2]"])
+async def test_alias_with_a_body_that_is_not_an_object_is_a_400(proxy_url, fake, http, body):
+    response = await http.request("GET", proxy_url + "/api/unload", content=body)
+    assert response.status_code == 400
+    assert "needs a JSON object body" in response.json()["error"]
+    assert fake.seen == []
+
+
+async def test_alias_body_arriving_chunked_is_collected(proxy_url, fake, http):
+    async def body():
+        yield b'{"model": '
+        yield b'"llama3.2"}'
+
+    response = await http.request("GET", proxy_url + "/api/stop", content=body())
+    assert response.json()["done_reason"] == "unload"
+
+
+async def test_alias_body_over_the_small_body_limit_is_a_413(proxy_url, fake, http):
+    async def body():
+        yield b'{"model": "' + b"x" * (1024 * 1024) + b'"}'
+
+    response = await http.request("GET", proxy_url + "/api/stop", content=body())
+    assert response.status_code == 413
+    assert "at most 1048576 bytes" in response.json()["error"]
+
+
+async def test_delete_with_a_chunked_body_is_sent_with_a_length(proxy_url, fake, http):
+    async def body():
+        yield b'{"model": "llama3.2"}'
+
+    response = await http.request("GET", proxy_url + "/api/delete", content=body())
+    assert response.status_code == 200
+    assert fake.seen[-1].method == "DELETE"
+    assert fake.seen[-1].headers["Content-Length"] == "21"
+    assert "llama3.2" not in fake.models
+
+
+async def test_empty_bodied_answers_get_no_invented_headers(proxy_url, fake, http):
+    response = await http.request("GET", proxy_url + "/api/copy", json={"source": "llama3.2", "destination": "b"})
+    assert response.status_code == 200
+    assert response.content == b""
+    assert "content-type" not in response.headers
+    assert "etag" not in response.headers and "server" not in response.headers
+    assert response.headers["content-length"] == "0"
+
+
+async def test_upstream_errors_reach_the_client_unchanged(proxy_url, http):
+    response = await http.request("GET", proxy_url + "/api/show", json={"model": "nope"})
+    assert response.status_code == 404
+    assert response.content == b'{"error": "model \'nope\' not found"}'
+    assert response.headers["content-type"] == "application/json; charset=utf-8"
+
+
+async def test_repeated_response_headers_and_reason_are_kept(make_proxy, http):
+    canned = CannedUpstream(
+        b"HTTP/1.1 299 Custom Reason\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n"
+        b"Connection: close, X-Hop\r\nX-Hop: 1\r\nContent-Length: 2\r\n\r\nok"
+    )
+    proxy = make_proxy(upstream=await canned.start())
+    raw = await raw_request(proxy, b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, headers, body = split_response(raw)
+    assert raw.startswith(b"HTTP/1.1 299 Custom Reason\r\n")
+    assert headers["set-cookie"] == ["a=1", "b=2"]
+    assert "x-hop" not in headers
+    assert body == b"ok"
+    canned.stop()
+
+
+async def test_interim_100_continue_from_upstream_is_not_relayed(make_proxy, http):
+    canned = CannedUpstream(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    proxy = make_proxy(upstream=await canned.start())
+    response = await http.get(proxy + "/api/tags")
+    assert (response.status_code, response.content) == (200, b"ok")
+    canned.stop()
+
+
+# -- requests the proxy refuses ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "target, reason",
+    [
+        (b"http://elsewhere.example/api/tags", b"is not a path"),
+        (b"/api/../../etc/passwd", b"'..' segment"),
+        (b"/api/%2e%2e/x", b"'..' segment"),
+        (b"/api%5c..%5cx", b"backslash"),
+    ],
+)
+async def test_foreign_and_escaping_targets_are_refused_before_any_upstream(proxy_url, fake, target, reason):
+    raw = await raw_request(proxy_url, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, headers, body = split_response(raw)
+    assert status == 400
+    assert reason in body
+    assert fake.seen == []
+
+
+async def test_unknown_method_is_a_json_405(proxy_url):
+    raw = await raw_request(proxy_url, b"PROPFIND /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, headers, body = split_response(raw)
+    assert status == 405
+    assert json.loads(body) == {"error": "method not allowed"}
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET /api/tags HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n",
+        b"GET /api/tags HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"GET /api/tags HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+    ],
+)
+async def test_malformed_requests_get_a_400_and_reach_nobody(proxy_url, fake, request_bytes):
+    raw = await raw_request(proxy_url, request_bytes)
+    assert raw.startswith(b"HTTP/1.1 400 ")
+    assert fake.seen == []
+
+
+async def test_absurd_headers_are_refused_by_closing_the_connection(proxy_url, fake):
+    reader, writer = await open_raw(proxy_url)
+    writer.write(b"GET /api/tags HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n")
+    assert await reader.read() == b""
+    assert fake.seen == []
+    writer.close()
+
+
+async def test_oversized_body_by_length_is_refused_before_upload(make_proxy, fake, http):
+    proxy = make_proxy(max_body_size=10)
+    response = await http.request("GET", proxy + "/api/chat", content=b"x" * 11)
+    assert response.status_code == 413
+    assert response.json() == {"error": "request body is larger than max_body_size (10 bytes)"}
+    assert fake.seen == []
+
+
+async def test_oversized_chunked_body_is_refused_when_it_crosses_the_limit(make_proxy, fake, http):
+    proxy = make_proxy(max_body_size=10)
+
+    async def body():
+        yield b"x" * 6
+        yield b"x" * 6
+
+    response = await http.request("GET", proxy + "/api/chat", content=body())
+    assert response.status_code == 413
+    assert fake.seen == []
+
+
+# -- streaming -------------------------------------------------------------------
+
+
+async def read_in_lockstep(http, fake, method, url, body, count):
+    """Release one upstream chunk at a time and require it at the client before the next."""
+    fake.lockstep = asyncio.Queue()
+    fake.lockstep.put_nowait(True)  # the first chunk carries the response headers
+    received = []
+    async with http.stream(method, url, content=body) as response:
+        lines_iter = response.aiter_lines()
+        while len(received) < count:
+            line = await asyncio.wait_for(anext(lines_iter), 5)
+            if line:
+                received.append(line)
+                fake.lockstep.put_nowait(True)
+        return response, received
+
+
+async def test_ndjson_chat_is_relayed_line_by_line_as_generated(proxy_url, fake, http):
+    response, received = await read_in_lockstep(http, fake, "GET", proxy_url + "/api/chat", json.dumps(CHAT), 4)
+    assert response.headers["content-type"] == "application/x-ndjson"
+    assert [json.loads(line)["done"] for line in received] == [False, False, False, True]
+
+
+async def test_sse_is_relayed_event_by_event(proxy_url, fake, http):
+    body = json.dumps({"model": "llama3.2", "stream": True, "messages": []})
+    response, received = await read_in_lockstep(http, fake, "GET", proxy_url + "/v1/chat/completions", body, 3)
+    assert response.headers["content-type"] == "text/event-stream"
+    assert received[-1] == "data: [DONE]"
+
+
+async def test_pull_progress_is_relayed_step_by_step(proxy_url, fake, http):
+    _, received = await read_in_lockstep(http, fake, "GET", proxy_url + "/api/pull", '{"model": "x"}', 3)
+    assert [json.loads(line)["status"] for line in received][-1] == "success"
+
+
+async def test_spaced_chunks_arrive_spaced(proxy_url, fake, http):
+    fake.chunk_delay = 0.25
+    arrivals = []
+    body = json.dumps({**CHAT, "options": {"num_predict": 3}})
+    async with http.stream("GET", proxy_url + "/api/chat", content=body) as response:
+        async for chunk in response.aiter_raw():
+            arrivals.append((time.monotonic(), chunk))
+    assert b"".join(c for _, c in arrivals) == b"".join(c for _, c in fake.sent)
+    last_sent = fake.sent[-1][0]
+    assert arrivals[0][0] < last_sent  # the first line was read before the upstream finished
+    gaps = [b[0] - a[0] for a, b in zip(arrivals, arrivals[1:])]
+    assert len(arrivals) == 4 and min(gaps) > 0.15
+
+
+async def test_a_slow_reader_holds_the_upstream_back(proxy_url, fake):
+    """Backpressure: while the client reads nothing the proxy reads (almost) nothing either."""
+    total_kib = 512 * 1024
+    fake.flood_done = asyncio.get_running_loop().create_future()
+    reader, writer = await open_raw(proxy_url, rcvbuf=64 * 1024)
+    body = json.dumps({"model": "flood", "messages": [{"role": "user", "content": "x"}],
+                       "options": {"num_predict": total_kib}}).encode()
+    writer.write(b"GET /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    await reader.readuntil(b"\r\n\r\n")
+    stalled_at = await settled(lambda: fake.flood_written)
+    # Kernel socket buffers on three hops hold some MB; the proxy must hold ~nothing.
+    assert stalled_at < 160 * 1024 * 1024
+    received = await read_chunked_to_end(reader)
+    assert fake.flood_done.done()
+    assert received > total_kib * 1024
+    writer.close()
+
+
+async def test_a_large_upload_streams_with_flow_control(proxy_url, fake):
+    """The client cannot run ahead of a stalled upstream: nothing piles up in the proxy."""
+    size = 256 * 1024 * 1024
+    block = bytes(range(256)) * 4096  # 1 MiB
+    digest = "sha256:" + hashlib.sha256(block * (size // len(block))).hexdigest()
+    fake.blob_gate = asyncio.Event()
+    reader, writer = await open_raw(proxy_url)
+    writer.write(b"GET /api/blobs/%s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (digest.encode(), size))
+    sent = 0
+
+    async def upload():
+        nonlocal sent
+        for _ in range(size // len(block)):
+            writer.write(block)
+            await writer.drain()
+            sent += len(block)
+
+    uploading = asyncio.ensure_future(upload())
+    stalled_at = await settled(lambda: sent)
+    assert stalled_at < 160 * 1024 * 1024
+    assert stalled_at - fake.blob_received < 160 * 1024 * 1024
+    fake.blob_gate.set()
+    await uploading
+    status, headers, body = split_response(await reader.readuntil(b"\r\n\r\n"))
+    assert status == 201
+    assert fake.blob_received == size
+    writer.close()
+
+
+async def test_two_hundred_streams_run_at_once(proxy_url, fake):
+    connections = []
+    body = json.dumps({**CHAT, "model": "silent"}).encode()
+    for _ in range(200):
+        reader, writer = await open_raw(proxy_url)
+        writer.write(b"GET /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        connections.append(writer)
+    for _ in range(200):
+        await asyncio.wait_for(fake.arrived.get(), 10)
+    for writer in connections:
+        writer.close()
+    for _ in range(200):
+        await asyncio.wait_for(fake.disconnected.get(), 10)
+
+
+# -- clients that leave ----------------------------------------------------------
+
+
+async def test_client_leaving_a_silent_upstream_aborts_it_at_once(proxy_url, fake):
+    reader, writer = await open_raw(proxy_url)
+    body = json.dumps({**CHAT, "model": "silent"}).encode()
+    writer.write(b"GET /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    await asyncio.wait_for(fake.arrived.get(), 5)
+    writer.close()
+    assert await asyncio.wait_for(fake.disconnected.get(), 1) == "/api/chat"
+
+
+async def test_client_leaving_mid_stream_aborts_the_upstream(proxy_url, fake):
+    reader, writer = await open_raw(proxy_url)
+    body = json.dumps({**CHAT, "model": "stall"}).encode()
+    writer.write(b"GET /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    await reader.readuntil(b'"done": false}\n')
+    writer.close()
+    assert await asyncio.wait_for(fake.disconnected.get(), 1) == "/api/chat"
+
+
+async def test_client_leaving_mid_upload_aborts_the_upstream(proxy_url, fake):
+    reader, writer = await open_raw(proxy_url)
+    writer.write(b"GET /api/blobs/sha256:%s HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n" % (b"1" * 64))
+    writer.write(b"x" * 1000)
+    await asyncio.wait_for(fake.arrived.get(), 5)
+    writer.close()
+    assert await asyncio.wait_for(fake.disconnected.get(), 1) == "/api/blobs/sha256:" + "1" * 64
+
+
+# -- upstream failures -------------------------------------------------------------
+
+
+async def test_refused_connection_is_a_502_naming_the_upstream(make_proxy, http):
+    hole = CannedUpstream(b"")
+    url = await hole.start()
+    hole.stop()
+    await hole.server.wait_closed()
+    proxy = make_proxy(upstream=url)
+    response = await http.get(proxy + "/api/tags")
+    assert response.status_code == 502
+    assert response.json() == {"error": f"upstream {url} refused the connection"}
+
+
+async def test_connect_timeout_is_a_504(make_proxy, http):
+    hole = BlackHole()
+    proxy = make_proxy(upstream=hole.url, connect_timeout=0.3)
+    response = await http.get(proxy + "/api/tags")
+    hole.close()
+    assert response.status_code == 504
+    assert response.json() == {"error": f"upstream {hole.url} did not accept the connection within 0.3 s"}
+
+
+async def test_silent_upstream_hits_the_idle_timeout_with_a_504(make_proxy, fake, http):
+    proxy = make_proxy(idle_timeout=0.3)
+    response = await http.request("GET", proxy + "/api/chat", json={**CHAT, "model": "silent"})
+    assert response.status_code == 504
+    assert response.json()["error"].endswith("sent nothing for 0.3 s")
+    assert await asyncio.wait_for(fake.disconnected.get(), 1) == "/api/chat"
+
+
+async def test_idle_timeout_mid_stream_cuts_the_connection(make_proxy, fake, http):
+    proxy = make_proxy(idle_timeout=0.3)
+    received = []
+    with pytest.raises(httpx.RemoteProtocolError):
+        async with http.stream("GET", proxy + "/api/chat", json={**CHAT, "model": "stall"}) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                received.append(json.loads(line))
+    assert [part["done"] for part in received] == [False]  # never a fake "done"
+
+
+async def test_active_streams_outlive_the_idle_timeout(make_proxy, fake, http):
+    proxy = make_proxy(idle_timeout=0.3)
+    fake.chunk_delay = 0.2
+    response = await http.request("GET", proxy + "/api/chat", json={**CHAT, "options": {"num_predict": 4}})
+    assert [part["done"] for part in lines(response.content)] == [False] * 4 + [True]
+
+
+async def test_a_slow_client_is_not_mistaken_for_a_silent_upstream(make_proxy, fake):
+    proxy = make_proxy(idle_timeout=0.3)
+    fake.flood_done = asyncio.get_running_loop().create_future()
+    reader, writer = await open_raw(proxy, rcvbuf=16 * 1024)
+    body = json.dumps({"model": "flood", "messages": [{"role": "user", "content": "x"}],
+                       "options": {"num_predict": 64 * 1024}}).encode()
+    writer.write(b"GET /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    await reader.readuntil(b"\r\n\r\n")
+    await settled(lambda: fake.flood_written, quiet=0.8)  # well past the idle timeout
+    await read_chunked_to_end(reader)  # complete, not cut
+    assert fake.flood_done.done()
+    writer.close()
+
+
+async def test_upstream_dying_mid_stream_cuts_the_connection(proxy_url, fake, http):
+    received = []
+    with pytest.raises(httpx.RemoteProtocolError):
+        async with http.stream("GET", proxy_url + "/api/chat", json={**CHAT, "model": "die"}) as response:
+            async for line in response.aiter_lines():
+                received.append(json.loads(line))
+    assert len(received) == 2 and not any(part["done"] for part in received)
+
+
+@pytest.mark.parametrize("answer", [b"", b"SPDY/9 banana\r\n\r\n"])
+async def test_upstream_closing_without_a_valid_answer_is_a_502(make_proxy, http, answer):
+    canned = CannedUpstream(answer)
+    url = await canned.start()
+    response = await http.get(make_proxy(upstream=url) + "/api/tags")
+    assert response.status_code == 502
+    assert response.json() == {"error": f"upstream {url} closed the connection without a valid HTTP response"}
+    canned.stop()
+
+
+async def test_other_connection_failures_are_a_502_with_the_reason(make_proxy, http):
+    plain = CannedUpstream(b"HTTP/1.1 400 Bad Request\r\n\r\n", read_request=False)
+    tls_to_plain = (await plain.start()).replace("http://", "https://")
+    response = await http.get(make_proxy(upstream=tls_to_plain) + "/api/tags")
+    assert response.status_code == 502
+    assert response.json()["error"].startswith(f"upstream {tls_to_plain} could not be reached: [SSL")
+    plain.stop()
+
+
+# -- the proxy's own endpoints ------------------------------------------------------
+
+
+async def test_health_reports_the_upstream(proxy_url, upstream_url, http):
+    response = await http.get(proxy_url + "/_proxy/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "upstream": upstream_url, "upstream_version": "0.32.0"}
+
+
+async def test_health_is_503_with_the_reason_when_the_upstream_is_down(make_proxy, http):
+    canned = CannedUpstream(b"")
+    url = await canned.start()
+    canned.stop()
+    await canned.server.wait_closed()
+    response = await http.get(make_proxy(upstream=url) + "/_proxy/health")
+    assert response.status_code == 503
+    assert response.json() == {"error": f"upstream {url} refused the connection"}
+
+
+@pytest.mark.parametrize(
+    "answer, reason",
+    [
+        (b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n", "answered 500"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", "does not answer like Ollama"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", "does not answer like Ollama"),
+    ],
+)
+async def test_health_is_503_when_the_upstream_is_not_a_healthy_ollama(make_proxy, http, answer, reason):
+    canned = CannedUpstream(answer)
+    response = await http.get(make_proxy(upstream=await canned.start()) + "/_proxy/health")
+    assert response.status_code == 503
+    assert reason in response.json()["error"]
+    canned.stop()
+
+
+async def test_the_reserved_prefix_is_never_forwarded(proxy_url, fake, http):
+    response = await http.get(proxy_url + "/_proxy/nothing")
+    assert response.status_code == 404
+    assert response.json() == {"error": "/_proxy/nothing is not an endpoint of this proxy"}
+    assert fake.seen == []

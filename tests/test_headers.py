@@ -1,0 +1,77 @@
+from tornado.httputil import HTTPHeaders
+
+from tornado_ollama_proxy.headers import end_to_end, upstream_request_headers
+
+
+def headers(*pairs):
+    result = HTTPHeaders()
+    for name, value in pairs:
+        result.add(name, value)
+    return result
+
+
+def test_hop_by_hop_and_connection_named_headers_are_dropped():
+    incoming = headers(
+        ("Connection", "keep-alive, X-Secret-Hop"),
+        ("Connection", "Foo"),
+        ("Keep-Alive", "timeout=5"),
+        ("TE", "trailers"),
+        ("Trailer", "X"),
+        ("Transfer-Encoding", "chunked"),
+        ("Upgrade", "h2c"),
+        ("Proxy-Authorization", "Basic x"),
+        ("Proxy-Anything", "y"),
+        ("X-Secret-Hop", "1"),
+        ("Foo", "2"),
+        ("Content-Type", "application/json"),
+        ("Set-Cookie", "a=1"),
+        ("Set-Cookie", "b=2"),
+    )
+    assert end_to_end(incoming) == [
+        ("Content-Type", "application/json"),
+        ("Set-Cookie", "a=1"),
+        ("Set-Cookie", "b=2"),
+    ]
+
+
+def test_upstream_gets_its_own_host_and_the_forwarding_trio():
+    incoming = headers(
+        ("Host", "abc-8000.proxy.runpod.net"),
+        ("Content-Type", "application/json"),
+        ("Content-Length", "12"),
+        ("Authorization", "Bearer t"),
+        ("Expect", "100-continue"),
+        ("X-HTTP-Method-Override", "POST"),
+        ("Connection", "close"),
+    )
+    out = upstream_request_headers(incoming, upstream_host="127.0.0.1:11434", client_ip="10.1.2.3", scheme="http")
+    assert sorted(out.get_all()) == sorted(
+        [
+            ("Host", "127.0.0.1:11434"),
+            ("Content-Type", "application/json"),
+            ("Content-Length", "12"),
+            ("Authorization", "Bearer t"),
+            ("X-Forwarded-For", "10.1.2.3"),
+            ("X-Forwarded-Proto", "http"),
+            ("X-Forwarded-Host", "abc-8000.proxy.runpod.net"),
+        ]
+    )
+
+
+def test_existing_forwarding_headers_are_extended_not_replaced():
+    incoming = headers(
+        ("Host", "pod"),
+        ("X-Forwarded-For", "203.0.113.7"),
+        ("X-Forwarded-For", "198.51.100.2"),
+        ("X-Forwarded-Proto", "https"),
+        ("X-Forwarded-Host", "public.example"),
+    )
+    out = upstream_request_headers(incoming, upstream_host="u:1", client_ip="10.0.0.1", scheme="http")
+    assert out.get_list("X-Forwarded-For") == ["203.0.113.7, 198.51.100.2, 10.0.0.1"]
+    assert out["X-Forwarded-Proto"] == "https"
+    assert out["X-Forwarded-Host"] == "public.example"
+
+
+def test_a_request_without_host_or_peer_address_still_gets_sane_headers():
+    out = upstream_request_headers(HTTPHeaders(), upstream_host="u:1", client_ip=None, scheme="https")
+    assert dict(out) == {"Host": "u:1", "X-Forwarded-For": "unknown", "X-Forwarded-Proto": "https"}

@@ -1,0 +1,151 @@
+import json
+
+import pytest
+
+from tornado_ollama_proxy.routes import Route
+from tornado_ollama_proxy.settings import Settings, SettingsError, load_settings
+
+
+@pytest.fixture
+def write_settings(tmp_path):
+    def write(data):
+        path = tmp_path / "settings.json"
+        path.write_text(json.dumps(data) if not isinstance(data, str) else data)
+        return str(path)
+
+    return write
+
+
+def test_defaults_listen_everywhere_on_8000_in_front_of_local_ollama(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(None, environ={})
+    assert settings == Settings()
+    assert (settings.host, settings.port, settings.upstream) == ("0.0.0.0", 8000, "http://127.0.0.1:11434")
+    assert settings.max_body_size is None and settings.unmapped_paths == "forward"
+
+
+def test_shipped_settings_file_is_valid_and_matches_the_defaults():
+    shipped = load_settings("settings.json", environ={})
+    defaults = Settings()
+    for key in ("host", "port", "upstream", "connect_timeout", "idle_timeout", "max_body_size",
+                "unmapped_paths", "shutdown_grace", "log_level"):
+        assert getattr(shipped, key) == getattr(defaults, key), key
+    assert shipped.plugins_dir == "plugins"
+    assert shipped.routes == (Route("/api/running", ("GET",), "/api/ps"),)
+    with open("settings.json") as file:
+        assert set(json.load(file)) == set(Settings.__dataclass_fields__)
+
+
+def test_settings_json_in_the_working_directory_is_read_by_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "settings.json").write_text('{"port": 9000}')
+    assert load_settings(None, environ={}).port == 9000
+
+
+def test_precedence_is_defaults_file_environment_flags(write_settings):
+    path = write_settings({"port": 9001, "upstream": "http://10.0.0.5:11434", "idle_timeout": 30})
+    environ = {"PORT": "9002", "OLLAMA_PROXY_UPSTREAM": "http://gpu:11434", "OLLAMA_PROXY_IDLE_TIMEOUT": "45.5"}
+    settings = load_settings(path, environ=environ, flags={"upstream": "https://ollama.example:443/base/"})
+    assert settings.port == 9002
+    assert settings.idle_timeout == 45.5
+    assert settings.upstream == "https://ollama.example:443/base/"
+    assert settings.upstream_base == "https://ollama.example:443/base"
+    assert settings.upstream_host == "ollama.example:443"
+    assert settings.connect_timeout == 10.0
+
+
+def test_ollama_proxy_port_wins_over_paas_port():
+    assert load_settings(None, environ={"PORT": "1", "OLLAMA_PROXY_PORT": "2"}, flags={}).port == 2
+
+
+def test_environment_takes_json_for_structured_keys():
+    settings = load_settings(
+        None,
+        environ={
+            "OLLAMA_PROXY_ROUTES": '[{"path": "/x", "methods": ["POST"]}]',
+            "OLLAMA_PROXY_MAX_BODY_SIZE": "1024",
+            "OLLAMA_PROXY_UNMAPPED_PATHS": "reject",
+            "OLLAMA_PROXY_SHUTDOWN_GRACE": "0",
+        },
+    )
+    assert settings.routes == (Route("/x", ("POST",)),)
+    assert settings.max_body_size == 1024
+    assert settings.unmapped_paths == "reject"
+    assert settings.shutdown_grace == 0
+
+
+def test_relative_plugins_dir_is_relative_to_the_settings_file(write_settings, tmp_path):
+    path = write_settings({"plugins_dir": "extra"})
+    assert load_settings(path, environ={}).plugins_dir == str(tmp_path / "extra")
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"prot": 1}, "unknown key 'prot'; allowed keys: host, port, upstream"),
+        ({"port": "8000"}, "port: expected a whole number from 0 to 65535"),
+        ({"port": 70000}, "port: expected a whole number from 0 to 65535"),
+        ({"port": True}, "port: expected a whole number"),
+        ({"host": ""}, "host: expected a non-empty string"),
+        ({"upstream": "127.0.0.1:11434"}, "upstream: expected an http:// or https:// URL with a host"),
+        ({"upstream": "ftp://x"}, "upstream: expected an http:// or https:// URL"),
+        ({"upstream": "http://x/?a=1"}, "upstream: expected an http:// or https:// URL"),
+        ({"upstream": "http://u:p@x"}, "upstream: expected an http:// or https:// URL"),
+        ({"upstream": "http://x:99999"}, "upstream: expected an http:// or https:// URL with a valid port"),
+        ({"upstream": 5}, "upstream: expected"),
+        ({"idle_timeout": 0}, "idle_timeout: expected a number of seconds > 0"),
+        ({"connect_timeout": -1}, "connect_timeout: expected a number of seconds > 0"),
+        ({"connect_timeout": "10"}, "connect_timeout: expected a number of seconds > 0"),
+        ({"shutdown_grace": -1}, "shutdown_grace: expected a number of seconds >= 0"),
+        ({"max_body_size": 0}, "max_body_size: expected a whole number of bytes >= 1, or null"),
+        ({"max_body_size": 1.5}, "max_body_size: expected a whole number of bytes"),
+        ({"unmapped_paths": "drop"}, "unmapped_paths: expected 'forward' or 'reject', got 'drop'"),
+        ({"log_level": "loud"}, "log_level: expected 'debug' or 'info' or 'warning' or 'error'"),
+        ({"routes": {}}, "routes: expected a list of route objects"),
+        ({"routes": [{"path": "/x", "methods": ["GET"]}, {"path": "/y", "methods": []}]},
+         "routes: expected entry 1: methods: must be a non-empty list"),
+    ],
+)
+def test_bad_values_in_the_file_name_the_key_and_what_is_allowed(write_settings, data, message):
+    path = write_settings(data)
+    with pytest.raises(SettingsError) as caught:
+        load_settings(path, environ={})
+    assert str(caught.value).startswith(path + ": ")
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "environ, message",
+    [
+        ({"PORT": "eighty"}, "PORT: port: expected a whole number from 0 to 65535 (0 picks a free port), got 'eighty'"),
+        ({"OLLAMA_PROXY_IDLE_TIMEOUT": "NaN"}, "OLLAMA_PROXY_IDLE_TIMEOUT: idle_timeout: expected a number of seconds > 0"),
+        ({"OLLAMA_PROXY_ROUTES": "[{"}, "OLLAMA_PROXY_ROUTES: routes: expected a list of route objects"),
+    ],
+)
+def test_bad_environment_values_name_the_variable(environ, message):
+    with pytest.raises(SettingsError, match=None) as caught:
+        load_settings(None, environ=environ)
+    assert message in str(caught.value)
+
+
+def test_bad_flag_names_the_flag():
+    with pytest.raises(SettingsError) as caught:
+        load_settings(None, environ={}, flags={"port": "x"})
+    assert str(caught.value).startswith("--port: port: expected")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [("{nope", "not valid JSON"), ("[1, 2]", "must hold a JSON object of settings")],
+)
+def test_unreadable_files_say_why(write_settings, content, message):
+    path = write_settings(content)
+    with pytest.raises(SettingsError) as caught:
+        load_settings(path, environ={})
+    assert message in str(caught.value)
+
+
+def test_missing_explicit_file_is_an_error(tmp_path):
+    with pytest.raises(SettingsError) as caught:
+        load_settings(str(tmp_path / "absent.json"), environ={})
+    assert "cannot be read: No such file or directory" in str(caught.value)
