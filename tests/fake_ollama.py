@@ -201,7 +201,7 @@ class OllamaHandler(OllamaBase):
     async def do_api_show(self):
         data = self.body()
         if data is not None and self.model_or_404(data):
-            self.json({"modelfile": "FROM x", "parameters": "", "template": "{{ .Prompt }}"})
+            self.json({"modelfile": "FROM x", "parameters": "", "template": "{{ .Prompt }}", "details": {"format": "gguf"}, "model_info": {"general.architecture": "llama"}})
 
     async def do_api_me(self):
         self.json({"name": "tester"})

@@ -84,6 +84,13 @@ async def settled(read, *, quiet: float = 0.5, limit: float = 30.0):
     raise AssertionError(f"value kept changing for {limit} s (last {last})")
 
 
+def unused_url() -> str:
+    """A loopback URL where nothing listens: connections are refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
 class CannedUpstream:
     """An upstream that reads one request head and answers with fixed bytes."""
 

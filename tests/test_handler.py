@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from .helpers import BlackHole, CannedUpstream, open_raw, raw_request, read_chunked_to_end, settled, split_response
+from .helpers import BlackHole, CannedUpstream, open_raw, raw_request, read_chunked_to_end, settled, split_response, unused_url
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -259,8 +259,8 @@ async def test_oversized_chunked_body_is_refused_when_it_crosses_the_limit(make_
     proxy = make_proxy(max_body_size=10)
 
     async def body():
-        yield b"x" * 6
-        yield b"x" * 6
+        for _ in range(4):
+            yield b"x" * 6
 
     response = await http.request("GET", proxy + "/api/chat", content=body())
     assert response.status_code == 413
@@ -409,14 +409,53 @@ async def test_client_leaving_mid_upload_aborts_the_upstream(proxy_url, fake):
     assert await asyncio.wait_for(fake.disconnected.get(), 1) == "/api/blobs/sha256:" + "1" * 64
 
 
+async def test_client_leaving_while_an_alias_body_is_collected_reaches_nobody(proxy_url, fake):
+    reader, writer = await open_raw(proxy_url)
+    writer.write(b"GET /api/stop HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"model\"")
+    await writer.drain()
+    writer.close()
+    # The proxy is still answering other requests, and nothing was forwarded.
+    assert (await raw_request(proxy_url, b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")).endswith(b"0.32.0\"}")
+    assert [seen.path for seen in fake.seen] == ["/api/version"]
+
+
+async def test_client_leaving_during_a_fast_stream_stops_the_upstream(proxy_url, fake):
+    reader, writer = await open_raw(proxy_url, rcvbuf=64 * 1024)
+    body = json.dumps({"model": "flood", "messages": [{"role": "user", "content": "x"}],
+                       "options": {"num_predict": 1024 * 1024}}).encode()
+    writer.write(b"GET /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    await reader.readexactly(1024 * 1024)
+    writer.transport.abort()  # like a killed client: the socket goes away unread
+    assert await asyncio.wait_for(fake.disconnected.get(), 2) == "/api/chat"
+    assert fake.flood_written < 1024 * 1024 * 1024
+
+
 # -- upstream failures -------------------------------------------------------------
 
 
+async def test_upstream_refusing_while_a_body_arrives_is_a_502(make_proxy, http):
+    url = unused_url()
+    response = await http.request("GET", make_proxy(upstream=url) + "/api/chat", content=b"{}" * 100_000)
+    assert response.status_code == 502
+    assert response.json() == {"error": f"upstream {url} refused the connection"}
+
+
+async def test_upstream_closing_during_an_upload_is_a_502(make_proxy, http):
+    canned = CannedUpstream(b"")  # reads the head, then hangs up on the body
+    url = await canned.start()
+
+    async def body():
+        for _ in range(64):
+            yield b"x" * (256 * 1024)
+
+    response = await http.request("GET", make_proxy(upstream=url) + "/api/blobs/sha256:" + "2" * 64, content=body())
+    assert response.status_code == 502
+    assert response.json()["error"].endswith("closed the connection without a valid HTTP response")
+    canned.stop()
+
+
 async def test_refused_connection_is_a_502_naming_the_upstream(make_proxy, http):
-    hole = CannedUpstream(b"")
-    url = await hole.start()
-    hole.stop()
-    await hole.server.wait_closed()
+    url = unused_url()
     proxy = make_proxy(upstream=url)
     response = await http.get(proxy + "/api/tags")
     assert response.status_code == 502
@@ -510,10 +549,7 @@ async def test_health_reports_the_upstream(proxy_url, upstream_url, http):
 
 
 async def test_health_is_503_with_the_reason_when_the_upstream_is_down(make_proxy, http):
-    canned = CannedUpstream(b"")
-    url = await canned.start()
-    canned.stop()
-    await canned.server.wait_closed()
+    url = unused_url()
     response = await http.get(make_proxy(upstream=url) + "/_proxy/health")
     assert response.status_code == 503
     assert response.json() == {"error": f"upstream {url} refused the connection"}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from tornado import httputil
@@ -123,8 +124,7 @@ class ProxyHandler(JSONErrorsMixin):
         return method, target, route, has_body
 
     async def data_received(self, chunk: bytes) -> None:
-        if self._closed:
-            return
+        # Tornado stops delivering the body once a response has been sent.
         self._received += len(chunk)
         limit = self.proxy.settings.max_body_size
         if limit is not None and self._received > limit:
@@ -140,21 +140,18 @@ class ProxyHandler(JSONErrorsMixin):
             return
         write = await self._body_writer
         if write is not None:
-            try:
+            with suppress(StreamClosedError):  # the fetch reports what happened upstream
                 await write(chunk)
-            except StreamClosedError:
-                pass  # the fetch reports what happened upstream
 
     async def _produce_body(self, write) -> None:
         self._body_writer.set_result(write)
         await self._body_complete
 
     def _refuse_body(self, message: str) -> None:
+        # Tornado's client reads the answer only after the whole body has been
+        # sent, so no response has started yet.
         self._abort_upstream(ClientGone())
-        if self._response_started:
-            self._cut()
-        else:
-            self._reject(Rejection(413, message))
+        self._reject(Rejection(413, message))
 
     async def get(self) -> None:
         """Every method lands here once the request body has been received."""
@@ -184,11 +181,13 @@ class ProxyHandler(JSONErrorsMixin):
             streaming_callback=self._on_upstream_chunk,
             **body,
         )
-        self._exchange_task = asyncio.ensure_future(self._exchange())
+        self._exchange_task = asyncio.ensure_future(
+            self._exchange(self.proxy.upstream.fetch(self._upstream_request))
+        )
 
-    async def _exchange(self) -> None:
+    async def _exchange(self, response: asyncio.Future) -> None:
         try:
-            await self.proxy.upstream.fetch(self._upstream_request)
+            await response
             error = None
         except Exception as failure:
             error = failure
@@ -231,16 +230,13 @@ class ProxyHandler(JSONErrorsMixin):
         self.flush()
 
     async def _on_upstream_chunk(self, chunk: bytes) -> None:
-        if self._closed:
-            return
         self._relaying = True
         self.write(chunk)
-        try:
-            # Awaiting the flush is the backpressure: the next upstream read
-            # waits until this chunk has gone to the client.
+        # Awaiting the flush is the backpressure: the next upstream read waits
+        # until this chunk has gone to the client. A client that has gone is
+        # dealt with by on_connection_close.
+        with suppress(StreamClosedError):
             await self.flush()
-        except StreamClosedError:
-            self.on_connection_close()
         self._relaying = False
         self._last_activity = self._loop.time()
 

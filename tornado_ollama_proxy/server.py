@@ -10,10 +10,11 @@ from tornado.web import Application
 
 log = logging.getLogger(__name__)
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
 
 class ProxyServer:
     def __init__(self, app: Application):
-        self.app = app
         self.proxy = app.proxy
         self.http = HTTPServer(app)
         self.port: int | None = None
@@ -23,6 +24,25 @@ class ProxyServer:
         sockets = bind_sockets(settings.port, settings.host)
         self.port = sockets[0].getsockname()[1]
         self.http.add_sockets(sockets)
+        log.info(
+            "listening",
+            extra={
+                "address": f"http://{settings.host}:{self.port}",
+                "upstream": settings.upstream_base,
+                "routes": len(self.proxy.routes),
+            },
+        )
+
+    async def wait_for_stop_signal(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in STOP_SIGNALS:
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            for signum in STOP_SIGNALS:
+                loop.remove_signal_handler(signum)
 
     async def drain(self) -> None:
         """Stop accepting, give in-flight requests the grace period, then close everything."""
@@ -32,28 +52,15 @@ class ProxyServer:
         try:
             await asyncio.wait_for(self.proxy.in_flight.wait_idle(), grace)
         except TimeoutError:
-            log.warning("grace period over", extra={"cut": self.proxy.in_flight.count})
+            log.warning("grace period over, closing", extra={"in_flight": self.proxy.in_flight.count})
         await self.http.close_all_connections()
         self.proxy.upstream.close()
+        log.info("stopped")
 
 
 async def serve(app: Application) -> None:
     """Run until SIGTERM or SIGINT, then drain."""
     server = ProxyServer(app)
     server.listen()
-    settings = app.proxy.settings
-    log.info(
-        "listening",
-        extra={
-            "address": f"http://{settings.host}:{server.port}",
-            "upstream": settings.upstream_base,
-            "routes": len(app.proxy.routes),
-        },
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    await server.wait_for_stop_signal()
     await server.drain()
-    log.info("stopped")

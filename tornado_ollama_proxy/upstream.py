@@ -8,6 +8,7 @@ away and reaches into ``simple_httpclient``'s connection (private API: the
 package pins tornado's minor version and the tests cover it).
 """
 
+from asyncio import Future
 from collections.abc import Callable
 
 from tornado.httpclient import HTTPRequest, HTTPResponse
@@ -37,12 +38,11 @@ class ClientGone(Exception):
 class UpstreamRequest(HTTPRequest):
     """An `HTTPRequest` that can be aborted while connecting, uploading or streaming."""
 
-    connection: _HTTPConnection | None = None
+    connection: _HTTPConnection  # set when the client starts the fetch
 
     def abort(self, error: Exception) -> None:
-        """End the fetch now with `error` and close its socket."""
-        if self.connection is not None:
-            self.connection._handle_exception(type(error), error, None)
+        """End the fetch now with `error` and close its socket (no-op once it has ended)."""
+        self.connection._handle_exception(type(error), error, None)
 
 
 class _AbortableConnection(_HTTPConnection):
@@ -107,8 +107,9 @@ class Upstream:
             allow_nonstandard_methods=True,  # DELETE with a body, POST without one
         )
 
-    async def fetch(self, request: HTTPRequest) -> HTTPResponse:
-        return await self.client.fetch(request, raise_error=False)
+    def fetch(self, request: HTTPRequest) -> "Future[HTTPResponse]":
+        """Start `request` now (an `UpstreamRequest` is abortable from this moment)."""
+        return self.client.fetch(request, raise_error=False)
 
     def failure(self, error: BaseException) -> Rejection:
         """What to tell a client whose request failed before any response byte."""

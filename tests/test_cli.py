@@ -1,0 +1,97 @@
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tornado_ollama_proxy.cli import main
+
+
+def test_invalid_settings_exit_2_with_one_line_naming_the_key(tmp_path, capsys):
+    path = tmp_path / "settings.json"
+    path.write_text('{"idle_timeout": "soon"}')
+    assert main(["--settings", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"tornado-ollama-proxy: {path}: idle_timeout: expected a number of seconds > 0, got 'soon'\n"
+
+
+def test_invalid_flag_exits_2(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--upstream", "localhost:11434"]) == 2
+    assert "--upstream: upstream: expected an http:// or https:// URL" in capsys.readouterr().err
+
+
+def test_a_broken_plugin_exits_2_naming_the_file(tmp_path, capsys):
+    (tmp_path / "broken.py").write_text("raise ImportError('needs numpy')\n")
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"plugins_dir": "."}))
+    assert main(["--settings", str(settings)]) == 2
+    err = capsys.readouterr().err
+    assert "broken.py failed to load: ImportError: needs numpy" in err
+    assert "Traceback" not in err
+
+
+def test_python_dash_m_reports_bad_settings_without_a_traceback(tmp_path):
+    (tmp_path / "settings.json").write_text('{"port": "http"}')
+    result = subprocess.run(
+        [sys.executable, "-m", "tornado_ollama_proxy"], cwd=tmp_path, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "settings.json: port: expected a whole number from 0 to 65535" in result.stderr
+
+
+@pytest.fixture
+def launch(tmp_path):
+    """Start the console script the way the Procfile does: no arguments, configured by the environment."""
+    processes = []
+
+    def start(env):
+        process = subprocess.Popen(
+            [str(Path(sys.executable).with_name("tornado-ollama-proxy"))],
+            cwd=tmp_path,
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        process.stdout.close()
+        process.stderr.close()
+
+
+async def read_log(process, message):
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await asyncio.wait_for(loop.run_in_executor(None, process.stdout.readline), 30)
+        assert line, process.stderr.read()
+        record = json.loads(line)
+        if record["message"] == message:
+            return record
+
+
+async def test_console_script_serves_on_paas_port_and_drains_on_sigterm(launch, upstream_url):
+    process = launch({"PORT": "0", "OLLAMA_PROXY_HOST": "127.0.0.1", "OLLAMA_PROXY_UPSTREAM": upstream_url})
+    starting = await read_log(process, "starting")
+    assert "tornado_ollama_proxy.default_plugins.ollama_routes" in starting["plugins"]
+    listening = await read_log(process, "listening")
+    assert listening["upstream"] == upstream_url
+    async with httpx.AsyncClient() as http:
+        response = await http.request("GET", listening["address"] + "/api/show", json={"model": "llama3.2"})
+    assert response.status_code == 200
+    process.send_signal(signal.SIGTERM)
+    await read_log(process, "stopped")
+    loop = asyncio.get_running_loop()
+    assert await loop.run_in_executor(None, process.wait, 30) == 0
