@@ -539,6 +539,53 @@ async def test_other_connection_failures_are_a_502_with_the_reason(make_proxy, h
     plain.stop()
 
 
+# -- browser apps ------------------------------------------------------------------
+
+APP = "https://chat.example.com"
+
+
+async def test_without_cors_origins_ollama_judges_the_origin(proxy_url, fake, http):
+    response = await http.request("GET", proxy_url + "/api/chat", json=CHAT, headers={"Origin": APP})
+    assert response.status_code == 403 and response.content == b""  # Ollama's own refusal
+
+
+@pytest.mark.parametrize("method", ["OPTIONS", "GET"])  # the platform turns OPTIONS into GET too
+async def test_preflight_is_answered_by_the_proxy(make_proxy, fake, http, method):
+    proxy = make_proxy(cors_origins=(APP,))
+    response = await http.request(method, proxy + "/api/chat", headers={
+        "Origin": APP, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
+    assert response.status_code == 204
+    assert response.headers["access-control-allow-origin"] == APP
+    assert response.headers["access-control-allow-headers"] == "content-type"
+    assert "content-type" not in response.headers
+    assert fake.seen == []
+
+
+async def test_granted_origin_is_removed_upstream_and_named_in_the_answer(make_proxy, fake, http):
+    proxy = make_proxy(cors_origins=(APP,))
+    async with http.stream("GET", proxy + "/api/chat", json=CHAT, headers={"Origin": APP}) as response:
+        body = await response.aread()
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == APP
+    assert response.headers["vary"] == "Origin"
+    assert lines(body)[-1]["done"] is True
+    assert "Origin" not in fake.seen[0].headers
+
+
+async def test_errors_the_proxy_makes_are_readable_by_a_granted_origin(make_proxy, http):
+    proxy = make_proxy(cors_origins=("*",), upstream=unused_url())
+    response = await http.get(proxy + "/api/tags", headers={"Origin": APP})
+    assert response.status_code == 502
+    assert response.headers["access-control-allow-origin"] == APP
+
+
+async def test_other_origins_are_left_to_ollama(make_proxy, fake, http):
+    proxy = make_proxy(cors_origins=(APP,))
+    response = await http.request("GET", proxy + "/api/chat", json=CHAT, headers={"Origin": "https://evil.example"})
+    assert response.status_code == 403
+    assert "access-control-allow-origin" not in response.headers
+
+
 # -- the proxy's own endpoints ------------------------------------------------------
 
 

@@ -28,7 +28,7 @@ def test_shipped_settings_file_is_valid_and_matches_the_defaults():
     shipped = load_settings("settings.json", environ={})
     defaults = Settings()
     for key in ("host", "port", "upstream", "connect_timeout", "idle_timeout", "max_body_size",
-                "unmapped_paths", "shutdown_grace", "log_level"):
+                "unmapped_paths", "shutdown_grace", "log_level", "cors_origins"):
         assert getattr(shipped, key) == getattr(defaults, key), key
     assert shipped.plugins_dir == "plugins"
     assert shipped.routes == (Route("/api/running", ("GET",), "/api/ps"),)
@@ -66,8 +66,10 @@ def test_environment_takes_json_for_structured_keys():
             "OLLAMA_PROXY_MAX_BODY_SIZE": "1024",
             "OLLAMA_PROXY_UNMAPPED_PATHS": "reject",
             "OLLAMA_PROXY_SHUTDOWN_GRACE": "0",
+            "OLLAMA_PROXY_CORS_ORIGINS": '["https://Chat.Example.com", "*"]',
         },
     )
+    assert settings.cors_origins == ("https://chat.example.com", "*")
     assert settings.routes == (Route("/x", ("POST",)),)
     assert settings.max_body_size == 1024
     assert settings.unmapped_paths == "reject"
@@ -102,6 +104,10 @@ def test_relative_plugins_dir_is_relative_to_the_settings_file(write_settings, t
         ({"unmapped_paths": "drop"}, "unmapped_paths: expected 'forward' or 'reject', got 'drop'"),
         ({"log_level": "loud"}, "log_level: expected 'debug' or 'info' or 'warning' or 'error'"),
         ({"routes": {}}, "routes: expected a list of route objects"),
+        ({"cors_origins": "*"}, 'cors_origins: expected a list of origins such as "https://chat.example.com"'),
+        ({"cors_origins": ["chat.example.com"]}, "cors_origins: expected a list of origins"),
+        ({"cors_origins": ["https://chat.example.com/app"]}, "cors_origins: expected a list of origins"),
+        ({"cors_origins": [3]}, "cors_origins: expected a list of origins"),
         ({"routes": [{"path": "/x", "methods": ["GET"]}, {"path": "/y", "methods": []}]},
          "routes: expected entry 1: methods: must be a non-empty list"),
     ],

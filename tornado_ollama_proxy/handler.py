@@ -19,6 +19,7 @@ from tornado import httputil
 from tornado.iostream import StreamClosedError
 from tornado.web import RequestHandler, stream_request_body
 
+from . import cors
 from .errors import Rejection, error_body
 from .headers import end_to_end, upstream_request_headers
 from .routes import METHODS, Route, check_target, decide_method
@@ -79,6 +80,7 @@ class ProxyHandler(JSONErrorsMixin):
         self._last_activity = loop.time()
         self._idle_timer: asyncio.TimerHandle | None = None
         self._counted = False
+        self._cors_headers: dict[str, str] = {}
 
     # -- request side -------------------------------------------------------
 
@@ -87,6 +89,12 @@ class ProxyHandler(JSONErrorsMixin):
         self._counted = True
         request = self.request
         request.connection.set_max_body_size(UNLIMITED)
+        origin = cors.allowed_origin(request.headers.get("Origin"), self.proxy.settings.cors_origins)
+        if origin is not None and cors.is_preflight(request.headers):
+            self._answer_preflight(origin)
+            return
+        if origin is not None:
+            self._cors_headers = cors.response_headers(origin)
         try:
             method, target, route, has_body = self._plan()
         except Rejection as rejection:
@@ -98,6 +106,8 @@ class ProxyHandler(JSONErrorsMixin):
             client_ip=request.remote_ip,
             scheme=request.protocol,
         )
+        if origin is not None:
+            del headers["Origin"]  # granted here; Ollama would refuse it
         unframed = "Content-Length" not in request.headers and method not in CHUNKABLE_METHODS
         if has_body and ((route is not None and route.body_defaults) or unframed):
             self._small_body = []
@@ -146,6 +156,14 @@ class ProxyHandler(JSONErrorsMixin):
     async def _produce_body(self, write) -> None:
         self._body_writer.set_result(write)
         await self._body_complete
+
+    def _answer_preflight(self, origin: str) -> None:
+        self._closed = True
+        self.set_status(204)
+        self.clear_header("Content-Type")
+        for name, value in cors.preflight_headers(origin, self.request.headers).items():
+            self.set_header(name, value)
+        self.finish()
 
     def _refuse_body(self, message: str) -> None:
         # Tornado's client reads the answer only after the whole body has been
@@ -225,6 +243,7 @@ class ProxyHandler(JSONErrorsMixin):
             # A HEAD answer's Content-Length describes a body this client will not get.
             if not (bodiless and name.lower() == "content-length"):
                 self.add_header(name, value)
+        self._add_cors_headers()
         self._response_started = True
         # The status and headers go out now, before a body that may be slow to come.
         self.flush()
@@ -266,7 +285,12 @@ class ProxyHandler(JSONErrorsMixin):
 
     def _reject(self, rejection: Rejection) -> None:
         self._closed = True
+        self._add_cors_headers()  # so a browser app can read the error
         self.reject(rejection)
+
+    def _add_cors_headers(self) -> None:
+        for name, value in self._cors_headers.items():
+            self.add_header(name, value)
 
     def _cut(self) -> None:
         """End a response that has started without a clean end, so the client can tell."""

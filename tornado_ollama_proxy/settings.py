@@ -36,6 +36,7 @@ class Settings:
     plugins_dir: str = "plugins"
     shutdown_grace: float = 30.0
     log_level: str = "info"
+    cors_origins: tuple[str, ...] = ()
 
     @property
     def upstream_base(self) -> str:
@@ -112,6 +113,24 @@ def _choice(*allowed: str) -> Callable[[Any], str]:
     return check
 
 
+def _origins(value: Any) -> tuple[str, ...]:
+    wanted = 'a list of origins such as "https://chat.example.com", or ["*"] for any'
+    if not isinstance(value, list):
+        raise ValueError(wanted)
+    for origin in value:
+        parts = urlsplit(origin) if isinstance(origin, str) else None
+        if origin != "*" and (
+            parts is None
+            or parts.scheme not in ("http", "https")
+            or not parts.netloc
+            or parts.path
+            or parts.query
+            or parts.fragment
+        ):
+            raise ValueError(wanted)
+    return tuple(origin.lower() for origin in value)
+
+
 def _routes(value: Any) -> tuple[Route, ...]:
     if not isinstance(value, list):
         raise ValueError("a list of route objects")
@@ -137,6 +156,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], bool]] = {
     "plugins_dir": (_text, False),
     "shutdown_grace": (_seconds(True), True),
     "log_level": (_choice("debug", "info", "warning", "error"), False),
+    "cors_origins": (_origins, True),
 }
 assert list(SCHEMA) == [f.name for f in fields(Settings)]
 

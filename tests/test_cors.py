@@ -1,0 +1,40 @@
+import pytest
+
+from tornado_ollama_proxy.cors import allowed_origin, is_preflight, preflight_headers, response_headers
+
+APP = "https://chat.example.com"
+
+
+@pytest.mark.parametrize(
+    "origin, allowed, granted",
+    [
+        (None, ["*"], None),
+        (APP, [], None),
+        (APP, ["*"], APP),
+        (APP, [APP], APP),
+        ("HTTPS://CHAT.example.com", [APP], "HTTPS://CHAT.example.com"),
+        ("https://evil.example", [APP], None),
+    ],
+)
+def test_only_configured_origins_are_granted(origin, allowed, granted):
+    assert allowed_origin(origin, allowed) == granted
+
+
+def test_a_preflight_is_known_by_its_request_method_header_whatever_its_method():
+    assert is_preflight({"Access-Control-Request-Method": "POST"})
+    assert not is_preflight({"Origin": APP})
+
+
+def test_preflight_answer_grants_the_methods_and_the_requested_headers():
+    assert preflight_headers(APP, {"Access-Control-Request-Headers": "content-type, authorization"}) == {
+        "Access-Control-Allow-Origin": APP,
+        "Access-Control-Allow-Methods": "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
+        "Access-Control-Allow-Headers": "content-type, authorization",
+        "Access-Control-Max-Age": "600",
+        "Vary": "Origin",
+    }
+    assert "Access-Control-Allow-Headers" not in preflight_headers(APP, {})
+
+
+def test_actual_answers_name_the_origin():
+    assert response_headers(APP) == {"Access-Control-Allow-Origin": APP, "Vary": "Origin"}
