@@ -1,6 +1,7 @@
 import asyncio
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -51,7 +52,7 @@ def launch(tmp_path):
     """Start the console script the way the Procfile does: no arguments, configured by the environment."""
     processes = []
 
-    def start(env):
+    def start(env, preexec_fn=None):
         process = subprocess.Popen(
             [str(Path(sys.executable).with_name("tornado-ollama-proxy"))],
             cwd=tmp_path,
@@ -59,6 +60,7 @@ def launch(tmp_path):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=preexec_fn,
         )
         processes.append(process)
         return process
@@ -82,10 +84,17 @@ async def read_log(process, message):
             return record
 
 
+def low_soft_file_limit():
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
 async def test_console_script_serves_on_paas_port_and_drains_on_sigterm(launch, upstream_url):
-    process = launch({"PORT": "0", "OLLAMA_PROXY_HOST": "127.0.0.1", "OLLAMA_PROXY_UPSTREAM": upstream_url})
+    env = {"PORT": "0", "OLLAMA_PROXY_HOST": "127.0.0.1", "OLLAMA_PROXY_UPSTREAM": upstream_url}
+    process = launch(env, preexec_fn=low_soft_file_limit)
     starting = await read_log(process, "starting")
     assert "tornado_ollama_proxy.default_plugins.ollama_routes" in starting["plugins"]
+    limit = await read_log(process, "open files limit")
+    assert limit["max_open_files"] == resource.getrlimit(resource.RLIMIT_NOFILE)[1] > 256
     listening = await read_log(process, "listening")
     assert listening["upstream"] == upstream_url
     async with httpx.AsyncClient() as http:

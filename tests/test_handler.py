@@ -197,6 +197,27 @@ async def test_interim_100_continue_from_upstream_is_not_relayed(make_proxy, htt
     canned.stop()
 
 
+async def test_expect_100_continue_is_answered_and_the_body_follows(proxy_url, fake):
+    body = json.dumps({**CHAT, "stream": False}).encode()
+    reader, writer = await open_raw(proxy_url)
+    writer.write(b"GET /api/chat HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body))
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100 ")
+    writer.write(body)
+    status, _, _ = split_response(await reader.readuntil(b"\r\n\r\n"))
+    assert status == 200
+    assert "Expect" not in fake.seen[0].headers and fake.seen[0].body == body
+    writer.close()
+
+
+async def test_http_1_0_clients_get_the_stream_ended_by_close(proxy_url, fake):
+    body = json.dumps(CHAT).encode()
+    raw = await raw_request(proxy_url, b"GET /api/chat HTTP/1.0\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    status, headers, payload = split_response(raw)
+    assert status == 200 and "transfer-encoding" not in headers
+    assert [part["done"] for part in lines(payload)] == [False, False, False, True]
+
+
 # -- requests the proxy refuses ---------------------------------------------------
 
 
@@ -600,6 +621,14 @@ async def test_health_is_503_with_the_reason_when_the_upstream_is_down(make_prox
     response = await http.get(make_proxy(upstream=url) + "/_proxy/health")
     assert response.status_code == 503
     assert response.json() == {"error": f"upstream {url} refused the connection"}
+
+
+async def test_health_is_503_when_the_upstream_does_not_answer_in_time(make_proxy, http):
+    hole = BlackHole()
+    response = await http.get(make_proxy(upstream=hole.url, connect_timeout=0.3) + "/_proxy/health")
+    hole.close()
+    assert response.status_code == 503
+    assert response.json() == {"error": f"upstream {hole.url} did not answer within 0.3 s"}
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from tornado import httputil
 from tornado.iostream import StreamClosedError
+from tornado.simple_httpclient import HTTPTimeoutError
 from tornado.web import RequestHandler, stream_request_body
 
 from . import cors
@@ -326,6 +327,11 @@ class HealthHandler(JSONErrorsMixin):
         request.request_timeout = upstream.connect_timeout
         try:
             response = await upstream.fetch(request)
+        except HTTPTimeoutError:
+            self.reject(Rejection(
+                503, f"upstream {upstream.base} did not answer within {upstream.connect_timeout:g} s"
+            ))
+            return
         except Exception as error:
             self.reject(Rejection(503, upstream.failure(error).message))
             return

@@ -2,7 +2,9 @@
 
 import asyncio
 import logging
+import resource
 import signal
+from contextlib import suppress
 
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
@@ -11,6 +13,18 @@ from tornado.web import Application
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def raise_open_files_limit() -> int:
+    """Lift the soft file-descriptor limit to the hard one.
+
+    Each stream holds two sockets; a soft limit of 1024, common on pods,
+    would cap the proxy near 500 concurrent streams.
+    """
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with suppress(ValueError, OSError):  # an unlimited hard limit cannot be the soft one
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 class ProxyServer:
@@ -60,6 +74,7 @@ class ProxyServer:
 
 async def serve(app: Application) -> None:
     """Run until SIGTERM or SIGINT, then drain."""
+    log.info("open files limit", extra={"max_open_files": raise_open_files_limit()})
     server = ProxyServer(app)
     server.listen()
     await server.wait_for_stop_signal()
