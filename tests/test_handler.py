@@ -189,6 +189,15 @@ async def test_repeated_response_headers_and_reason_are_kept(make_proxy, http):
     canned.stop()
 
 
+async def test_an_answer_delimited_by_close_is_relayed_whole(make_proxy, http):
+    canned = CannedUpstream(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n\r\n{\"a\": 1}\n{\"b\": 2}\n")
+    proxy = make_proxy(upstream=await canned.start())
+    response = await http.get(proxy + "/api/tags")
+    assert response.content == b'{"a": 1}\n{"b": 2}\n'
+    assert response.headers["transfer-encoding"] == "chunked"  # re-framed for a keep-alive client
+    canned.stop()
+
+
 async def test_interim_100_continue_from_upstream_is_not_relayed(make_proxy, http):
     canned = CannedUpstream(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     proxy = make_proxy(upstream=await canned.start())
