@@ -1,5 +1,6 @@
 import socket
 
+import httpx
 import pytest
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
@@ -35,6 +36,14 @@ def servers(io_loop):
         proxy = getattr(app, "proxy", None)
         if proxy is not None:
             proxy.upstream.close()
+
+
+@pytest.fixture
+def http(io_loop):
+    """An HTTP client for the tests' own requests."""
+    client = httpx.AsyncClient(timeout=10)
+    yield client
+    io_loop.run_sync(client.aclose)
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """Clients and upstreams at the byte level, for what a library client would hide."""
 
 import asyncio
-import json
 import socket
 import time
 from urllib.parse import urlsplit

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tornado_ollama_proxy.cli import main
 
@@ -68,8 +69,8 @@ def launch(tmp_path):
     yield start
     for process in processes:
         if process.poll() is None:
-            process.kill()
-        process.wait()
+            process.send_signal(signal.SIGTERM)  # a graceful stop also saves its coverage data
+        process.wait(30)
         process.stdout.close()
         process.stderr.close()
 
@@ -104,3 +105,26 @@ async def test_console_script_serves_on_paas_port_and_drains_on_sigterm(launch, 
     await read_log(process, "stopped")
     loop = asyncio.get_running_loop()
     assert await loop.run_in_executor(None, process.wait, 30) == 0
+
+
+async def test_metrics_add_up_across_processes_in_multiprocess_mode(launch, upstream_url, tmp_path):
+    """Two workers writing to one PROMETHEUS_MULTIPROC_DIR: a scrape of either sees both."""
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    env = {"PORT": "0", "OLLAMA_PROXY_HOST": "127.0.0.1", "OLLAMA_PROXY_UPSTREAM": upstream_url,
+           "PROMETHEUS_MULTIPROC_DIR": str(folder)}
+    addresses = []
+    for _ in range(2):
+        process = launch(env)
+        addresses.append((await read_log(process, "listening"))["address"])
+    async with httpx.AsyncClient() as http:
+        for address in addresses:
+            await http.get(address + "/api/tags")
+        text = (await http.get(addresses[0] + "/_proxy/metrics")).text
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    key = ("ollama_proxy_requests_total", (("method_out", "GET"), ("route", "/api/tags"), ("status", "200")))
+    assert samples[key] == 2

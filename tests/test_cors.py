@@ -1,6 +1,11 @@
 import pytest
 
-from tornado_ollama_proxy.cors import allowed_origin, is_preflight, preflight_headers, response_headers
+from tornado_ollama_proxy.cors import (
+    allowed_origin,
+    is_preflight,
+    preflight_headers,
+    response_headers,
+)
 
 APP = "https://chat.example.com"
 

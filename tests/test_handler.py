@@ -8,16 +8,18 @@ import time
 import httpx
 import pytest
 
-from .helpers import BlackHole, CannedUpstream, open_raw, raw_request, read_chunked_to_end, settled, split_response, unused_url
+from .helpers import (
+    BlackHole,
+    CannedUpstream,
+    open_raw,
+    raw_request,
+    read_chunked_to_end,
+    settled,
+    split_response,
+    unused_url,
+)
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
-
-
-@pytest.fixture
-def http(io_loop):
-    client = httpx.AsyncClient(timeout=10)
-    yield client
-    io_loop.run_sync(client.aclose)
 
 
 def lines(body: bytes) -> list[dict]:

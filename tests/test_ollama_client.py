@@ -4,7 +4,6 @@ import asyncio
 import hashlib
 import json
 
-import httpx
 import ollama
 import pytest
 
@@ -121,13 +120,6 @@ async def test_proxy_errors_are_shown_by_the_client(servers, make_proxy):
     assert caught.value.status_code == 502
     assert caught.value.error == f"upstream {url} refused the connection"
     await client.close()
-
-
-@pytest.fixture
-def http(io_loop):
-    client = httpx.AsyncClient(timeout=10)
-    yield client
-    io_loop.run_sync(client.aclose)
 
 
 async def test_openai_chat_completions_stream_through_the_platform(front_url, http, fake):

@@ -3,7 +3,11 @@ import textwrap
 import pytest
 
 from tornado_ollama_proxy import hookimpl
-from tornado_ollama_proxy.plugins import PluginError, build_route_table, make_plugin_manager
+from tornado_ollama_proxy.plugins import (
+    PluginError,
+    build_route_table,
+    make_plugin_manager,
+)
 from tornado_ollama_proxy.routes import Route
 from tornado_ollama_proxy.settings import Settings
 

@@ -28,7 +28,8 @@ def test_shipped_settings_file_is_valid_and_matches_the_defaults():
     shipped = load_settings("settings.json", environ={})
     defaults = Settings()
     for key in ("host", "port", "upstream", "connect_timeout", "idle_timeout", "max_body_size",
-                "unmapped_paths", "shutdown_grace", "log_level", "cors_origins"):
+                "unmapped_paths", "shutdown_grace", "log_level", "log_format", "log_headers",
+                "access_log_sampling", "health_path", "health_cache_seconds", "metrics_path", "cors_origins"):
         assert getattr(shipped, key) == getattr(defaults, key), key
     assert shipped.plugins_dir == "plugins"
     assert shipped.routes == (Route("/api/running", ("GET",), "/api/ps"),)
@@ -67,8 +68,15 @@ def test_environment_takes_json_for_structured_keys():
             "OLLAMA_PROXY_UNMAPPED_PATHS": "reject",
             "OLLAMA_PROXY_SHUTDOWN_GRACE": "0",
             "OLLAMA_PROXY_CORS_ORIGINS": '["https://Chat.Example.com", "*"]',
+            "OLLAMA_PROXY_METRICS_PATH": "null",
+            "OLLAMA_PROXY_HEALTH_PATH": "/healthz",
+            "OLLAMA_PROXY_ACCESS_LOG_SAMPLING": '{"/api/tags": 0.25}',
+            "OLLAMA_PROXY_LOG_HEADERS": '["User-Agent"]',
         },
     )
+    assert (settings.metrics_path, settings.health_path) == (None, "/healthz")
+    assert settings.access_log_sampling == {"/api/tags": 0.25}
+    assert settings.log_headers == ("User-Agent",)
     assert settings.cors_origins == ("https://chat.example.com", "*")
     assert settings.routes == (Route("/x", ("POST",)),)
     assert settings.max_body_size == 1024
@@ -104,6 +112,17 @@ def test_relative_plugins_dir_is_relative_to_the_settings_file(write_settings, t
         ({"unmapped_paths": "drop"}, "unmapped_paths: expected 'forward' or 'reject', got 'drop'"),
         ({"log_level": "loud"}, "log_level: expected 'debug' or 'info' or 'warning' or 'error'"),
         ({"routes": {}}, "routes: expected a list of route objects"),
+        ({"log_format": "xml"}, "log_format: expected 'json' or 'text'"),
+        ({"log_headers": ["User Agent"]}, 'log_headers: expected a list of header names such as ["User-Agent"]'),
+        ({"log_headers": "User-Agent"}, "log_headers: expected a list of header names"),
+        ({"access_log_sampling": {"/x": 2}}, "access_log_sampling: expected an object of path -> rate from 0"),
+        ({"access_log_sampling": {"x": 0}}, "access_log_sampling: expected an object of path -> rate"),
+        ({"access_log_sampling": {"/x": True}}, "access_log_sampling: expected an object of path -> rate"),
+        ({"access_log_sampling": []}, "access_log_sampling: expected an object of path -> rate"),
+        ({"health_path": "health"}, "health_path: expected a path such as /_proxy/health, or null"),
+        ({"metrics_path": "/a b"}, "metrics_path: expected a path such as /_proxy/health, or null"),
+        ({"metrics_path": 5}, "metrics_path: expected a path"),
+        ({"health_cache_seconds": -1}, "health_cache_seconds: expected a number of seconds >= 0"),
         ({"cors_origins": "*"}, 'cors_origins: expected a list of origins such as "https://chat.example.com"'),
         ({"cors_origins": ["chat.example.com"]}, "cors_origins: expected a list of origins"),
         ({"cors_origins": ["https://chat.example.com/app"]}, "cors_origins: expected a list of origins"),

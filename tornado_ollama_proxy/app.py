@@ -1,11 +1,14 @@
 """The application factory: settings and plugins in, a Tornado application out."""
 
 import asyncio
+import re
 
 import pluggy
 from tornado.web import Application
 
-from .handler import HealthHandler, ProxyHandler, ProxyNotFoundHandler
+from .handler import HealthHandler, MetricsHandler, ProxyHandler, ProxyNotFoundHandler
+from .health import HealthCheck
+from .metrics import Metrics
 from .plugins import build_route_table, make_plugin_manager
 from .routes import RouteTable
 from .settings import Settings
@@ -40,24 +43,33 @@ class InFlight:
 
 
 class Proxy:
-    """Everything a handler needs: settings, the route table, the upstream, the in-flight count."""
+    """Everything a handler needs: settings, routes, the upstream, health, metrics, the in-flight count."""
 
     def __init__(self, settings: Settings, routes: RouteTable):
         self.settings = settings
         self.routes = routes
         self.upstream = Upstream(settings)
+        self.health = HealthCheck(self.upstream, settings.health_cache_seconds)
+        self.metrics = Metrics()
         self.in_flight = InFlight()
 
 
 def make_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> Application:
     pm = pm if pm is not None else make_plugin_manager(settings)
     proxy = Proxy(settings, build_route_table(pm))
+    own = {"proxy": proxy}
+    endpoints = [
+        (re.escape(path), handler, own)
+        for path, handler in ((settings.health_path, HealthHandler), (settings.metrics_path, MetricsHandler))
+        if path is not None
+    ]
     app = Application(
         [
-            (RESERVED_PREFIX + "health", HealthHandler, {"proxy": proxy}),
-            (RESERVED_PREFIX + ".*", ProxyNotFoundHandler),
-            (r".*", ProxyHandler, {"proxy": proxy}),
+            *endpoints,
+            (re.escape(RESERVED_PREFIX) + ".*", ProxyNotFoundHandler, own),
+            (r".*", ProxyHandler, own),
         ],
+        log_function=lambda handler: None,  # handlers write their own access records
     )
     app.proxy = proxy
     return app

@@ -5,9 +5,8 @@ import asyncio
 import logging
 import sys
 
-from pythonjsonlogger.json import JsonFormatter
-
 from .app import make_app
+from .logs import configure_logging, effective_configuration
 from .plugins import PluginError, make_plugin_manager
 from .server import serve
 from .settings import DEFAULT_FILE, SettingsError, load_settings
@@ -29,12 +28,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter("{asctime}{levelname}{name}{message}", style="{"))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     flags = {key: getattr(args, key) for key in ("host", "port", "upstream") if getattr(args, key)}
@@ -45,9 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, PluginError) as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(pm, settings)
     logging.getLogger(PROG).info(
-        "starting", extra={"plugins": [name for name, _ in pm.list_name_plugin()]}
+        "starting",
+        extra={
+            "settings": effective_configuration(settings),
+            "upstream": settings.upstream_base,
+            "plugins": [name for name, _ in pm.list_name_plugin()],
+            "routes": len(app.proxy.routes),
+        },
     )
     asyncio.run(serve(app))
     return 0

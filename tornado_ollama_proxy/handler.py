@@ -12,22 +12,32 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import time
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from tornado import httputil
 from tornado.iostream import StreamClosedError
-from tornado.simple_httpclient import HTTPTimeoutError
 from tornado.web import RequestHandler, stream_request_body
 
 from . import cors
 from .errors import Rejection, error_body
 from .headers import end_to_end, upstream_request_headers
+from .logs import (
+    ACCESS_LOGGER,
+    REQUEST_ID_HEADER,
+    accept_request_id,
+    request_id_var,
+    sampled,
+)
 from .routes import METHODS, Route, check_target, decide_method
 from .upstream import UNLIMITED, ClientGone, IdleTimeout, UpstreamRequest
 
 if TYPE_CHECKING:
     from .app import Proxy
+
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 JSON_TYPE = "application/json; charset=utf-8"
 # Bodies the proxy must hold whole: alias bodies it merges defaults into, and
@@ -37,30 +47,101 @@ SMALL_BODY_LIMIT = 1024 * 1024
 CHUNKABLE_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
-class JSONErrorsMixin(RequestHandler):
-    """Answer errors in Ollama's ``{"error": …}`` shape, never with a traceback page."""
+class BaseHandler(RequestHandler):
+    """What every answer shares: a request id, Ollama-shaped errors, and at its end
+    one access record and the request metrics."""
+
+    def __init__(self, application, request, **kwargs) -> None:
+        # Set before Tornado starts the handler's task, so the task and every
+        # task it starts carry the id into their log records.
+        self.request_id = accept_request_id(request.headers.get(REQUEST_ID_HEADER))
+        request_id_var.set(self.request_id)
+        self.proxy: Proxy = kwargs["proxy"]
+        self.started = time.monotonic()
+        self.outcome: str | None = None
+        self._ended = False
+        self.proxy.in_flight.enter()
+        self.proxy.metrics.in_flight.inc()
+        super().__init__(application, request, **kwargs)
+
+    def initialize(self, proxy: Proxy) -> None:
+        pass  # taken in __init__
+
+    def set_default_headers(self) -> None:
+        self.set_header(REQUEST_ID_HEADER, self.request_id)  # also after an error's reset
 
     def compute_etag(self) -> None:
         return None  # relayed answers carry the upstream's headers, none invented
 
     def write_error(self, status_code: int, **kwargs) -> None:
+        self.outcome = "rejected"
         self.set_header("Content-Type", JSON_TYPE)
         self.finish(error_body(httputil.responses.get(status_code, "error").lower()))
 
     def reject(self, rejection: Rejection) -> None:
+        self.outcome = self.outcome or "rejected"
         self.set_status(rejection.status)
         for name, value in rejection.headers.items():
             self.set_header(name, value)
         self.set_header("Content-Type", JSON_TYPE)
         self.finish(error_body(rejection.message))
 
+    def on_finish(self) -> None:
+        self.end()
+
+    def on_connection_close(self) -> None:
+        super().on_connection_close()
+        self.outcome = self.outcome or "client_gone"
+        self.end()
+
+    def access_record(self) -> dict:
+        """The fields of this request's access record (bodies never, headers only by allow-list)."""
+        request = self.request
+        record = {
+            "request_id": self.request_id,
+            "client": request.remote_ip,
+            "method_in": request.method,
+            "method_out": None,
+            "path": request.path,
+            "route": request.path,
+            "upstream_status": None,
+            "status": self.get_status(),
+            "bytes_in": 0,
+            "bytes_out": 0,
+            "ttfb_ms": None,
+            "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
+            "chunks": 0,
+            "outcome": self.outcome or "ok",
+        }
+        allowed = self.proxy.settings.log_headers
+        if allowed:
+            record["headers"] = {name: request.headers[name] for name in allowed if name in request.headers}
+        return record
+
+    def end(self) -> None:
+        """Account for the request once, whichever way it ended."""
+        if self._ended:
+            return
+        self._ended = True
+        self.proxy.in_flight.leave()
+        record = self.access_record()
+        metrics = self.proxy.metrics
+        metrics.in_flight.dec()
+        metrics.requests.labels(record["route"], record["method_out"] or record["method_in"], record["status"]).inc()
+        metrics.duration.labels(record["route"]).observe(record["duration_ms"] / 1000)
+        if record["ttfb_ms"] is not None:
+            metrics.ttfb.labels(record["route"]).observe(record["ttfb_ms"] / 1000)
+        metrics.bytes.labels("in").inc(record["bytes_in"])
+        metrics.bytes.labels("out").inc(record["bytes_out"])
+        if sampled(self.request.path, self.proxy.settings.access_log_sampling):
+            access_log.info("request", extra=record)
+
 
 @stream_request_body
-class ProxyHandler(JSONErrorsMixin):
+class ProxyHandler(BaseHandler):
     SUPPORTED_METHODS = METHODS
 
     def initialize(self, proxy: Proxy) -> None:
-        self.proxy = proxy
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._upstream_request: UpstreamRequest | None = None
@@ -80,14 +161,18 @@ class ProxyHandler(JSONErrorsMixin):
         self._relaying = False
         self._last_activity = loop.time()
         self._idle_timer: asyncio.TimerHandle | None = None
-        self._counted = False
         self._cors_headers: dict[str, str] = {}
+        # For the access record and the metrics.
+        self._route_label = "unmapped"
+        self._method_out: str | None = None
+        self._upstream_code: int | None = None
+        self._ttfb: float | None = None
+        self._bytes_out = 0
+        self._chunks = 0
 
     # -- request side -------------------------------------------------------
 
     async def prepare(self) -> None:
-        self.proxy.in_flight.enter()
-        self._counted = True
         request = self.request
         request.connection.set_max_body_size(UNLIMITED)
         origin = cors.allowed_origin(request.headers.get("Origin"), self.proxy.settings.cors_origins)
@@ -109,6 +194,7 @@ class ProxyHandler(JSONErrorsMixin):
         )
         if origin is not None:
             del headers["Origin"]  # granted here; Ollama would refuse it
+        headers[REQUEST_ID_HEADER] = self.request_id
         unframed = "Content-Length" not in request.headers and method not in CHUNKABLE_METHODS
         if has_body and ((route is not None and route.body_defaults) or unframed):
             self._small_body = []
@@ -122,11 +208,16 @@ class ProxyHandler(JSONErrorsMixin):
         check_target(request.uri)
         matched = self.proxy.routes.match(request.path)
         route, params = matched if matched else (None, {})
+        if route is not None:
+            self._route_label = route.path
         if route is None and self.proxy.settings.unmapped_paths == "reject":
             raise Rejection(404, f"{request.path} is not an Ollama endpoint this proxy knows")
         length = _declared_length(request.headers)
         has_body = length is None or length > 0
         method = decide_method(route, request.method, request.headers, has_body)
+        self._method_out = method
+        if method != request.method:
+            self.proxy.metrics.corrections.labels(self._route_label, request.method, method).inc()
         limit = self.proxy.settings.max_body_size
         if limit is not None and length is not None and length > limit:
             raise Rejection(413, _too_large(limit))
@@ -160,6 +251,7 @@ class ProxyHandler(JSONErrorsMixin):
 
     def _answer_preflight(self, origin: str) -> None:
         self._closed = True
+        self.outcome = "ok"
         self.set_status(204)
         self.clear_header("Content-Type")
         for name, value in cors.preflight_headers(origin, self.request.headers).items():
@@ -217,11 +309,16 @@ class ProxyHandler(JSONErrorsMixin):
             return
         if error is None:
             self._closed = True
+            self.outcome = "ok"
             self.finish()
-        elif self._response_started:
+            return
+        kind, rejection = self.proxy.upstream.failure(error)
+        self.proxy.metrics.upstream_errors.labels(kind).inc()
+        self.outcome = "timeout" if kind.endswith("timeout") else "upstream_error"
+        if self._response_started:
             self._cut()
         else:
-            self._reject(self.proxy.upstream.failure(error))
+            self._reject(rejection)
 
     def _on_upstream_header(self, line: str) -> None:
         self._last_activity = self._loop.time()
@@ -236,6 +333,9 @@ class ProxyHandler(JSONErrorsMixin):
                 self._start_response(status, self._upstream_headers)
 
     def _start_response(self, status: httputil.ResponseStartLine, headers) -> None:
+        self._upstream_code = status.code
+        self._ttfb = time.monotonic() - self.started
+        self.proxy.metrics.streams.inc()
         self.set_status(status.code, status.reason)
         for name in ("Content-Type", "Server", "Date"):
             self.clear_header(name)
@@ -245,12 +345,15 @@ class ProxyHandler(JSONErrorsMixin):
             if not (bodiless and name.lower() == "content-length"):
                 self.add_header(name, value)
         self._add_cors_headers()
+        self.set_header(REQUEST_ID_HEADER, self.request_id)
         self._response_started = True
         # The status and headers go out now, before a body that may be slow to come.
         self.flush()
 
     async def _on_upstream_chunk(self, chunk: bytes) -> None:
         self._relaying = True
+        self._chunks += 1
+        self._bytes_out += len(chunk)
         self.write(chunk)
         # Awaiting the flush is the backpressure: the next upstream read waits
         # until this chunk has gone to the client. A client that has gone is
@@ -299,54 +402,51 @@ class ProxyHandler(JSONErrorsMixin):
         self.request.connection.close()
 
     def on_connection_close(self) -> None:
-        super().on_connection_close()
+        if self._response_started and not self._closed:
+            self.proxy.metrics.client_disconnects.inc()
         self._closed = True
         self._abort_upstream(ClientGone())
-        self._leave()
+        super().on_connection_close()
 
-    def on_finish(self) -> None:
-        self._leave()
+    def end(self) -> None:
+        if self._response_started and not self._ended:
+            self.proxy.metrics.streams.dec()
+        super().end()
 
-    def _leave(self) -> None:
-        if self._counted:
-            self._counted = False
-            self.proxy.in_flight.leave()
+    def access_record(self) -> dict:
+        record = super().access_record()
+        record.update(
+            route=self._route_label,
+            method_out=self._method_out,
+            upstream_status=self._upstream_code,
+            bytes_in=self._received,
+            bytes_out=self._bytes_out,
+            ttfb_ms=None if self._ttfb is None else round(self._ttfb * 1000, 3),
+            chunks=self._chunks,
+        )
+        return record
 
 
-class HealthHandler(JSONErrorsMixin):
-    """200 when the upstream answers, 503 with the reason when it does not."""
-
-    def initialize(self, proxy: Proxy) -> None:
-        self.proxy = proxy
+class HealthHandler(BaseHandler):
+    """200 when the upstream answers like Ollama, 503 with the reason when it does not."""
 
     async def get(self) -> None:
-        upstream = self.proxy.upstream
-        request = upstream.request(
-            "GET", "/api/version", httputil.HTTPHeaders({"Host": upstream.host})
-        )
-        request.request_timeout = upstream.connect_timeout
-        try:
-            response = await upstream.fetch(request)
-        except HTTPTimeoutError:
-            self.reject(Rejection(
-                503, f"upstream {upstream.base} did not answer within {upstream.connect_timeout:g} s"
-            ))
-            return
-        except Exception as error:
-            self.reject(Rejection(503, upstream.failure(error).message))
-            return
-        if response.code != 200:
-            self.reject(Rejection(503, f"upstream {upstream.base} answered {response.code}"))
-            return
-        try:
-            version = json.loads(response.body)["version"]
-        except (ValueError, TypeError, KeyError):
-            self.reject(Rejection(503, f"upstream {upstream.base} does not answer like Ollama"))
-            return
-        self.finish({"status": "ok", "upstream": upstream.base, "upstream_version": version})
+        status, body = await self.proxy.health.status()
+        self.set_status(status)
+        self.set_header("Content-Type", JSON_TYPE)
+        self.finish(json.dumps(body))
 
 
-class ProxyNotFoundHandler(JSONErrorsMixin):
+class MetricsHandler(BaseHandler):
+    """Prometheus text exposition."""
+
+    def get(self) -> None:
+        text, content_type = self.proxy.metrics.exposition()
+        self.set_header("Content-Type", content_type)
+        self.finish(text)
+
+
+class ProxyNotFoundHandler(BaseHandler):
     """The reserved /_proxy/ prefix is never forwarded."""
 
     def prepare(self) -> None:

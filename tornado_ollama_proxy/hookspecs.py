@@ -4,6 +4,7 @@ Built-in behaviour is supplied through these same hooks by the modules in
 ``default_plugins``, so a plugin can extend or replace anything the proxy does.
 """
 
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -23,4 +24,13 @@ def register_routes() -> Iterable[Mapping[str, Any]]:
     ``upstream_path``, ``body_defaults`` and ``requires_body`` (see
     ``routes.parse_route``). An entry for a path that is already mapped
     replaces it; plugins registered later win over earlier ones.
+    """
+
+
+@hookspec(firstresult=True)
+def log_handler(settings) -> logging.Handler:
+    """Return the `logging.Handler` every log record goes through.
+
+    The built-in one writes JSON lines to stdout; a plugin returning its own
+    handler (another sink or formatter) replaces it.
     """

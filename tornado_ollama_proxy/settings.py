@@ -8,8 +8,9 @@ flags. Every key has an environment override ``OLLAMA_PROXY_<KEY>``; ``PORT``
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -36,6 +37,14 @@ class Settings:
     plugins_dir: str = "plugins"
     shutdown_grace: float = 30.0
     log_level: str = "info"
+    log_format: str = "json"
+    log_headers: tuple[str, ...] = ()
+    access_log_sampling: Mapping[str, float] = field(
+        default_factory=lambda: {"/_proxy/health": 0.0, "/_proxy/metrics": 0.0}
+    )
+    health_path: str | None = "/_proxy/health"
+    health_cache_seconds: float = 2.0
+    metrics_path: str | None = "/_proxy/metrics"
     cors_origins: tuple[str, ...] = ()
 
     @property
@@ -131,6 +140,33 @@ def _origins(value: Any) -> tuple[str, ...]:
     return tuple(origin.lower() for origin in value)
 
 
+def _header_names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9-]+", name) for name in value
+    ):
+        raise ValueError('a list of header names such as ["User-Agent"]')
+    return tuple(value)
+
+
+def _sampling(value: Any) -> dict[str, float]:
+    if not isinstance(value, dict) or not all(
+        isinstance(path, str)
+        and path.startswith("/")
+        and not isinstance(rate, bool)
+        and isinstance(rate, int | float)
+        and 0 <= rate <= 1
+        for path, rate in value.items()
+    ):
+        raise ValueError('an object of path -> rate from 0 (silent) to 1 (all), such as {"/_proxy/health": 0}')
+    return {path: float(rate) for path, rate in value.items()}
+
+
+def _endpoint_path(value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", value)):
+        raise ValueError("a path such as /_proxy/health, or null to turn the endpoint off")
+    return value
+
+
 def _routes(value: Any) -> tuple[Route, ...]:
     if not isinstance(value, list):
         raise ValueError("a list of route objects")
@@ -156,6 +192,12 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], bool]] = {
     "plugins_dir": (_text, False),
     "shutdown_grace": (_seconds(True), True),
     "log_level": (_choice("debug", "info", "warning", "error"), False),
+    "log_format": (_choice("json", "text"), False),
+    "log_headers": (_header_names, True),
+    "access_log_sampling": (_sampling, True),
+    "health_path": (_endpoint_path, True),
+    "health_cache_seconds": (_seconds(True), True),
+    "metrics_path": (_endpoint_path, True),
     "cors_origins": (_origins, True),
 }
 assert list(SCHEMA) == [f.name for f in fields(Settings)]

@@ -111,18 +111,18 @@ class Upstream:
         """Start `request` now (an `UpstreamRequest` is abortable from this moment)."""
         return self.client.fetch(request, raise_error=False)
 
-    def failure(self, error: BaseException) -> Rejection:
-        """What to tell a client whose request failed before any response byte."""
+    def failure(self, error: BaseException) -> tuple[str, Rejection]:
+        """The kind of a failure before any response byte, and what to tell the client."""
         where = f"upstream {self.base}"
         if isinstance(error, IdleTimeout):
-            return Rejection(504, f"{where} sent nothing for {self.idle_timeout:g} s")
+            return "idle_timeout", Rejection(504, f"{where} sent nothing for {self.idle_timeout:g} s")
         if isinstance(error, HTTPTimeoutError):
-            return Rejection(
+            return "connect_timeout", Rejection(
                 504, f"{where} did not accept the connection within {self.connect_timeout:g} s"
             )
         if isinstance(error, ConnectionRefusedError):
-            return Rejection(502, f"{where} refused the connection")
+            return "refused", Rejection(502, f"{where} refused the connection")
         if isinstance(error, HTTPStreamClosedError | StreamClosedError | ConnectionResetError):
             # Tornado reports a malformed answer this way too.
-            return Rejection(502, f"{where} closed the connection without a valid HTTP response")
-        return Rejection(502, f"{where} could not be reached: {error}")
+            return "closed", Rejection(502, f"{where} closed the connection without a valid HTTP response")
+        return "unreachable", Rejection(502, f"{where} could not be reached: {error}")

@@ -1,3 +1,6 @@
 """Built-in behaviour, shipped as ordinary plugins on the public hooks."""
 
-DEFAULT_PLUGINS = ("tornado_ollama_proxy.default_plugins.ollama_routes",)
+DEFAULT_PLUGINS = (
+    "tornado_ollama_proxy.default_plugins.ollama_routes",
+    "tornado_ollama_proxy.default_plugins.json_logs",
+)

@@ -1,0 +1,104 @@
+import io
+import json
+import logging
+
+import pytest
+
+from tornado_ollama_proxy import hookimpl
+from tornado_ollama_proxy.default_plugins import json_logs
+from tornado_ollama_proxy.logs import (
+    RequestIdFilter,
+    accept_request_id,
+    configure_logging,
+    effective_configuration,
+    masked,
+    request_id_var,
+    sampled,
+)
+from tornado_ollama_proxy.plugins import make_plugin_manager
+from tornado_ollama_proxy.settings import Settings
+
+
+@pytest.mark.parametrize("offered", ["abc-123", "req_1.2:3@x/y+z=", "a" * 128])
+def test_a_sane_client_request_id_is_kept(offered):
+    assert accept_request_id(offered) == offered
+
+
+@pytest.mark.parametrize("offered", [None, "", "a" * 129, "has space", "new\nline", "<script>", "é"])
+def test_anything_else_gets_a_fresh_id(offered):
+    fresh = accept_request_id(offered)
+    assert fresh != offered and len(fresh) == 32 and int(fresh, 16) >= 0
+
+
+def test_url_passwords_are_masked_everywhere():
+    value = {"a": "redis://user:s3cret@host:6379/0", "b": ["rediss://:pw@h", 5], "c": "http://h/x@y"}
+    assert masked(value) == {"a": "redis://user:***@host:6379/0", "b": ["rediss://:***@h", 5], "c": "http://h/x@y"}
+
+
+def test_effective_configuration_is_plain_data():
+    config = effective_configuration(Settings())
+    assert json.loads(json.dumps(config))["upstream"] == "http://127.0.0.1:11434"
+
+
+def test_sampling_silences_keeps_or_samples(monkeypatch):
+    sampling = {"/_proxy/health": 0.0, "/noisy": 0.5}
+    assert not sampled("/_proxy/health", sampling)
+    assert sampled("/api/chat", sampling)
+    monkeypatch.setattr("random.random", lambda: 0.4)
+    assert sampled("/noisy", sampling)
+    monkeypatch.setattr("random.random", lambda: 0.6)
+    assert not sampled("/noisy", sampling)
+
+
+def record(**extra):
+    item = logging.LogRecord("tornado_ollama_proxy.access", logging.INFO, __file__, 1, "request", None, None)
+    item.__dict__.update(extra)
+    return item
+
+
+def test_the_filter_adds_the_current_request_id_unless_one_is_given():
+    token = request_id_var.set("rid-1")
+    try:
+        plain, explicit = record(), record(request_id="rid-2")
+        RequestIdFilter().filter(plain)
+        RequestIdFilter().filter(explicit)
+    finally:
+        request_id_var.reset(token)
+    assert (plain.request_id, explicit.request_id) == ("rid-1", "rid-2")
+
+
+def test_json_lines_carry_time_level_message_and_the_extra_fields():
+    handler = json_logs.log_handler(Settings())
+    line = json.loads(handler.format(record(request_id="r", status=200)))
+    assert {"time", "level", "name", "message", "request_id", "status"} <= set(line)
+    assert (line["level"], line["message"], line["status"]) == ("INFO", "request", 200)
+
+
+def test_text_format_is_one_readable_line():
+    handler = json_logs.log_handler(Settings(log_format="text"))
+    line = handler.format(record(request_id="r", status=200))
+    assert " INFO tornado_ollama_proxy.access request request_id=r status=200" in line
+
+
+def test_a_plugin_can_replace_the_log_handler(tmp_path):
+    sink = io.StringIO()
+
+    class Sink:
+        @hookimpl
+        def log_handler(self, settings):
+            return logging.StreamHandler(sink)
+
+    pm = make_plugin_manager(Settings(plugins_dir=str(tmp_path)))
+    pm.register(Sink(), name="sink")
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging(pm, Settings(log_level="warning"))
+        token = request_id_var.set("rid-9")
+        logging.getLogger("x").warning("hello")
+        logging.getLogger("x").info("not at warning level")
+        request_id_var.reset(token)
+        assert sink.getvalue() == "hello\n"
+        assert root.handlers[0].filter(record()) and root.level == logging.WARNING
+    finally:
+        root.handlers[:], root.level = saved

@@ -1,0 +1,33 @@
+"""Log records as one JSON object per line on stdout (or key=value text for a terminal)."""
+
+import logging
+import sys
+
+from pythonjsonlogger.json import JsonFormatter
+
+from tornado_ollama_proxy import hookimpl
+
+# Attributes every LogRecord has; anything else was passed as `extra`.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extra = {key: value for key, value in vars(record).items() if key not in _STANDARD}
+        return " ".join([line, *(f"{key}={value}" for key, value in extra.items())])
+
+
+@hookimpl
+def log_handler(settings):
+    handler = logging.StreamHandler(sys.stdout)
+    if settings.log_format == "text":
+        handler.setFormatter(TextFormatter())
+    else:
+        handler.setFormatter(
+            JsonFormatter("{asctime}{levelname}{name}{message}", style="{", rename_fields={"asctime": "time", "levelname": "level"})
+        )
+    return handler

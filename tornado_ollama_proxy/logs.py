@@ -1,0 +1,72 @@
+"""Log records: request ids, access records, masking, and the logging set-up.
+
+Every record written while a request is handled carries its ``request_id``:
+a contextvar set at the start of the request is inherited by every task the
+request starts (the upstream fetch, the relay), and a filter copies it onto
+the record.
+"""
+
+import contextvars
+import logging
+import random
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict
+from typing import Any
+
+import pluggy
+
+from .settings import Settings
+
+REQUEST_ID_HEADER = "X-Request-ID"
+ACCESS_LOGGER = "tornado_ollama_proxy.access"
+
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+_URL_PASSWORD = re.compile(r"(?<=://)([^:/@\s]*):[^@/\s]*@")
+
+
+def accept_request_id(offered: str | None) -> str:
+    """The client's X-Request-ID when it is sane (bounded, safe characters), else a new one."""
+    if offered is not None and _SANE_REQUEST_ID.fullmatch(offered):
+        return offered
+    return uuid.uuid4().hex
+
+
+class RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "request_id", None) is None:
+            record.request_id = request_id_var.get()
+        return True
+
+
+def masked(value: Any) -> Any:
+    """`value` with URL passwords replaced by ``***``, recursively, for logging."""
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(r"\1:***@", value)
+    if isinstance(value, Mapping):
+        return {key: masked(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [masked(item) for item in value]
+    return value
+
+
+def effective_configuration(settings: Settings) -> dict[str, Any]:
+    return masked(asdict(settings))
+
+
+def sampled(path: str, sampling: Mapping[str, float]) -> bool:
+    """Whether an access record for `path` is written (rate 0 silences it, 1 keeps all)."""
+    rate = sampling.get(path, 1.0)
+    return rate >= 1.0 or random.random() < rate
+
+
+def configure_logging(pm: pluggy.PluginManager, settings: Settings) -> None:
+    """Send every record through the handler the plugins supply, tagged with the request id."""
+    handler = pm.hook.log_handler(settings=settings)
+    handler.addFilter(RequestIdFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
