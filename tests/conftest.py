@@ -1,4 +1,5 @@
 import socket
+import subprocess
 
 import httpx
 import pytest
@@ -78,3 +79,35 @@ def proxy_url(make_proxy):
 def front_url(servers, proxy_url):
     """The platform in front: every request reaches the proxy as GET."""
     return servers.start(make_front(proxy_url))
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, for this test only."""
+
+    def __init__(self):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for line in self.process.stdout:  # its own word that it is ready, not a guess
+            if "Ready to accept connections" in line:
+                break
+        else:
+            raise RuntimeError("redis-server did not start")
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(10)
+        self.process.stdout.close()
+
+
+@pytest.fixture
+def redis_server():
+    server = RedisServer()
+    yield server
+    server.stop()

@@ -156,3 +156,13 @@ async def test_an_unknown_method_is_logged_as_rejected(proxy_url, log_lines):
     writer.close()
     [record] = access(log_lines())
     assert (record["method_in"], record["status"], record["outcome"]) == ("BREW", 405, "rejected")
+
+
+async def test_a_rate_limited_request_is_logged_with_the_resolved_client(make_proxy, http, log_lines):
+    proxy = make_proxy(rate_limit="1/minute", trusted_proxies=("127.0.0.1",))
+    await http.get(proxy + "/api/tags", headers={"X-Forwarded-For": "203.0.113.9"})
+    await http.get(proxy + "/api/tags", headers={"X-Forwarded-For": "203.0.113.9"})
+    first, second = access(log_lines())
+    assert (first["client"], first["outcome"]) == ("203.0.113.9", "ok")
+    assert (second["client"], second["status"], second["outcome"]) == ("203.0.113.9", 429, "rate_limited")
+    assert second["upstream_status"] is None

@@ -96,3 +96,12 @@ async def test_endpoints_can_move_or_be_turned_off(make_proxy, http):
         response = await http.get(off + path)
         assert response.status_code == 404
         assert response.json() == {"error": f"{path} is not an endpoint of this proxy"}
+
+
+async def test_rate_limited_requests_are_counted_by_reason(make_proxy, http):
+    proxy = make_proxy(rate_limit="1/minute")
+    for _ in range(3):
+        await http.get(proxy + "/api/tags")
+    samples = await scrape(http, proxy)
+    assert value(samples, "ollama_proxy_rate_limited_total", route="/api/tags", reason="rate") == 2
+    assert value(samples, "ollama_proxy_requests_total", route="/api/tags", method_out="GET", status="429") == 2

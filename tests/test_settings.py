@@ -27,10 +27,9 @@ def test_defaults_listen_everywhere_on_8000_in_front_of_local_ollama(tmp_path, m
 def test_shipped_settings_file_is_valid_and_matches_the_defaults():
     shipped = load_settings("settings.json", environ={})
     defaults = Settings()
-    for key in ("host", "port", "upstream", "connect_timeout", "idle_timeout", "max_body_size",
-                "unmapped_paths", "shutdown_grace", "log_level", "log_format", "log_headers",
-                "access_log_sampling", "health_path", "health_cache_seconds", "metrics_path", "cors_origins"):
-        assert getattr(shipped, key) == getattr(defaults, key), key
+    for key in Settings.__dataclass_fields__:
+        if key not in ("routes", "plugins_dir"):
+            assert getattr(shipped, key) == getattr(defaults, key), key
     assert shipped.plugins_dir == "plugins"
     assert shipped.routes == (Route("/api/running", ("GET",), "/api/ps"),)
     with open("settings.json") as file:
@@ -77,11 +76,27 @@ def test_environment_takes_json_for_structured_keys():
     assert (settings.metrics_path, settings.health_path) == (None, "/healthz")
     assert settings.access_log_sampling == {"/api/tags": 0.25}
     assert settings.log_headers == ("User-Agent",)
-    assert settings.cors_origins == ("https://chat.example.com", "*")
     assert settings.routes == (Route("/x", ("POST",)),)
     assert settings.max_body_size == 1024
     assert settings.unmapped_paths == "reject"
     assert settings.shutdown_grace == 0
+    assert settings.cors_origins == ("https://chat.example.com", "*")
+
+
+def test_rate_limit_settings_from_the_environment():
+    settings = load_settings(None, environ={
+        "OLLAMA_PROXY_RATE_LIMIT": "120/minute; 2000/day",
+        "OLLAMA_PROXY_RATE_LIMIT_ROUTES": '{"/api/pull": "5/hour"}',
+        "OLLAMA_PROXY_RATE_LIMIT_STORAGE": "redis://:pw@redis:6379/0",
+        "OLLAMA_PROXY_TRUSTED_PROXIES": '["10.0.0.0/8", "::1"]',
+        "OLLAMA_PROXY_CLIENT_KEY_HEADER": "X-API-Key",
+        "OLLAMA_PROXY_CONCURRENCY_PER_CLIENT": "2",
+    })
+    assert settings.rate_limit == "120/minute; 2000/day"
+    assert settings.rate_limit_routes == {"/api/pull": "5/hour"}
+    assert settings.rate_limit_storage == "redis://:pw@redis:6379/0"
+    assert [str(n) for n in settings.trusted_networks] == ["10.0.0.0/8", "::1/128"]
+    assert settings.client_key_header == "X-API-Key" and settings.concurrency_per_client == 2
 
 
 def test_relative_plugins_dir_is_relative_to_the_settings_file(write_settings, tmp_path):
@@ -123,6 +138,21 @@ def test_relative_plugins_dir_is_relative_to_the_settings_file(write_settings, t
         ({"metrics_path": "/a b"}, "metrics_path: expected a path such as /_proxy/health, or null"),
         ({"metrics_path": 5}, "metrics_path: expected a path"),
         ({"health_cache_seconds": -1}, "health_cache_seconds: expected a number of seconds >= 0"),
+        ({"rate_limit": "lots/minute"}, 'rate_limit: expected limits such as "120/minute"'),
+        ({"rate_limit": 5}, "rate_limit: expected limits such as"),
+        ({"rate_limit_routes": {"/api/pull": "often"}}, "rate_limit_routes: expected an object of route path -> limits"),
+        ({"rate_limit_routes": {"api/pull": "1/hour"}}, "rate_limit_routes: expected an object"),
+        ({"rate_limit_routes": ["/api/pull"]}, "rate_limit_routes: expected an object"),
+        ({"rate_limit_strategy": "token-bucket"}, "rate_limit_strategy: expected 'moving-window' or 'fixed-window'"),
+        ({"rate_limit_storage": "mongodb://x"}, "rate_limit_storage: expected a storage URL starting memory://, redis://"),
+        ({"rate_limit_storage": 1}, "rate_limit_storage: expected a storage URL"),
+        ({"rate_limit_fail": "maybe"}, "rate_limit_fail: expected 'open' or 'closed'"),
+        ({"trusted_proxies": ["10.0.0.0/33"]}, "trusted_proxies: expected a list of addresses or networks"),
+        ({"trusted_proxies": "10.0.0.0/8"}, "trusted_proxies: expected a list of addresses or networks"),
+        ({"rate_limit_exempt": ["nope"]}, "rate_limit_exempt: expected a list of addresses or networks"),
+        ({"concurrency_per_client": 0}, "concurrency_per_client: expected a whole number >= 1, or null"),
+        ({"concurrency_total": True}, "concurrency_total: expected a whole number >= 1"),
+        ({"client_key_header": "X API"}, 'client_key_header: expected a header name such as "X-API-Key"'),
         ({"cors_origins": "*"}, 'cors_origins: expected a list of origins such as "https://chat.example.com"'),
         ({"cors_origins": ["chat.example.com"]}, "cors_origins: expected a list of origins"),
         ({"cors_origins": ["https://chat.example.com/app"]}, "cors_origins: expected a list of origins"),

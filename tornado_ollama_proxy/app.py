@@ -43,11 +43,14 @@ class InFlight:
 
 
 class Proxy:
-    """Everything a handler needs: settings, routes, the upstream, health, metrics, the in-flight count."""
+    """Everything a handler needs: settings, routes, limiter, upstream, health, metrics, in-flight count."""
 
-    def __init__(self, settings: Settings, routes: RouteTable):
+    def __init__(self, settings: Settings, routes: RouteTable, limiter=None):
         self.settings = settings
         self.routes = routes
+        self.limiter = limiter
+        self.trusted_networks = settings.trusted_networks
+        self.exempt_networks = settings.exempt_networks
         self.upstream = Upstream(settings)
         self.health = HealthCheck(self.upstream, settings.health_cache_seconds)
         self.metrics = Metrics()
@@ -56,7 +59,7 @@ class Proxy:
 
 def make_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> Application:
     pm = pm if pm is not None else make_plugin_manager(settings)
-    proxy = Proxy(settings, build_route_table(pm))
+    proxy = Proxy(settings, build_route_table(pm), pm.hook.rate_limiter(settings=settings))
     own = {"proxy": proxy}
     endpoints = [
         (re.escape(path), handler, own)

@@ -11,6 +11,7 @@ ends it cleanly, with an error, or by cutting the connection.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -22,6 +23,7 @@ from tornado.iostream import StreamClosedError
 from tornado.web import RequestHandler, stream_request_body
 
 from . import cors
+from .clients import client_address, in_networks, parse_address
 from .errors import Rejection, error_body
 from .headers import end_to_end, upstream_request_headers
 from .logs import (
@@ -31,6 +33,7 @@ from .logs import (
     request_id_var,
     sampled,
 )
+from .ratelimit import Admission, RateLimited
 from .routes import METHODS, Route, check_target, decide_method
 from .upstream import UNLIMITED, ClientGone, IdleTimeout, UpstreamRequest
 
@@ -57,6 +60,7 @@ class BaseHandler(RequestHandler):
         self.request_id = accept_request_id(request.headers.get(REQUEST_ID_HEADER))
         request_id_var.set(self.request_id)
         self.proxy: Proxy = kwargs["proxy"]
+        self.client = client_address(request.remote_ip, request.headers, self.proxy.trusted_networks)
         self.started = time.monotonic()
         self.outcome: str | None = None
         self._ended = False
@@ -99,7 +103,7 @@ class BaseHandler(RequestHandler):
         request = self.request
         record = {
             "request_id": self.request_id,
-            "client": request.remote_ip,
+            "client": self.client,
             "method_in": request.method,
             "method_out": None,
             "path": request.path,
@@ -161,7 +165,8 @@ class ProxyHandler(BaseHandler):
         self._relaying = False
         self._last_activity = loop.time()
         self._idle_timer: asyncio.TimerHandle | None = None
-        self._cors_headers: dict[str, str] = {}
+        self._added_headers: dict[str, str] = {}  # CORS and rate-limit headers for every answer
+        self._admission: Admission | None = None
         # For the access record and the metrics.
         self._route_label = "unmapped"
         self._method_out: str | None = None
@@ -180,9 +185,10 @@ class ProxyHandler(BaseHandler):
             self._answer_preflight(origin)
             return
         if origin is not None:
-            self._cors_headers = cors.response_headers(origin)
+            self._added_headers.update(cors.response_headers(origin))
         try:
             method, target, route, has_body = self._plan()
+            await self._admit()
         except Rejection as rejection:
             self._reject(rejection)
             return
@@ -224,6 +230,24 @@ class ProxyHandler(BaseHandler):
         path = (route.upstream_target(params) if route else None) or request.path
         target = path + ("?" + request.query if request.query else "")
         return method, target, route, has_body
+
+    async def _admit(self) -> None:
+        """Ask the limiter, if any, before anything goes upstream; exempt networks skip it."""
+        limiter = self.proxy.limiter
+        if limiter is None or in_networks(parse_address(self.client), self.proxy.exempt_networks):
+            return
+        key = self.client
+        key_header = self.proxy.settings.client_key_header
+        if key_header and key_header in self.request.headers:
+            # Keys are stored hashed: a shared Redis never holds an API key.
+            key = "key:" + hashlib.sha256(self.request.headers[key_header].encode()).hexdigest()[:32]
+        try:
+            self._admission = await limiter.admit(key, self._route_label)
+        except RateLimited as refusal:
+            self.outcome = "rate_limited"
+            self.proxy.metrics.rate_limited.labels(self._route_label, refusal.reason).inc()
+            raise
+        self._added_headers.update(self._admission.headers)
 
     async def data_received(self, chunk: bytes) -> None:
         # Tornado stops delivering the body once a response has been sent.
@@ -344,7 +368,7 @@ class ProxyHandler(BaseHandler):
             # A HEAD answer's Content-Length describes a body this client will not get.
             if not (bodiless and name.lower() == "content-length"):
                 self.add_header(name, value)
-        self._add_cors_headers()
+        self._add_headers()
         self.set_header(REQUEST_ID_HEADER, self.request_id)
         self._response_started = True
         # The status and headers go out now, before a body that may be slow to come.
@@ -389,11 +413,11 @@ class ProxyHandler(BaseHandler):
 
     def _reject(self, rejection: Rejection) -> None:
         self._closed = True
-        self._add_cors_headers()  # so a browser app can read the error
+        self._add_headers()  # so a browser app can read the error, and see its limits
         self.reject(rejection)
 
-    def _add_cors_headers(self) -> None:
-        for name, value in self._cors_headers.items():
+    def _add_headers(self) -> None:
+        for name, value in self._added_headers.items():
             self.add_header(name, value)
 
     def _cut(self) -> None:
@@ -409,8 +433,11 @@ class ProxyHandler(BaseHandler):
         super().on_connection_close()
 
     def end(self) -> None:
-        if self._response_started and not self._ended:
-            self.proxy.metrics.streams.dec()
+        if not self._ended:
+            if self._response_started:
+                self.proxy.metrics.streams.dec()
+            if self._admission is not None:
+                self._admission.release()
         super().end()
 
     def access_record(self) -> dict:

@@ -34,3 +34,14 @@ def log_handler(settings) -> logging.Handler:
     The built-in one writes JSON lines to stdout; a plugin returning its own
     handler (another sink or formatter) replaces it.
     """
+
+
+@hookspec(firstresult=True)
+def rate_limiter(settings):
+    """Return the object that admits or refuses requests, or None for no limits.
+
+    It needs one coroutine method, ``admit(client, route)``, that returns a
+    `ratelimit.Admission` (response headers and a ``release`` callable called
+    once when the request ends) or raises `ratelimit.RateLimited` (an
+    `errors.Rejection` with a ``reason``). The built-in one uses ``limits``.
+    """

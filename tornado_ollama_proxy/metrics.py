@@ -56,6 +56,10 @@ class Metrics:
         self.upstream_errors = Counter(
             f"{PREFIX}_upstream_errors", "Upstream failures by kind.", ["kind"], registry=r,
         )
+        self.rate_limited = Counter(
+            f"{PREFIX}_rate_limited", "Requests refused by the limiter, by route and reason.",
+            ["route", "reason"], registry=r,
+        )
         self.client_disconnects = Counter(
             f"{PREFIX}_client_disconnects", "Clients that left while their answer was being relayed.", registry=r,
         )

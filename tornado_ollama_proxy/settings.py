@@ -5,6 +5,7 @@ flags. Every key has an environment override ``OLLAMA_PROXY_<KEY>``; ``PORT``
 (the PaaS convention) sets the port too, below ``OLLAMA_PROXY_PORT``.
 """
 
+import ipaddress
 import json
 import math
 import os
@@ -13,6 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
+
+from limits import parse_many
 
 from .routes import Route, RouteError, parse_route
 
@@ -46,6 +49,25 @@ class Settings:
     health_cache_seconds: float = 2.0
     metrics_path: str | None = "/_proxy/metrics"
     cors_origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
+    client_key_header: str | None = None
+    rate_limit: str | None = None
+    rate_limit_routes: Mapping[str, str] = field(default_factory=dict)
+    rate_limit_strategy: str = "moving-window"
+    rate_limit_storage: str = "memory://"
+    rate_limit_storage_timeout: float = 0.5
+    rate_limit_fail: str = "open"
+    rate_limit_exempt: tuple[str, ...] = ()
+    concurrency_per_client: int | None = None
+    concurrency_total: int | None = None
+
+    @property
+    def trusted_networks(self) -> tuple:
+        return tuple(ipaddress.ip_network(text, strict=False) for text in self.trusted_proxies)
+
+    @property
+    def exempt_networks(self) -> tuple:
+        return tuple(ipaddress.ip_network(text, strict=False) for text in self.rate_limit_exempt)
 
     @property
     def upstream_base(self) -> str:
@@ -167,6 +189,59 @@ def _endpoint_path(value: Any) -> str | None:
     return value
 
 
+def _parses_as_limits(value: Any) -> bool:
+    try:
+        parse_many(value)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _limit(value: Any) -> str | None:
+    if value is not None and not (isinstance(value, str) and _parses_as_limits(value)):
+        raise ValueError('limits such as "120/minute" or "10/second; 1000/day", or null for none')
+    return value
+
+
+def _route_limits(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(route, str) and route.startswith("/") and isinstance(text, str) and _parses_as_limits(text)
+        for route, text in value.items()
+    ):
+        raise ValueError('an object of route path -> limits, such as {"/api/pull": "5/hour"}')
+    return dict(value)
+
+
+def _networks(value: Any) -> tuple[str, ...]:
+    try:
+        if not isinstance(value, list):
+            raise TypeError
+        for text in value:
+            ipaddress.ip_network(text, strict=False)
+    except (TypeError, ValueError):
+        raise ValueError('a list of addresses or networks such as ["10.0.0.0/8", "::1"]') from None
+    return tuple(value)
+
+
+def _storage(value: Any) -> str:
+    schemes = ("memory", "redis", "rediss", "redis+sentinel", "redis+cluster")
+    if not isinstance(value, str) or urlsplit(value).scheme not in schemes:
+        raise ValueError("a storage URL starting " + ", ".join(f"{s}://" for s in schemes))
+    return value
+
+
+def _count_or_null(value: Any) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError("a whole number >= 1, or null for no cap")
+    return value
+
+
+def _header_name_or_null(value: Any) -> str | None:
+    if value is not None and not (isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9-]+", value)):
+        raise ValueError('a header name such as "X-API-Key", or null to key clients by address')
+    return value
+
+
 def _routes(value: Any) -> tuple[Route, ...]:
     if not isinstance(value, list):
         raise ValueError("a list of route objects")
@@ -199,6 +274,17 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], bool]] = {
     "health_cache_seconds": (_seconds(True), True),
     "metrics_path": (_endpoint_path, True),
     "cors_origins": (_origins, True),
+    "trusted_proxies": (_networks, True),
+    "client_key_header": (_header_name_or_null, True),
+    "rate_limit": (_limit, True),
+    "rate_limit_routes": (_route_limits, True),
+    "rate_limit_strategy": (_choice("moving-window", "fixed-window", "sliding-window-counter"), False),
+    "rate_limit_storage": (_storage, False),
+    "rate_limit_storage_timeout": (_seconds(False), True),
+    "rate_limit_fail": (_choice("open", "closed"), False),
+    "rate_limit_exempt": (_networks, True),
+    "concurrency_per_client": (_count_or_null, True),
+    "concurrency_total": (_count_or_null, True),
 }
 assert list(SCHEMA) == [f.name for f in fields(Settings)]
 

@@ -1,0 +1,227 @@
+"""Limits end to end: 429s with headers, concurrency slots, Redis shared between proxies."""
+
+import asyncio
+import json
+
+import pytest
+
+from tornado_ollama_proxy import hookimpl
+from tornado_ollama_proxy.app import make_app
+from tornado_ollama_proxy.plugins import make_plugin_manager
+from tornado_ollama_proxy.ratelimit import Admission, LimitsRateLimiter, RateLimited
+from tornado_ollama_proxy.settings import Settings
+
+from .helpers import open_raw
+
+CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
+SILENT = json.dumps({**CHAT, "model": "silent"}).encode()
+
+
+async def test_over_the_limit_is_a_429_with_retry_after_and_nothing_forwarded(make_proxy, fake, http):
+    proxy = make_proxy(rate_limit="2/minute")
+    first = await http.get(proxy + "/api/tags")
+    second = await http.get(proxy + "/api/tags")
+    third = await http.get(proxy + "/api/tags")
+    assert (first.status_code, second.status_code, third.status_code) == (200, 200, 429)
+    assert (first.headers["ratelimit-limit"], first.headers["ratelimit-remaining"]) == ("2", "1")
+    assert second.headers["ratelimit-remaining"] == "0"
+    assert 0 < int(first.headers["ratelimit-reset"]) <= 60
+    assert 0 < int(third.headers["retry-after"]) <= 60
+    assert third.headers["ratelimit-remaining"] == "0"
+    error = third.json()["error"]
+    assert error.startswith("rate limit exceeded: 2 per 1 minute for /api/tags; retry in ")
+    assert [seen.path for seen in fake.seen] == ["/api/tags", "/api/tags"]
+
+
+async def test_an_allowed_stream_is_untouched(make_proxy, fake, http):
+    proxy = make_proxy(rate_limit="100/minute")
+    limited = await http.request("GET", proxy + "/api/chat", json=CHAT)
+    plain = await http.request("GET", make_proxy() + "/api/chat", json=CHAT)
+    assert limited.content == plain.content
+    assert "ratelimit-limit" not in plain.headers
+
+
+async def test_per_route_limits_override_the_default(make_proxy, http):
+    proxy = make_proxy(rate_limit="100/minute", rate_limit_routes={"/api/pull": "1/hour"})
+    assert (await http.request("GET", proxy + "/api/pull", json={"model": "x"})).status_code == 200
+    refused = await http.request("GET", proxy + "/api/pull", json={"model": "x"})
+    assert refused.status_code == 429
+    assert "1 per 1 hour for /api/pull" in refused.json()["error"]
+    assert (await http.get(proxy + "/api/tags")).headers["ratelimit-limit"] == "100"
+
+
+@pytest.mark.parametrize("limits", ["10/second; 3/minute", "3/minute; 10/second"])
+async def test_several_limits_report_the_tightest(make_proxy, http, limits):
+    proxy = make_proxy(rate_limit=limits)
+    response = await http.get(proxy + "/api/tags")
+    assert (response.headers["ratelimit-limit"], response.headers["ratelimit-remaining"]) == ("3", "2")
+
+
+async def test_slots_are_counted_per_client_and_released_once():
+    limiter = LimitsRateLimiter(Settings(concurrency_per_client=2))
+    first = await limiter.admit("a", "/api/chat")
+    second = await limiter.admit("a", "/api/chat")
+    with pytest.raises(RateLimited):
+        await limiter.admit("a", "/api/chat")
+    first.release()
+    first.release()
+    assert limiter.in_flight == {"a": 1}
+    second.release()
+    assert limiter.in_flight == {}
+
+
+@pytest.mark.parametrize("strategy", ["fixed-window", "sliding-window-counter"])
+async def test_other_strategies(make_proxy, http, strategy):
+    proxy = make_proxy(rate_limit="1/minute", rate_limit_strategy=strategy)
+    assert [(await http.get(proxy + "/api/tags")).status_code for _ in range(2)] == [200, 429]
+
+
+async def test_clients_are_told_apart_by_trusted_forwarding_headers(make_proxy, http):
+    proxy = make_proxy(rate_limit="1/minute", trusted_proxies=("127.0.0.1",))
+    one = {"CF-Connecting-IP": "203.0.113.1"}
+    two = {"X-Forwarded-For": "203.0.113.2"}
+    assert (await http.get(proxy + "/api/tags", headers=one)).status_code == 200
+    assert (await http.get(proxy + "/api/tags", headers=two)).status_code == 200
+    assert (await http.get(proxy + "/api/tags", headers=one)).status_code == 429
+
+
+async def test_untrusted_forwarding_headers_do_not_make_new_clients(make_proxy, http):
+    proxy = make_proxy(rate_limit="1/minute")
+    assert (await http.get(proxy + "/api/tags", headers={"X-Forwarded-For": "1.1.1.1"})).status_code == 200
+    assert (await http.get(proxy + "/api/tags", headers={"X-Forwarded-For": "2.2.2.2"})).status_code == 429
+
+
+async def test_an_api_key_header_can_be_the_client(make_proxy, http):
+    proxy = make_proxy(rate_limit="1/minute", client_key_header="X-API-Key")
+    assert (await http.get(proxy + "/api/tags", headers={"X-API-Key": "a"})).status_code == 200
+    assert (await http.get(proxy + "/api/tags", headers={"X-API-Key": "b"})).status_code == 200
+    assert (await http.get(proxy + "/api/tags", headers={"X-API-Key": "a"})).status_code == 429
+    assert (await http.get(proxy + "/api/tags")).status_code == 200  # no key: the address
+
+
+async def test_exempt_networks_and_the_proxys_own_endpoints_are_never_limited(make_proxy, http):
+    exempt = make_proxy(rate_limit="1/minute", rate_limit_exempt=("127.0.0.0/8",))
+    assert {(await http.get(exempt + "/api/tags")).status_code for _ in range(3)} == {200}
+    limited = make_proxy(rate_limit="1/minute")
+    assert {(await http.get(limited + "/_proxy/health")).status_code for _ in range(3)} == {200}
+
+
+async def chat_held_open(url):
+    reader, writer = await open_raw(url)
+    writer.write(b"GET /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(SILENT) + SILENT)
+    return reader, writer
+
+
+async def test_concurrency_per_client_holds_a_slot_until_the_stream_ends(make_proxy, fake, http):
+    proxy = make_proxy(concurrency_per_client=1)
+    _, writer = await chat_held_open(proxy)
+    await asyncio.wait_for(fake.arrived.get(), 5)
+    busy = await http.request("GET", proxy + "/api/chat", json=CHAT)
+    assert busy.status_code == 429
+    assert busy.json()["error"] == "too many requests in flight for this client: at most 1 at once"
+    assert busy.headers["retry-after"] == "1"
+    writer.close()
+    await asyncio.wait_for(fake.disconnected.get(), 2)
+    assert (await http.request("GET", proxy + "/api/chat", json=CHAT)).status_code == 200
+
+
+async def test_the_global_cap_answers_503(make_proxy, fake, http):
+    proxy = make_proxy(concurrency_total=1)
+    _, writer = await chat_held_open(proxy)
+    await asyncio.wait_for(fake.arrived.get(), 5)
+    full = await http.get(proxy + "/api/tags", headers={"X-Forwarded-For": "9.9.9.9"})
+    assert full.status_code == 503
+    assert "limit of 1 requests at once" in full.json()["error"]
+    writer.close()
+
+
+async def test_no_slot_leaks_after_a_thousand_aborted_streams(make_proxy, servers, fake, http, upstream_url, tmp_path):
+    app = make_app(Settings(upstream=upstream_url, plugins_dir=str(tmp_path), concurrency_per_client=1))
+    proxy = servers.start(app)
+    for _ in range(1000):
+        reader, writer = await chat_held_open(proxy)
+        await asyncio.wait_for(fake.arrived.get(), 5)
+        writer.close()
+        await asyncio.wait_for(fake.disconnected.get(), 5)
+    assert app.proxy.limiter.in_flight == {}
+    assert (await http.get(proxy + "/api/tags")).status_code == 200
+
+
+async def test_slots_are_released_on_errors_and_timeouts(make_proxy, fake, http):
+    proxy = make_proxy(concurrency_per_client=1, idle_timeout=0.2)
+    assert (await http.request("GET", proxy + "/api/chat", json={**CHAT, "model": "silent"})).status_code == 504
+    assert (await http.get(proxy + "/api/chat")).status_code == 400
+    assert (await http.get(proxy + "/api/tags")).status_code == 200
+
+
+async def test_a_rate_refusal_does_not_hold_a_slot(make_proxy, http):
+    proxy = make_proxy(rate_limit="1/minute", concurrency_per_client=1)
+    await http.get(proxy + "/api/tags")
+    assert (await http.get(proxy + "/api/tags")).status_code == 429
+    assert (await http.get(proxy + "/api/ps")).status_code == 200
+
+
+# -- Redis -------------------------------------------------------------------------
+
+
+async def test_two_proxies_share_one_limit_through_redis(make_proxy, redis_server, fake, http):
+    settings = {"rate_limit": "3/minute", "rate_limit_storage": redis_server.url}
+    first, second = make_proxy(**settings), make_proxy(**settings)
+    codes = [(await http.get(proxy + "/api/tags")).status_code for proxy in (first, second, first, second)]
+    assert codes == [200, 200, 200, 429]
+
+
+async def test_redis_down_fails_open_by_default(make_proxy, redis_server, http):
+    proxy = make_proxy(rate_limit="1/minute", rate_limit_storage=redis_server.url)
+    redis_server.stop()
+    responses = [await http.get(proxy + "/api/tags") for _ in range(3)]
+    assert {response.status_code for response in responses} == {200}
+    assert "ratelimit-limit" not in responses[0].headers
+
+
+async def test_redis_down_can_fail_closed(make_proxy, redis_server, fake, http):
+    proxy = make_proxy(rate_limit="1/minute", rate_limit_storage=redis_server.url, rate_limit_fail="closed")
+    redis_server.stop()
+    response = await http.get(proxy + "/api/tags")
+    assert response.status_code == 503
+    assert response.json()["error"].startswith("rate limit storage unavailable: ")
+    assert fake.seen == []
+
+
+async def test_a_hung_storage_is_bounded_by_the_storage_timeout(make_proxy, http):
+    from .helpers import BlackHole
+
+    hole = BlackHole()
+    proxy = make_proxy(rate_limit="1/minute", rate_limit_storage=hole.url.replace("http", "redis"),
+                       rate_limit_storage_timeout=0.2, rate_limit_fail="closed")
+    response = await asyncio.wait_for(http.get(proxy + "/api/tags"), 5)
+    hole.close()
+    assert response.status_code == 503
+    assert "TimeoutError" in response.json()["error"]
+
+
+# -- a replacement limiter -------------------------------------------------------
+
+
+async def test_a_plugin_can_replace_the_limiter(servers, upstream_url, tmp_path, http):
+    released = []
+
+    class OnlyOllama3:
+        async def admit(self, client, route):
+            if route == "/api/ps":
+                raise RateLimited(429, "no ps for you", {"Retry-After": "5"}, "custom")
+            return Admission({"X-Quota": "plenty"}, lambda: released.append(route))
+
+    class Plugin:
+        @hookimpl
+        def rate_limiter(self, settings):
+            return OnlyOllama3()
+
+    settings = Settings(upstream=upstream_url, plugins_dir=str(tmp_path))
+    pm = make_plugin_manager(settings)
+    pm.register(Plugin(), name="quota")
+    proxy = servers.start(make_app(settings, pm))
+    ok = await http.get(proxy + "/api/tags")
+    assert ok.headers["x-quota"] == "plenty" and released == ["/api/tags"]
+    refused = await http.get(proxy + "/api/ps")
+    assert (refused.status_code, refused.json(), refused.headers["retry-after"]) == (429, {"error": "no ps for you"}, "5")
