@@ -1,0 +1,295 @@
+"""Benchmarks: the proxy against a direct connection (the limit) and nginx doing the same job.
+
+    python bench/run.py [--quick] [--repeats N]
+
+Every scenario runs against the three targets in the same invocation,
+interleaved (the order rotates each repeat), and prints medians and the
+proxy/nginx ratio. CPU is read from each server process's own accounting
+(/proc/<pid>/stat), steadier than wall time on a shared 2-core machine.
+Nothing is asserted: figures are printed.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+
+
+def memory_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+class Target:
+    def __init__(self, name: str, port: int, pid: int | None, corrects: bool):
+        self.name, self.port, self.pid, self.corrects = name, port, pid, corrects
+
+    def method(self, real: str) -> bytes:
+        """What the client sends: GET when the target must restore the method, as the platform does."""
+        return b"GET" if self.corrects else real.encode()
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid) if self.pid else 0.0
+
+
+async def wait_for_port(port: int, limit: float = 10) -> None:
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.02)
+
+
+def start_upstream(port: int) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, str(HERE / "upstream.py"), str(port)], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "ready"
+    return process
+
+
+def start_nginx(port: int, upstream_port: int, folder: str) -> subprocess.Popen:
+    config = (HERE / "nginx.conf").read_text()
+    config = config.replace("@DIR@", folder).replace("@PORT@", str(port)).replace("@UPSTREAM@", f"127.0.0.1:{upstream_port}")
+    path = Path(folder) / "nginx.conf"
+    path.write_text(config)
+    return subprocess.Popen(["nginx", "-c", str(path), "-p", folder])
+
+
+def nginx_worker(master: subprocess.Popen) -> int:
+    children = Path(f"/proc/{master.pid}/task/{master.pid}/children").read_text().split()
+    return int(children[0])
+
+
+def start_proxy(port: int, upstream_port: int, extra_env: dict | None = None) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "OLLAMA_PROXY_HOST": "127.0.0.1",
+        "OLLAMA_PROXY_PORT": str(port),
+        "OLLAMA_PROXY_UPSTREAM": f"http://127.0.0.1:{upstream_port}",
+        "OLLAMA_PROXY_PLUGINS_DIR": tempfile.mkdtemp(),
+        **(extra_env or {}),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "tornado_ollama_proxy"],
+        env=env, cwd=tempfile.mkdtemp(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+# -- clients -----------------------------------------------------------------
+
+
+async def request(port: int, method: bytes, path: str, body: bytes = b"", keep=None):
+    """Send one request (on `keep`, an open (reader, writer), if given) and read the whole answer."""
+    reader, writer = keep or await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"%s %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s" % (method, path.encode(), len(body), body))
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0)
+    await reader.readexactly(length)
+    return reader, writer
+
+
+async def token_stream(target: Target, lines: int, rate: int, latencies: list) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", target.port)
+    body = json.dumps({"n": lines, "rate": rate}).encode()
+    writer.write(b"%s /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s" % (target.method("POST"), len(body), body))
+    await reader.readuntil(b"\r\n\r\n")
+    seen = 0
+    while seen < lines:
+        line = await reader.readline()
+        if line.startswith(b'{"t":'):
+            latencies.append(time.monotonic_ns() - int(line[5:line.index(b",")]))
+            seen += 1
+    writer.close()
+
+
+async def scenario_streams(target: Target, streams: int, seconds: float) -> dict:
+    rate = 50
+    latencies: list[int] = []
+    before = target.cpu()
+    await asyncio.gather(*(token_stream(target, int(rate * seconds), rate, latencies) for _ in range(streams)))
+    cpu = target.cpu() - before
+    latencies.sort()
+    return {
+        "p50_ms": latencies[len(latencies) // 2] / 1e6,
+        "p99_ms": latencies[int(len(latencies) * 0.99)] / 1e6,
+        "cpu_us_per_chunk": cpu * 1e6 / len(latencies),
+    }
+
+
+async def scenario_small(target: Target, path: str, real_method: str, seconds: float) -> dict:
+    body = b'{"model": "llama3.2"}' if real_method == "POST" else b""
+    count = 0
+    deadline = time.monotonic() + seconds
+
+    async def worker():
+        nonlocal count
+        keep = None
+        while time.monotonic() < deadline:
+            keep = await request(target.port, target.method(real_method), path, body, keep)
+            count += 1
+        keep[1].close()
+
+    before, started = target.cpu(), time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(50)))
+    elapsed, cpu = time.monotonic() - started, target.cpu() - before
+    return {"requests_per_s": count / elapsed, "cpu_us_per_request": cpu * 1e6 / count}
+
+
+async def scenario_upload(target: Target, size: int) -> dict:
+    reader, writer = await asyncio.open_connection("127.0.0.1", target.port)
+    path = b"/api/blobs/sha256:" + b"0" * 64
+    writer.write(b"%s %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % (target.method("POST"), path, size))
+    block = b"u" * (1 << 20)
+    started = time.monotonic()
+    for _ in range(size // len(block)):
+        writer.write(block)
+        await writer.drain()
+    await reader.readuntil(b"\r\n\r\n")
+    elapsed = time.monotonic() - started
+    writer.close()
+    return {"upload_MB_per_s": size / 1e6 / elapsed}
+
+
+async def scenario_download(target: Target, size: int) -> dict:
+    reader, writer = await asyncio.open_connection("127.0.0.1", target.port)
+    body = json.dumps({"size": size}).encode()
+    started = time.monotonic()
+    writer.write(b"%s /api/pull HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s" % (target.method("POST"), len(body), body))
+    await reader.readuntil(b"\r\n\r\n")
+    received, tail = 0, b"\r\n"
+    while not tail.endswith(b"\r\n0\r\n\r\n"):
+        chunk = await reader.read(1 << 20)
+        received += len(chunk)
+        tail = (tail + chunk)[-16:]
+    elapsed = time.monotonic() - started
+    writer.close()
+    return {"download_MB_per_s": size / 1e6 / elapsed}
+
+
+async def scenario_idle(target: Target, streams: int) -> dict:
+    body = json.dumps({"n": 3600, "rate": 1}).encode()
+    connections = []
+    for _ in range(streams):
+        reader, writer = await asyncio.open_connection("127.0.0.1", target.port)
+        writer.write(b"%s /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s" % (target.method("POST"), len(body), body))
+        connections.append((reader, writer))
+    for reader, _ in connections:
+        await reader.readuntil(b"}\n")  # every stream is open and flowing
+    rss = memory_kib(target.pid, "VmRSS") / 1024 if target.pid else 0.0
+    for _, writer in connections:
+        writer.close()
+    return {"rss_MB": rss}
+
+
+# -- the run -----------------------------------------------------------------
+
+
+def table(title: str, results: dict[str, list[dict]]) -> None:
+    print(f"\n## {title}\n")
+    metrics = list(next(iter(results.values()))[0])
+    print("| target | " + " | ".join(metrics) + " |")
+    print("|---|" + "---|" * len(metrics))
+    medians = {name: {m: statistics.median(run[m] for run in runs) for m in metrics} for name, runs in results.items()}
+    for name, values in medians.items():
+        print(f"| {name} | " + " | ".join(f"{values[m]:.3g}" for m in metrics) + " |")
+    if "proxy" in medians and "nginx" in medians:
+        ratios = [medians["proxy"][m] / medians["nginx"][m] if medians["nginx"][m] else float("nan") for m in metrics]
+        print("| proxy / nginx | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
+
+
+async def interleaved(targets: list[Target], repeats: int, run) -> dict[str, list[dict]]:
+    results: dict[str, list[dict]] = {t.name: [] for t in targets}
+    for repeat in range(repeats):
+        order = targets[repeat % len(targets):] + targets[: repeat % len(targets)]
+        for target in order:
+            results[target.name].append(await run(target))
+    return results
+
+
+async def startup_seconds(upstream_port: int) -> float:
+    port = free_port()
+    started = time.monotonic()
+    process = start_proxy(port, upstream_port)
+    await wait_for_port(port)
+    await request(port, b"GET", "/api/tags")
+    elapsed = time.monotonic() - started
+    process.terminate()
+    process.wait()
+    return elapsed
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shorter runs, smaller bulk transfers")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    seconds = 2.0 if args.quick else 5.0
+    bulk = (256 if args.quick else 1024) * 1024 * 1024
+    if shutil.which("nginx") is None:
+        sys.exit("bench needs nginx (Debian package 'nginx')")
+    upstream_port, nginx_port, proxy_port = free_port(), free_port(), free_port()
+    folder = tempfile.mkdtemp()
+    upstream = start_upstream(upstream_port)
+    nginx = start_nginx(nginx_port, upstream_port, folder)
+    proxy = start_proxy(proxy_port, upstream_port)
+    try:
+        await wait_for_port(nginx_port)
+        await wait_for_port(proxy_port)
+        targets = [
+            Target("direct", upstream_port, upstream.pid, corrects=False),
+            Target("nginx", nginx_port, nginx_worker(nginx), corrects=True),
+            Target("proxy", proxy_port, proxy.pid, corrects=True),
+        ]
+        print(f"# tornado-ollama-proxy benchmarks ({os.cpu_count()} cores, {'quick' if args.quick else 'full'} run, "
+              f"medians of {args.repeats}; direct CPU is the stand-in upstream's own)")
+        for streams in (1, 100, 500):
+            results = await interleaved(targets, args.repeats, lambda t, s=streams: scenario_streams(t, s, seconds))
+            table(f"1. token streams: {streams} x 50 chunks/s", results)
+        for path, method in (("/api/tags", "GET"), ("/api/show", "POST")):
+            results = await interleaved(targets, args.repeats, lambda t, p=path, m=method: scenario_small(t, p, m, seconds))
+            table(f"2. small requests: {path} ({method} upstream), 50 connections", results)
+        results = await interleaved(targets, args.repeats, lambda t: scenario_upload(t, bulk))
+        table(f"3a. bulk upload of {bulk >> 20} MiB to /api/blobs", results)
+        results = await interleaved(targets, args.repeats, lambda t: scenario_download(t, bulk))
+        table(f"3b. bulk streamed download of {bulk >> 20} MiB", results)
+        print(f"\nproxy peak RSS after bulk transfers: {memory_kib(proxy.pid, 'VmHWM') / 1024:.1f} MB")
+        results = await interleaved(targets[1:], 1, lambda t: scenario_idle(t, 1000))
+        table("4. 1,000 idle streams (one chunk per second): server RSS", results)
+        times = [await startup_seconds(upstream_port) for _ in range(args.repeats)]
+        print(f"\n## 5. start-up to first answered request\n\nproxy: median {statistics.median(times):.3f} s")
+    finally:
+        for process in (proxy, nginx, upstream):
+            process.terminate()
+            process.wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
