@@ -2,6 +2,7 @@
 
 import asyncio
 import hashlib
+import socket
 import json
 import time
 
@@ -57,6 +58,26 @@ async def test_query_and_path_reach_the_upstream_unchanged(make_proxy, http):
     await http.get(proxy + "/v1/models/library%2Fllama3?a=1&b=%20")
     assert canned.requests[0].startswith(b"GET /v1/models/library%2Fllama3?a=1&b=%20 HTTP/1.1\r\n")
     canned.stop()
+
+
+async def test_an_upstream_named_by_host_name_is_resolved(make_proxy, upstream_url, http):
+    proxy = make_proxy(upstream=upstream_url.replace("127.0.0.1", "localhost"))
+    assert (await http.get(proxy + "/api/version")).json() == {"version": "0.32.0"}
+
+
+async def test_an_ipv6_literal_upstream_is_reached_without_lookup(servers, fake, make_proxy, http):
+    from tornado.httpserver import HTTPServer
+    from tornado.netutil import bind_sockets
+
+    from .fake_ollama import make_fake_ollama
+
+    [sock] = bind_sockets(0, "::1", family=socket.AF_INET6)
+    server = HTTPServer(make_fake_ollama(fake))
+    server.add_sockets([sock])
+    servers.running.append((server, None))
+    proxy = make_proxy(upstream=f"http://[::1]:{sock.getsockname()[1]}")
+    assert (await http.get(proxy + "/api/version")).json() == {"version": "0.32.0"}
+    assert fake.seen[0].headers["Host"] == f"[::1]:{sock.getsockname()[1]}"
 
 
 async def test_head_probe_is_kept_and_answered_without_body(proxy_url, http):

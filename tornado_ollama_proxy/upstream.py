@@ -8,12 +8,15 @@ away and reaches into ``simple_httpclient``'s connection (private API: the
 package pins tornado's minor version and the tests cover it).
 """
 
+import ipaddress
+import socket
 from asyncio import Future
 from collections.abc import Callable
 
 from tornado.httpclient import HTTPRequest, HTTPResponse
 from tornado.httputil import HTTPHeaders
 from tornado.iostream import StreamClosedError
+from tornado.netutil import DefaultLoopResolver, Resolver
 from tornado.simple_httpclient import (
     HTTPStreamClosedError,
     HTTPTimeoutError,
@@ -52,6 +55,27 @@ class _AbortableConnection(_HTTPConnection):
         super().__init__(client, request, *args)
 
 
+class LiteralResolver(Resolver):
+    """Answers IP literals (the usual upstream, 127.0.0.1) without the resolver's thread pool.
+
+    Tornado's default resolver runs getaddrinfo in a thread for every request,
+    which profiling showed to be a quarter of the proxy's CPU per request.
+    Host names still go to the default resolver.
+    """
+
+    def initialize(self) -> None:
+        self.names = DefaultLoopResolver()
+
+    async def resolve(self, host: str, port: int, family: int = socket.AF_UNSPEC) -> list:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return await self.names.resolve(host, port, family)
+        if address.version == 6:
+            return [(socket.AF_INET6, (host, port, 0, 0))]
+        return [(socket.AF_INET, (host, port))]
+
+
 class UpstreamClient(SimpleAsyncHTTPClient):
     def _connection_class(self) -> type:
         return _AbortableConnection
@@ -72,7 +96,10 @@ class Upstream:
         # Created on first use, inside the running event loop.
         if self._client is None:
             self._client = UpstreamClient(
-                force_instance=True, max_clients=UNLIMITED, max_body_size=UNLIMITED
+                force_instance=True,
+                max_clients=UNLIMITED,
+                max_body_size=UNLIMITED,
+                resolver=LiteralResolver(),
             )
         return self._client
 
