@@ -2,8 +2,8 @@
 
 import asyncio
 import hashlib
-import socket
 import json
+import socket
 import time
 
 import httpx

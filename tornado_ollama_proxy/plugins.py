@@ -13,7 +13,7 @@ import pluggy
 from . import hookspecs
 from .default_plugins import DEFAULT_PLUGINS
 from .default_plugins.settings_routes import SettingsRoutes
-from .routes import RouteError, RouteTable, parse_route
+from .routes import RouteError, RouteTable, parse_routes
 from .settings import Settings
 
 
@@ -65,9 +65,8 @@ def build_route_table(pm: pluggy.PluginManager) -> RouteTable:
             raise PluginError(
                 f"plugin {impl.plugin_name}: register_routes failed: {type(error).__name__}: {error}"
             ) from None
-        for index, entry in enumerate(entries):
-            try:
-                routes.append(parse_route(entry))
-            except RouteError as error:
-                raise PluginError(f"plugin {impl.plugin_name}: route entry {index}: {error}") from None
+        try:
+            routes.extend(parse_routes(entries))
+        except RouteError as error:
+            raise PluginError(f"plugin {impl.plugin_name}: route {error}") from None
     return RouteTable(routes)

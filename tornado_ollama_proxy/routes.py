@@ -98,6 +98,17 @@ def parse_route(entry: Any) -> Route:
     return Route(path, methods, upstream_path, body_defaults, requires_body)
 
 
+def parse_routes(entries: Iterable[Any]) -> tuple[Route, ...]:
+    """Validate a list of route entries; the message names the bad entry's index."""
+    parsed = []
+    for index, entry in enumerate(entries):
+        try:
+            parsed.append(parse_route(entry))
+        except RouteError as error:
+            raise RouteError(f"entry {index}: {error}") from None
+    return tuple(parsed)
+
+
 class RouteTable:
     """Routes by path; an entry for a path already present replaces it."""
 

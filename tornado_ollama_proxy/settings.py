@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from limits import parse_many
 
-from .routes import Route, RouteError, parse_route
+from .routes import Route, RouteError, parse_routes
 
 DEFAULT_FILE = "settings.json"
 ENV_PREFIX = "OLLAMA_PROXY_"
@@ -245,13 +245,10 @@ def _header_name_or_null(value: Any) -> str | None:
 def _routes(value: Any) -> tuple[Route, ...]:
     if not isinstance(value, list):
         raise ValueError("a list of route objects")
-    parsed = []
-    for index, entry in enumerate(value):
-        try:
-            parsed.append(parse_route(entry))
-        except RouteError as error:
-            raise ValueError(f"entry {index}: {error}") from None
-    return tuple(parsed)
+    try:
+        return parse_routes(value)
+    except RouteError as error:
+        raise ValueError(str(error)) from None
 
 
 # key -> (validator, whether a text value from the environment or a flag is JSON)
