@@ -87,6 +87,15 @@ async def test_head_probe_is_kept_and_answered_without_body(proxy_url, http):
     assert response.content == b""
 
 
+async def test_head_on_a_get_only_route_gets_the_get_headers_and_no_body(proxy_url, fake, http):
+    get = await http.get(proxy_url + "/api/ps")
+    head = await http.head(proxy_url + "/api/ps")
+    assert fake.seen[-1].method == "GET"
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == get.headers["content-length"] == str(len(get.content))
+    assert head.headers["content-type"] == get.headers["content-type"]
+
+
 async def test_blob_probe_without_body_becomes_head(proxy_url, fake, http):
     digest = "sha256:" + "0" * 64
     response = await http.get(proxy_url + "/api/blobs/" + digest)

@@ -378,12 +378,14 @@ class ProxyHandler(BaseHandler):
         self._relaying = True
         self._chunks += 1
         self._bytes_out += len(chunk)
-        self.write(chunk)
-        # Awaiting the flush is the backpressure: the next upstream read waits
-        # until this chunk has gone to the client. A client that has gone is
-        # dealt with by on_connection_close.
-        with suppress(StreamClosedError):
-            await self.flush()
+        # The headers went out in _start_response, so the chunk goes straight to
+        # the connection, past the handler's buffer. Awaiting the write is the
+        # backpressure: the next upstream read waits until this chunk has gone
+        # to the client. A client that has gone is dealt with by
+        # on_connection_close. A HEAD answer has no body to write.
+        if self.request.method != "HEAD":
+            with suppress(StreamClosedError):
+                await self.request.connection.write(chunk)
         self._relaying = False
         self._last_activity = self._loop.time()
 
