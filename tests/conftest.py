@@ -1,9 +1,12 @@
+import asyncio
 import socket
 import subprocess
 
 import httpx
 import pytest
+import uvloop
 from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
 from tornado.netutil import bind_sockets
 
 from tornado_ollama_proxy.app import make_app
@@ -11,6 +14,17 @@ from tornado_ollama_proxy.settings import Settings
 
 from .fake_ollama import FakeState, make_fake_ollama
 from .get_only_front import make_front
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def io_loop(request):
+    """Every async test runs on both event loops the proxy supports."""
+    make_loop = uvloop.new_event_loop if request.param == "uvloop" else asyncio.new_event_loop
+    loop = IOLoop(asyncio_loop=make_loop())
+    loop.make_current()
+    yield loop
+    loop.clear_current()
+    loop.close(all_fds=True)
 
 
 class Servers:

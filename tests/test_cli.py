@@ -38,6 +38,14 @@ def test_a_broken_plugin_exits_2_naming_the_file(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def test_an_unavailable_event_loop_exits_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvloop", None)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OLLAMA_PROXY_EVENT_LOOP", "uvloop")
+    assert main([]) == 2
+    assert "event_loop: 'uvloop' needs the uvloop package" in capsys.readouterr().err
+
+
 def test_python_dash_m_reports_bad_settings_without_a_traceback(tmp_path):
     (tmp_path / "settings.json").write_text('{"port": "http"}')
     result = subprocess.run(
@@ -114,8 +122,10 @@ async def test_metrics_add_up_across_processes_in_multiprocess_mode(launch, upst
     env = {"PORT": "0", "OLLAMA_PROXY_HOST": "127.0.0.1", "OLLAMA_PROXY_UPSTREAM": upstream_url,
            "PROMETHEUS_MULTIPROC_DIR": str(folder)}
     addresses = []
-    for _ in range(2):
-        process = launch(env)
+    for event_loop in ("auto", "asyncio"):  # one on uvloop, one on asyncio's own loop
+        process = launch({**env, "OLLAMA_PROXY_EVENT_LOOP": event_loop})
+        starting = await read_log(process, "starting")
+        assert starting["event_loop"] == ("uvloop" if event_loop == "auto" else "asyncio")
         addresses.append((await read_log(process, "listening"))["address"])
     async with httpx.AsyncClient() as http:
         for address in addresses:

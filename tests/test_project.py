@@ -12,7 +12,7 @@ def readme_commands():
 
 def test_ci_runs_the_readme_test_command():
     run, test = readme_commands()[:2]
-    assert run == "pip install . && tornado-ollama-proxy"
+    assert run == "pip install '.[speed]' && tornado-ollama-proxy"
     assert "--cov-fail-under=100" in test
     assert (ROOT / ".ci" / "run").read_text().rstrip().endswith("\n" + test)
 

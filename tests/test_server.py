@@ -2,12 +2,13 @@ import asyncio
 import json
 import os
 import signal
+import sys
 
 import pytest
 
 from tornado_ollama_proxy.app import make_app
-from tornado_ollama_proxy.server import ProxyServer
-from tornado_ollama_proxy.settings import Settings
+from tornado_ollama_proxy.server import ProxyServer, loop_factory
+from tornado_ollama_proxy.settings import Settings, SettingsError
 
 from .helpers import open_raw, read_chunked_to_end
 
@@ -78,3 +79,19 @@ async def test_a_stop_signal_ends_the_wait_and_the_handlers_are_removed(start_se
     os.kill(os.getpid(), signum)
     await asyncio.wait_for(waiting, 5)
     assert not asyncio.get_running_loop().remove_signal_handler(signum)
+
+
+def test_uvloop_is_used_when_installed_unless_declined():
+    import uvloop
+
+    assert loop_factory("auto") is uvloop.new_event_loop
+    assert loop_factory("uvloop") is uvloop.new_event_loop
+    assert loop_factory("asyncio") is None
+
+
+def test_without_uvloop_auto_falls_back_and_uvloop_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed
+    assert loop_factory("auto") is None
+    with pytest.raises(SettingsError) as caught:
+        loop_factory("uvloop")
+    assert "pip install 'tornado-ollama-proxy[speed]'" in str(caught.value)

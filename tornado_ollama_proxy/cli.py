@@ -8,7 +8,7 @@ import sys
 from .app import make_app
 from .logs import configure_logging, effective_configuration
 from .plugins import PluginError, make_plugin_manager
-from .server import serve
+from .server import loop_factory, serve
 from .settings import DEFAULT_FILE, SettingsError, load_settings
 
 PROG = "tornado-ollama-proxy"
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.settings, flags=flags)
         pm = make_plugin_manager(settings)
         app = make_app(settings, pm)
+        new_loop = loop_factory(settings.event_loop)
     except (SettingsError, PluginError) as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 2
@@ -46,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
             "upstream": settings.upstream_base,
             "plugins": [name for name, _ in pm.list_name_plugin()],
             "routes": len(app.proxy.routes),
+            "event_loop": "asyncio" if new_loop is None else "uvloop",
         },
     )
-    asyncio.run(serve(app))
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        runner.run(serve(app))
     return 0

@@ -60,6 +60,7 @@ class Settings:
     rate_limit_exempt: tuple[str, ...] = ()
     concurrency_per_client: int | None = None
     concurrency_total: int | None = None
+    event_loop: str = "auto"
 
     @property
     def trusted_networks(self) -> tuple:
@@ -282,6 +283,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], bool]] = {
     "rate_limit_exempt": (_networks, True),
     "concurrency_per_client": (_count_or_null, True),
     "concurrency_total": (_count_or_null, True),
+    "event_loop": (_choice("auto", "uvloop", "asyncio"), False),
 }
 assert list(SCHEMA) == [f.name for f in fields(Settings)]
 
