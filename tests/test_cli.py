@@ -138,3 +138,15 @@ async def test_metrics_add_up_across_processes_in_multiprocess_mode(launch, upst
     }
     key = ("ollama_proxy_requests_total", (("method_out", "GET"), ("route", "/api/tags"), ("status", "200")))
     assert samples[key] == 2
+
+
+async def test_two_proxy_processes_share_one_rate_limit_through_redis(launch, upstream_url, redis_server):
+    env = {"PORT": "0", "OLLAMA_PROXY_HOST": "127.0.0.1", "OLLAMA_PROXY_UPSTREAM": upstream_url,
+           "OLLAMA_PROXY_RATE_LIMIT": "3/minute", "OLLAMA_PROXY_RATE_LIMIT_STORAGE": redis_server.url}
+    addresses = []
+    for _ in range(2):
+        process = launch(env)
+        addresses.append((await read_log(process, "listening"))["address"])
+    async with httpx.AsyncClient() as http:
+        codes = [(await http.get(address + "/api/tags")).status_code for address in addresses * 2]
+    assert codes == [200, 200, 200, 429]
