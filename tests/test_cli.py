@@ -150,3 +150,36 @@ async def test_two_proxy_processes_share_one_rate_limit_through_redis(launch, up
     async with httpx.AsyncClient() as http:
         codes = [(await http.get(address + "/api/tags")).status_code for address in addresses * 2]
     assert codes == [200, 200, 200, 429]
+
+
+async def test_workers_share_the_port_are_restarted_and_drain_on_sigterm(launch, upstream_url):
+    env = {"PORT": "0", "OLLAMA_PROXY_HOST": "127.0.0.1", "OLLAMA_PROXY_UPSTREAM": upstream_url,
+           "OLLAMA_PROXY_WORKERS": "2"}
+    parent = launch(env)
+    address = (await read_log(parent, "starting workers"))["address"]
+    first, second = await read_log(parent, "listening"), await read_log(parent, "listening")
+    assert first["pid"] != second["pid"] and parent.pid not in (first["pid"], second["pid"])
+    async with httpx.AsyncClient() as http:
+        for _ in range(20):
+            assert (await http.get(address + "/api/tags")).status_code == 200
+        text = (await http.get(address + "/_proxy/metrics")).text
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    key = ("ollama_proxy_requests_total", (("method_out", "GET"), ("route", "/api/tags"), ("status", "200")))
+    assert samples[key] == 20  # whichever worker answered, one scrape sees all
+
+    os.kill(first["pid"], signal.SIGKILL)
+    exited = await read_log(parent, "worker exited, restarting")
+    assert (exited["pid"], exited["exit_code"]) == (first["pid"], -9)
+    replacement = await read_log(parent, "listening")
+    assert replacement["pid"] not in (first["pid"], second["pid"])
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(address + "/api/tags")).status_code == 200
+
+    parent.send_signal(signal.SIGTERM)
+    await read_log(parent, "workers stopped")
+    loop = asyncio.get_running_loop()
+    assert await loop.run_in_executor(None, parent.wait, 30) == 0

@@ -95,3 +95,11 @@ def test_without_uvloop_auto_falls_back_and_uvloop_is_a_clear_error(monkeypatch)
     with pytest.raises(SettingsError) as caught:
         loop_factory("uvloop")
     assert "pip install 'tornado-ollama-proxy[speed]'" in str(caught.value)
+
+
+def test_a_replacement_worker_starts_with_stop_signals_unblocked():
+    from tornado_ollama_proxy.workers import _unblock_stop_signals
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    _unblock_stop_signals()
+    assert not {signal.SIGTERM, signal.SIGINT} & signal.pthread_sigmask(signal.SIG_BLOCK, set())

@@ -153,6 +153,7 @@ def test_relative_plugins_dir_is_relative_to_the_settings_file(write_settings, t
         ({"concurrency_per_client": 0}, "concurrency_per_client: expected a whole number >= 1, or null"),
         ({"concurrency_total": True}, "concurrency_total: expected a whole number >= 1"),
         ({"client_key_header": "X API"}, 'client_key_header: expected a header name such as "X-API-Key"'),
+        ({"workers": -1}, "workers: expected a whole number of processes >= 1, or 0 for one per core"),
         ({"cors_origins": "*"}, 'cors_origins: expected a list of origins such as "https://chat.example.com"'),
         ({"cors_origins": ["chat.example.com"]}, "cors_origins: expected a list of origins"),
         ({"cors_origins": ["https://chat.example.com/app"]}, "cors_origins: expected a list of origins"),

@@ -1,4 +1,4 @@
-"""The command line: ``tornado-ollama-proxy [--settings FILE] [--host H] [--port N] [--upstream URL]``."""
+"""The command line: ``tornado-ollama-proxy [--settings FILE] [--host H] [--port N] [--upstream URL] [--workers N]``."""
 
 import argparse
 import asyncio
@@ -10,6 +10,7 @@ from .logs import configure_logging, effective_configuration
 from .plugins import PluginError, make_plugin_manager
 from .server import loop_factory, serve
 from .settings import DEFAULT_FILE, SettingsError, load_settings
+from .workers import Supervisor, inherited_sockets, worker_count
 
 PROG = "tornado-ollama-proxy"
 
@@ -25,12 +26,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     parser.add_argument("--port", help="port to listen on (default 8000, or $PORT)")
     parser.add_argument("--upstream", metavar="URL", help="Ollama's URL (default http://127.0.0.1:11434)")
+    parser.add_argument("--workers", help="processes serving the port (default 1; 0 is one per core)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    flags = {key: getattr(args, key) for key in ("host", "port", "upstream") if getattr(args, key)}
+    flags = {key: getattr(args, key) for key in ("host", "port", "upstream", "workers") if getattr(args, key)}
     try:
         settings = load_settings(args.settings, flags=flags)
         pm = make_plugin_manager(settings)
@@ -50,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
             "event_loop": "asyncio" if new_loop is None else "uvloop",
         },
     )
+    sockets = inherited_sockets()
+    if sockets is None and worker_count(settings) > 1:
+        return Supervisor(settings, sys.argv[1:] if argv is None else argv).run()
     with asyncio.Runner(loop_factory=new_loop) as runner:
-        runner.run(serve(app))
+        runner.run(serve(app, sockets))
     return 0

@@ -2,8 +2,10 @@
 
 import asyncio
 import logging
+import os
 import resource
 import signal
+import socket
 from collections.abc import Callable
 from contextlib import suppress
 
@@ -52,9 +54,10 @@ class ProxyServer:
         self.http = HTTPServer(app)
         self.port: int | None = None
 
-    def listen(self) -> None:
+    def listen(self, sockets: list[socket.socket] | None = None) -> None:
+        """Listen on the configured address, or on sockets a parent process bound."""
         settings = self.proxy.settings
-        sockets = bind_sockets(settings.port, settings.host)
+        sockets = sockets or bind_sockets(settings.port, settings.host)
         self.port = sockets[0].getsockname()[1]
         self.http.add_sockets(sockets)
         log.info(
@@ -63,6 +66,7 @@ class ProxyServer:
                 "address": f"http://{settings.host}:{self.port}",
                 "upstream": settings.upstream_base,
                 "routes": len(self.proxy.routes),
+                "pid": os.getpid(),
             },
         )
 
@@ -91,10 +95,10 @@ class ProxyServer:
         log.info("stopped")
 
 
-async def serve(app: Application) -> None:
+async def serve(app: Application, sockets: list[socket.socket] | None = None) -> None:
     """Run until SIGTERM or SIGINT, then drain."""
     log.info("open files limit", extra={"max_open_files": raise_open_files_limit()})
     server = ProxyServer(app)
-    server.listen()
+    server.listen(sockets)
     await server.wait_for_stop_signal()
     await server.drain()

@@ -61,6 +61,7 @@ class Settings:
     concurrency_per_client: int | None = None
     concurrency_total: int | None = None
     event_loop: str = "auto"
+    workers: int = 1
 
     @property
     def trusted_networks(self) -> tuple:
@@ -243,6 +244,12 @@ def _header_name_or_null(value: Any) -> str | None:
     return value
 
 
+def _worker_count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("a whole number of processes >= 1, or 0 for one per core")
+    return value
+
+
 def _routes(value: Any) -> tuple[Route, ...]:
     if not isinstance(value, list):
         raise ValueError("a list of route objects")
@@ -284,6 +291,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], bool]] = {
     "concurrency_per_client": (_count_or_null, True),
     "concurrency_total": (_count_or_null, True),
     "event_loop": (_choice("auto", "uvloop", "asyncio"), False),
+    "workers": (_worker_count, True),
 }
 assert list(SCHEMA) == [f.name for f in fields(Settings)]
 
