@@ -341,6 +341,9 @@ class BlobHandler(OllamaBase):
         self.request.connection.set_max_body_size(2**40)
         self.hasher = hashlib.sha256()
         super().prepare()
+        if not self._finished:
+            # The body is streamed and hashed, not kept.
+            self.state.seen.append(Seen(self.request.method, self.request.path, dict(self.request.headers), b""))
 
     async def data_received(self, chunk):
         if self.state.blob_gate is not None:
