@@ -250,7 +250,9 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter runs, smaller bulk transfers")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", default="1,2,3,4,5", help="comma-separated scenario numbers to run (default: all)")
     args = parser.parse_args()
+    only = set(args.only.split(","))
     seconds = 2.0 if args.quick else 5.0
     bulk = (256 if args.quick else 1024) * 1024 * 1024
     if shutil.which("nginx") is None:
@@ -270,21 +272,24 @@ async def main() -> None:
         ]
         print(f"# tornado-ollama-proxy benchmarks ({os.cpu_count()} cores, {'quick' if args.quick else 'full'} run, "
               f"medians of {args.repeats}; direct CPU is the stand-in upstream's own)")
-        for streams in (1, 100, 500):
+        for streams in (1, 100, 500) if "1" in only else ():
             results = await interleaved(targets, args.repeats, lambda t, s=streams: scenario_streams(t, s, seconds))
             table(f"1. token streams: {streams} x 50 chunks/s", results)
-        for path, method in (("/api/tags", "GET"), ("/api/show", "POST")):
+        for path, method in (("/api/tags", "GET"), ("/api/show", "POST")) if "2" in only else ():
             results = await interleaved(targets, args.repeats, lambda t, p=path, m=method: scenario_small(t, p, m, seconds))
             table(f"2. small requests: {path} ({method} upstream), 50 connections", results)
-        results = await interleaved(targets, args.repeats, lambda t: scenario_upload(t, bulk))
-        table(f"3a. bulk upload of {bulk >> 20} MiB to /api/blobs", results)
-        results = await interleaved(targets, args.repeats, lambda t: scenario_download(t, bulk))
-        table(f"3b. bulk streamed download of {bulk >> 20} MiB", results)
-        print(f"\nproxy peak RSS after bulk transfers: {memory_kib(proxy.pid, 'VmHWM') / 1024:.1f} MB")
-        results = await interleaved(targets[1:], 1, lambda t: scenario_idle(t, 1000))
-        table("4. 1,000 idle streams (one chunk per second): server RSS", results)
-        times = [await startup_seconds(upstream_port) for _ in range(args.repeats)]
-        print(f"\n## 5. start-up to first answered request\n\nproxy: median {statistics.median(times):.3f} s")
+        if "3" in only:
+            results = await interleaved(targets, args.repeats, lambda t: scenario_upload(t, bulk))
+            table(f"3a. bulk upload of {bulk >> 20} MiB to /api/blobs", results)
+            results = await interleaved(targets, args.repeats, lambda t: scenario_download(t, bulk))
+            table(f"3b. bulk streamed download of {bulk >> 20} MiB", results)
+            print(f"\nproxy peak RSS after bulk transfers: {memory_kib(proxy.pid, 'VmHWM') / 1024:.1f} MB")
+        if "4" in only:
+            results = await interleaved(targets[1:], 1, lambda t: scenario_idle(t, 1000))
+            table("4. 1,000 idle streams (one chunk per second): server RSS", results)
+        if "5" in only:
+            times = [await startup_seconds(upstream_port) for _ in range(args.repeats)]
+            print(f"\n## 5. start-up to first answered request\n\nproxy: median {statistics.median(times):.3f} s")
     finally:
         for process in (proxy, nginx, upstream):
             process.terminate()
