@@ -91,10 +91,11 @@ def unused_url() -> str:
 
 
 class CannedUpstream:
-    """An upstream that reads one request head and answers with fixed bytes."""
+    """An upstream that answers fixed bytes: on each connection, per answer, it
+    reads a request head and sends the answer; then it closes."""
 
-    def __init__(self, answer: bytes, *, read_request: bool = True):
-        self.answer = answer
+    def __init__(self, *answers: bytes, read_request: bool = True):
+        self.answers = answers
         self.read_request = read_request
         self.requests: list[bytes] = []
         self.server = None
@@ -104,10 +105,11 @@ class CannedUpstream:
         return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
     async def _serve(self, reader, writer):
-        if self.read_request:
-            self.requests.append(await reader.readuntil(b"\r\n\r\n"))
-        writer.write(self.answer)
-        await writer.drain()
+        for answer in self.answers:
+            if self.read_request:
+                self.requests.append(await reader.readuntil(b"\r\n\r\n"))
+            writer.write(answer)
+            await writer.drain()
         writer.close()
 
     def stop(self):
@@ -132,3 +134,37 @@ class BlackHole:
     def close(self):
         for sock in [*self.fillers, self.listener]:
             sock.close()
+
+
+class ScriptedUpstream:
+    """An upstream whose every connection runs `script(reader, writer)`; it counts
+    connections and sets `closed` each time a connection's script returns."""
+
+    def __init__(self, script):
+        self.script = script
+        self.connections = 0
+        self.closed = asyncio.Event()
+        self.server = None
+        self.tasks = set()
+        self.writers = []
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader, writer):
+        self.connections += 1
+        self.tasks.add(asyncio.current_task())
+        self.writers.append(writer)
+        try:
+            await self.script(reader, writer)
+        finally:
+            writer.close()
+            self.closed.set()
+
+    async def stop(self):
+        """Stop listening, close every connection and wait for the scripts to end."""
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+        await asyncio.gather(*self.tasks, return_exceptions=True)

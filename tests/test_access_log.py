@@ -123,13 +123,18 @@ async def test_proxy_errors_carry_the_request_id(proxy_url, http):
 
 
 async def test_log_lines_written_deep_in_the_upstream_fetch_carry_the_id(make_proxy, http, log_lines):
-    canned = CannedUpstream(b"SPDY/9 banana\r\n\r\n")
+    # Both requests go over one kept-alive upstream connection: the line about
+    # the second answer carries the second request's id, not the first's.
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+    canned = CannedUpstream(ok, b"SPDY/9 banana\r\n\r\n")
     proxy = make_proxy(upstream=await canned.start())
-    await http.get(proxy + "/api/tags", headers={"X-Request-ID": "deep-1"})
+    assert (await http.get(proxy + "/api/tags", headers={"X-Request-ID": "deep-1"})).status_code == 200
+    assert (await http.get(proxy + "/api/tags", headers={"X-Request-ID": "deep-2"})).status_code == 502
     canned.stop()
-    [tornado_line] = [line for line in log_lines() if line["name"] == "tornado.general"]
-    assert tornado_line["message"].startswith("Malformed HTTP message")
-    assert tornado_line["request_id"] == "deep-1"
+    assert len(canned.requests) == 2
+    [line] = [line for line in log_lines() if line["name"] == "tornado_ollama_proxy.upstream"]
+    assert "not an HTTP/1.x status line: 'SPDY/9 banana'" in line["message"]
+    assert line["request_id"] == "deep-2"
 
 
 async def test_allow_listed_headers_are_logged_and_no_others(make_proxy, http, log_lines):

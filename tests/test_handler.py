@@ -1,17 +1,23 @@
 """The forwarding handler end to end: a real proxy before the stand-in Ollama on loopback."""
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import socket
+import struct
 import time
 
 import httpx
 import pytest
+from tornado.iostream import IOStream
+
+from tornado_ollama_proxy.handler import send_now_or_queue
 
 from .helpers import (
     BlackHole,
     CannedUpstream,
+    ScriptedUpstream,
     open_raw,
     raw_request,
     read_chunked_to_end,
@@ -516,6 +522,46 @@ async def test_upstream_closing_during_an_upload_is_a_502(make_proxy, http):
     canned.stop()
 
 
+async def test_an_answer_before_the_whole_body_reaches_the_client_whole(make_proxy, http):
+    refusal = b'{"error":"invalid blob"}'
+
+    async def answer_early(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(refusal), refusal))
+        await writer.drain()  # and hangs up, body unread
+
+    upstream = ScriptedUpstream(answer_early)
+    url = await upstream.start()
+
+    async def body():
+        for _ in range(32):
+            yield b"x" * (256 * 1024)
+
+    response = await http.request("GET", make_proxy(upstream=url) + "/api/blobs/sha256:" + "3" * 64, content=body())
+    assert (response.status_code, response.content) == (400, refusal)
+    await upstream.stop()
+
+
+async def test_a_body_outgrowing_the_limit_after_the_answer_started_cuts_the_answer(make_proxy):
+    async def answer_at_once(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await reader.read()
+
+    upstream = ScriptedUpstream(answer_at_once)
+    proxy = make_proxy(upstream=await upstream.start(), max_body_size=100_000)
+    reader, writer = await open_raw(proxy)
+    writer.write(b"GET /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK")
+    assert await reader.readuntil(b"hello\r\n") == b"5\r\nhello\r\n"
+    writer.write(b"30d40\r\n" + b"x" * 200_000 + b"\r\n")
+    with contextlib.suppress(ConnectionResetError):  # closed under unread bytes: a reset
+        assert await reader.read() == b""  # cut: no last chunk, the client can tell
+    writer.close()
+    await upstream.stop()
+
+
 async def test_refused_connection_is_a_502_naming_the_upstream(make_proxy, http):
     url = unused_url()
     proxy = make_proxy(upstream=url)
@@ -693,3 +739,72 @@ async def test_the_reserved_prefix_is_never_forwarded(proxy_url, fake, http):
     assert response.status_code == 404
     assert response.json() == {"error": "/_proxy/nothing is not an endpoint of this proxy"}
     assert fake.seen == []
+
+
+# -- sending to the client ------------------------------------------------------------
+
+
+def stream_to_peer(sndbuf: int | None = None) -> tuple[IOStream, socket.socket]:
+    """An IOStream on one end of a loopback TCP connection, and the plain socket at the other."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = socket.socket()
+        if sndbuf is not None:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        client.connect(listener.getsockname())
+        peer, _ = listener.accept()
+    peer.setblocking(False)
+    return IOStream(client), peer
+
+
+async def receive(peer: socket.socket, size: int) -> bytes:
+    received = b""
+    while len(received) < size:
+        received += await asyncio.get_running_loop().sock_recv(peer, size - len(received))
+    return received
+
+
+async def test_sending_what_the_socket_takes_at_once_costs_no_future(io_loop):
+    stream, peer = stream_to_peer()
+    assert send_now_or_queue(stream, b"token") is None
+    assert await receive(peer, 5) == b"token"
+    stream.close()
+    peer.close()
+
+
+async def test_what_the_socket_does_not_take_is_queued_in_order(io_loop):
+    stream, peer = stream_to_peer(sndbuf=4096)
+    big, more = bytes(range(256)) * 16384, b"after"  # 4 MiB: more than the kernel takes at once
+    first = send_now_or_queue(stream, big)
+    assert first is not None and not first.done()
+    second = send_now_or_queue(stream, more)  # queued behind the first, not sent past it
+    assert second is not None
+    assert await receive(peer, len(big) + len(more)) == big + more
+    await second
+    assert first.done() and not stream.writing()
+    stream.close()
+    peer.close()
+
+
+async def test_a_full_socket_queues_the_whole_piece(io_loop):
+    stream, peer = stream_to_peer(sndbuf=4096)
+    filled = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            filled += stream.socket.send(b"f" * 4096)
+    queued = send_now_or_queue(stream, b"next")
+    assert queued is not None and not queued.done()
+    assert (await receive(peer, filled + 4))[-4:] == b"next"
+    await queued
+    stream.close()
+    peer.close()
+
+
+async def test_a_client_that_reset_closes_the_stream(io_loop):
+    stream, peer = stream_to_peer()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()
+    assert send_now_or_queue(stream, b"token") is None
+    assert stream.closed()
+    assert send_now_or_queue(stream, b"token") is None  # nothing to wait for

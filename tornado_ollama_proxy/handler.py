@@ -19,7 +19,7 @@ from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from tornado import httputil
-from tornado.iostream import StreamClosedError
+from tornado.iostream import IOStream, StreamClosedError
 from tornado.web import RequestHandler, stream_request_body
 
 from . import cors
@@ -35,7 +35,8 @@ from .logs import (
 )
 from .ratelimit import Admission, RateLimited
 from .routes import METHODS, Route, check_target, decide_method
-from .upstream import UNLIMITED, ClientGone, IdleTimeout, UpstreamRequest
+from .upstream import UNLIMITED, ClientGone, IdleTimeout
+from .upstream_client import AbortableRequest
 
 if TYPE_CHECKING:
     from .app import Proxy
@@ -148,19 +149,24 @@ class ProxyHandler(BaseHandler):
     def initialize(self, proxy: Proxy) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
-        self._upstream_request: UpstreamRequest | None = None
+        self._upstream_request: AbortableRequest | None = None
         self._exchange_task: asyncio.Future | None = None
         # Resolved with the upstream connection's write function once it wants
         # the body, or None when the upstream is gone.
         self._body_writer: asyncio.Future = loop.create_future()
         # Resolved when the whole request body has been passed on.
         self._body_complete: asyncio.Future = loop.create_future()
+        # Resolved when the client has sent its whole body (or left): an answer
+        # that ends earlier would reach a client still sending, which could
+        # miss it when the connection closes under unread bytes.
+        self._body_received: asyncio.Future = loop.create_future()
         self._small_body: list[bytes] | None = None
         self._pending: tuple[str, str, httputil.HTTPHeaders, Route | None] | None = None
         self._received = 0
         self._upstream_status: httputil.ResponseStartLine | None = None
         self._upstream_headers = httputil.HTTPHeaders()
         self._response_started = False
+        self._head_sent = False
         self._closed = False  # answered, or the client left: nothing more to write
         self._relaying = False
         self._last_activity = loop.time()
@@ -283,13 +289,15 @@ class ProxyHandler(BaseHandler):
         self.finish()
 
     def _refuse_body(self, message: str) -> None:
-        # Tornado's client reads the answer only after the whole body has been
-        # sent, so no response has started yet.
         self._abort_upstream(ClientGone())
-        self._reject(Rejection(413, message))
+        if self._response_started:
+            self._cut()  # the upstream answered before the body was complete
+        else:
+            self._reject(Rejection(413, message))
 
     async def get(self) -> None:
         """Every method lands here once the request body has been received."""
+        _resolve(self._body_received, None)
         if self._pending is not None:
             method, target, headers, route = self._pending
             try:
@@ -327,8 +335,9 @@ class ProxyHandler(BaseHandler):
         except Exception as failure:
             error = failure
         self._disarm_idle_timer()
-        _resolve(self._body_writer, None)
+        _resolve(self._body_writer, None)  # the rest of the body, if any, is dropped
         _resolve(self._body_complete, None)
+        await self._body_received
         if self._closed:
             return
         if error is None:
@@ -353,8 +362,7 @@ class ProxyHandler(BaseHandler):
             self._upstream_headers.parse_line(line)
         else:
             status, self._upstream_status = self._upstream_status, None
-            if status.code >= 200 and not self._closed:
-                self._start_response(status, self._upstream_headers)
+            self._start_response(status, self._upstream_headers)  # a final answer: the client skips 1xx
 
     def _start_response(self, status: httputil.ResponseStartLine, headers) -> None:
         self._upstream_code = status.code
@@ -371,23 +379,45 @@ class ProxyHandler(BaseHandler):
         self._add_headers()
         self.set_header(REQUEST_ID_HEADER, self.request_id)
         self._response_started = True
-        # The status and headers go out now, before a body that may be slow to come.
-        self.flush()
+        # The head goes out with the first piece of the body when that came in
+        # the same read (one write instead of two), else on the next loop turn,
+        # before a body that may be slow to come.
+        self._loop.call_soon(self._send_head)
 
-    async def _on_upstream_chunk(self, chunk: bytes) -> None:
-        self._relaying = True
+    def _send_head(self) -> None:
+        if not self._head_sent and not self._closed:
+            self._head_sent = True
+            self.flush()
+
+    def _on_upstream_chunk(self, chunk: bytes) -> asyncio.Future | None:
+        """Relay a piece of the answer; a pending result makes the upstream client wait (backpressure).
+
+        Once the head is out, a piece is framed by Tornado's connection
+        (`_format_chunk`, private API: tornado's minor version is pinned) and
+        sent with `send_now_or_queue`. A HEAD answer has no body.
+        """
         self._chunks += 1
         self._bytes_out += len(chunk)
-        # The headers went out in _start_response, so the chunk goes straight to
-        # the connection, past the handler's buffer. Awaiting the write is the
-        # backpressure: the next upstream read waits until this chunk has gone
-        # to the client. A client that has gone is dealt with by
-        # on_connection_close. A HEAD answer has no body to write.
-        if self.request.method != "HEAD":
-            with suppress(StreamClosedError):
-                await self.request.connection.write(chunk)
+        self._last_activity = self._loop.time()
+        if self.request.method == "HEAD" or self._closed:
+            return None
+        if not self._head_sent:
+            self._head_sent = True
+            self.write(chunk)
+            self.flush()
+            return None
+        connection = self.request.connection
+        queued = send_now_or_queue(connection.stream, connection._format_chunk(chunk))
+        if queued is not None:
+            self._relaying = True
+            queued.add_done_callback(self._on_relayed)
+        return queued
+
+    def _on_relayed(self, sent: asyncio.Future) -> None:
         self._relaying = False
         self._last_activity = self._loop.time()
+        if sent.exception() is not None:
+            self.on_connection_close()  # the client left before taking it all
 
     # -- timeouts, aborts and endings ---------------------------------------
 
@@ -432,6 +462,7 @@ class ProxyHandler(BaseHandler):
             self.proxy.metrics.client_disconnects.inc()
         self._closed = True
         self._abort_upstream(ClientGone())
+        _resolve(self._body_received, None)
         super().on_connection_close()
 
     def end(self) -> None:
@@ -480,6 +511,29 @@ class ProxyNotFoundHandler(BaseHandler):
 
     def prepare(self) -> None:
         self.reject(Rejection(404, f"{self.request.path} is not an endpoint of this proxy"))
+
+
+def send_now_or_queue(stream: IOStream, data: bytes) -> asyncio.Future | None:
+    """Send `data` to the client; return the stream's future for what the
+    kernel did not take at once (the backpressure), or None when there is
+    nothing to wait for: all sent, or the client has gone (the connection's
+    close callback deals with that).
+
+    Straight to the socket when the stream has nothing queued before it: a
+    client that keeps up costs no future and no event-loop turn.
+    """
+    if stream.closed():
+        return None
+    if not stream.writing():
+        try:
+            sent = stream.socket.send(data)
+        except OSError:  # full, or the client has gone: the stream's own write finds out which
+            sent = 0
+        if sent == len(data):
+            return None
+        data = memoryview(data)[sent:]
+    queued = stream.write(data)
+    return None if queued.done() else queued
 
 
 def _declared_length(headers: httputil.HTTPHeaders) -> int | None:

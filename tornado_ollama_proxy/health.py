@@ -10,9 +10,9 @@ import json
 from typing import Any
 
 from tornado.httputil import HTTPHeaders
-from tornado.simple_httpclient import HTTPTimeoutError
 
 from .upstream import Upstream
+from .upstream_client import AnswerTimeout
 
 
 class HealthCheck:
@@ -43,7 +43,7 @@ class HealthCheck:
         request.request_timeout = upstream.connect_timeout
         try:
             response = await upstream.fetch(request)
-        except HTTPTimeoutError:
+        except AnswerTimeout:
             return 503, {"error": f"upstream {upstream.base} did not answer within {upstream.connect_timeout:g} s"}
         except Exception as error:
             return 503, {"error": upstream.failure(error)[1].message}
