@@ -191,34 +191,46 @@ async def test_an_exchange_ending_after_the_client_closed_drops_its_connection(i
 
 async def test_a_produced_body_without_a_length_goes_chunked(client):
     seen = []
-    upstream = ScriptedUpstream(answering(OK, seen=seen))
+    upstream = ScriptedUpstream(answering(OK, OK, seen=seen))
     url = await upstream.start()
 
     async def produce(write):
         for part in (b"one ", b"two ", b"three"):
             await write(part)
 
-    assert (await fetch(client, url, "DELETE", body_producer=produce)).code == 200
-    [(head, body)] = seen
-    assert b"\r\ntransfer-encoding: chunked\r\n" in head.lower()
-    assert body == b"one two three"
+    for _ in range(2):
+        assert (await fetch(client, url, "DELETE", body_producer=produce)).code == 200
+    for head, body in seen:
+        assert b"\r\ntransfer-encoding: chunked\r\n" in head.lower()
+        assert body == b"one two three"
+    assert upstream.connections == 1  # the last chunk went out: the connection is clean
     await upstream.stop()
 
 
 async def test_a_produced_body_with_a_length_goes_as_is(client):
     seen = []
-    upstream = ScriptedUpstream(answering(OK, seen=seen))
+    upstream = ScriptedUpstream(answering(OK, OK, seen=seen))
     url = await upstream.start()
+
+    answered = asyncio.Event()
 
     async def produce(write):
         await write(b"12345")
         await write(b"67890")
+        await answered.wait()  # like the handler's producer, which returns when its client's body has ended
 
     headers = HTTPHeaders({"Content-Length": "10"})
-    assert (await fetch(client, url, "POST", headers=headers, body_producer=produce)).code == 200
-    [(head, body)] = seen
-    assert b"\r\ncontent-length: 10\r\n" in head.lower() and b"chunked" not in head.lower()
-    assert body == b"1234567890"
+    for _ in range(2):
+        answered.clear()
+        request = AbortableRequest(url, method="POST", headers=headers, body_producer=produce,
+                                   header_callback=lambda _: answered.set())
+        assert (await client.fetch(request, raise_error=False)).code == 200
+    for head, body in seen:
+        assert b"\r\ncontent-length: 10\r\n" in head.lower() and b"chunked" not in head.lower()
+        assert body == b"1234567890"
+    # Answered once the last byte arrived, before the producer returned: the
+    # connection is clean all the same, and kept.
+    assert upstream.connections == 1
     await upstream.stop()
 
 

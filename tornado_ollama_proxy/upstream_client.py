@@ -203,7 +203,9 @@ class Exchange:
         self.reader = AnswerReader(request.method)
         self.head: Head | None = None
         self.buffered = bytearray() if request.streaming_callback is None else None
-        self.body_sent = False
+        # Body bytes still to send, None while a chunked body is unfinished:
+        # the connection is reusable only once this is 0.
+        self.body_unsent: int | None = 0
         self.chunked_body = False
         self.ended = False
         self.relaying: Awaitable | None = None  # a streaming_callback's pending result
@@ -265,20 +267,22 @@ class Exchange:
         if producer is None:
             body = request.body or b""
             connection.write(request_head(request.method, self.target, headers, len(body)) + body)
-            self.body_sent = True
             return
         if "Content-Length" in headers:
-            length = int(headers["Content-Length"])
+            self.body_unsent = int(headers["Content-Length"])
         else:
-            length, self.chunked_body = None, True
-        connection.write(request_head(request.method, self.target, headers, length))
+            self.body_unsent, self.chunked_body = None, True
+        connection.write(request_head(request.method, self.target, headers, self.body_unsent))
         asyncio.ensure_future(producer(self.write_body)).add_done_callback(self._on_body_produced, context=self.context)
 
     def write_body(self, data: bytes) -> asyncio.Future:
         """The `body_producer`'s write function (raises `StreamClosedError` once the exchange ended)."""
         if self.ended or self.connection.closed:
             raise StreamClosedError()
-        return self.connection.write(chunk(data) if self.chunked_body else data)
+        if self.chunked_body:
+            return self.connection.write(chunk(data))
+        self.body_unsent -= len(data)
+        return self.connection.write(data)
 
     def _on_body_produced(self, producing: asyncio.Future) -> None:
         error = None if producing.cancelled() else producing.exception()
@@ -289,7 +293,7 @@ class Exchange:
             return
         if self.chunked_body and not self.connection.closed:
             self.connection.write(LAST_CHUNK)
-        self.body_sent = True
+            self.body_unsent = 0
 
     # -- answer -------------------------------------------------------------
 
@@ -387,7 +391,7 @@ class Exchange:
         self._end()
         connection, self.connection = self.connection, None
         connection.exchange = None
-        if reusable and self.body_sent and not connection.closed:
+        if reusable and self.body_unsent == 0 and not connection.closed:
             connection.transport.resume_reading()  # paused if the end waited behind a relay
             self.client.release(connection)
         else:
