@@ -147,6 +147,34 @@ async def test_idle_connections_expire(client, monkeypatch):
     await upstream.stop()
 
 
+async def test_each_idle_connection_expires_on_its_own_time(client, monkeypatch):
+    monkeypatch.setattr(upstream_client, "IDLE_SECONDS", 0.3)
+    go, order = asyncio.Event(), []
+
+    async def script(reader, writer):
+        head, _ = await read_request(reader)
+        if b"/later" in head:
+            await go.wait()
+        writer.write(OK)
+        await reader.read()  # until the client closes
+        order.append((head.split(b" ")[1], asyncio.get_running_loop().time()))
+
+    upstream = ScriptedUpstream(script)
+    url = await upstream.start()
+    sooner, later = fetch(client, url + "/sooner"), fetch(client, url + "/later")
+    assert (await sooner).code == 200
+    await asyncio.sleep(0.15)  # the second connection becomes idle this much later
+    go.set()
+    assert (await later).code == 200
+    while len(order) < 2:
+        upstream.closed.clear()
+        await upstream.closed.wait()
+    [(first, closed_first), (second, closed_second)] = order
+    assert (first, second) == (b"/sooner", b"/later")
+    assert closed_second - closed_first >= 0.1  # not swept together with the older one
+    await upstream.stop()
+
+
 async def test_idle_connections_are_capped(client, monkeypatch):
     monkeypatch.setattr(upstream_client, "IDLE_CONNECTIONS", 1)
     closes = []

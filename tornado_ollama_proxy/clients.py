@@ -8,12 +8,14 @@ anyone else is ignored, so it cannot be used to pose as another client.
 
 import ipaddress
 from collections.abc import Iterable
+from functools import lru_cache
 
 from tornado.httputil import HTTPHeaders
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+@lru_cache(maxsize=4096)  # the same few peers, every request
 def parse_address(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """An IP address from header or socket text, IPv4-mapped IPv6 unmapped; None if malformed."""
     if not text:

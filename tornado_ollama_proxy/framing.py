@@ -195,29 +195,26 @@ class AnswerReader:
 
     def _frame_body(self, head: Head) -> None:
         """Decide how the body is delimited (RFC 9112 §6.3)."""
-        names = [name.lower() for name, _ in head.headers]
-        connection = {
-            token.strip().lower()
-            for name, value in head.headers
-            if name.lower() == "connection"
-            for token in value.split(",")
-        }
+        connection: set[str] = set()
+        codings: list[str] = []
+        lengths: set[str] = set()
+        for name, value in head.headers:
+            name = name.lower()
+            if name == "connection":
+                connection.update(token.strip().lower() for token in value.split(","))
+            elif name == "transfer-encoding":
+                codings += [token.strip().lower() for token in value.split(",")]
+            elif name == "content-length":
+                lengths.add(value.strip())
         self._reusable = head.version == "HTTP/1.1" and "close" not in connection
         if self._method == "HEAD" or head.code in (204, 304):
             self._state = _DONE
-        elif "transfer-encoding" in names:
-            codings = [
-                token.strip().lower()
-                for name, value in head.headers
-                if name.lower() == "transfer-encoding"
-                for token in value.split(",")
-            ]
+        elif codings:
             if codings[-1] == "chunked":
                 self._state = _CHUNK_SIZE
             else:
                 self._state, self._reusable = _UNTIL_CLOSE, False
-        elif "content-length" in names:
-            lengths = {value.strip() for name, value in head.headers if name.lower() == "content-length"}
+        elif lengths:
             if len(lengths) > 1 or not all(value.isascii() and value.isdigit() for value in lengths):
                 raise MalformedAnswer(f"invalid Content-Length {', '.join(sorted(lengths))[:80]!r}")
             self._remaining = int(lengths.pop())

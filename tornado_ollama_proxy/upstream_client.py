@@ -69,7 +69,9 @@ class PooledHTTPClient(AsyncHTTPClient):
 
     def initialize(self, defaults: dict | None = None) -> None:
         super().initialize(defaults)
+        # Oldest first: a connection is appended when it becomes idle.
         self._idle: dict[tuple[str, str, int], list[UpstreamConnection]] = {}
+        self._sweep: asyncio.TimerHandle | None = None
 
     @cached_property
     def tls(self) -> ssl.SSLContext:
@@ -85,7 +87,8 @@ class PooledHTTPClient(AsyncHTTPClient):
         for connections in self._idle.values():
             for connection in list(connections):
                 connection.close()
-        self._idle.clear()
+        if self._sweep is not None:
+            self._sweep.cancel()
         super().close()
 
     def idle_connection(self, address: tuple[str, str, int]) -> UpstreamConnection | None:
@@ -93,9 +96,7 @@ class PooledHTTPClient(AsyncHTTPClient):
         connections = self._idle.get(address)
         if not connections:
             return None
-        connection = connections.pop()
-        connection.expiry.cancel()
-        return connection
+        return connections.pop()
 
     def release(self, connection: UpstreamConnection) -> None:
         """Keep a connection whose exchange ended cleanly, for the next request."""
@@ -103,16 +104,35 @@ class PooledHTTPClient(AsyncHTTPClient):
         if self._closed or len(connections) >= IDLE_CONNECTIONS:
             connection.close()
             return
+        loop = asyncio.get_running_loop()
         connection.reused = True
-        connection.expiry = asyncio.get_running_loop().call_later(IDLE_SECONDS, connection.close)
+        connection.idle_since = loop.time()
         connections.append(connection)
+        if self._sweep is None:
+            self._sweep = loop.call_later(IDLE_SECONDS, self._close_expired)
+
+    def _close_expired(self) -> None:
+        """Close connections idle for IDLE_SECONDS; come back for the rest.
+
+        One timer for the pool rather than one per request.
+        """
+        loop = asyncio.get_running_loop()
+        expired = loop.time() - IDLE_SECONDS
+        self._sweep = None
+        oldest = None
+        for connections in self._idle.values():
+            while connections and connections[0].idle_since <= expired:
+                connections[0].close()  # which takes it out of the list
+            if connections:
+                oldest = min(connections[0].idle_since, oldest or connections[0].idle_since)
+        if oldest is not None:
+            self._sweep = loop.call_at(oldest + IDLE_SECONDS, self._close_expired)
 
     def forget(self, connection: UpstreamConnection) -> None:
         """Take a closing connection out of the idle ones, if it is there."""
         connections = self._idle.get(connection.address, [])
         if connection in connections:
             connections.remove(connection)
-            connection.expiry.cancel()
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -125,7 +145,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange: Exchange | None = exchange  # from the start: whatever happens is its to know
         self.closed = False
         self.reused = False  # has carried an earlier exchange
-        self.expiry: asyncio.TimerHandle | None = None  # while idle
+        self.idle_since = 0.0  # loop time it became idle
         self._writable = asyncio.get_running_loop().create_future()
         self._writable.set_result(None)
 
