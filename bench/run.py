@@ -45,15 +45,22 @@ def memory_kib(pid: int, field: str) -> int:
 
 
 class Target:
-    def __init__(self, name: str, port: int, pid: int | None, corrects: bool):
-        self.name, self.port, self.pid, self.corrects = name, port, pid, corrects
+    def __init__(self, name: str, port: int, pid: int | None, corrects: bool, workers: bool = False):
+        self.name, self.port, self.pid, self.corrects, self.workers = name, port, pid, corrects, workers
 
     def method(self, real: str) -> bytes:
         """What the client sends: GET when the target must restore the method, as the platform does."""
         return b"GET" if self.corrects else real.encode()
 
     def cpu(self) -> float:
-        return cpu_seconds(self.pid) if self.pid else 0.0
+        """CPU seconds of the serving process, or of every worker under a supervising parent."""
+        if not self.pid:
+            return 0.0
+        return sum(cpu_seconds(pid) for pid in (children(self.pid) if self.workers else [self.pid]))
+
+
+def children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 async def wait_for_port(port: int, limit: float = 10) -> None:
@@ -84,8 +91,7 @@ def start_nginx(port: int, upstream_port: int, folder: str) -> subprocess.Popen:
 
 
 def nginx_worker(master: subprocess.Popen) -> int:
-    children = Path(f"/proc/{master.pid}/task/{master.pid}/children").read_text().split()
-    return int(children[0])
+    return children(master.pid)[0]
 
 
 def start_proxy(port: int, upstream_port: int, extra_env: dict | None = None) -> subprocess.Popen:
@@ -220,9 +226,9 @@ def table(title: str, results: dict[str, list[dict]]) -> None:
     medians = {name: {m: statistics.median(run[m] for run in runs) for m in metrics} for name, runs in results.items()}
     for name, values in medians.items():
         print(f"| {name} | " + " | ".join(f"{values[m]:.3g}" for m in metrics) + " |")
-    if "proxy" in medians and "nginx" in medians:
-        ratios = [medians["proxy"][m] / medians["nginx"][m] if medians["nginx"][m] else float("nan") for m in metrics]
-        print("| proxy / nginx | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
+    for name in (name for name in medians if name.startswith("proxy") and "nginx" in medians):
+        ratios = [medians[name][m] / medians["nginx"][m] if medians["nginx"][m] else float("nan") for m in metrics]
+        print(f"| {name} / nginx | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
 
 
 async def interleaved(targets: list[Target], repeats: int, run) -> dict[str, list[dict]]:
@@ -257,26 +263,30 @@ async def main() -> None:
     bulk = (256 if args.quick else 1024) * 1024 * 1024
     if shutil.which("nginx") is None:
         sys.exit("bench needs nginx (Debian package 'nginx')")
-    upstream_port, nginx_port, proxy_port = free_port(), free_port(), free_port()
+    upstream_port, nginx_port, proxy_port, workers_port = free_port(), free_port(), free_port(), free_port()
     folder = tempfile.mkdtemp()
     upstream = start_upstream(upstream_port)
     nginx = start_nginx(nginx_port, upstream_port, folder)
     proxy = start_proxy(proxy_port, upstream_port)
+    workers = start_proxy(workers_port, upstream_port, {"OLLAMA_PROXY_WORKERS": "2"})
     try:
         await wait_for_port(nginx_port)
         await wait_for_port(proxy_port)
+        await wait_for_port(workers_port)
         targets = [
             Target("direct", upstream_port, upstream.pid, corrects=False),
             Target("nginx", nginx_port, nginx_worker(nginx), corrects=True),
             Target("proxy", proxy_port, proxy.pid, corrects=True),
         ]
+        # Scenarios 1 and 2 also run against the proxy with two worker processes.
+        with_workers = [*targets, Target("proxy x2", workers_port, workers.pid, corrects=True, workers=True)]
         print(f"# tornado-ollama-proxy benchmarks ({os.cpu_count()} cores, {'quick' if args.quick else 'full'} run, "
               f"medians of {args.repeats}; direct CPU is the stand-in upstream's own)")
         for streams in (1, 100, 500) if "1" in only else ():
-            results = await interleaved(targets, args.repeats, lambda t, s=streams: scenario_streams(t, s, seconds))
+            results = await interleaved(with_workers, args.repeats, lambda t, s=streams: scenario_streams(t, s, seconds))
             table(f"1. token streams: {streams} x 50 chunks/s", results)
         for path, method in (("/api/tags", "GET"), ("/api/show", "POST")) if "2" in only else ():
-            results = await interleaved(targets, args.repeats, lambda t, p=path, m=method: scenario_small(t, p, m, seconds))
+            results = await interleaved(with_workers, args.repeats, lambda t, p=path, m=method: scenario_small(t, p, m, seconds))
             table(f"2. small requests: {path} ({method} upstream), 50 connections", results)
         if "3" in only:
             results = await interleaved(targets, args.repeats, lambda t: scenario_upload(t, bulk))
@@ -291,7 +301,7 @@ async def main() -> None:
             times = [await startup_seconds(upstream_port) for _ in range(args.repeats)]
             print(f"\n## 5. start-up to first answered request\n\nproxy: median {statistics.median(times):.3f} s")
     finally:
-        for process in (proxy, nginx, upstream):
+        for process in (workers, proxy, nginx, upstream):
             process.terminate()
             process.wait()
 
