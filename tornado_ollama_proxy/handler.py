@@ -44,11 +44,8 @@ if TYPE_CHECKING:
 access_log = logging.getLogger(ACCESS_LOGGER)
 
 JSON_TYPE = "application/json; charset=utf-8"
-# Bodies the proxy must hold whole: alias bodies it merges defaults into, and
-# bodies of unknown length on methods Tornado's client cannot send chunked.
+# Alias bodies are held whole to merge their defaults in, up to this size.
 SMALL_BODY_LIMIT = 1024 * 1024
-# Methods Tornado's client frames as chunked when the length is unknown.
-CHUNKABLE_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 class BaseHandler(RequestHandler):
@@ -161,7 +158,7 @@ class ProxyHandler(BaseHandler):
         # miss it when the connection closes under unread bytes.
         self._body_received: asyncio.Future = loop.create_future()
         self._small_body: list[bytes] | None = None
-        self._pending: tuple[str, str, httputil.HTTPHeaders, Route | None] | None = None
+        self._pending: tuple[str, str, httputil.HTTPHeaders, Route] | None = None
         self._received = 0
         self._upstream_status: httputil.ResponseStartLine | None = None
         self._upstream_headers = httputil.HTTPHeaders()
@@ -207,8 +204,7 @@ class ProxyHandler(BaseHandler):
         if origin is not None:
             del headers["Origin"]  # granted here; Ollama would refuse it
         headers[REQUEST_ID_HEADER] = self.request_id
-        unframed = "Content-Length" not in request.headers and method not in CHUNKABLE_METHODS
-        if has_body and ((route is not None and route.body_defaults) or unframed):
+        if has_body and route is not None and route.body_defaults:
             self._small_body = []
             self._pending = (method, target, headers, route)
             return
@@ -550,10 +546,8 @@ def _too_large(limit: int) -> str:
     return f"request body is larger than max_body_size ({limit} bytes)"
 
 
-def _merge_body(body: bytes, route: Route | None) -> bytes:
-    """Apply an alias's body defaults; other small bodies pass unchanged."""
-    if route is None or not route.body_defaults:
-        return body
+def _merge_body(body: bytes, route: Route) -> bytes:
+    """Apply an alias's body defaults; the client's own values win."""
     try:
         data = json.loads(body)
     except ValueError:
