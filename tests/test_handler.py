@@ -2,17 +2,19 @@
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import json
 import socket
 import struct
 import time
+import weakref
 
 import httpx
 import pytest
 from tornado.iostream import IOStream
 
-from tornado_ollama_proxy.handler import send_now_or_queue
+from tornado_ollama_proxy.handler import ProxyHandler, send_now_or_queue
 
 from .helpers import (
     BlackHole,
@@ -541,6 +543,34 @@ async def test_an_answer_before_the_whole_body_reaches_the_client_whole(make_pro
 
     response = await http.request("GET", make_proxy(upstream=url) + "/api/blobs/sha256:" + "3" * 64, content=body())
     assert (response.status_code, response.content) == (400, refusal)
+    await upstream.stop()
+
+
+async def test_a_request_answered_before_its_body_leaves_nothing_behind(make_proxy, http, monkeypatch):
+    # Nothing may keep the finished handler: not a timer armed once the body was in.
+    freed, initialize = asyncio.Event(), ProxyHandler.initialize
+
+    def tracked(handler, proxy):
+        initialize(handler, proxy)
+        weakref.finalize(handler, freed.set)
+
+    monkeypatch.setattr(ProxyHandler, "initialize", tracked)
+
+    async def answer_early(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 2\r\n\r\n{}")
+        await reader.read()
+
+    upstream = ScriptedUpstream(answer_early)
+    proxy = make_proxy(upstream=await upstream.start(), idle_timeout=300)
+    response = await http.request("GET", proxy + "/api/blobs/sha256:" + "4" * 64, content=b"x" * 4_000_000)
+    assert response.status_code == 400
+    for _ in range(200):  # the handler's own tasks end a few loop turns after the answer
+        gc.collect()
+        if freed.is_set():
+            break
+        await asyncio.sleep(0.01)
+    assert freed.is_set()
     await upstream.stop()
 
 

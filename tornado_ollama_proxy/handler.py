@@ -330,10 +330,12 @@ class ProxyHandler(BaseHandler):
             error = None
         except Exception as failure:
             error = failure
-        self._disarm_idle_timer()
         _resolve(self._body_writer, None)  # the rest of the body, if any, is dropped
         _resolve(self._body_complete, None)
         await self._body_received
+        # After the wait: get() arms the timer once the body is in, which may
+        # be after an early answer ended.
+        self._disarm_idle_timer()
         if self._closed:
             return
         if error is None:
@@ -468,6 +470,9 @@ class ProxyHandler(BaseHandler):
             if self._admission is not None:
                 self._admission.release()
         super().end()
+        # Its callbacks are this handler's methods: without this cycle the
+        # handler is freed at once instead of at the next full collection.
+        self._upstream_request = None
 
     def access_record(self) -> dict:
         record = super().access_record()

@@ -57,11 +57,12 @@ class AnswerTimeout(Exception):
 class AbortableRequest(HTTPRequest):
     """An `HTTPRequest` that can be ended at any moment, from connecting to the answer's last byte."""
 
-    exchange: Exchange  # set when the fetch starts
+    exchange: Exchange | None = None  # while the fetch runs
 
     def abort(self, error: Exception) -> None:
-        """End the fetch now with `error` and drop its connection (once fetched; no-op once ended)."""
-        self.exchange.fail(error)
+        """End the fetch now with `error` and drop its connection (no-op once it has ended)."""
+        if self.exchange is not None:
+            self.exchange.fail(error)
 
 
 class PooledHTTPClient(AsyncHTTPClient):
@@ -453,5 +454,8 @@ class Exchange:
 
     def _end(self) -> None:
         self.ended = True
+        # The request, its callbacks and their handler would otherwise stay
+        # in a cycle with this exchange until a full garbage collection.
+        self.request.request.exchange = None
         if self.deadline is not None:
             self.deadline.cancel()
