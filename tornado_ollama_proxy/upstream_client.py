@@ -457,5 +457,6 @@ class Exchange:
         # The request, its callbacks and their handler would otherwise stay
         # in a cycle with this exchange until a full garbage collection.
         self.request.request.exchange = None
-        if self.deadline is not None:
-            self.deadline.cancel()
+        for timer in (self.deadline, self.connect_timer):
+            if timer is not None:
+                timer.cancel()
