@@ -76,8 +76,8 @@ async def wait_for_port(port: int, limit: float = 10) -> None:
             await asyncio.sleep(0.02)
 
 
-def start_upstream(port: int) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, str(HERE / "upstream.py"), str(port)], stdout=subprocess.PIPE, text=True)
+def start_server(script: str, port: int) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, str(HERE / script), str(port)], stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "ready"
     return process
 
@@ -263,9 +263,10 @@ async def main() -> None:
     bulk = (256 if args.quick else 1024) * 1024 * 1024
     if shutil.which("nginx") is None:
         sys.exit("bench needs nginx (Debian package 'nginx')")
-    upstream_port, nginx_port, proxy_port, workers_port = free_port(), free_port(), free_port(), free_port()
+    upstream_port, nginx_port, proxy_port, workers_port, floor_port = (free_port() for _ in range(5))
     folder = tempfile.mkdtemp()
-    upstream = start_upstream(upstream_port)
+    upstream = start_server("upstream.py", upstream_port)
+    floor = start_server("floor.py", floor_port)
     nginx = start_nginx(nginx_port, upstream_port, folder)
     proxy = start_proxy(proxy_port, upstream_port)
     workers = start_proxy(workers_port, upstream_port, {"OLLAMA_PROXY_WORKERS": "2"})
@@ -278,15 +279,17 @@ async def main() -> None:
             Target("nginx", nginx_port, nginx_worker(nginx), corrects=True),
             Target("proxy", proxy_port, proxy.pid, corrects=True),
         ]
-        # Scenarios 1 and 2 also run against the proxy with two worker processes.
+        # Scenarios 1 and 2 also run against the proxy with two worker processes;
+        # scenario 2 also against bare Tornado answering a constant (the floor).
         with_workers = [*targets, Target("proxy x2", workers_port, workers.pid, corrects=True, workers=True)]
+        with_floor = [*with_workers, Target("tornado floor", floor_port, floor.pid, corrects=False)]
         print(f"# tornado-ollama-proxy benchmarks ({os.cpu_count()} cores, {'quick' if args.quick else 'full'} run, "
               f"medians of {args.repeats}; direct CPU is the stand-in upstream's own)")
         for streams in (1, 100, 500) if "1" in only else ():
             results = await interleaved(with_workers, args.repeats, lambda t, s=streams: scenario_streams(t, s, seconds))
             table(f"1. token streams: {streams} x 50 chunks/s", results)
         for path, method in (("/api/tags", "GET"), ("/api/show", "POST")) if "2" in only else ():
-            results = await interleaved(with_workers, args.repeats, lambda t, p=path, m=method: scenario_small(t, p, m, seconds))
+            results = await interleaved(with_floor, args.repeats, lambda t, p=path, m=method: scenario_small(t, p, m, seconds))
             table(f"2. small requests: {path} ({method} upstream), 50 connections", results)
         if "3" in only:
             results = await interleaved(targets, args.repeats, lambda t: scenario_upload(t, bulk))
@@ -301,7 +304,7 @@ async def main() -> None:
             times = [await startup_seconds(upstream_port) for _ in range(args.repeats)]
             print(f"\n## 5. start-up to first answered request\n\nproxy: median {statistics.median(times):.3f} s")
     finally:
-        for process in (workers, proxy, nginx, upstream):
+        for process in (workers, proxy, nginx, floor, upstream):
             process.terminate()
             process.wait()
 

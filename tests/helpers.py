@@ -136,6 +136,20 @@ class BlackHole:
             sock.close()
 
 
+def answering_the_head(answer: bytes, *, linger: bool = True):
+    """A `ScriptedUpstream` script: read a request's head (not its body), send
+    `answer`, then wait for the client to close (`linger`) or hang up."""
+
+    async def script(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        if linger:
+            await reader.read()
+
+    return script
+
+
 class ScriptedUpstream:
     """An upstream whose every connection runs `script(reader, writer)`; it counts
     connections and sets `closed` each time a connection's script returns."""

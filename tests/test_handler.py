@@ -20,6 +20,7 @@ from .helpers import (
     BlackHole,
     CannedUpstream,
     ScriptedUpstream,
+    answering_the_head,
     open_raw,
     raw_request,
     read_chunked_to_end,
@@ -528,13 +529,8 @@ async def test_upstream_closing_during_an_upload_is_a_502(make_proxy, http):
 
 async def test_an_answer_before_the_whole_body_reaches_the_client_whole(make_proxy, http):
     refusal = b'{"error":"invalid blob"}'
-
-    async def answer_early(reader, writer):
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(refusal), refusal))
-        await writer.drain()  # and hangs up, body unread
-
-    upstream = ScriptedUpstream(answer_early)
+    answer = b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+    upstream = ScriptedUpstream(answering_the_head(answer % (len(refusal), refusal), linger=False))  # body unread
     url = await upstream.start()
 
     async def body():
@@ -556,12 +552,7 @@ async def test_a_request_answered_before_its_body_leaves_nothing_behind(make_pro
 
     monkeypatch.setattr(ProxyHandler, "initialize", tracked)
 
-    async def answer_early(reader, writer):
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 2\r\n\r\n{}")
-        await reader.read()
-
-    upstream = ScriptedUpstream(answer_early)
+    upstream = ScriptedUpstream(answering_the_head(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 2\r\n\r\n{}"))
     proxy = make_proxy(upstream=await upstream.start(), idle_timeout=300)
     response = await http.request("GET", proxy + "/api/blobs/sha256:" + "4" * 64, content=b"x" * 4_000_000)
     assert response.status_code == 400
@@ -575,12 +566,7 @@ async def test_a_request_answered_before_its_body_leaves_nothing_behind(make_pro
 
 
 async def test_a_body_outgrowing_the_limit_after_the_answer_started_cuts_the_answer(make_proxy):
-    async def answer_at_once(reader, writer):
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
-        await reader.read()
-
-    upstream = ScriptedUpstream(answer_at_once)
+    upstream = ScriptedUpstream(answering_the_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"))
     proxy = make_proxy(upstream=await upstream.start(), max_body_size=100_000)
     reader, writer = await open_raw(proxy)
     writer.write(b"GET /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n")
