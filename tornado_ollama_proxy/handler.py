@@ -35,7 +35,7 @@ from .logs import (
 )
 from .ratelimit import Admission, RateLimited
 from .routes import METHODS, Route, check_target, decide_method
-from .upstream import UNLIMITED, ClientGone, IdleTimeout
+from .upstream import ClientGone, IdleTimeout
 from .upstream_client import AbortableRequest
 
 if TYPE_CHECKING:
@@ -46,6 +46,8 @@ access_log = logging.getLogger(ACCESS_LOGGER)
 JSON_TYPE = "application/json; charset=utf-8"
 # Alias bodies are held whole to merge their defaults in, up to this size.
 SMALL_BODY_LIMIT = 1024 * 1024
+# Tornado's server caps bodies at 100 MB by default; max_body_size is the proxy's own limit.
+UNLIMITED = 2**62
 
 
 class BaseHandler(RequestHandler):

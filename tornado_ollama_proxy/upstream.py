@@ -18,8 +18,6 @@ from .framing import IncompleteAnswer, MalformedAnswer
 from .settings import Settings
 from .upstream_client import AbortableRequest, ConnectTimeout, PooledHTTPClient
 
-UNLIMITED = 2**62
-
 
 class IdleTimeout(Exception):
     """The upstream sent nothing for longer than the idle timeout."""
