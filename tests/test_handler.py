@@ -792,7 +792,7 @@ async def test_sending_what_the_socket_takes_at_once_costs_no_future(io_loop):
 
 
 async def test_what_the_socket_does_not_take_is_queued_in_order(io_loop):
-    stream, peer = stream_to_peer(sndbuf=4096)
+    stream, peer = stream_to_peer(sndbuf=65536)
     big, more = bytes(range(256)) * 16384, b"after"  # 4 MiB: more than the kernel takes at once
     first = send_now_or_queue(stream, big)
     assert first is not None and not first.done()
