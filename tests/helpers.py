@@ -90,32 +90,6 @@ def unused_url() -> str:
         return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
-class CannedUpstream:
-    """An upstream that answers fixed bytes: on each connection, per answer, it
-    reads a request head and sends the answer; then it closes."""
-
-    def __init__(self, *answers: bytes, read_request: bool = True):
-        self.answers = answers
-        self.read_request = read_request
-        self.requests: list[bytes] = []
-        self.server = None
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def _serve(self, reader, writer):
-        for answer in self.answers:
-            if self.read_request:
-                self.requests.append(await reader.readuntil(b"\r\n\r\n"))
-            writer.write(answer)
-            await writer.drain()
-        writer.close()
-
-    def stop(self):
-        self.server.close()
-
-
 class BlackHole:
     """A listening socket whose accept queue is full, so connects hang unanswered."""
 
@@ -134,20 +108,6 @@ class BlackHole:
     def close(self):
         for sock in [*self.fillers, self.listener]:
             sock.close()
-
-
-def answering_the_head(answer: bytes, *, linger: bool = True):
-    """A `ScriptedUpstream` script: read a request's head (not its body), send
-    `answer`, then wait for the client to close (`linger`) or hang up."""
-
-    async def script(reader, writer):
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(answer)
-        await writer.drain()
-        if linger:
-            await reader.read()
-
-    return script
 
 
 class ScriptedUpstream:
@@ -182,3 +142,23 @@ class ScriptedUpstream:
         for writer in self.writers:
             writer.close()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+class CannedUpstream(ScriptedUpstream):
+    """An upstream that answers fixed bytes: on each connection, per answer, it
+    reads a request's head (not its body) and sends the answer; then it waits
+    for the client to close (`linger`) or hangs up."""
+
+    def __init__(self, *answers: bytes, read_request: bool = True, linger: bool = False):
+        super().__init__(self._answer)
+        self.answers, self.read_request, self.linger = answers, read_request, linger
+        self.requests: list[bytes] = []
+
+    async def _answer(self, reader, writer):
+        for answer in self.answers:
+            if self.read_request:
+                self.requests.append(await reader.readuntil(b"\r\n\r\n"))
+            writer.write(answer)
+            await writer.drain()
+        if self.linger:
+            await reader.read()

@@ -130,7 +130,7 @@ async def test_log_lines_written_deep_in_the_upstream_fetch_carry_the_id(make_pr
     proxy = make_proxy(upstream=await canned.start())
     assert (await http.get(proxy + "/api/tags", headers={"X-Request-ID": "deep-1"})).status_code == 200
     assert (await http.get(proxy + "/api/tags", headers={"X-Request-ID": "deep-2"})).status_code == 502
-    canned.stop()
+    await canned.stop()
     assert len(canned.requests) == 2
     [line] = [line for line in log_lines() if line["name"] == "tornado_ollama_proxy.upstream"]
     assert "not an HTTP/1.x status line: 'SPDY/9 banana'" in line["message"]

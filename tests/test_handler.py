@@ -19,8 +19,6 @@ from tornado_ollama_proxy.handler import ProxyHandler, send_now_or_queue
 from .helpers import (
     BlackHole,
     CannedUpstream,
-    ScriptedUpstream,
-    answering_the_head,
     open_raw,
     raw_request,
     read_chunked_to_end,
@@ -66,7 +64,7 @@ async def test_query_and_path_reach_the_upstream_unchanged(make_proxy, http):
     proxy = make_proxy(upstream=await canned.start())
     await http.get(proxy + "/v1/models/library%2Fllama3?a=1&b=%20")
     assert canned.requests[0].startswith(b"GET /v1/models/library%2Fllama3?a=1&b=%20 HTTP/1.1\r\n")
-    canned.stop()
+    await canned.stop()
 
 
 async def test_an_upstream_named_by_host_name_is_resolved(make_proxy, upstream_url, http):
@@ -229,7 +227,7 @@ async def test_repeated_response_headers_and_reason_are_kept(make_proxy, http):
     assert headers["set-cookie"] == ["a=1", "b=2"]
     assert "x-hop" not in headers
     assert body == b"ok"
-    canned.stop()
+    await canned.stop()
 
 
 async def test_an_answer_delimited_by_close_is_relayed_whole(make_proxy, http):
@@ -238,7 +236,7 @@ async def test_an_answer_delimited_by_close_is_relayed_whole(make_proxy, http):
     response = await http.get(proxy + "/api/tags")
     assert response.content == b'{"a": 1}\n{"b": 2}\n'
     assert response.headers["transfer-encoding"] == "chunked"  # re-framed for a keep-alive client
-    canned.stop()
+    await canned.stop()
 
 
 async def test_interim_100_continue_from_upstream_is_not_relayed(make_proxy, http):
@@ -246,7 +244,7 @@ async def test_interim_100_continue_from_upstream_is_not_relayed(make_proxy, htt
     proxy = make_proxy(upstream=await canned.start())
     response = await http.get(proxy + "/api/tags")
     assert (response.status_code, response.content) == (200, b"ok")
-    canned.stop()
+    await canned.stop()
 
 
 async def test_expect_100_continue_is_answered_and_the_body_follows(proxy_url, fake):
@@ -524,13 +522,13 @@ async def test_upstream_closing_during_an_upload_is_a_502(make_proxy, http):
     response = await http.request("GET", make_proxy(upstream=url) + "/api/blobs/sha256:" + "2" * 64, content=body())
     assert response.status_code == 502
     assert response.json()["error"].endswith("closed the connection without a valid HTTP response")
-    canned.stop()
+    await canned.stop()
 
 
 async def test_an_answer_before_the_whole_body_reaches_the_client_whole(make_proxy, http):
     refusal = b'{"error":"invalid blob"}'
     answer = b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-    upstream = ScriptedUpstream(answering_the_head(answer % (len(refusal), refusal), linger=False))  # body unread
+    upstream = CannedUpstream(answer % (len(refusal), refusal))  # hangs up, body unread
     url = await upstream.start()
 
     async def body():
@@ -552,7 +550,7 @@ async def test_a_request_answered_before_its_body_leaves_nothing_behind(make_pro
 
     monkeypatch.setattr(ProxyHandler, "initialize", tracked)
 
-    upstream = ScriptedUpstream(answering_the_head(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 2\r\n\r\n{}"))
+    upstream = CannedUpstream(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 2\r\n\r\n{}", linger=True)
     proxy = make_proxy(upstream=await upstream.start(), idle_timeout=300)
     response = await http.request("GET", proxy + "/api/blobs/sha256:" + "4" * 64, content=b"x" * 4_000_000)
     assert response.status_code == 400
@@ -566,7 +564,7 @@ async def test_a_request_answered_before_its_body_leaves_nothing_behind(make_pro
 
 
 async def test_a_body_outgrowing_the_limit_after_the_answer_started_cuts_the_answer(make_proxy):
-    upstream = ScriptedUpstream(answering_the_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"))
+    upstream = CannedUpstream(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n", linger=True)
     proxy = make_proxy(upstream=await upstream.start(), max_body_size=100_000)
     reader, writer = await open_raw(proxy)
     writer.write(b"GET /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n")
@@ -653,7 +651,7 @@ async def test_upstream_closing_without_a_valid_answer_is_a_502(make_proxy, http
     response = await http.get(make_proxy(upstream=url) + "/api/tags")
     assert response.status_code == 502
     assert response.json() == {"error": f"upstream {url} closed the connection without a valid HTTP response"}
-    canned.stop()
+    await canned.stop()
 
 
 async def test_other_connection_failures_are_a_502_with_the_reason(make_proxy, http):
@@ -662,7 +660,7 @@ async def test_other_connection_failures_are_a_502_with_the_reason(make_proxy, h
     response = await http.get(make_proxy(upstream=tls_to_plain) + "/api/tags")
     assert response.status_code == 502
     assert response.json()["error"].startswith(f"upstream {tls_to_plain} could not be reached: [SSL")
-    plain.stop()
+    await plain.stop()
 
 
 # -- browser apps ------------------------------------------------------------------
@@ -749,7 +747,7 @@ async def test_health_is_503_when_the_upstream_is_not_a_healthy_ollama(make_prox
     response = await http.get(make_proxy(upstream=await canned.start()) + "/_proxy/health")
     assert response.status_code == 503
     assert reason in response.json()["error"]
-    canned.stop()
+    await canned.stop()
 
 
 async def test_the_reserved_prefix_is_never_forwarded(proxy_url, fake, http):

@@ -17,7 +17,7 @@ from tornado_ollama_proxy.upstream_client import (
     PooledHTTPClient,
 )
 
-from .helpers import BlackHole, ScriptedUpstream, answering_the_head
+from .helpers import BlackHole, CannedUpstream, ScriptedUpstream
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 
@@ -279,7 +279,7 @@ async def test_writing_a_body_after_the_answer_ended_raises_stream_closed(client
     early = b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Length: 0\r\n\r\n"
     written = asyncio.get_running_loop().create_future()
 
-    upstream = ScriptedUpstream(answering_the_head(early))  # answers before the body
+    upstream = CannedUpstream(early, linger=True)  # answers before the body
     url = await upstream.start()
     answered = asyncio.Event()
 
