@@ -1,66 +1,68 @@
-"""HTTP/1.1 framing for the upstream side: request heads out, answers in (RFC 9112).
+"""HTTP/1.1 framing (RFC 9112): request bodies in, request heads out, answers in.
 
 Pure functions and a byte-fed reader, no I/O, so every framing rule is unit
-tested on bytes alone. The reader turns whatever bytes have arrived into
-events, joining the body bytes of one read into one piece: they arrived
-together, so relaying them together adds no delay and saves a write each.
+tested on bytes alone. Answers are parsed by llhttp (the parser Node.js uses,
+through httptools); `AnswerReader` adds what llhttp leaves to its caller: a
+HEAD answer has no body, a close-delimited body ends at EOF, caps on the head
+and on interim answers, transfer codings other than chunked refused, and
+whether the connection may carry another request. The body bytes of one read
+become one piece: they arrived together, so relaying them together adds no
+delay and saves a write each.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
+import httptools
 from tornado.httputil import HTTPHeaders
 
-MAX_HEAD = 64 * 1024  # status line and headers, as Tornado's server allows
-MAX_CHUNK_LINE = 1024  # a chunk-size line with its extensions
-HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+from .errors import Rejection
+
+MAX_HEAD = 64 * 1024  # status line and headers (and trailers), as Tornado's server allows
+MAX_INTERIM = 10  # 1xx answers before the final one, as Tornado's client allows
+_LENGTH_LIST = re.compile(r",[ \t]*")
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class MalformedAnswer(Exception):
-    """The upstream's bytes are not a valid HTTP/1.1 answer."""
+    """The upstream's bytes are not a valid HTTP/1.1 answer (or not one this proxy relays)."""
 
 
 class IncompleteAnswer(Exception):
     """The upstream closed the connection before its answer was complete."""
 
 
-@dataclass
-class Head:
-    """A final (non-1xx) answer's status line and headers."""
-
-    version: str
-    code: int
-    reason: str
-    headers: list[tuple[str, str]]
-
-    def lines(self) -> list[str]:
-        """The head as `header_callback` lines, the way Tornado's client reports them."""
-        return (
-            [f"{self.version} {self.code} {self.reason}\r\n"]
-            + [f"{name}: {value}\r\n" for name, value in self.headers]
-            + ["\r\n"]
-        )
-
-    def http_headers(self) -> HTTPHeaders:
-        headers = HTTPHeaders()
-        for name, value in self.headers:
-            headers.add(name, value)
-        return headers
+# -- request bodies in ------------------------------------------------------------
 
 
-@dataclass
-class Data:
-    """Body bytes, de-chunked."""
+def declared_body(headers: HTTPHeaders) -> int | None:
+    """The request body's length, None when it comes chunked; `Rejection` 400 for
+    framing Tornado's server would refuse only once it reads the body.
 
-    data: bytes
+    The same rules as Tornado's `HTTP1Connection._read_body`, checked before the
+    proxy acts on the request: Content-Length with Transfer-Encoding, a coding
+    other than exactly ``chunked``, unequal or non-numeric lengths.
+    """
+    coding = headers.get("Transfer-Encoding")
+    length = headers.get("Content-Length")
+    if coding is not None:
+        if length is not None:
+            raise Rejection(400, "a request may not have both Content-Length and Transfer-Encoding")
+        if coding.lower() != "chunked":
+            raise Rejection(400, f"Transfer-Encoding {coding[:40]!r} is not supported: send chunked or a Content-Length")
+        return None
+    if length is None:
+        return 0
+    values = set(_LENGTH_LIST.split(length))
+    value = values.pop()
+    if values or not value.isascii() or not value.isdigit():
+        raise Rejection(400, f"Content-Length {length[:40]!r} is not a byte count")
+    return int(value)
 
 
-@dataclass
-class End:
-    """The answer is complete; `reusable` says whether the connection may carry another request."""
-
-    reusable: bool
+# -- requests out -----------------------------------------------------------------
 
 
 def request_head(method: str, target: str, headers: HTTPHeaders, body_length: int | None) -> bytes:
@@ -81,165 +83,219 @@ def chunk(data: bytes) -> bytes:
 
 LAST_CHUNK = b"0\r\n\r\n"
 
+
+# -- answers in -------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Head:
+    """A final (non-1xx) answer's status line and headers.
+
+    `length` is the body's length when the answer is delimited by
+    Content-Length (for a HEAD answer, the length it announces), None when it
+    is chunked or ends when the connection closes: what a relay may announce.
+    """
+
+    version: str
+    code: int
+    reason: str
+    headers: list[tuple[str, str]]
+    length: int | None
+
+    def lines(self) -> list[str]:
+        """The head as `header_callback` lines, the way Tornado's client reports them."""
+        return (
+            [f"{self.version} {self.code} {self.reason}\r\n"]
+            + [f"{name}: {value}\r\n" for name, value in self.headers]
+            + ["\r\n"]
+        )
+
+    def http_headers(self) -> HTTPHeaders:
+        headers = HTTPHeaders()
+        for name, value in self.headers:
+            headers.add(name, value)
+        return headers
+
+
+@dataclass(slots=True)
+class Data:
+    """Body bytes, de-chunked."""
+
+    data: bytes
+
+
+@dataclass(slots=True)
+class End:
+    """The answer is complete; `reusable` says whether the connection may carry another request."""
+
+    reusable: bool
+
+
+Event = Head | Data | End
+
 # Reader states.
-_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_CLOSE, _DONE = range(8)
+_HEAD, _BODY, _UNTIL_CLOSE, _DONE = range(4)
 
 
 class AnswerReader:
     """Reads one answer to a request made with `method`.
 
     `feed` takes bytes as they arrive and returns the events they complete;
-    `feed_eof` is called when the upstream closes. Bytes after the answer's end
-    mean the upstream does not frame its answers as it says: the connection
-    is then not reused.
+    `feed_eof` is called when the upstream closes. Any byte after the answer's
+    end means the upstream does not frame its answers as it says: the
+    connection is then not reused.
     """
 
     def __init__(self, method: str):
-        self._method = method
+        self._parser = httptools.HttpResponseParser(self)
+        # Chunked with a Content-Length is relayed as chunked (RFC 9112 §6.3),
+        # and the connection is not reused after it.
+        self._parser.set_dangerous_leniencies(lenient_chunked_length=True)
+        self._head_request = method == "HEAD"
         self._state = _HEAD
-        self._buffer = b""  # bytes that do not yet complete a head, chunk-size line or chunk end
-        self._remaining = 0  # body bytes still expected (Content-Length) or of the current chunk
+        self._events: list[Event] = []
+        self._body: list[bytes] = []
+        self._reason = ""
+        self._headers: list[tuple[str, str]] = []
+        self._head_size = 0  # of the head (or trailers) being read
+        self._unproductive = 0  # bytes fed since the head or the last body bytes
+        self._interim = 0
         self._reusable = True
+        self._stray = False  # bytes after the end
         self.started = False  # any byte of the answer arrived
 
     @property
     def done(self) -> bool:
         return self._state == _DONE
 
-    def feed(self, data: bytes) -> list[Head | Data | End]:
-        if self._state == _DONE:
+    def feed(self, data: bytes) -> list[Event]:
+        if not data or self._state == _DONE:
             return []
-        if data:
-            self.started = True
-        if self._buffer:
-            data, self._buffer = self._buffer + data, b""
-        events: list[Head | Data | End] = []
-        body: list[bytes] = []
-        position = 0
-        while position < len(data) and self._state != _DONE:
-            state = self._state
-            if state == _HEAD:
-                position = self._read_head(data, position, events)
-                if position < 0:
-                    break
-            elif state in (_LENGTH, _CHUNK_DATA):
-                take = min(self._remaining, len(data) - position)
-                body.append(data[position : position + take])
-                position += take
-                self._remaining -= take
-                if self._remaining == 0:
-                    self._state = _CHUNK_END if state == _CHUNK_DATA else _DONE
-            elif state == _CHUNK_SIZE:
-                end = data.find(b"\r\n", position, position + MAX_CHUNK_LINE)
-                if end < 0:
-                    self._keep(data, position, MAX_CHUNK_LINE, "a chunk-size line")
-                    break
-                self._remaining = _chunk_size(data[position:end])
-                self._state = _CHUNK_DATA if self._remaining else _TRAILERS
-                position = end + 2
-            elif state == _CHUNK_END:
-                if len(data) - position < 2:
-                    self._buffer = data[position:]
-                    break
-                if data[position : position + 2] != b"\r\n":
-                    raise MalformedAnswer("a chunk is longer than its size says")
-                self._state = _CHUNK_SIZE
-                position += 2
-            elif state == _TRAILERS:
-                end = data.find(b"\r\n", position)
-                if end < 0:
-                    self._keep(data, position, MAX_HEAD, "the trailers")
-                    break
-                if end == position:
-                    self._state = _DONE
-                position = end + 2
-            else:  # _UNTIL_CLOSE
-                body.append(data[position:])
-                position = len(data)
-        if body:
-            events.append(Data(b"".join(body) if len(body) > 1 else body[0]))
-        if self._state == _DONE:
-            # Bytes after the end: the upstream does not frame as it says.
-            events.append(End(self._reusable and position == len(data)))
-        return events
+        self.started = True
+        self._unproductive += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            raise MalformedAnswer(_SWITCHED) from None
+        except httptools.HttpParserError as error:
+            if isinstance(error.__context__, MalformedAnswer):
+                raise error.__context__ from None
+            if self._state != _DONE:
+                raise MalformedAnswer(f"invalid HTTP/1.1 answer: {error}") from None
+            self._stray = True  # what follows the end is not ours to parse
+        if self._unproductive > MAX_HEAD and self._state != _DONE:
+            # An endless header, chunk-size line or trailer: llhttp would take it all.
+            what = "head is" if self._state == _HEAD else "chunk framing or trailers are"
+            raise MalformedAnswer(f"the answer's {what} larger than {MAX_HEAD} bytes")
+        return self._take_events()
 
-    def feed_eof(self) -> list[Head | Data | End]:
+    def feed_eof(self) -> list[Event]:
         if self._state == _UNTIL_CLOSE:
-            self._state = _DONE
-            return [End(False)]
+            self._finish()
+            return self._take_events()
         if self._state == _DONE:
             return []
         raise IncompleteAnswer("the upstream closed the connection before its answer was complete")
 
-    def _keep(self, data: bytes, position: int, limit: int, what: str) -> None:
-        self._buffer = data[position:]
-        if len(self._buffer) >= limit:
-            raise MalformedAnswer(f"{what} exceeds {limit} bytes")
+    def _take_events(self) -> list[Event]:
+        self._take_body()
+        events = self._events
+        self._events = []
+        if self._stray and events and type(events[-1]) is End:
+            events[-1] = End(False)
+        return events
 
-    def _read_head(self, data: bytes, position: int, events: list) -> int:
-        """Parse a head from `position`; return where it ends, or -1 when more bytes are needed."""
-        end = data.find(b"\r\n\r\n", position)
-        if end < 0:
-            self._keep(data, position, MAX_HEAD, "the answer's head")
-            return -1
-        if end - position > MAX_HEAD:
-            raise MalformedAnswer(f"the answer's head exceeds {MAX_HEAD} bytes")
-        head = _parse_head(data[position:end].decode("latin-1"))
-        if head.code < 200:
-            if head.code == 101:
-                raise MalformedAnswer("the upstream switched protocols, which this proxy does not relay")
-            return end + 4  # an interim answer (100 Continue, 103 Early Hints): the final one follows
-        events.append(head)
-        self._frame_body(head)
-        return end + 4
+    def _take_body(self) -> None:
+        if self._body:
+            body = self._body
+            self._body = []
+            self._events.append(Data(body[0] if len(body) == 1 else b"".join(body)))
 
-    def _frame_body(self, head: Head) -> None:
-        """Decide how the body is delimited (RFC 9112 §6.3)."""
-        connection: set[str] = set()
-        codings: list[str] = []
-        lengths: set[str] = set()
-        for name, value in head.headers:
-            name = name.lower()
-            if name == "connection":
-                connection.update(token.strip().lower() for token in value.split(","))
-            elif name == "transfer-encoding":
-                codings += [token.strip().lower() for token in value.split(",")]
-            elif name == "content-length":
-                lengths.add(value.strip())
-        self._reusable = head.version == "HTTP/1.1" and "close" not in connection
-        if self._method == "HEAD" or head.code in (204, 304):
-            self._state = _DONE
-        elif codings:
-            if codings[-1] == "chunked":
-                self._state = _CHUNK_SIZE
-            else:
-                self._state, self._reusable = _UNTIL_CLOSE, False
-        elif lengths:
-            if len(lengths) > 1 or not all(value.isascii() and value.isdigit() for value in lengths):
-                raise MalformedAnswer(f"invalid Content-Length {', '.join(sorted(lengths))[:80]!r}")
-            self._remaining = int(lengths.pop())
-            self._state = _LENGTH if self._remaining else _DONE
+    def _finish(self) -> None:
+        self._take_body()
+        self._events.append(End(self._reusable))
+        self._state = _DONE
+
+    # -- llhttp's callbacks (through httptools) ------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._state == _DONE:
+            self._stray = True
+
+    def on_status(self, reason: bytes) -> None:
+        if _CONTROL.search(reason):  # llhttp lets these through; RFC 9112 §4 does not
+            raise MalformedAnswer(f"invalid reason phrase {reason[:40]!r}")
+        self._reason = reason.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._state == _DONE:
+            return  # what llhttp reads after a HEAD answer's end is stray
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > MAX_HEAD:
+            what = "head is" if self._state == _HEAD else "trailers are"
+            raise MalformedAnswer(f"the answer's {what} larger than {MAX_HEAD} bytes")
+        if self._state == _HEAD:
+            self._headers.append((name.decode("latin-1"), value.decode("latin-1").strip(" \t")))
+
+    def on_headers_complete(self) -> None:
+        if self._state == _DONE:
+            return
+        parser = self._parser
+        code = parser.get_status_code()
+        headers, self._headers = self._headers, []
+        self._head_size = 0
+        if code < 100:
+            raise MalformedAnswer(f"invalid status code {code:03d}")
+        if code == 101:
+            raise MalformedAnswer(_SWITCHED)
+        if code < 200:  # 100 Continue, 103 Early Hints: the final answer follows
+            self._interim += 1
+            if self._interim > MAX_INTERIM:
+                raise MalformedAnswer(f"more than {MAX_INTERIM} interim (1xx) answers")
+            return
+        self._unproductive = 0
+        length, chunked = _framing(headers)
+        # llhttp's keep-alive verdict is only valid before the message completes.
+        self._reusable = parser.should_keep_alive() and not (chunked and length is not None)
+        self._events.append(
+            Head("HTTP/" + parser.get_http_version(), code, self._reason, headers, None if chunked else length)
+        )
+        if self._head_request:
+            # No body follows a HEAD answer; one it announces anyway could
+            # arrive after the next request was sent, so none is risked.
+            self._reusable = self._reusable and not chunked and not length
+            self._finish()
+        elif code in (204, 304) or chunked or length is not None:
+            self._state = _BODY
         else:
             self._state, self._reusable = _UNTIL_CLOSE, False
 
+    def on_body(self, data: bytes) -> None:
+        if self._state == _DONE:
+            self._stray = True
+        else:
+            self._unproductive = 0
+            self._body.append(data)
 
-def _parse_head(text: str) -> Head:
-    status, *lines = text.split("\r\n")
-    version, _, rest = status.partition(" ")
-    code, _, reason = rest.partition(" ")
-    if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isdigit():
-        raise MalformedAnswer(f"not an HTTP/1.x status line: {status[:80]!r}")
-    headers = []
-    for line in lines:
-        name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip() or line[0] in " \t":
-            raise MalformedAnswer(f"malformed header line {line[:80]!r}")
-        headers.append((name, value.strip(" \t")))
-    return Head(version, int(code), reason, headers)
+    def on_message_complete(self) -> None:
+        if self._state == _BODY:
+            self._finish()
 
 
-def _chunk_size(line: bytes) -> int:
-    size = line.split(b";", 1)[0].strip(b" \t")
-    if not size or len(size) > 16 or not HEX_DIGITS.issuperset(size):
-        raise MalformedAnswer(f"invalid chunk size {line[:40]!r}")
-    return int(size, 16)
+_SWITCHED = "the upstream switched protocols, which this proxy does not relay"
+
+
+def _framing(headers: list[tuple[str, str]]) -> tuple[int | None, bool]:
+    """(Content-Length, chunked) of an answer; `MalformedAnswer` for a transfer
+    coding other than chunked alone, which a relay could not pass on unchanged."""
+    length = None
+    chunked = False
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == "content-length":
+            length = int(value)  # llhttp has checked it: digits, once
+        elif lowered == "transfer-encoding":
+            if chunked or value.lower() != "chunked":
+                raise MalformedAnswer(f"unsupported Transfer-Encoding {value[:40]!r}")
+            chunked = True
+    return length, chunked
