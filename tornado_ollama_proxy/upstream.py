@@ -3,28 +3,32 @@ what to tell a client when it cannot be reached.
 
 Requests go through `PooledHTTPClient` (see `upstream_client`): kept-alive
 connections, no concurrency ceiling, no body cap, no total timeout (the
-handler's idle timeout guards silence), and abortable when the client leaves.
+handler's idle watch guards silence), and abortable when the client leaves.
 """
 
 from asyncio import Future
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
 
 from tornado.httpclient import HTTPResponse
 from tornado.httputil import HTTPHeaders
 from tornado.iostream import StreamClosedError
 
 from .errors import Rejection
-from .framing import IncompleteAnswer, MalformedAnswer
+from .framing import Head, IncompleteAnswer, MalformedAnswer
 from .settings import Settings
 from .upstream_client import AbortableRequest, ConnectTimeout, PooledHTTPClient
 
 
 class IdleTimeout(Exception):
-    """The upstream sent nothing for longer than the idle timeout."""
+    """The upstream sent nothing (or took none of the body) for longer than the idle timeout."""
 
 
 class ClientGone(Exception):
-    """The client disconnected; nobody is left to read the answer."""
+    """The client disconnected, or stopped sending its body; nobody is left to read the answer."""
+
+
+BodyProducer = Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]]
 
 
 class Upstream:
@@ -33,6 +37,7 @@ class Upstream:
     def __init__(self, settings: Settings):
         self.base = settings.upstream_base
         self.host = settings.upstream_host
+        self.prefix = urlsplit(self.base).path  # a path the upstream is mounted under
         self.connect_timeout = settings.connect_timeout
         self.idle_timeout = settings.idle_timeout
         self._client: PooledHTTPClient | None = None
@@ -56,20 +61,22 @@ class Upstream:
         headers: HTTPHeaders,
         *,
         body: bytes | None = None,
-        body_producer: Callable | None = None,
-        header_callback: Callable[[str], None] | None = None,
-        streaming_callback: Callable | None = None,
+        body_producer: BodyProducer | None = None,
+        head_callback: Callable[[Head], None] | None = None,
+        streaming_callback: Callable[[bytes], Awaitable[None] | None] | None = None,
     ) -> AbortableRequest:
+        """A request for `target` (path and query as they go on the wire, never re-encoded)."""
         return AbortableRequest(
-            self.base + target,
+            self.base,
+            target=self.prefix + target,
             method=method,
             headers=headers,
             body=body,
             body_producer=body_producer,
-            header_callback=header_callback,
+            head_callback=head_callback,
             streaming_callback=streaming_callback,
             connect_timeout=self.connect_timeout,
-            request_timeout=0,  # no total limit: the idle timeout guards silence
+            request_timeout=0,  # no total limit: the idle watch guards silence
             follow_redirects=False,
             decompress_response=False,
             allow_nonstandard_methods=True,  # DELETE with a body, POST without one
@@ -90,6 +97,8 @@ class Upstream:
             )
         if isinstance(error, ConnectionRefusedError):
             return "refused", Rejection(502, f"{where} refused the connection")
-        if isinstance(error, IncompleteAnswer | MalformedAnswer | StreamClosedError | ConnectionResetError):
+        if isinstance(error, MalformedAnswer):
+            return "malformed", Rejection(502, f"{where} sent an answer this proxy cannot relay: {error}")
+        if isinstance(error, IncompleteAnswer | StreamClosedError | ConnectionResetError):
             return "closed", Rejection(502, f"{where} closed the connection without a valid HTTP response")
         return "unreachable", Rejection(502, f"{where} could not be reached: {error}")

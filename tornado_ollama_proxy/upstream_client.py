@@ -1,15 +1,18 @@
 """A keep-alive HTTP/1.1 client for the upstream, on asyncio protocols.
 
 Tornado's `SimpleAsyncHTTPClient` opens a new connection for every request and
-reads each body chunk through several futures and event-loop turns: profiling
-put three quarters of the proxy's CPU per relayed token in that read loop, and
-a quarter of its CPU per small request in connecting. This client keeps the
-`AsyncHTTPClient` interface the handler uses (`header_callback`, an awaited
-`streaming_callback`, `body_producer`, `connect_timeout`, `request_timeout`)
-but parses an answer in the callback that received its bytes, and keeps idle
-connections for the next request. It has no concurrency ceiling, no body size
-cap and no total timeout unless a request sets one; and a fetch can be aborted
-(`AbortableRequest.abort`), which Tornado's own client cannot do.
+reads each body chunk through several futures and event-loop turns. This
+client keeps the `AsyncHTTPClient` interface (`fetch` with `header_callback`,
+an awaited `streaming_callback`, `body_producer`, `connect_timeout`,
+`request_timeout`) but parses an answer (`framing.AnswerReader`, on llhttp)
+in the callback that received its bytes, and keeps idle connections for the
+next request. It has no concurrency ceiling, no body size cap and no total
+timeout unless a request sets one. An `AbortableRequest` can be ended at any
+moment, which Tornado's own client cannot do, and can take the parsed head in
+one call (`head_callback`) instead of header lines to parse again.
+
+Every callback asyncio calls here is exception-safe: whatever goes wrong ends
+the exchange with that error, so no fetch is left without an ending.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from functools import cached_property
 from io import BytesIO
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
@@ -32,6 +37,7 @@ from .framing import (
     LAST_CHUNK,
     AnswerReader,
     Data,
+    Event,
     Head,
     IncompleteAnswer,
     MalformedAnswer,
@@ -45,6 +51,8 @@ IDLE_CONNECTIONS = 64  # kept per upstream address for the next request
 IDLE_SECONDS = 30.0  # an idle connection is closed after this
 MAX_BUFFERED_ANSWER = 1024 * 1024  # an answer held whole (no streaming_callback) may be at most this
 
+Address = tuple[str, str, int]
+
 
 class ConnectTimeout(Exception):
     """The upstream did not accept the connection within `connect_timeout`."""
@@ -55,9 +63,27 @@ class AnswerTimeout(Exception):
 
 
 class AbortableRequest(HTTPRequest):
-    """An `HTTPRequest` that can be ended at any moment, from connecting to the answer's last byte."""
+    """An `HTTPRequest` that can be ended at any moment, from connecting to the answer's
+    last byte, and whose `head_callback`, when given, receives the answer's parsed `Head`
+    (instead of `header_callback` lines) and leaves the response's headers empty.
+
+    `target` is the request target as it goes on the wire (path and query,
+    not re-encoded); by default the URL's.
+    """
 
     exchange: Exchange | None = None  # while the fetch runs
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        target: str | None = None,
+        head_callback: Callable[[Head], None] | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(url, **options)
+        self.target = target
+        self.head_callback = head_callback
 
     def abort(self, error: Exception) -> None:
         """End the fetch now with `error` and drop its connection (no-op once it has ended)."""
@@ -68,10 +94,10 @@ class AbortableRequest(HTTPRequest):
 class PooledHTTPClient(AsyncHTTPClient):
     """`AsyncHTTPClient` on asyncio protocols, reusing idle keep-alive connections."""
 
-    def initialize(self, defaults: dict | None = None) -> None:
+    def initialize(self, defaults: dict[str, Any] | None = None) -> None:
         super().initialize(defaults)
         # Oldest first: a connection is appended when it becomes idle.
-        self._idle: dict[tuple[str, str, int], list[UpstreamConnection]] = {}
+        self._idle: dict[Address, list[UpstreamConnection]] = {}
         self._sweep: asyncio.TimerHandle | None = None
 
     @cached_property
@@ -81,7 +107,9 @@ class PooledHTTPClient(AsyncHTTPClient):
 
     def fetch_impl(self, request: HTTPRequest, callback: Callable[[HTTPResponse], None]) -> None:
         exchange = Exchange(self, request, callback)
-        request.request.exchange = exchange  # `request` is Tornado's proxy around the caller's
+        original = getattr(request, "request", request)  # Tornado's proxy around the caller's request
+        if isinstance(original, AbortableRequest):
+            original.exchange = exchange
         exchange.start()
 
     def close(self) -> None:
@@ -92,7 +120,7 @@ class PooledHTTPClient(AsyncHTTPClient):
             self._sweep.cancel()
         super().close()
 
-    def idle_connection(self, address: tuple[str, str, int]) -> UpstreamConnection | None:
+    def idle_connection(self, address: Address) -> UpstreamConnection | None:
         """The most recently used idle connection to `address`, if any."""
         connections = self._idle.get(address)
         if not connections:
@@ -139,7 +167,7 @@ class PooledHTTPClient(AsyncHTTPClient):
 class UpstreamConnection(asyncio.Protocol):
     """One connection to the upstream; hands what it receives to its current exchange."""
 
-    def __init__(self, client: PooledHTTPClient, address: tuple[str, str, int], exchange: Exchange):
+    def __init__(self, client: PooledHTTPClient, address: Address, exchange: Exchange):
         self.client = client
         self.address = address
         self.transport: asyncio.Transport | None = None
@@ -151,55 +179,65 @@ class UpstreamConnection(asyncio.Protocol):
         self._writable.set_result(None)
 
     # -- asyncio.Protocol ---------------------------------------------------
-
-    def connection_made(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
-        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
     # A connection outlives its exchanges, so each exchange's work runs in the
     # context of the request that started it (its request id, in log records).
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio's class
+        sock = transport.get_extra_info("socket")
+        with suppress(OSError):  # a connection already reset: its exchange learns it from connection_lost
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def data_received(self, data: bytes) -> None:
-        if self.exchange is None:
+        exchange = self.exchange
+        if exchange is None:
             self.close()  # bytes while idle: nothing can be trusted on this connection
         else:
-            self.exchange.context.run(self.exchange.on_data, data)
+            exchange.context.run(exchange.on_data, data)
 
     def eof_received(self) -> None:
-        if self.exchange is not None:
-            self.exchange.context.run(self.exchange.on_eof)
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.context.run(exchange.on_eof)
 
     def connection_lost(self, error: Exception | None) -> None:
-        self.closed = True
-        self.client.forget(self)
-        if not self._writable.done():
-            self._writable.set_result(None)  # a body producer's next write raises
-        if self.exchange is not None:
-            self.exchange.context.run(self.exchange.on_eof)
+        self._closing()
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.context.run(exchange.on_eof)
 
     def pause_writing(self) -> None:
         self._writable = asyncio.get_running_loop().create_future()
 
     def resume_writing(self) -> None:
-        self._writable.set_result(None)
+        if not self._writable.done():
+            self._writable.set_result(None)
 
     # -- for the exchange ---------------------------------------------------
 
-    def write(self, data: bytes) -> asyncio.Future:
+    def write(self, data: bytes) -> asyncio.Future[None]:
         """Send `data`; the future resolves once the send buffer is below its high-water mark."""
+        assert self.transport is not None
         self.transport.write(data)
         return self._writable
 
     def close(self) -> None:
         """Close politely (an idle or finished connection)."""
-        self.closed = True
-        self.client.forget(self)
+        self._closing()
+        assert self.transport is not None
         self.transport.close()
 
     def abort(self) -> None:
-        """Drop at once, unsent bytes included (an exchange that failed or was aborted)."""
-        self.closed = True
+        """Drop at once, unsent bytes included (an exchange that failed, or ended before its body did)."""
+        self._closing()
+        assert self.transport is not None
         self.transport.abort()
+
+    def _closing(self) -> None:
+        self.closed = True
+        self.client.forget(self)
+        if not self._writable.done():
+            self._writable.set_result(None)  # a body writer waiting for room wakes, and its next write raises
 
 
 class Exchange:
@@ -212,46 +250,55 @@ class Exchange:
         self.loop = asyncio.get_running_loop()
         self.context = contextvars.copy_context()
         url = urlsplit(request.url)
-        self.address = (url.scheme, url.hostname, url.port or (443 if url.scheme == "https" else 80))
+        assert url.hostname is not None
+        self.address: Address = (url.scheme, url.hostname, url.port or (443 if url.scheme == "https" else 80))
         self.host = url.netloc
-        self.target = (url.path or "/") + ("?" + url.query if url.query else "")
+        self.target = getattr(request, "target", None) or (url.path or "/") + ("?" + url.query if url.query else "")
         self.started = self.loop.time()
         self.started_wall = time.time()
         self.connection: UpstreamConnection | None = None
         self.deadline: asyncio.TimerHandle | None = None
-        self.connecting: asyncio.Future | None = None
-        self.connect_timer: asyncio.TimerHandle | None = None  # connect_timeout must be > 0
+        self.connecting: asyncio.Future[None] | None = None
+        self.connect_timer: asyncio.TimerHandle | None = None
         self.reader = AnswerReader(request.method)
         self.head: Head | None = None
-        self.buffered = bytearray() if request.streaming_callback is None else None
+        # Looked up once: `request` is Tornado's proxy, which resolves each attribute in turn.
+        self.streaming_callback: Callable[[bytes], Awaitable[None] | None] | None = request.streaming_callback
+        self.head_callback: Callable[[Head], None] | None = getattr(request, "head_callback", None)
+        self.header_callback: Callable[[str], None] | None = request.header_callback
+        self.buffered = bytearray() if self.streaming_callback is None else None
         # Body bytes still to send, None while a chunked body is unfinished:
         # the connection is reusable only once this is 0.
         self.body_unsent: int | None = 0
         self.chunked_body = False
-        self.ended = False
-        self.relaying: Awaitable | None = None  # a streaming_callback's pending result
-        self.held: list = []  # events that wait for it
-        self.upstream_closed = False
+        self.ended = False  # the answer is complete, or the exchange failed
+        self.relaying: asyncio.Future[Any] | None = None  # a streaming_callback's pending result
+        self.complete: HTTPResponse | None = None  # the answer, held until that result is in
+        self.settled = False  # the fetch has its response
 
     def start(self) -> None:
-        if self.request.request_timeout:
+        request = self.request
+        if request.request_timeout:
             self.deadline = self.loop.call_later(
-                self.request.request_timeout,
+                request.request_timeout,
                 self.fail,
-                AnswerTimeout(f"no complete answer within {self.request.request_timeout:g} s"),
+                AnswerTimeout(f"no complete answer within {request.request_timeout:g} s"),
             )
         connection = self.client.idle_connection(self.address)
         if connection is None:
             self.connect()
-        else:
+            return
+        try:
             self.send(connection)
+        except Exception as error:  # a head that cannot be encoded, say
+            self.fail(error)
 
     def connect(self) -> None:
         self.connecting = asyncio.ensure_future(self._connect())
+        timeout = self.request.connect_timeout
+        assert timeout  # the upstream always sets one
         self.connect_timer = self.loop.call_later(
-            self.request.connect_timeout,
-            self.fail,
-            ConnectTimeout(f"no connection within {self.request.connect_timeout:g} s"),
+            timeout, self.fail, ConnectTimeout(f"no connection within {timeout:g} s")
         )
 
     async def _connect(self) -> None:
@@ -265,11 +312,11 @@ class Exchange:
                 port,
                 ssl=self.client.tls if scheme == "https" else None,
             )
+            assert self.connect_timer is not None
+            self.connect_timer.cancel()
+            self.send(connection)
         except Exception as error:
             self.fail(error)
-            return
-        self.connect_timer.cancel()
-        self.send(connection)
 
     def _new_connection(self) -> UpstreamConnection:
         self.connection = UpstreamConnection(self.client, self.address, self)
@@ -294,26 +341,31 @@ class Exchange:
         else:
             self.body_unsent, self.chunked_body = None, True
         connection.write(request_head(request.method, self.target, headers, self.body_unsent))
-        asyncio.ensure_future(producer(self.write_body)).add_done_callback(self._on_body_produced, context=self.context)
+        producing = asyncio.ensure_future(producer(self.write_body))
+        producing.add_done_callback(self._on_body_produced, context=self.context)
 
-    def write_body(self, data: bytes) -> asyncio.Future:
+    def write_body(self, data: bytes) -> asyncio.Future[None]:
         """The `body_producer`'s write function (raises `StreamClosedError` once the exchange ended)."""
-        if self.ended or self.connection.closed:
+        connection = self.connection
+        if self.ended or connection is None or connection.closed:
             raise StreamClosedError()
         if self.chunked_body:
-            return self.connection.write(chunk(data))
+            return connection.write(chunk(data))
+        assert self.body_unsent is not None
         self.body_unsent -= len(data)
-        return self.connection.write(data)
+        return connection.write(data)
 
-    def _on_body_produced(self, producing: asyncio.Future) -> None:
-        error = None if producing.cancelled() else producing.exception()
+    def _on_body_produced(self, producing: asyncio.Future[None]) -> None:
         if self.ended:
             return
+        error = None if producing.cancelled() else producing.exception()
         if error is not None:
             self.fail(error)
             return
-        if self.chunked_body and not self.connection.closed:
-            self.connection.write(LAST_CHUNK)
+        connection = self.connection
+        assert connection is not None
+        if self.chunked_body and not connection.closed:
+            connection.write(LAST_CHUNK)
             self.body_unsent = 0
 
     # -- answer -------------------------------------------------------------
@@ -322,128 +374,156 @@ class Exchange:
         try:
             events = self.reader.feed(data)
         except MalformedAnswer as error:
-            log.warning("upstream %s answered malformed: %s", self.host, error)
-            self.fail(error)
+            self._malformed(error)
             return
-        self.deliver(events)
+        self._deliver_safely(events)
 
     def on_eof(self) -> None:
         """The upstream closed (or the connection dropped): end the answer, retry, or fail."""
-        if self.relaying is not None:
-            self.upstream_closed = True  # after the held events
-            return
-        if not self.reader.started and self.connection.reused and self.request.body_producer is None:
-            # The upstream closed an idle connection just as we reused it:
-            # it has seen nothing, so the request goes again on a new one.
-            self.connection.exchange = None
-            self.connection.reused = False
-            self.connect()
-            return
+        connection = self.connection
         try:
+            if (
+                not self.reader.started
+                and connection is not None
+                and connection.reused
+                and self.request.body_producer is None
+            ):
+                # The upstream closed an idle connection just as we reused it:
+                # it has seen nothing, so the request goes again on a new one.
+                connection.exchange = None
+                connection.reused = False
+                self.connect()
+                return
             events = self.reader.feed_eof()
         except IncompleteAnswer as error:
+            self._malformed(error)
+            return
+        self._deliver_safely(events)
+
+    def _malformed(self, error: Exception) -> None:
+        """What the upstream sent cannot be relayed: say so once, in the request's context."""
+        if not self.ended:
             log.warning("upstream %s: %s", self.host, error)
+        self.fail(error)
+
+    def _deliver_safely(self, events: list[Event]) -> None:
+        try:
+            self.deliver(events)
+        except Exception as error:  # from a callback: it ends this exchange, nothing else
             self.fail(error)
-            return
-        self.deliver(events)
 
-    def deliver(self, events: list) -> None:
-        """Hand events on in order, holding the rest while a relayed piece is pending."""
-        request = self.request
-        for index, event in enumerate(events):
-            if type(event) is Data:
-                if self.buffered is not None:
-                    self.buffered += event.data
-                    if len(self.buffered) > MAX_BUFFERED_ANSWER:
-                        self.fail(MalformedAnswer(f"answer larger than {MAX_BUFFERED_ANSWER} bytes"))
-                        return
-                    continue
-                try:
-                    pending = request.streaming_callback(event.data)
-                except Exception as error:
-                    self.fail(error)
-                    return
-                if self.ended:
-                    return
-                if pending is not None:
-                    pending = asyncio.ensure_future(pending)
-                    if not pending.done():
-                        self.hold(pending, events[index + 1 :])
-                        return
-                    if pending.exception() is not None:
-                        self.fail(pending.exception())
-                        return
-            elif type(event) is Head:
-                self.head = event
-                if request.header_callback is not None:
-                    for line in event.lines():
-                        request.header_callback(line)
-                    if self.ended:
-                        return
-            else:
-                self.finish(event.reusable)
+    def deliver(self, events: list[Event]) -> None:
+        """Hand events on in order; a pending relay pauses reading (backpressure).
+
+        Pieces already read are handed on at once: the client side queues
+        them in order, and stops the next read until it has sent them.
+        """
+        for event in events:
+            if self.ended:
                 return
+            if type(event) is Data:
+                self._relay(event.data)
+            elif type(event) is Head:
+                self._head(event)
+            else:
+                self.finish(event.reusable)  # type: ignore[union-attr]
 
-    def hold(self, pending: asyncio.Future, rest: list) -> None:
-        """Stop reading until the client has taken the piece just relayed (backpressure)."""
-        self.relaying, self.held = pending, rest
-        self.connection.transport.pause_reading()
-        pending.add_done_callback(self._on_relayed, context=self.context)
+    def _head(self, head: Head) -> None:
+        self.head = head
+        if self.head_callback is not None:
+            self.head_callback(head)
+        elif self.header_callback is not None:
+            for line in head.lines():
+                self.header_callback(line)
 
-    def _on_relayed(self, pending: asyncio.Future) -> None:
-        self.relaying = None
-        error = None if pending.cancelled() else pending.exception()
-        if self.ended:
+    def _relay(self, data: bytes) -> None:
+        if self.buffered is not None:
+            self.buffered += data
+            if len(self.buffered) > MAX_BUFFERED_ANSWER:
+                raise MalformedAnswer(f"answer larger than {MAX_BUFFERED_ANSWER} bytes")
             return
+        assert self.streaming_callback is not None
+        pending = self.streaming_callback(data)
+        if pending is None or self.ended:
+            return
+        relaying = asyncio.ensure_future(pending)
+        if relaying.done():
+            error = relaying.exception()
+            if error is not None:
+                raise error
+            return
+        self.relaying = relaying
+        connection = self.connection
+        assert connection is not None and connection.transport is not None
+        if not connection.closed:
+            connection.transport.pause_reading()
+        relaying.add_done_callback(self._on_relayed, context=self.context)
+
+    def _on_relayed(self, relaying: asyncio.Future[Any]) -> None:
+        if relaying is not self.relaying:
+            return
+        self.relaying = None
+        error = None if relaying.cancelled() else relaying.exception()
         if error is not None:
             self.fail(error)
-            return
-        self.deliver(self.held)
-        if self.relaying is not None or self.ended:
-            return
-        if self.upstream_closed:
-            self.on_eof()
-        else:
-            self.connection.transport.resume_reading()
+        elif self.complete is not None:
+            self._settle(self.complete)
+        elif not self.ended:
+            connection = self.connection
+            assert connection is not None and connection.transport is not None
+            if not connection.closed:
+                connection.transport.resume_reading()
 
     # -- endings ------------------------------------------------------------
 
     def finish(self, reusable: bool) -> None:
+        """The answer is complete: keep or close the connection; the fetch resolves
+        once the last piece has been relayed (its failure fails the fetch)."""
         self._end()
         connection, self.connection = self.connection, None
+        assert connection is not None and connection.transport is not None
         connection.exchange = None
-        if reusable and self.body_unsent == 0 and not connection.closed:
-            connection.transport.resume_reading()  # paused if the end waited behind a relay
+        if connection.closed:
+            pass
+        elif reusable and self.body_unsent == 0:
+            connection.transport.resume_reading()  # paused if the end came behind a pending relay
             self.client.release(connection)
+        elif self.body_unsent != 0:
+            connection.abort()  # answered before its body was sent: the rest must not wait to be written
         else:
             connection.close()
         head = self.head
-        self.callback(
-            HTTPResponse(
-                self.request.request,
-                head.code,
-                reason=head.reason,
-                headers=head.http_headers(),
-                buffer=BytesIO(self.buffered or b""),
-                effective_url=self.request.url,
-                request_time=self.loop.time() - self.started,
-                start_time=self.started_wall,
-            )
+        assert head is not None
+        response = HTTPResponse(
+            self.request,
+            head.code,
+            reason=head.reason,
+            headers=head.http_headers() if self.head_callback is None else None,
+            buffer=BytesIO(self.buffered or b""),
+            effective_url=self.request.url,
+            request_time=self.loop.time() - self.started,
+            start_time=self.started_wall,
         )
+        if self.relaying is None:
+            self._settle(response)
+        else:
+            self.complete = response
 
     def fail(self, error: BaseException) -> None:
-        """End the exchange with `error` (no-op once it has ended)."""
-        if self.ended:
+        """End the exchange with `error` (no-op once the fetch has its response)."""
+        if self.settled:
             return
-        self._end()
-        if self.connecting is not None and not self.connecting.done():
-            self.connecting.cancel()  # asyncio closes whatever it has opened
-        else:
-            self.connection.exchange = None
-            self.connection.abort()
-        self.callback(
+        if not self.ended:
+            self._end()
+            if self.connecting is not None and not self.connecting.done():
+                self.connecting.cancel()  # asyncio closes whatever it has opened
+            elif self.connection is not None:
+                self.connection.exchange = None
+                if not self.connection.closed:
+                    self.connection.abort()
+        self._settle(
             HTTPResponse(
-                self.request.request,
+                self.request,
                 599,
                 error=error,
                 effective_url=self.request.url,
@@ -452,11 +532,18 @@ class Exchange:
             )
         )
 
+    def _settle(self, response: HTTPResponse) -> None:
+        self.settled = True
+        self.complete = None
+        self.callback(response)
+
     def _end(self) -> None:
         self.ended = True
         # The request, its callbacks and their handler would otherwise stay
         # in a cycle with this exchange until a full garbage collection.
-        self.request.request.exchange = None
+        original = getattr(self.request, "request", self.request)
+        if isinstance(original, AbortableRequest):
+            original.exchange = None
         for timer in (self.deadline, self.connect_timer):
             if timer is not None:
                 timer.cancel()
