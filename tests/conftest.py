@@ -1,6 +1,14 @@
 import asyncio
+import io
+import json
+import logging
+import os
+import signal
 import socket
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -10,6 +18,8 @@ from tornado.ioloop import IOLoop
 from tornado.netutil import bind_sockets
 
 from tornado_ollama_proxy.app import make_app
+from tornado_ollama_proxy.default_plugins import json_logs
+from tornado_ollama_proxy.logs import RequestIdFilter
 from tornado_ollama_proxy.settings import Settings
 
 from .fake_ollama import FakeState, make_fake_ollama
@@ -47,8 +57,8 @@ def servers(io_loop):
     yield started
     for server, app in started.running:
         server.stop()
-        io_loop.run_sync(server.close_all_connections)
-        proxy = getattr(app, "proxy", None)
+        io_loop.run_sync(server.close_all_connections, timeout=10)  # an error, not a hang, if one never ends
+        proxy = app.settings.get("proxy") if app is not None else None
         if proxy is not None:
             proxy.upstream.close()
 
@@ -63,7 +73,10 @@ def http(io_loop):
 
 @pytest.fixture
 def fake():
-    return FakeState()
+    state = FakeState()
+    yield state
+    if state.blob_gate is not None:
+        state.blob_gate.set()  # a stand-in handler held at the gate can end, and its server close
 
 
 @pytest.fixture
@@ -98,10 +111,12 @@ def front_url(servers, proxy_url):
 class RedisServer:
     """A real redis-server on a free loopback port, for this test only."""
 
-    def __init__(self):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+    def __init__(self, port: int | None = None):
+        if port is None:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+        self.port = port
         self.url = f"redis://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
@@ -125,3 +140,124 @@ def redis_server():
     server = RedisServer()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def log_lines():
+    """Every record, formatted by the built-in JSON handler, parsed back."""
+    sink = io.StringIO()
+    handler = json_logs.log_handler(Settings())
+    handler.setStream(sink)
+    handler.addFilter(RequestIdFilter())
+    root = logging.getLogger()
+    saved = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    yield lambda: [json.loads(line) for line in sink.getvalue().splitlines()]
+    root.removeHandler(handler)
+    root.setLevel(saved)
+
+
+@pytest.fixture
+def launch(tmp_path):
+    """Start the console script the way the Procfile does: no arguments, configured by the environment."""
+    processes = []
+
+    def start(env, preexec_fn=None):
+        process = subprocess.Popen(
+            [str(Path(sys.executable).with_name("tornado-ollama-proxy"))],
+            cwd=tmp_path,
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=preexec_fn,
+        )
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)  # a graceful stop also saves its coverage data
+        process.wait(30)
+        process.stdout.close()
+        process.stderr.close()
+
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+{user}
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    client_max_body_size 0;
+    proxy_http_version 1.1;
+    proxy_buffering off;
+    proxy_request_buffering off;
+    proxy_read_timeout {read_timeout}s;
+    proxy_set_header Connection "";
+    proxy_set_header X-Forwarded-For $remote_addr;
+    upstream target {{
+        server {target};
+        keepalive 16;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ {method} proxy_pass http://target; }}
+    }}
+}}
+"""
+
+
+class NginxFront:
+    """A real nginx on loopback before `target`: keeps its upstream connections
+    alive, as a platform's front does; optionally turns every request into GET
+    and gives up on a silent upstream after `read_timeout` seconds."""
+
+    def __init__(self, folder: Path, target: str, *, as_get: bool = False, read_timeout: float = 600):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        folder.mkdir(exist_ok=True)
+        config = folder / "nginx.conf"
+        config.write_text(NGINX_CONF.format(
+            dir=folder, port=self.port, target=target.removeprefix("http://"), read_timeout=read_timeout,
+            method="proxy_method GET;" if as_get else "", user="user root;" if os.geteuid() == 0 else "",
+        ))
+        self.folder = folder
+        self.process = subprocess.Popen(["nginx", "-p", str(folder), "-c", str(config)], stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while not (folder / "nginx.pid").exists():  # written once it listens
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nginx did not start: {self.process.stderr.read().decode()}")
+            time.sleep(0.02)
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(10)
+        self.process.stderr.close()
+
+
+@pytest.fixture
+def nginx(tmp_path):
+    """Start nginx fronts; they are stopped when the test ends."""
+    started = []
+
+    def start(target: str, **options) -> str:
+        front = NginxFront(tmp_path / f"nginx-{len(started)}", target, **options)
+        started.append(front)
+        return front.url
+
+    yield start
+    for front in started:
+        front.stop()

@@ -23,7 +23,7 @@ class GetOnlyHandler(RequestHandler):
         return None
 
     async def get(self):
-        headers = dict(end_to_end(self.request.headers))
+        headers = dict(end_to_end(self.request.headers.get_all()))
         headers.update({"Host": PUBLIC_HOST, "CF-Connecting-IP": "203.0.113.7", "X-Forwarded-Proto": "https"})
         headers.pop("Content-Length", None)
         request = HTTPRequest(

@@ -1,6 +1,7 @@
 """Clients and upstreams at the byte level, for what a library client would hide."""
 
 import asyncio
+import json
 import socket
 import time
 from urllib.parse import urlsplit
@@ -162,3 +163,40 @@ class CannedUpstream(ScriptedUpstream):
             await writer.drain()
         if self.linger:
             await reader.read()
+
+
+async def read_response(reader, *, head: bool = False) -> tuple[int, dict[str, list[str]], bytes]:
+    """One whole response from a raw connection: its status, headers and (de-chunked) body."""
+    status, headers, _ = split_response(await reader.readuntil(b"\r\n\r\n"))
+    if head or status in (204, 304):
+        return status, headers, b""
+    if "content-length" in headers:
+        return status, headers, await reader.readexactly(int(headers["content-length"][0]))
+    if headers.get("transfer-encoding") == ["chunked"]:
+        body = b""
+        while size := int((await reader.readline()).split(b";")[0], 16):
+            body += await reader.readexactly(size)
+            await reader.readexactly(2)
+        await reader.readuntil(b"\r\n")  # no trailers are sent: the blank line
+        return status, headers, body
+    return status, headers, await reader.read()
+
+
+async def until(condition, *, limit: float = 10.0) -> None:
+    """Wait until `condition()` holds: for a state no event announces."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not true after {limit} s")
+        await asyncio.sleep(0.01)
+
+
+async def read_log(process, message):
+    """Read a process's JSON log lines until one has `message`; return it."""
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await asyncio.wait_for(loop.run_in_executor(None, process.stdout.readline), 30)
+        assert line, process.stderr.read()
+        record = json.loads(line)
+        if record["message"] == message:
+            return record

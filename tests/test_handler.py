@@ -6,15 +6,14 @@ import gc
 import hashlib
 import json
 import socket
-import struct
 import time
 import weakref
 
 import httpx
 import pytest
-from tornado.iostream import IOStream
 
-from tornado_ollama_proxy.handler import ProxyHandler, send_now_or_queue
+from tornado_ollama_proxy.handler import ProxyHandler
+from tornado_ollama_proxy.routes import parse_routes
 
 from .helpers import (
     BlackHole,
@@ -22,6 +21,7 @@ from .helpers import (
     open_raw,
     raw_request,
     read_chunked_to_end,
+    read_response,
     settled,
     split_response,
     unused_url,
@@ -544,8 +544,8 @@ async def test_a_request_answered_before_its_body_leaves_nothing_behind(make_pro
     # Nothing may keep the finished handler: not a timer armed once the body was in.
     freed, initialize = asyncio.Event(), ProxyHandler.initialize
 
-    def tracked(handler, proxy):
-        initialize(handler, proxy)
+    def tracked(handler):
+        initialize(handler)
         weakref.finalize(handler, freed.set)
 
     monkeypatch.setattr(ProxyHandler, "initialize", tracked)
@@ -644,13 +644,19 @@ async def test_upstream_dying_mid_stream_cuts_the_connection(proxy_url, fake, ht
     assert len(received) == 2 and not any(part["done"] for part in received)
 
 
-@pytest.mark.parametrize("answer", [b"", b"SPDY/9 banana\r\n\r\n"])
-async def test_upstream_closing_without_a_valid_answer_is_a_502(make_proxy, http, answer):
+@pytest.mark.parametrize(
+    "answer, reason",
+    [
+        (b"", "closed the connection without a valid HTTP response"),
+        (b"SPDY/9 banana\r\n\r\n", "sent an answer this proxy cannot relay: invalid HTTP/1.1 answer: Expected HTTP/"),
+    ],
+)
+async def test_upstream_closing_without_a_valid_answer_is_a_502(make_proxy, http, answer, reason):
     canned = CannedUpstream(answer)
     url = await canned.start()
     response = await http.get(make_proxy(upstream=url) + "/api/tags")
     assert response.status_code == 502
-    assert response.json() == {"error": f"upstream {url} closed the connection without a valid HTTP response"}
+    assert response.json()["error"].startswith(f"upstream {url} {reason}")
     await canned.stop()
 
 
@@ -757,70 +763,158 @@ async def test_the_reserved_prefix_is_never_forwarded(proxy_url, fake, http):
     assert fake.seen == []
 
 
-# -- sending to the client ------------------------------------------------------------
+# -- early answers keep the connection usable, or say they close it ------------------
+
+VERSION = b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
-def stream_to_peer(sndbuf: int | None = None) -> tuple[IOStream, socket.socket]:
-    """An IOStream on one end of a loopback TCP connection, and the plain socket at the other."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        client = socket.socket()
-        if sndbuf is not None:
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-        client.connect(listener.getsockname())
-        peer, _ = listener.accept()
-    peer.setblocking(False)
-    return IOStream(client), peer
+def request_bytes(method: bytes, target: bytes, body: bytes = b"", *headers: bytes) -> bytes:
+    lines = [method + b" " + target + b" HTTP/1.1", b"Host: x", *headers]
+    if body:
+        lines.append(b"Content-Length: %d" % len(body))
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
-async def receive(peer: socket.socket, size: int) -> bytes:
-    received = b""
-    while len(received) < size:
-        received += await asyncio.get_running_loop().sock_recv(peer, size - len(received))
-    return received
+EARLY_ANSWERS = {
+    "rate limited": ({"rate_limit_routes": {"/api/chat": "0/minute"}}, request_bytes(b"POST", b"/api/chat", b'{"model": "x"}'), 429),
+    "concurrency cap": ({"concurrency_total": 1, "rate_limit_exempt": ()}, None, 503),
+    "bad target": ({}, request_bytes(b"POST", b"/api/../x", b'{"a": 1}'), 400),
+    "lost body": ({}, request_bytes(b"GET", b"/api/chat"), 400),
+    "unmapped rejected": ({"unmapped_paths": "reject"}, request_bytes(b"POST", b"/api/new", b"{}"), 404),
+    "bad override": ({}, request_bytes(b"GET", b"/api/tags", b"", b"X-HTTP-Method-Override: POST"), 405),
+    "reserved, encoded": ({}, request_bytes(b"GET", b"/%5Fproxy/health"), 404),
+}
 
 
-async def test_sending_what_the_socket_takes_at_once_costs_no_future(io_loop):
-    stream, peer = stream_to_peer()
-    assert send_now_or_queue(stream, b"token") is None
-    assert await receive(peer, 5) == b"token"
-    stream.close()
-    peer.close()
+@pytest.mark.parametrize("name", EARLY_ANSWERS)
+async def test_an_early_answer_leaves_the_connection_usable(make_proxy, fake, name):
+    overrides, request, status = EARLY_ANSWERS[name]
+    if request is None:  # the cap is taken by a silent stream first
+        proxy = make_proxy(**overrides)
+        _, holder = await open_raw(proxy)
+        body = json.dumps({**CHAT, "model": "silent"}).encode()
+        holder.write(request_bytes(b"POST", b"/api/chat", body))
+        await asyncio.wait_for(fake.arrived.get(), 5)
+        request = request_bytes(b"POST", b"/api/show", b'{"model": "llama3.2"}')
+    else:
+        proxy = make_proxy(**overrides)
+    reader, writer = await open_raw(proxy)
+    writer.write(request)
+    answered, headers, body = await read_response(reader)
+    assert answered == status and "error" in json.loads(body)
+    assert "connection" not in headers  # kept: its small body was read and dropped
+    if name == "concurrency cap":
+        holder.close()
+        await asyncio.wait_for(fake.disconnected.get(), 5)
+    writer.write(VERSION)  # the same connection serves the next request
+    assert await read_response(reader) == (200, ANY_HEADERS, b'{"version": "0.32.0"}')
+    writer.close()
 
 
-async def test_what_the_socket_does_not_take_is_queued_in_order(io_loop):
-    stream, peer = stream_to_peer(sndbuf=65536)
-    big, more = bytes(range(256)) * 16384, b"after"  # 4 MiB: more than the kernel takes at once
-    first = send_now_or_queue(stream, big)
-    assert first is not None and not first.done()
-    second = send_now_or_queue(stream, more)  # queued behind the first, not sent past it
-    assert second is not None
-    assert await receive(peer, len(big) + len(more)) == big + more
-    await second
-    assert first.done() and not stream.writing()
-    stream.close()
-    peer.close()
+class _AnyHeaders:
+    def __eq__(self, other):
+        return isinstance(other, dict)
 
 
-async def test_a_full_socket_queues_the_whole_piece(io_loop):
-    stream, peer = stream_to_peer(sndbuf=4096)
-    filled = 0
-    with contextlib.suppress(BlockingIOError):
-        while True:
-            filled += stream.socket.send(b"f" * 4096)
-    queued = send_now_or_queue(stream, b"next")
-    assert queued is not None and not queued.done()
-    assert (await receive(peer, filled + 4))[-4:] == b"next"
-    await queued
-    stream.close()
-    peer.close()
+ANY_HEADERS = _AnyHeaders()
 
 
-async def test_a_client_that_reset_closes_the_stream(io_loop):
-    stream, peer = stream_to_peer()
-    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    peer.close()
-    assert send_now_or_queue(stream, b"token") is None
-    assert stream.closed()
-    assert send_now_or_queue(stream, b"token") is None  # nothing to wait for
+async def test_an_early_answer_to_a_large_body_says_it_closes_and_does(make_proxy, fake):
+    proxy = make_proxy(rate_limit_routes={"/api/blobs/{digest}": "0/minute"})
+    reader, writer = await open_raw(proxy)
+    size = 10 * 1024 * 1024
+    writer.write(b"POST /api/blobs/sha256:%s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (b"5" * 64, size))
+    status, headers, body = await read_response(reader)
+    assert (status, headers["connection"]) == (429, ["close"])
+    assert await reader.read() == b""  # closed, as it said: not left for a front to reuse
+    assert fake.seen == []
+    writer.close()
+
+
+async def test_a_chunked_body_under_a_refusal_is_read_until_it_grows_too_large(make_proxy, fake):
+    proxy = make_proxy(rate_limit_routes={"/api/chat": "0/minute"})
+    reader, writer = await open_raw(proxy)
+    writer.write(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n")
+    await asyncio.sleep(0.2)  # the refusal waits for the body to end: nothing may arrive yet
+    assert not reader._buffer  # noqa: SLF001 -- nothing answered yet
+    writer.write(b"10000\r\n" + b"x" * 0x10000 + b"\r\n")  # past the amount worth reading for nothing
+    status, headers, _ = await read_response(reader)
+    assert (status, headers["connection"]) == (429, ["close"])
+    writer.close()
+
+
+async def test_a_preflight_on_a_kept_connection_leaves_it_usable(make_proxy, fake):
+    proxy = make_proxy(cors_origins=(APP,))
+    reader, writer = await open_raw(proxy)
+    writer.write(request_bytes(b"OPTIONS", b"/api/chat", b"", b"Origin: " + APP.encode(), b"Access-Control-Request-Method: POST"))
+    status, headers, _ = await read_response(reader)
+    assert status == 204 and "connection" not in headers
+    writer.write(VERSION)
+    assert (await read_response(reader))[0] == 200
+    writer.close()
+
+
+async def test_an_unknown_method_answer_says_it_closes(proxy_url):
+    reader, writer = await open_raw(proxy_url)
+    writer.write(b"BREW /api/tags HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+    status, headers, body = await read_response(reader)
+    assert (status, headers["connection"], json.loads(body)) == (405, ["close"], {"error": "method not allowed"})
+    assert await reader.read() == b""
+    writer.close()
+
+
+# -- framing Tornado would refuse later is checked first --------------------------------
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: 0\r\nTransfer-Encoding: chunked",
+        b"Content-Length: 5\r\nTransfer-Encoding: chunked",
+        b"Transfer-Encoding: gzip, chunked",
+        b"Content-Length: 2\r\nContent-Length: 3",
+    ],
+)
+async def test_framing_tornado_refuses_is_answered_once_before_anything_else(make_proxy, fake, framing):
+    proxy = make_proxy(rate_limit="1/minute")
+    reader, writer = await open_raw(proxy)
+    writer.write(b"POST /api/version HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n\r\n0\r\n\r\n")
+    raw = await reader.read()  # everything, to the close
+    status, headers, body = split_response(raw)
+    assert status == 400 and headers["connection"] == ["close"]
+    assert body == json.dumps({"error": json.loads(body)["error"]}).encode()  # one answer, nothing after it
+    assert fake.seen == []  # nothing went upstream
+    writer.close()
+    # ... and the client's limit was not charged for it.
+    assert (await raw_request(proxy, VERSION)).startswith(b"HTTP/1.1 200 ")
+
+
+# -- targets ------------------------------------------------------------------------------
+
+
+async def test_a_fragment_in_the_target_is_refused(proxy_url, fake):
+    status, _, body = split_response(await raw_request(proxy_url, b"POST /api/pull#1 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"))
+    assert status == 400 and b"'#'" in body
+    assert fake.seen == []
+
+
+@pytest.mark.parametrize("target", [b"/%5Fproxy/health", b"/_proxy%2fhealth", b"/%5f%70roxy/metrics"])
+async def test_the_reserved_prefix_is_never_forwarded_however_spelled(proxy_url, fake, target):
+    status, _, body = split_response(await raw_request(proxy_url, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n"))
+    assert status == 404 and b"is not an endpoint of this proxy" in body
+    assert fake.seen == []
+
+
+async def test_placeholders_reach_the_upstream_path_still_encoded(make_proxy):
+    canned = CannedUpstream(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    route = {"path": "/x/{name}", "methods": ["GET"], "upstream_path": "/api/y/{name}"}
+    proxy = make_proxy(upstream=await canned.start(), routes=parse_routes([route]))
+    await raw_request(proxy, b"GET /x/a%20b%3Fc%2Fd?q=%2F HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert canned.requests[0].startswith(b"GET /api/y/a%20b%3Fc%2Fd?q=%2F HTTP/1.1\r\n")
+    await canned.stop()
+
+
+async def test_an_untrusted_peer_cannot_say_which_scheme_or_host_it_used(proxy_url, fake, http):
+    await http.get(proxy_url + "/api/tags", headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "evil.example"})
+    [seen] = fake.seen
+    assert (seen.headers["X-Forwarded-Proto"], seen.headers["X-Forwarded-Host"]) == ("http", proxy_url.removeprefix("http://"))

@@ -38,14 +38,15 @@ async def test_counters_after_a_known_sequence(proxy_url, fake, http):
     samples = await scrape(http, proxy_url)
     assert value(samples, "ollama_proxy_requests_total", route="/api/tags", method_out="GET", status="200") == 1
     assert value(samples, "ollama_proxy_requests_total", route="/api/chat", method_out="POST", status="200") == 2
-    assert value(samples, "ollama_proxy_requests_total", route="/api/chat", method_out="GET", status="400") == 1
+    # Refused before going upstream: no method went out, as the access record says.
+    assert value(samples, "ollama_proxy_requests_total", route="/api/chat", method_out="none", status="400") == 1
     assert value(samples, "ollama_proxy_method_corrections_total", route="/api/chat", method_in="GET", method_out="POST") == 2
     assert value(samples, "ollama_proxy_request_duration_seconds_count", route="/api/chat") == 3
     assert value(samples, "ollama_proxy_time_to_first_byte_seconds_count", route="/api/chat") == 2
     assert value(samples, "ollama_proxy_body_bytes_total", direction="out") == len(tags.content) + 2 * len(chat.content)
     assert value(samples, "ollama_proxy_body_bytes_total", direction="in") == 2 * len(body)
-    # The scrape itself is in flight while it is answered; nothing else is.
-    assert value(samples, "ollama_proxy_requests_in_flight") == 1
+    # Forwarded requests only: the scrape does not count itself.
+    assert value(samples, "ollama_proxy_requests_in_flight") == 0
     assert value(samples, "ollama_proxy_streams_in_flight") == 0
 
 
@@ -63,7 +64,7 @@ async def test_streams_in_flight_and_client_disconnects(proxy_url, fake, http):
     await reader.readuntil(b'"done": false}\n')
     during = await scrape(http, proxy_url)
     assert value(during, "ollama_proxy_streams_in_flight") == 1
-    assert value(during, "ollama_proxy_requests_in_flight") == 2
+    assert value(during, "ollama_proxy_requests_in_flight") == 1
     writer.close()
     await asyncio.wait_for(fake.disconnected.get(), 2)
     after = await scrape(http, proxy_url)
@@ -104,4 +105,4 @@ async def test_rate_limited_requests_are_counted_by_reason(make_proxy, http):
         await http.get(proxy + "/api/tags")
     samples = await scrape(http, proxy)
     assert value(samples, "ollama_proxy_rate_limited_total", route="/api/tags", reason="rate") == 2
-    assert value(samples, "ollama_proxy_requests_total", route="/api/tags", method_out="GET", status="429") == 2
+    assert value(samples, "ollama_proxy_requests_total", route="/api/tags", method_out="none", status="429") == 2

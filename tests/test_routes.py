@@ -12,6 +12,7 @@ from tornado_ollama_proxy.routes import (
     RouteTable,
     check_target,
     decide_method,
+    is_reserved,
     parse_route,
 )
 
@@ -177,13 +178,24 @@ def test_unload_aliases_merge_keep_alive_zero():
 # -- the table ---------------------------------------------------------------
 
 
-def test_match_fills_placeholders_and_compares_decoded_paths():
+def test_match_compares_decoded_segments_and_keeps_placeholders_as_they_arrived():
     table = RouteTable([Route("/a/{x}/b/{y}", ("GET",), upstream_path="/c/{y}/{x}")])
-    route, params = table.match("/a/1/b/2%3A3")
-    assert params == {"x": "1", "y": "2:3"}
-    assert route.upstream_target(params) == "/c/2:3/1"
+    route, params = table.match("/%61/1/b/2%3A3%20%3F%2F")
+    # Encoded as they came: a decoded "%20" would put a space in the request
+    # line, "%3F" a query, "%2F" another segment.
+    assert params == {"x": "1", "y": "2%3A3%20%3F%2F"}
+    assert route.upstream_target(params) == "/c/2%3A3%20%3F%2F/1"
     assert table.match("/a/1/b") is None
     assert table.match("/a/1/2/b/3") is None
+    assert table.match("/a//b/3") is None  # a placeholder is never empty
+    assert table.match("/a/1/c/3") is None
+
+
+def test_the_reserved_prefix_is_recognised_however_it_is_spelled():
+    assert is_reserved("/_proxy/health")
+    assert is_reserved("/%5Fproxy/health")
+    assert is_reserved("/_proxy%2fhealth")
+    assert not is_reserved("/api/_proxy/health")
 
 
 def test_later_entries_replace_earlier_ones_for_the_same_path():
@@ -244,7 +256,9 @@ def test_parse_route_names_the_bad_field(entry, message):
 # -- check_target -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("uri", ["/", "/api/tags", "/api/tags?x=../y", "/v1/models/a.b", "/api/..x", "/%41pi"])
+@pytest.mark.parametrize(
+    "uri", ["/", "/api/tags", "/api/tags?x=../y", "/v1/models/a.b", "/api/..x", "/%41pi", "/api/tags?q=%23%0A"]
+)
 def test_plain_paths_pass(uri):
     check_target(uri)
 
@@ -266,6 +280,10 @@ def test_plain_paths_pass(uri):
         ("/api/%00", "control characters"),
         ("/api/%0d%0aHost:%20x", "control characters"),
         ("/api/%7f", "control characters"),
+        ("/api/pull#1", "contains '#'"),
+        ("/api/tags?x=#y", "contains '#'"),
+        ("/api/tags?x=\x01", "target contains control characters"),
+        ("/api/\x7f", "target contains control characters"),
     ],
 )
 def test_escaping_and_foreign_targets_are_refused(uri, reason):

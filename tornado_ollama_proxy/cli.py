@@ -10,6 +10,7 @@ from .logs import configure_logging, effective_configuration
 from .plugins import PluginError, make_plugin_manager
 from .server import loop_factory, serve
 from .settings import DEFAULT_FILE, SettingsError, load_settings
+from .tornado_private import IncompatibleTornado, require
 from .workers import Supervisor, inherited_sockets, worker_count
 
 PROG = "tornado-ollama-proxy"
@@ -34,11 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     flags = {key: getattr(args, key) for key in ("host", "port", "upstream", "workers") if getattr(args, key)}
     try:
+        require()
         settings = load_settings(args.settings, flags=flags)
         pm = make_plugin_manager(settings)
         app = make_app(settings, pm)
         new_loop = loop_factory(settings.event_loop)
-    except (SettingsError, PluginError) as error:
+    except (SettingsError, PluginError, IncompatibleTornado) as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 2
     configure_logging(pm, settings)
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": effective_configuration(settings),
             "upstream": settings.upstream_base,
             "plugins": [name for name, _ in pm.list_name_plugin()],
-            "routes": len(app.proxy.routes),
+            "routes": len(app.settings["proxy"].routes),
             "event_loop": "asyncio" if new_loop is None else "uvloop",
         },
     )

@@ -1,11 +1,12 @@
 """The request handlers: the forwarding proxy and the proxy's own endpoints.
 
-A forwarded request goes through these steps, each in its own method:
-`prepare` decides the method and target and starts the upstream fetch;
-`data_received` streams the request body into it; the HTTP-method handler
-marks the body complete and waits for `_exchange`, which relays the
-response as it arrives (`_on_upstream_header`, `_on_upstream_chunk`) and
-ends it cleanly, with an error, or by cutting the connection.
+A forwarded request flows through three parts, each with one job:
+`body.BodyPump` takes the client's body upstream, `relay.AnswerRelay` takes
+the answer back to the client (with backpressure in `relay.ClientFlow`), and
+`ending` watches for silence and accounts for the request once. The handler
+below is the Tornado-facing shell that plans the request, admits it, starts
+the upstream exchange, and chooses how it ends: cleanly, with an error, or
+by cutting the connection.
 """
 
 from __future__ import annotations
@@ -13,63 +14,56 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import logging
 import time
-from contextlib import suppress
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from tornado import httputil
-from tornado.iostream import IOStream, StreamClosedError
 from tornado.web import RequestHandler, stream_request_body
 
 from . import cors
+from .body import ALIAS_BODY_LIMIT, SMALL_BODY, BodyPump
 from .clients import client_address, in_networks, parse_address
+from .ending import UPSTREAM, AccessRecord, Watchdog, account
 from .errors import Rejection, error_body
-from .headers import end_to_end, upstream_request_headers
-from .logs import (
-    ACCESS_LOGGER,
-    REQUEST_ID_HEADER,
-    accept_request_id,
-    request_id_var,
-    sampled,
-)
+from .framing import Head, declared_body
+from .headers import upstream_request_headers
+from .logs import REQUEST_ID_HEADER, accept_request_id, request_id_var
+from .proxy import Proxy
 from .ratelimit import Admission, RateLimited
-from .routes import METHODS, Route, check_target, decide_method
+from .relay import AnswerRelay, ClientFlow
+from .routes import METHODS, Route, check_target, decide_method, is_reserved
 from .upstream import ClientGone, IdleTimeout
 from .upstream_client import AbortableRequest
 
 if TYPE_CHECKING:
-    from .app import Proxy
-
-access_log = logging.getLogger(ACCESS_LOGGER)
+    from tornado.http1connection import HTTP1Connection
 
 JSON_TYPE = "application/json; charset=utf-8"
-# Alias bodies are held whole to merge their defaults in, up to this size.
-SMALL_BODY_LIMIT = 1024 * 1024
 # Tornado's server caps bodies at 100 MB by default; max_body_size is the proxy's own limit.
 UNLIMITED = 2**62
+# A refusal waits for a body up to this size, read and dropped, so that the
+# connection stays usable (a keep-alive front shares it); past it, the answer
+# goes at once with Connection: close.
+DISCARD_LIMIT = 64 * 1024
 
 
 class BaseHandler(RequestHandler):
     """What every answer shares: a request id, Ollama-shaped errors, and at its end
     one access record and the request metrics."""
 
-    def __init__(self, application, request, **kwargs) -> None:
+    def __init__(self, application: Any, request: httputil.HTTPServerRequest, **kwargs: Any) -> None:
         # Set before Tornado starts the handler's task, so the task and every
         # task it starts carry the id into their log records.
         self.request_id = accept_request_id(request.headers.get(REQUEST_ID_HEADER))
         request_id_var.set(self.request_id)
-        self.proxy: Proxy = kwargs["proxy"]
-        self.client = client_address(request.remote_ip, request.headers, self.proxy.trusted_networks)
+        self.proxy: Proxy = application.settings["proxy"]
+        client = client_address(request.remote_ip, request.headers, self.proxy.trusted_networks)
+        self.record = AccessRecord(self.request_id, client, request.method or "GET", request.path)
         self.started = time.monotonic()
-        self.outcome: str | None = None
         self._ended = False
         self.proxy.in_flight.enter()
-        self.proxy.metrics.in_flight.inc()
         super().__init__(application, request, **kwargs)
-
-    def initialize(self, proxy: Proxy) -> None:
-        pass  # taken in __init__
 
     def set_default_headers(self) -> None:
         self.set_header(REQUEST_ID_HEADER, self.request_id)  # also after an error's reset
@@ -77,13 +71,12 @@ class BaseHandler(RequestHandler):
     def compute_etag(self) -> None:
         return None  # relayed answers carry the upstream's headers, none invented
 
-    def write_error(self, status_code: int, **kwargs) -> None:
-        self.outcome = "rejected"
-        self.set_header("Content-Type", JSON_TYPE)
-        self.finish(error_body(httputil.responses.get(status_code, "error").lower()))
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        self.answer_error(Rejection(status_code, httputil.responses.get(status_code, "error").lower()))
 
-    def reject(self, rejection: Rejection) -> None:
-        self.outcome = self.outcome or "rejected"
+    def answer_error(self, rejection: Rejection) -> None:
+        """Answer `{"error": message}` with the rejection's status and headers."""
+        self.record.outcome = self.record.outcome or "rejected"
         self.set_status(rejection.status)
         for name, value in rejection.headers.items():
             self.set_header(name, value)
@@ -95,32 +88,8 @@ class BaseHandler(RequestHandler):
 
     def on_connection_close(self) -> None:
         super().on_connection_close()
-        self.outcome = self.outcome or "client_gone"
+        self.record.outcome = self.record.outcome or "client_gone"
         self.end()
-
-    def access_record(self) -> dict:
-        """The fields of this request's access record (bodies never, headers only by allow-list)."""
-        request = self.request
-        record = {
-            "request_id": self.request_id,
-            "client": self.client,
-            "method_in": request.method,
-            "method_out": None,
-            "path": request.path,
-            "route": request.path,
-            "upstream_status": None,
-            "status": self.get_status(),
-            "bytes_in": 0,
-            "bytes_out": 0,
-            "ttfb_ms": None,
-            "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
-            "chunks": 0,
-            "outcome": self.outcome or "ok",
-        }
-        allowed = self.proxy.settings.log_headers
-        if allowed:
-            record["headers"] = {name: request.headers[name] for name in allowed if name in request.headers}
-        return record
 
     def end(self) -> None:
         """Account for the request once, whichever way it ended."""
@@ -128,376 +97,345 @@ class BaseHandler(RequestHandler):
             return
         self._ended = True
         self.proxy.in_flight.leave()
-        record = self.access_record()
-        metrics = self.proxy.metrics
-        metrics.in_flight.dec()
-        metrics.requests.labels(record["route"], record["method_out"] or record["method_in"], record["status"]).inc()
-        metrics.duration.labels(record["route"]).observe(record["duration_ms"] / 1000)
-        if record["ttfb_ms"] is not None:
-            metrics.ttfb.labels(record["route"]).observe(record["ttfb_ms"] / 1000)
-        metrics.bytes.labels("in").inc(record["bytes_in"])
-        metrics.bytes.labels("out").inc(record["bytes_out"])
-        if sampled(self.request.path, self.proxy.settings.access_log_sampling):
-            access_log.info("request", extra=record)
+        record = self.record
+        record.status = self.get_status()
+        record.duration_ms = round((time.monotonic() - self.started) * 1000, 3)
+        record.outcome = record.outcome or "ok"
+        allowed = self.proxy.settings.log_headers
+        headers = self.request.headers
+        account(self.proxy, record, {name: headers[name] for name in allowed if name in headers} if allowed else None)
 
 
 @stream_request_body
 class ProxyHandler(BaseHandler):
     SUPPORTED_METHODS = METHODS
 
-    def initialize(self, proxy: Proxy) -> None:
-        loop = asyncio.get_running_loop()
-        self._loop = loop
-        self._upstream_request: AbortableRequest | None = None
-        self._exchange_task: asyncio.Future | None = None
-        # Resolved with the upstream connection's write function once it wants
-        # the body, or None when the upstream is gone.
-        self._body_writer: asyncio.Future = loop.create_future()
-        # Resolved when the whole request body has been passed on.
-        self._body_complete: asyncio.Future = loop.create_future()
-        # Resolved when the client has sent its whole body (or left): an answer
-        # that ends earlier would reach a client still sending, which could
-        # miss it when the connection closes under unread bytes.
-        self._body_received: asyncio.Future = loop.create_future()
-        self._small_body: list[bytes] | None = None
-        self._pending: tuple[str, str, httputil.HTTPHeaders, Route] | None = None
-        self._received = 0
-        self._upstream_status: httputil.ResponseStartLine | None = None
-        self._upstream_headers = httputil.HTTPHeaders()
-        self._response_started = False
-        self._head_sent = False
-        self._closed = False  # answered, or the client left: nothing more to write
-        self._relaying = False
-        self._last_activity = loop.time()
-        self._idle_timer: asyncio.TimerHandle | None = None
-        self._added_headers: dict[str, str] = {}  # CORS and rate-limit headers for every answer
-        self._admission: Admission | None = None
-        # For the access record and the metrics.
-        self._route_label = "unmapped"
-        self._method_out: str | None = None
-        self._upstream_code: int | None = None
-        self._ttfb: float | None = None
-        self._bytes_out = 0
-        self._chunks = 0
+    def initialize(self) -> None:
+        self.record.route = "unmapped"
+        self.proxy.metrics.in_flight.inc()
+        self.watchdog: Watchdog | None = None
+        self.body: BodyPump | None = None
+        self.relay: AnswerRelay | None = None
+        # An answer decided before the body was read (a refusal, a preflight):
+        # given once the body is in, so that the connection stays usable.
+        self.early: Callable[[], None] | None = None
+        self.admission: Admission | None = None
+        self.added_headers: dict[str, str] = {}  # CORS and rate-limit headers for every answer
+        self.upstream_request: AbortableRequest | None = None
+        self.fetching: asyncio.Future[Any] | None = None
+        self.exchange: asyncio.Future[None] | None = None
+        self.answered = False  # an answer is complete, or cut: nothing more to write
+        self.failure: Rejection | None = None  # what to tell the client about an upstream failure
+        self.pending: tuple[str, str, httputil.HTTPHeaders, Route | None] | None = None  # waits for a held body
 
     # -- request side -------------------------------------------------------
 
     async def prepare(self) -> None:
         request = self.request
-        request.connection.set_max_body_size(UNLIMITED)
+        request.connection.set_max_body_size(UNLIMITED)  # type: ignore[union-attr]
+        try:
+            declared = declared_body(request.headers)
+        except Rejection as rejection:
+            self.answer_closing(rejection)  # Tornado will refuse to read this body
+            return
+        self.watchdog = Watchdog(self.proxy.upstream.idle_timeout, self._on_silence)
+        self.body = body = BodyPump(declared, self.proxy.settings.max_body_size, self.record, self.watchdog)
+        if self.proxy.draining:
+            self.set_header("Connection", "close")
+            self.answer_early(self._answer, Rejection(503, "the proxy is shutting down; retry", {"Retry-After": "1"}))
+            return
         origin = cors.allowed_origin(request.headers.get("Origin"), self.proxy.settings.cors_origins)
         if origin is not None and cors.is_preflight(request.headers):
-            self._answer_preflight(origin)
+            self.answer_early(self._answer_preflight, origin)
             return
         if origin is not None:
-            self._added_headers.update(cors.response_headers(origin))
+            self.added_headers.update(cors.response_headers(origin))
         try:
-            method, target, route, has_body = self._plan()
+            method, target, route = self._plan(declared)
             await self._admit()
         except Rejection as rejection:
-            self._reject(rejection)
+            self.answer_early(self._answer, rejection)
             return
         headers = upstream_request_headers(
             request.headers,
             upstream_host=self.proxy.upstream.host,
             client_ip=request.remote_ip,
             scheme=request.protocol,
+            trusted_peer=in_networks(parse_address(request.remote_ip), self.proxy.trusted_networks),
         )
         if origin is not None:
             del headers["Origin"]  # granted here; Ollama would refuse it
         headers[REQUEST_ID_HEADER] = self.request_id
-        if has_body and route is not None and route.body_defaults:
-            self._small_body = []
-            self._pending = (method, target, headers, route)
+        if route is not None and route.body_defaults and body.present:
+            body.hold(ALIAS_BODY_LIMIT)
+        elif declared is not None and 0 < declared <= SMALL_BODY:
+            body.hold(SMALL_BODY)
+        if body.held is not None:
+            self.pending = (method, target, headers, route)
             return
-        self._start(method, target, headers, body_producer=self._produce_body if has_body else None)
+        self._start(method, target, headers, body_producer=body.produce if body.present else None)
 
-    def _plan(self) -> tuple[str, str, Route | None, bool]:
-        """Method, upstream target, route and body presence, or a `Rejection`."""
+    def _plan(self, declared: int | None) -> tuple[str, str, Route | None]:
+        """Method, upstream target and route, or a `Rejection`."""
         request = self.request
-        check_target(request.uri)
+        uri = request.uri or "/"
+        check_target(uri)
+        if is_reserved(request.path):
+            raise Rejection(404, f"{request.path} is not an endpoint of this proxy")
         matched = self.proxy.routes.match(request.path)
         route, params = matched if matched else (None, {})
         if route is not None:
-            self._route_label = route.path
+            self.record.route = route.path
         if route is None and self.proxy.settings.unmapped_paths == "reject":
             raise Rejection(404, f"{request.path} is not an Ollama endpoint this proxy knows")
-        length = _declared_length(request.headers)
-        has_body = length is None or length > 0
-        method = decide_method(route, request.method, request.headers, has_body)
-        self._method_out = method
-        if method != request.method:
-            self.proxy.metrics.corrections.labels(self._route_label, request.method, method).inc()
+        method = decide_method(route, request.method or "GET", request.headers, declared != 0)
         limit = self.proxy.settings.max_body_size
-        if limit is not None and length is not None and length > limit:
-            raise Rejection(413, _too_large(limit))
+        if limit is not None and declared is not None and declared > limit:
+            raise Rejection(413, f"request body is larger than max_body_size ({limit} bytes)")
         path = (route.upstream_target(params) if route else None) or request.path
-        target = path + ("?" + request.query if request.query else "")
-        return method, target, route, has_body
+        return method, path + uri[len(request.path) :], route
 
     async def _admit(self) -> None:
         """Ask the limiter, if any, before anything goes upstream; exempt networks skip it."""
         limiter = self.proxy.limiter
-        if limiter is None or in_networks(parse_address(self.client), self.proxy.exempt_networks):
+        client = self.record.client
+        if limiter is None or in_networks(parse_address(client), self.proxy.exempt_networks):
             return
-        key = self.client
+        key = client
         key_header = self.proxy.settings.client_key_header
         if key_header and key_header in self.request.headers:
             # Keys are stored hashed: a shared Redis never holds an API key.
             key = "key:" + hashlib.sha256(self.request.headers[key_header].encode()).hexdigest()[:32]
         try:
-            self._admission = await limiter.admit(key, self._route_label)
+            self.admission = await limiter.admit(key, self.record.route)
         except RateLimited as refusal:
-            self.outcome = "rate_limited"
-            self.proxy.metrics.rate_limited.labels(self._route_label, refusal.reason).inc()
+            self.record.outcome = "rate_limited"
+            self.proxy.metrics.rate_limited.labels(self.record.route, refusal.reason).inc()
             raise
-        self._added_headers.update(self._admission.headers)
+        self.added_headers.update(self.admission.headers)
 
     async def data_received(self, chunk: bytes) -> None:
-        # Tornado stops delivering the body once a response has been sent.
-        self._received += len(chunk)
-        limit = self.proxy.settings.max_body_size
-        if limit is not None and self._received > limit:
-            self._refuse_body(_too_large(limit))
+        # Tornado stops delivering the body once a response has been finished.
+        body = self.body
+        assert body is not None
+        if self.early is not None:
+            self.record.bytes_in += len(chunk)
+            if self.record.bytes_in > DISCARD_LIMIT:
+                self._answer_early_now()  # too much to read for nothing
             return
-        if self._small_body is not None:
-            if self._received > SMALL_BODY_LIMIT:
-                self._refuse_body(
-                    f"a body for this route is held whole and may be at most {SMALL_BODY_LIMIT} bytes"
-                )
-                return
-            self._small_body.append(chunk)
-            return
-        write = await self._body_writer
-        if write is not None:
-            with suppress(StreamClosedError):  # the fetch reports what happened upstream
-                await write(chunk)
+        try:
+            await body.feed(chunk)
+        except Rejection as rejection:
+            self._end_early(rejection)
 
-    async def _produce_body(self, write) -> None:
-        self._body_writer.set_result(write)
-        await self._body_complete
+    async def get(self) -> None:
+        """Every method lands here once the client's body has been received."""
+        body = self.body
+        assert body is not None
+        body.arrived()
+        if self.early is not None:
+            self.early()
+            return
+        if self.pending is not None:
+            method, target, headers, route = self.pending
+            content = body.whole()
+            if route is not None and route.body_defaults:
+                try:
+                    content = _merge_body(content, route)
+                except Rejection as rejection:
+                    self._answer(rejection)
+                    return
+            headers["Content-Length"] = str(len(content))
+            self._start(method, target, headers, body=content)
+        assert self.exchange is not None
+        await self.exchange
+
+    head = post = put = patch = delete = options = get
+
+    # -- upstream exchange --------------------------------------------------
+
+    def _start(self, method: str, target: str, headers: httputil.HTTPHeaders, **body: Any) -> None:
+        assert self.watchdog is not None
+        self.record.method_out = method
+        if method != self.request.method:
+            self.proxy.metrics.corrections.labels(self.record.route, self.request.method, method).inc()
+        connection: HTTP1Connection = self.request.connection  # type: ignore[assignment]
+        flow = ClientFlow(connection, self.watchdog, self.on_connection_close)
+        self.relay = relay = AnswerRelay(
+            self, flow, self.record, started=self.started, upstream_head=method == "HEAD", added_headers=self.added_headers
+        )
+        self.upstream_request = request = self.proxy.upstream.request(
+            method, target, headers, head_callback=self._on_head, streaming_callback=relay.on_piece, **body
+        )
+        self.fetching = self.proxy.upstream.fetch(request)
+        self.exchange = asyncio.ensure_future(self._exchange(self.fetching))
+
+    def _on_head(self, head: Head) -> None:
+        assert self.relay is not None
+        self.relay.on_head(head)
+        self.proxy.metrics.streams.inc()
+
+    async def _exchange(self, fetching: asyncio.Future[Any]) -> None:
+        """Wait for the answer's end, then end the request accordingly."""
+        try:
+            await fetching
+        except Exception as error:
+            kind, self.failure = self.proxy.upstream.failure(error)
+            self.proxy.metrics.upstream_errors.labels(kind).inc()
+            self.record.outcome = "timeout" if kind.endswith("timeout") else "upstream_error"
+        body = self.body
+        assert body is not None
+        body.stop()  # the rest of the body, if any, is dropped
+        # An answer that ended before the client's body was in waits for it:
+        # the client would otherwise miss it when the connection closes under
+        # unread bytes. The watchdog still ends a client that stops sending.
+        await body.received
+        if self.answered:
+            return
+        if self.failure is not None:
+            self._end_early(self.failure)
+            return
+        self.answered = True  # every piece has been handed to the kernel
+        self.record.outcome = "ok"
+        self.finish()
+
+    # -- endings --------------------------------------------------------------
+
+    def answer_early(self, answer: Callable[[Any], None], argument: Any) -> None:
+        """An answer decided before the body was read: given once a small body has
+        been read and dropped (the connection stays usable), else at once."""
+        body = self.body
+        assert body is not None
+        self.early = lambda: answer(argument)
+        if body.declared is not None and body.declared > DISCARD_LIMIT:
+            self._answer_early_now()
+
+    def _answer_early_now(self) -> None:
+        assert self.early is not None
+        self.set_header("Connection", "close")
+        self.early()
+
+    def answer_closing(self, rejection: Rejection) -> None:
+        """Answer, and close the connection (the answer says so)."""
+        self.set_header("Connection", "close")
+        self._answer(rejection)
+
+    def _answer(self, rejection: Rejection) -> None:
+        if self.answered:
+            return
+        self.answered = True
+        for name, value in self.added_headers.items():
+            self.add_header(name, value)  # so a browser app can read the error, and see its limits
+        self.answer_error(rejection)
 
     def _answer_preflight(self, origin: str) -> None:
-        self._closed = True
-        self.outcome = "ok"
+        self.answered = True
+        self.record.outcome = "ok"
         self.set_status(204)
         self.clear_header("Content-Type")
         for name, value in cors.preflight_headers(origin, self.request.headers).items():
             self.set_header(name, value)
         self.finish()
 
-    def _refuse_body(self, message: str) -> None:
+    def _end_early(self, rejection: Rejection) -> None:
+        """Stop the exchange; answer the rejection if nothing has been relayed yet, else cut."""
         self._abort_upstream(ClientGone())
-        if self._response_started:
-            self._cut()  # the upstream answered before the body was complete
-        else:
-            self._reject(Rejection(413, message))
-
-    async def get(self) -> None:
-        """Every method lands here once the request body has been received."""
-        _resolve(self._body_received, None)
-        if self._pending is not None:
-            method, target, headers, route = self._pending
-            try:
-                body = _merge_body(b"".join(self._small_body), route)
-            except Rejection as rejection:
-                self._reject(rejection)
-                return
-            headers["Content-Length"] = str(len(body))
-            self._start(method, target, headers, body=body)
-        _resolve(self._body_complete, None)
-        self._arm_idle_timer(self.proxy.upstream.idle_timeout)
-        await self._exchange_task
-
-    head = post = put = patch = delete = options = get
-
-    # -- upstream exchange --------------------------------------------------
-
-    def _start(self, method: str, target: str, headers, **body) -> None:
-        self._upstream_request = self.proxy.upstream.request(
-            method,
-            target,
-            headers,
-            header_callback=self._on_upstream_header,
-            streaming_callback=self._on_upstream_chunk,
-            **body,
-        )
-        self._exchange_task = asyncio.ensure_future(
-            self._exchange(self.proxy.upstream.fetch(self._upstream_request))
-        )
-
-    async def _exchange(self, response: asyncio.Future) -> None:
-        try:
-            await response
-            error = None
-        except Exception as failure:
-            error = failure
-        _resolve(self._body_writer, None)  # the rest of the body, if any, is dropped
-        _resolve(self._body_complete, None)
-        await self._body_received
-        # After the wait: get() arms the timer once the body is in, which may
-        # be after an early answer ended.
-        self._disarm_idle_timer()
-        if self._closed:
-            return
-        if error is None:
-            self._closed = True
-            self.outcome = "ok"
-            self.finish()
-            return
-        kind, rejection = self.proxy.upstream.failure(error)
-        self.proxy.metrics.upstream_errors.labels(kind).inc()
-        self.outcome = "timeout" if kind.endswith("timeout") else "upstream_error"
-        if self._response_started:
+        relay = self.relay
+        if relay is not None and relay.head is not None:
             self._cut()
+        elif self.body is not None and self.body.received.done():
+            self._answer(rejection)
         else:
-            self._reject(rejection)
+            self.answer_closing(rejection)
 
-    def _on_upstream_header(self, line: str) -> None:
-        self._last_activity = self._loop.time()
-        if self._upstream_status is None:
-            self._upstream_status = httputil.parse_response_start_line(line.rstrip())
-            self._upstream_headers = httputil.HTTPHeaders()
-        elif line != "\r\n":
-            self._upstream_headers.parse_line(line)
-        else:
-            status, self._upstream_status = self._upstream_status, None
-            self._start_response(status, self._upstream_headers)  # a final answer: the client skips 1xx
-
-    def _start_response(self, status: httputil.ResponseStartLine, headers) -> None:
-        self._upstream_code = status.code
-        self._ttfb = time.monotonic() - self.started
-        self.proxy.metrics.streams.inc()
-        self.set_status(status.code, status.reason)
-        for name in ("Content-Type", "Server", "Date"):
-            self.clear_header(name)
-        bodiless = self._upstream_request.method == "HEAD" and self.request.method != "HEAD"
-        for name, value in end_to_end(headers):
-            # A HEAD answer's Content-Length describes a body this client will not get.
-            if not (bodiless and name.lower() == "content-length"):
-                self.add_header(name, value)
-        self._add_headers()
-        self.set_header(REQUEST_ID_HEADER, self.request_id)
-        self._response_started = True
-        # The head goes out with the first piece of the body when that came in
-        # the same read (one write instead of two), else on the next loop turn,
-        # before a body that may be slow to come.
-        self._loop.call_soon(self._send_head)
-
-    def _send_head(self) -> None:
-        if not self._head_sent and not self._closed:
-            self._head_sent = True
-            self.flush()
-
-    def _on_upstream_chunk(self, chunk: bytes) -> asyncio.Future | None:
-        """Relay a piece of the answer; a pending result makes the upstream client wait (backpressure).
-
-        Once the head is out, a piece is framed by Tornado's connection
-        (`_format_chunk`, private API: tornado's minor version is pinned) and
-        sent with `send_now_or_queue`. A HEAD answer has no body.
-        """
-        self._chunks += 1
-        self._bytes_out += len(chunk)
-        self._last_activity = self._loop.time()
-        if self.request.method == "HEAD" or self._closed:
-            return None
-        if not self._head_sent:
-            self._head_sent = True
-            self.write(chunk)
-            self.flush()
-            return None
-        connection = self.request.connection
-        queued = send_now_or_queue(connection.stream, connection._format_chunk(chunk))
-        if queued is not None:
-            self._relaying = True
-            queued.add_done_callback(self._on_relayed)
-        return queued
-
-    def _on_relayed(self, sent: asyncio.Future) -> None:
-        self._relaying = False
-        self._last_activity = self._loop.time()
-        if sent.exception() is not None:
-            self.on_connection_close()  # the client left before taking it all
-
-    # -- timeouts, aborts and endings ---------------------------------------
-
-    def _arm_idle_timer(self, delay: float) -> None:
-        self._idle_timer = self._loop.call_later(delay, self._on_idle_timer)
-
-    def _disarm_idle_timer(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-
-    def _on_idle_timer(self) -> None:
-        timeout = self.proxy.upstream.idle_timeout
-        quiet = self._loop.time() - self._last_activity
-        if self._relaying or quiet < timeout:
-            # A slow client, not a silent upstream, or activity since arming.
-            self._arm_idle_timer(timeout - quiet if not self._relaying else timeout)
-        else:
+    def _on_silence(self, who: str) -> None:
+        """Nothing moved for idle_timeout: the client stopped sending its body, or the upstream went quiet."""
+        if who == UPSTREAM:
             self._abort_upstream(IdleTimeout())
+        elif self.early is not None:
+            self._answer_early_now()
+        elif self.failure is not None:
+            self._end_early(self.failure)  # the upstream failed, and the rest of the body is not coming
+        else:
+            self.record.outcome = "timeout"
+            self._end_early(Rejection(408, f"the client sent no body bytes for {self.proxy.upstream.idle_timeout:g} s"))
 
     def _abort_upstream(self, error: Exception) -> None:
-        if self._upstream_request is not None:
-            self._upstream_request.abort(error)
-        _resolve(self._body_writer, None)
-        _resolve(self._body_complete, None)
-
-    def _reject(self, rejection: Rejection) -> None:
-        self._closed = True
-        self._add_headers()  # so a browser app can read the error, and see its limits
-        self.reject(rejection)
-
-    def _add_headers(self) -> None:
-        for name, value in self._added_headers.items():
-            self.add_header(name, value)
+        if self.upstream_request is not None:
+            self.upstream_request.abort(error)
+        if self.body is not None:
+            self.body.stop()
 
     def _cut(self) -> None:
         """End a response that has started without a clean end, so the client can tell."""
-        self._closed = True
-        self.request.connection.close()
+        self.answered = True
+        self.request.connection.close()  # type: ignore[union-attr]
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        if self.body is None or not self.body.received.done():
+            self.set_header("Connection", "close")  # the body is unread: Tornado closes
+        self.answered = True
+        super().write_error(status_code, **kwargs)
+
+    def finish(self, chunk: Any = None) -> asyncio.Future[None]:
+        finishing = super().finish(chunk)
+        if self._headers.get("Connection") == "close":
+            # Said, so done: once the answer is out (Tornado closes by itself only
+            # when the body was left unread).
+            finishing.add_done_callback(lambda _: self.request.connection.close())  # type: ignore[union-attr]
+        return finishing
 
     def on_connection_close(self) -> None:
-        if self._response_started and not self._closed:
-            self.proxy.metrics.client_disconnects.inc()
-        self._closed = True
+        self.answered = True
+        # The rest on the next loop turn: an upstream end that arrived together
+        # with the client's leaving is read first, so that an answer the client
+        # had whole is not recorded as left half-way.
+        asyncio.get_running_loop().call_soon(self._client_left)
+
+    def _client_left(self) -> None:
+        record, fetching = self.record, self.fetching
+        if record.outcome is None:
+            if fetching is not None and fetching.done() and fetching.exception() is None:
+                record.outcome = "ok"  # the whole answer was handed over: leaving now loses nothing
+            elif self.relay is not None and self.relay.head is not None:
+                self.proxy.metrics.client_disconnects.inc()
         self._abort_upstream(ClientGone())
-        _resolve(self._body_received, None)
+        if self.body is not None:
+            self.body.arrived()
         super().on_connection_close()
 
     def end(self) -> None:
         if not self._ended:
-            if self._response_started:
+            self.proxy.metrics.in_flight.dec()
+            if self.relay is not None and self.relay.head is not None:
                 self.proxy.metrics.streams.dec()
-            if self._admission is not None:
-                self._admission.release()
+            if self.admission is not None:
+                self.admission.release()
+            if self.watchdog is not None:
+                self.watchdog.stop()
         super().end()
         # Its callbacks are this handler's methods: without this cycle the
         # handler is freed at once instead of at the next full collection.
-        self._upstream_request = None
-
-    def access_record(self) -> dict:
-        record = super().access_record()
-        record.update(
-            route=self._route_label,
-            method_out=self._method_out,
-            upstream_status=self._upstream_code,
-            bytes_in=self._received,
-            bytes_out=self._bytes_out,
-            ttfb_ms=None if self._ttfb is None else round(self._ttfb * 1000, 3),
-            chunks=self._chunks,
-        )
-        return record
+        self.upstream_request = None
 
 
 class HealthHandler(BaseHandler):
-    """200 when the upstream answers like Ollama, 503 with the reason when it does not."""
+    """200 when the upstream answers like Ollama, 503 with the reason when it does not (or while draining)."""
 
     async def get(self) -> None:
-        status, body = await self.proxy.health.status()
+        if self.proxy.draining:
+            status, body = 503, {"error": "the proxy is shutting down"}
+        else:
+            status, body = await self.proxy.health.status()
         self.set_status(status)
         self.set_header("Content-Type", JSON_TYPE)
-        self.finish(json.dumps(body))
+        if self.request.method == "HEAD":
+            self.set_header("Content-Length", str(len(json.dumps(body))))
+            self.finish()
+        else:
+            self.finish(json.dumps(body))
+
+    head = get
 
 
 class MetricsHandler(BaseHandler):
@@ -513,44 +451,7 @@ class ProxyNotFoundHandler(BaseHandler):
     """The reserved /_proxy/ prefix is never forwarded."""
 
     def prepare(self) -> None:
-        self.reject(Rejection(404, f"{self.request.path} is not an endpoint of this proxy"))
-
-
-def send_now_or_queue(stream: IOStream, data: bytes) -> asyncio.Future | None:
-    """Send `data` to the client; return the stream's future for what the
-    kernel did not take at once (the backpressure), or None when there is
-    nothing to wait for: all sent, or the client has gone (the connection's
-    close callback deals with that).
-
-    Straight to the socket when the stream has nothing queued before it: a
-    client that keeps up costs no future and no event-loop turn.
-    """
-    if stream.closed():
-        return None
-    if not stream.writing():
-        try:
-            sent = stream.socket.send(data)
-        except OSError:  # full, or the client has gone: the stream's own write finds out which
-            sent = 0
-        if sent == len(data):
-            return None
-        data = memoryview(data)[sent:]
-    queued = stream.write(data)
-    return None if queued.done() else queued
-
-
-def _declared_length(headers: httputil.HTTPHeaders) -> int | None:
-    """The request body's length, None when it comes chunked."""
-    if "Transfer-Encoding" in headers:
-        return None
-    value = headers.get("Content-Length", "0")
-    if not value.isascii() or not value.isdigit():
-        raise Rejection(400, f"Content-Length {value[:40]!r} is not a byte count")
-    return int(value)
-
-
-def _too_large(limit: int) -> str:
-    return f"request body is larger than max_body_size ({limit} bytes)"
+        self.answer_error(Rejection(404, f"{self.request.path} is not an endpoint of this proxy"))
 
 
 def _merge_body(body: bytes, route: Route) -> bytes:
@@ -561,9 +462,5 @@ def _merge_body(body: bytes, route: Route) -> bytes:
         data = None
     if not isinstance(data, dict):
         raise Rejection(400, f"{route.path} needs a JSON object body, such as {{\"model\": \"llama3.2\"}}")
+    assert route.body_defaults is not None
     return json.dumps({**route.body_defaults, **data}).encode()
-
-
-def _resolve(future: asyncio.Future, value) -> None:
-    if not future.done():
-        future.set_result(value)

@@ -1,5 +1,7 @@
 """Which headers cross the proxy, in each direction (RFC 9110 §7.6.1)."""
 
+from collections.abc import Iterable
+
 from tornado.httputil import HTTPHeaders
 
 from .routes import OVERRIDE_HEADER
@@ -18,43 +20,58 @@ HOP_BY_HOP = frozenset(
     }
 )
 
+Pairs = Iterable[tuple[str, str]]
 
-def end_to_end(headers: HTTPHeaders) -> list[tuple[str, str]]:
+
+def end_to_end(pairs: Pairs) -> list[tuple[str, str]]:
     """The headers a proxy passes on: all but hop-by-hop ones and those Connection names."""
+    pairs = list(pairs)
     named = {
         token.strip().lower()
-        for value in headers.get_list("Connection")
+        for name, value in pairs
+        if name.lower() == "connection"
         for token in value.split(",")
     }
-    return [
-        (name, value)
-        for name, value in headers.get_all()
-        if name.lower() not in HOP_BY_HOP
-        and name.lower() not in named
-        and not name.lower().startswith("proxy-")
-    ]
+    kept = []
+    for name, value in pairs:
+        lowered = name.lower()
+        if lowered not in HOP_BY_HOP and lowered not in named and not lowered.startswith("proxy-"):
+            kept.append((name, value))
+    return kept
 
 
 # Consumed by the proxy: Host is the upstream's own, Expect is answered here,
 # the override has been applied.
 _NOT_FORWARDED = frozenset({"host", "expect", OVERRIDE_HEADER.lower()})
+_FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
 
 
 def upstream_request_headers(
-    incoming: HTTPHeaders, *, upstream_host: str, client_ip: str | None, scheme: str
+    incoming: HTTPHeaders,
+    *,
+    upstream_host: str,
+    client_ip: str | None,
+    scheme: str,
+    trusted_peer: bool,
+    removed: Iterable[str] = (),
 ) -> HTTPHeaders:
     """Headers for the upstream request.
 
     Host is the upstream's host:port because Ollama on loopback answers 403 to
-    any other; the X-Forwarded-* trio records what the proxy replaced.
+    any other; the X-Forwarded-* trio records what the proxy replaced. What a
+    trusted proxy in front said is kept (the chain is extended); from anyone
+    else, X-Forwarded-Proto and X-Forwarded-Host are the proxy's own view.
+    `removed` names more headers the proxy consumed (access keys).
     """
+    dropped = _NOT_FORWARDED | {name.lower() for name in removed}
+    if not trusted_peer:
+        dropped |= _FORWARDED - {"x-forwarded-for"}
     headers = HTTPHeaders()
-    for name, value in end_to_end(incoming):
-        if name.lower() not in _NOT_FORWARDED:
+    for name, value in end_to_end(incoming.get_all()):
+        if name.lower() not in dropped:
             headers.add(name, value)
     headers["Host"] = upstream_host
-    forwarded_for = ", ".join(incoming.get_list("X-Forwarded-For") + [client_ip or "unknown"])
-    headers["X-Forwarded-For"] = forwarded_for
+    headers["X-Forwarded-For"] = ", ".join(incoming.get_list("X-Forwarded-For") + [client_ip or "unknown"])
     headers.setdefault("X-Forwarded-Proto", scheme)
     if "Host" in incoming:
         headers.setdefault("X-Forwarded-Host", incoming["Host"])

@@ -17,10 +17,12 @@ METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 # Methods that carry a request body by convention (Ollama's DELETE does).
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 OVERRIDE_HEADER = "X-HTTP-Method-Override"
+RESERVED_PREFIX = "/_proxy/"  # the proxy's own endpoints, never forwarded
 ROUTE_KEYS = ("path", "methods", "upstream_path", "body_defaults", "requires_body")
 
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _LITERAL_SEGMENT = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@%-]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class RouteError(ValueError):
@@ -117,36 +119,49 @@ class RouteTable:
         for route in routes:
             by_path[route.path] = route
         self._exact = {path: r for path, r in by_path.items() if not r.params}
-        self._patterns = [
-            (re.compile(_pattern(r.path)), r) for r in by_path.values() if r.params
-        ]
+        # Per pattern route, its segments: (literal, None) or (None, placeholder name).
+        self._patterns = [(r, [_segment(part) for part in r.path.split("/")]) for r in by_path.values() if r.params]
 
     def __iter__(self) -> Iterator[Route]:
         yield from self._exact.values()
-        yield from (route for _, route in self._patterns)
+        yield from (route for route, _ in self._patterns)
 
     def __len__(self) -> int:
         return len(self._exact) + len(self._patterns)
 
     def match(self, path: str) -> tuple[Route, dict[str, str]] | None:
-        """Find the route for a raw request path, compared decoded as Ollama sees it."""
-        decoded = unquote(path)
-        route = self._exact.get(decoded)
+        """Find the route for a raw request path, its segments compared decoded as
+        Ollama sees them. Placeholders take their segments as they arrived (still
+        percent-encoded), so that an upstream path built from them says the same."""
+        route = self._exact.get(unquote(path))
         if route is not None:
             return route, {}
-        for pattern, route in self._patterns:
-            found = pattern.fullmatch(decoded)
-            if found:
-                return route, found.groupdict()
+        segments = path.split("/")
+        for route, pattern in self._patterns:
+            if len(pattern) != len(segments):
+                continue
+            params = {}
+            for (literal, name), segment in zip(pattern, segments, strict=True):
+                if name is None:
+                    if unquote(segment) != literal:
+                        break
+                elif not segment:
+                    break
+                else:
+                    params[name] = segment
+            else:
+                return route, params
         return None
 
 
-def _pattern(path: str) -> str:
-    pieces = _PARAM.split(path)
-    # split() alternates literal text and placeholder names.
-    return "".join(
-        re.escape(piece) if i % 2 == 0 else f"(?P<{piece}>[^/]+)" for i, piece in enumerate(pieces)
-    )
+def _segment(part: str) -> tuple[str | None, str | None]:
+    found = _PARAM.fullmatch(part)
+    return (None, found.group(1)) if found else (part, None)
+
+
+def is_reserved(path: str) -> bool:
+    """Whether a raw request path, decoded, names the proxy's own prefix."""
+    return unquote(path).startswith(RESERVED_PREFIX)
 
 
 def check_target(uri: str) -> None:
@@ -161,8 +176,12 @@ def check_target(uri: str) -> None:
             f"request target {uri[:200]!r} is not a path: this proxy serves one upstream "
             "and accepts only origin-form targets such as /api/chat",
         )
+    if "#" in uri:
+        raise Rejection(400, "request target contains '#': a fragment is never sent to a server")
+    if _CONTROL.search(uri):
+        raise Rejection(400, "request target contains control characters")
     path = unquote(uri.partition("?")[0])
-    if any(ch < " " or ch == "\x7f" for ch in path):
+    if _CONTROL.search(path):
         raise Rejection(400, "request path contains control characters")
     if "\\" in path:
         raise Rejection(400, "request path contains a backslash")

@@ -1,0 +1,142 @@
+"""How requests end: the idle watch, and one access record that says what happened."""
+
+import asyncio
+import json
+import socket
+import struct
+
+import pytest
+
+from tornado_ollama_proxy.ending import CLIENT, UPSTREAM, Watchdog
+
+from .helpers import ScriptedUpstream, open_raw, read_response
+
+CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def records(log_lines):
+    return [line for line in log_lines() if line["message"] == "request"]
+
+
+def hang_up_at_once(writer):
+    """Close as a client that has what it wanted does: at once, unread bytes or not."""
+    sock = writer.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+@pytest.mark.parametrize("repeat", range(3))
+async def test_a_client_that_leaves_after_a_whole_sized_answer_is_recorded_ok(proxy_url, log_lines, repeat):
+    for _ in range(20):
+        reader, writer = await open_raw(proxy_url)
+        writer.write(b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, body = await read_response(reader)
+        assert (status, body) == (200, b'{"version": "0.32.0"}')
+        hang_up_at_once(writer)
+    await asyncio.sleep(0)
+    while len(records(log_lines)) < 20:  # each ends when the proxy notices
+        await asyncio.sleep(0.01)
+    assert {record["outcome"] for record in records(log_lines)} == {"ok"}
+
+
+async def test_a_client_that_leaves_after_the_last_event_of_a_stream_is_recorded_ok(proxy_url, http, log_lines):
+    body = json.dumps({"model": "llama3.2", "stream": True, "messages": []}).encode()
+    for _ in range(20):
+        reader, writer = await open_raw(proxy_url)
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        await reader.readuntil(b"data: [DONE]\n\n")  # what an OpenAI SDK reads before it stops
+        hang_up_at_once(writer)
+    while len(records(log_lines)) < 20:
+        await asyncio.sleep(0.01)
+    assert {record["outcome"] for record in records(log_lines)} == {"ok"}
+    metrics = (await http.get(proxy_url + "/_proxy/metrics")).text
+    assert "ollama_proxy_client_disconnects_total 0.0" in metrics
+
+
+async def test_a_client_that_leaves_mid_stream_is_recorded_gone(proxy_url, fake, log_lines):
+    reader, writer = await open_raw(proxy_url)
+    body = json.dumps({**CHAT, "model": "stall"}).encode()
+    writer.write(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    await reader.readuntil(b'"done": false}\n')
+    hang_up_at_once(writer)
+    await asyncio.wait_for(fake.disconnected.get(), 2)
+    while not records(log_lines):
+        await asyncio.sleep(0.01)
+    assert records(log_lines)[0]["outcome"] == "client_gone"
+
+
+# -- the watchdog on its own -------------------------------------------------------------
+
+
+async def expiry(watchdog_args, *moves, timeout=0.2):
+    seen = asyncio.get_running_loop().create_future()
+    dog = Watchdog(timeout, lambda who: seen.done() or seen.set_result(who))
+    for move in moves:
+        move(dog)
+    try:
+        return await asyncio.wait_for(seen, 5)
+    finally:
+        dog.stop()
+
+
+async def test_the_watchdog_names_who_was_silent(io_loop):
+    assert await expiry(None) == UPSTREAM
+    assert await expiry(None, lambda dog: setattr(dog, "client_turn", True)) == CLIENT
+
+
+async def test_the_watchdog_waits_while_the_client_is_slow_to_read(io_loop):
+    loop = asyncio.get_running_loop()
+    fired = []
+    dog = Watchdog(0.1, fired.append)
+    dog.paused = True
+    await asyncio.sleep(0.35)  # three periods: a paused clock does not run
+    assert fired == []
+    dog.paused = False
+    dog.touch()
+    started = loop.time()
+    while not fired:
+        await asyncio.sleep(0.01)
+    assert fired == [UPSTREAM] and loop.time() - started >= 0.09
+    dog.stop()
+
+
+async def test_movement_pushes_the_expiry_back_and_it_keeps_watching(io_loop):
+    loop = asyncio.get_running_loop()
+    fired = []
+    dog = Watchdog(0.2, lambda who: fired.append(loop.time()))
+    started = loop.time()
+    await asyncio.sleep(0.1)
+    dog.touch()
+    while len(fired) < 2:  # after expiring it goes on watching, until stopped
+        await asyncio.sleep(0.01)
+    dog.stop()
+    assert fired[0] - started >= 0.29 and fired[1] - fired[0] >= 0.19
+
+
+async def test_a_stream_whose_end_arrives_as_the_client_leaves_is_recorded_ok(make_proxy, log_lines):
+    """The client has the last event and leaves; the upstream's end of stream
+    reaches the proxy in the same instant."""
+    ended = asyncio.Event()
+
+    async def script(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"e\r\ndata: [DONE]\n\n\r\n")
+        await ended.wait()
+        writer.write(b"0\r\n\r\n")
+        await reader.read()
+
+    for _ in range(20):
+        ended.clear()
+        upstream = ScriptedUpstream(script)
+        proxy = make_proxy(upstream=await upstream.start())
+        reader, writer = await open_raw(proxy)
+        writer.write(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+        await reader.readuntil(b"data: [DONE]\n\n")
+        ended.set()  # the upstream's last bytes and the client's hang-up leave together
+        await asyncio.sleep(0)
+        hang_up_at_once(writer)
+        while len(records(log_lines)) < _ + 1:
+            await asyncio.sleep(0.01)
+        await upstream.stop()
+    assert [record["outcome"] for record in records(log_lines)] == ["ok"] * 20

@@ -1,0 +1,54 @@
+"""What every handler shares: the settings and the parts built from them, and the
+requests in flight."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from .health import HealthCheck
+from .metrics import Metrics
+from .routes import RouteTable
+from .settings import Settings
+from .upstream import Upstream
+
+
+class InFlight:
+    """Counts requests being handled, so a shutdown can wait for them to end."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle: list[asyncio.Future[None]] = []
+
+    def enter(self) -> None:
+        self.count += 1
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            for waiter in self._idle:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._idle.clear()
+
+    async def wait_idle(self) -> None:
+        if self.count:
+            waiter = asyncio.get_running_loop().create_future()
+            self._idle.append(waiter)
+            await waiter
+
+
+class Proxy:
+    """Everything a handler needs: settings, routes, limiter, upstream, health, metrics, in-flight count."""
+
+    def __init__(self, settings: Settings, routes: RouteTable, limiter: Any = None):
+        self.settings = settings
+        self.routes = routes
+        self.limiter = limiter
+        self.trusted_networks = settings.trusted_networks
+        self.exempt_networks = settings.exempt_networks
+        self.upstream = Upstream(settings)
+        self.health = HealthCheck(self.upstream, settings.health_cache_seconds)
+        self.metrics = Metrics()
+        self.in_flight = InFlight()
+        self.draining = False  # set when a shutdown begins: new requests are turned away

@@ -1,0 +1,45 @@
+"""The few private parts of Tornado the proxy relies on, checked once at import.
+
+The relay frames each body piece with the connection's own `_format_chunk`
+(so that Tornado's Content-Length accounting stays right) and writes it
+straight to the stream's socket; the keep-alive watch asks the stream how
+many bytes of a request it holds (`_read_buffer_size`). A Tornado without
+them fails at start-up with one clear line (`require`), not on every stream.
+"""
+
+from tornado.http1connection import HTTP1Connection
+from tornado.iostream import BaseIOStream, IOStream
+
+MISSING = [
+    name
+    for name, present in (
+        ("HTTP1Connection._format_chunk", hasattr(HTTP1Connection, "_format_chunk")),
+        ("BaseIOStream._read_buffer_size", "_read_buffer_size" in BaseIOStream.__init__.__code__.co_names),
+        ("IOStream.socket", "socket" in IOStream.__init__.__code__.co_names),
+    )
+    if not present
+]
+
+
+class IncompatibleTornado(RuntimeError):
+    """This Tornado lacks what the proxy relies on; the message names it."""
+
+
+def require() -> None:
+    if MISSING:
+        import tornado
+
+        raise IncompatibleTornado(
+            f"Tornado {tornado.version} lacks {', '.join(MISSING)}, which this proxy relies on: "
+            "install the version pyproject.toml names"
+        )
+
+
+def format_chunk(connection: HTTP1Connection, piece: bytes) -> bytes:
+    """`piece` framed as the connection frames body bytes (chunked, or counted against Content-Length)."""
+    return connection._format_chunk(piece)
+
+
+def buffered_bytes(stream: BaseIOStream) -> int:
+    """How many received bytes the stream holds unread."""
+    return stream._read_buffer_size
