@@ -13,6 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tornado_ollama_proxy.cli import main
 
+from .helpers import read_log
+
 
 def test_invalid_settings_exit_2_with_one_line_naming_the_key(tmp_path, capsys):
     path = tmp_path / "settings.json"
@@ -54,43 +56,6 @@ def test_python_dash_m_reports_bad_settings_without_a_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     assert "settings.json: port: expected a whole number from 0 to 65535" in result.stderr
-
-
-@pytest.fixture
-def launch(tmp_path):
-    """Start the console script the way the Procfile does: no arguments, configured by the environment."""
-    processes = []
-
-    def start(env, preexec_fn=None):
-        process = subprocess.Popen(
-            [str(Path(sys.executable).with_name("tornado-ollama-proxy"))],
-            cwd=tmp_path,
-            env={**os.environ, **env},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            preexec_fn=preexec_fn,
-        )
-        processes.append(process)
-        return process
-
-    yield start
-    for process in processes:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)  # a graceful stop also saves its coverage data
-        process.wait(30)
-        process.stdout.close()
-        process.stderr.close()
-
-
-async def read_log(process, message):
-    loop = asyncio.get_running_loop()
-    while True:
-        line = await asyncio.wait_for(loop.run_in_executor(None, process.stdout.readline), 30)
-        assert line, process.stderr.read()
-        record = json.loads(line)
-        if record["message"] == message:
-            return record
 
 
 def low_soft_file_limit():
@@ -152,34 +117,33 @@ async def test_two_proxy_processes_share_one_rate_limit_through_redis(launch, up
     assert codes == [200, 200, 200, 429]
 
 
-async def test_workers_share_the_port_are_restarted_and_drain_on_sigterm(launch, upstream_url):
+def few_file_descriptors():
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+async def test_running_out_of_descriptors_pauses_accepting_instead_of_spinning(launch, upstream_url, event_loop):
     env = {"PORT": "0", "OLLAMA_PROXY_HOST": "127.0.0.1", "OLLAMA_PROXY_UPSTREAM": upstream_url,
-           "OLLAMA_PROXY_WORKERS": "2"}
-    parent = launch(env)
-    address = (await read_log(parent, "starting workers"))["address"]
-    first, second = await read_log(parent, "listening"), await read_log(parent, "listening")
-    assert first["pid"] != second["pid"] and parent.pid not in (first["pid"], second["pid"])
-    async with httpx.AsyncClient() as http:
-        for _ in range(20):
-            assert (await http.get(address + "/api/tags")).status_code == 200
-        text = (await http.get(address + "/_proxy/metrics")).text
-    samples = {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-    key = ("ollama_proxy_requests_total", (("method_out", "GET"), ("route", "/api/tags"), ("status", "200")))
-    assert samples[key] == 20  # whichever worker answered, one scrape sees all
+           "OLLAMA_PROXY_EVENT_LOOP": event_loop}
+    process = launch(env, preexec_fn=few_file_descriptors)
+    address = (await read_log(process, "listening"))["address"]
+    idle = [await asyncio.open_connection(*address.removeprefix("http://").split(":")) for _ in range(80)]
+    paused = await read_log(process, "cannot accept connections, pausing")
+    assert (paused["level"], paused["reason"], paused["pause_s"]) == ("WARNING", "Too many open files", 0.5)
+    before = cpu_seconds(process.pid)
+    await asyncio.sleep(1.5)  # three pauses' worth: a spinning accept loop would burn this whole second
+    assert cpu_seconds(process.pid) - before < 0.5
+    for _, writer in idle:
+        writer.close()
+    async with httpx.AsyncClient() as http:  # served again once descriptors are free
+        response = await http.get(address + "/api/version", timeout=10)
+    assert response.status_code == 200
+    process.send_signal(signal.SIGTERM)
+    rest = [json.loads(line) for line in process.stdout.read().splitlines()]
+    assert [r["message"] for r in rest].count("cannot accept connections, pausing") == 0  # once per minute, not per try
+    assert not [r for r in rest if r["level"] == "ERROR"]
 
-    os.kill(first["pid"], signal.SIGKILL)
-    exited = await read_log(parent, "worker exited, restarting")
-    assert (exited["pid"], exited["exit_code"]) == (first["pid"], -9)
-    replacement = await read_log(parent, "listening")
-    assert replacement["pid"] not in (first["pid"], second["pid"])
-    async with httpx.AsyncClient() as http:
-        assert (await http.get(address + "/api/tags")).status_code == 200
 
-    parent.send_signal(signal.SIGTERM)
-    await read_log(parent, "workers stopped")
-    loop = asyncio.get_running_loop()
-    assert await loop.run_in_executor(None, parent.wait, 30) == 0
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -9,8 +9,9 @@ import pytest
 from tornado_ollama_proxy.app import make_app
 from tornado_ollama_proxy.server import ProxyServer, loop_factory
 from tornado_ollama_proxy.settings import Settings, SettingsError
+from tornado_ollama_proxy.tornado_private import buffered_bytes
 
-from .helpers import open_raw, read_chunked_to_end
+from .helpers import open_raw, read_chunked_to_end, read_response, until
 
 CHAT = json.dumps({"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
@@ -103,3 +104,125 @@ def test_a_replacement_worker_starts_with_stop_signals_unblocked():
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     _unblock_stop_signals()
     assert not {signal.SIGTERM, signal.SIGINT} & signal.pthread_sigmask(signal.SIG_BLOCK, set())
+
+
+# -- draining with keep-alive connections -------------------------------------------------
+
+
+async def kept_connection(url):
+    """A connection that has carried one request and is kept for the next."""
+    reader, writer = await open_raw(url)
+    writer.write(b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await read_response(reader))[0] == 200
+    return reader, writer
+
+
+def head_begun(server) -> bool:
+    """Some connection holds part of a request head."""
+    return any(buffered_bytes(connection.stream) for connection in server.http.waiting)
+
+
+async def test_a_drain_closes_kept_idle_connections_at_once(start_server, fake):
+    server, url = start_server(shutdown_grace=5)
+    _, holder_writer = await send_chat(url, json.dumps({"model": "silent", "messages": [{"role": "user", "content": "x"}]}).encode())
+    assert await asyncio.wait_for(fake.arrived.get(), 5) == "/api/chat"  # in flight through the drain
+    idle_reader, idle_writer = await kept_connection(url)
+    draining = asyncio.ensure_future(server.drain())
+    assert await asyncio.wait_for(idle_reader.read(), 2) == b""  # not left to be reused and cut later
+    assert not draining.done()
+    holder_writer.close()
+    await asyncio.wait_for(draining, 5)
+    idle_writer.close()
+
+
+async def test_a_request_begun_on_a_kept_connection_during_a_drain_gets_503_and_close(start_server, fake):
+    server, url = start_server(shutdown_grace=5)
+    _, holder_writer = await send_chat(url, json.dumps({"model": "silent", "messages": [{"role": "user", "content": "x"}]}).encode())
+    assert await asyncio.wait_for(fake.arrived.get(), 5) == "/api/chat"
+    reader, writer = await kept_connection(url)
+    writer.write(b"GET /api/ta")  # a request under way as the drain begins
+    await until(lambda: head_begun(server))
+    draining = asyncio.ensure_future(server.drain())
+    await asyncio.sleep(0)
+    writer.write(b"gs HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, headers, body = await read_response(reader)
+    assert (status, headers["connection"], headers["retry-after"]) == (503, ["close"], ["1"])
+    assert json.loads(body) == {"error": "the proxy is shutting down; retry"}
+    assert await reader.read() == b""
+    assert [seen.path for seen in fake.seen] == ["/api/chat", "/api/version"]
+    holder_writer.close()
+    await asyncio.wait_for(draining, 5)
+    writer.close()
+
+
+async def test_health_says_503_while_draining(start_server, fake):
+    server, url = start_server(shutdown_grace=5)
+    _, holder_writer = await send_chat(url, json.dumps({"model": "silent", "messages": [{"role": "user", "content": "x"}]}).encode())
+    assert await asyncio.wait_for(fake.arrived.get(), 5) == "/api/chat"
+    reader, writer = await kept_connection(url)
+    writer.write(b"GET /_proxy/he")
+    await until(lambda: head_begun(server))
+    draining = asyncio.ensure_future(server.drain())
+    await asyncio.sleep(0)
+    writer.write(b"alth HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, _, body = await read_response(reader)
+    assert (status, json.loads(body)) == (503, {"error": "the proxy is shutting down"})
+    holder_writer.close()
+    await asyncio.wait_for(draining, 5)
+    writer.close()
+
+
+# -- slow and silent clients ------------------------------------------------------------
+
+
+async def closed_within(reader, low: float, high: float) -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await asyncio.wait_for(reader.read(), high + 5) == b""
+    assert low <= loop.time() - started <= high
+
+
+async def test_a_connection_that_sends_half_a_head_is_closed_after_header_timeout(start_server, fake):
+    _, url = start_server(header_timeout=0.3, keepalive_timeout=30)
+    reader, writer = await open_raw(url)
+    writer.write(b"GET /api/tags HTTP/1.1\r\nHost: ")
+    await closed_within(reader, 0.25, 2)
+    assert fake.seen == []
+    writer.close()
+
+
+async def test_a_connection_that_sends_nothing_is_closed_after_header_timeout(start_server):
+    _, url = start_server(header_timeout=0.3, keepalive_timeout=30)
+    reader, writer = await open_raw(url)
+    await closed_within(reader, 0.25, 2)
+    writer.close()
+
+
+async def test_an_idle_kept_connection_is_closed_after_keepalive_timeout(start_server):
+    _, url = start_server(header_timeout=30, keepalive_timeout=0.4)
+    reader, writer = await kept_connection(url)
+    await closed_within(reader, 0.35, 3)
+    writer.close()
+
+
+async def test_a_head_begun_on_a_kept_connection_gets_header_timeout_more(start_server):
+    _, url = start_server(header_timeout=0.6, keepalive_timeout=0.3)
+    reader, writer = await kept_connection(url)
+    writer.write(b"GET /api/version HTTP/1.1\r\n")  # begun, not finished, before the kept time is up
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await asyncio.sleep(0.5)  # past the keep-alive time: still open, the head has begun
+    writer.write(b"Host: x\r\n\r\n")
+    assert (await read_response(reader))[0] == 200
+    assert loop.time() - started >= 0.5
+    writer.close()
+
+
+async def test_requests_keep_coming_on_one_connection_within_the_timeouts(start_server):
+    _, url = start_server(header_timeout=0.3, keepalive_timeout=0.3)
+    reader, writer = await kept_connection(url)
+    for _ in range(5):
+        await asyncio.sleep(0.1)
+        writer.write(b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_response(reader))[0] == 200
+    writer.close()

@@ -1,23 +1,40 @@
-"""Listening on the configured address, and draining in-flight requests on SIGTERM."""
+"""Listening, guarding connections (head and keep-alive timeouts, running out of
+descriptors), and draining in-flight requests on SIGTERM."""
+
+from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import resource
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import suppress
+from typing import Any
 
+from tornado import httputil
+from tornado.http1connection import HTTP1ServerConnection
 from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
 from tornado.netutil import bind_sockets
 from tornado.web import Application
 
+from .proxy import Proxy
 from .settings import SettingsError
+from .tornado_private import buffered_bytes
 
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Accepting pauses this long when the process is out of descriptors (nginx: 500 ms).
+ACCEPT_PAUSE = 0.5
+# Running out of descriptors is logged at most once per this many seconds.
+ACCEPT_LOG_PERIOD = 60.0
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# The proxy's own endpoints read bodies whole; nobody needs to send them large ones.
+OWN_ENDPOINT_BODY = 64 * 1024
 
 
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -33,7 +50,8 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
                 "event_loop: 'uvloop' needs the uvloop package: pip install 'tornado-ollama-proxy[speed]'"
             ) from None
         return None
-    return uvloop.new_event_loop
+    new_loop: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return new_loop
 
 
 def raise_open_files_limit() -> int:
@@ -48,10 +66,157 @@ def raise_open_files_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+class Acceptor:
+    """Accepts connections on a listening socket.
+
+    When the process runs out of descriptors, `accept()` fails while the
+    socket stays readable: accepting again at once would spin. Accepting
+    pauses for ACCEPT_PAUSE instead (as nginx and asyncio do), and the
+    shortage is logged once per ACCEPT_LOG_PERIOD, not per attempt.
+    """
+
+    shortage_logged = -ACCEPT_LOG_PERIOD  # loop time, shared by every acceptor of the process
+    pauses = 0
+
+    def __init__(self, sock: socket.socket, callback: Callable[[socket.socket, Any], None]):
+        self.sock = sock
+        self.callback = callback
+        self.loop = IOLoop.current()
+        self.resuming: object | None = None
+        self.loop.add_handler(sock, self._accept, IOLoop.READ)
+
+    def _accept(self, fd: Any, events: int) -> None:
+        for _ in range(128):  # then let other work run
+            try:
+                connection, address = self.sock.accept()
+            except BlockingIOError:
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as error:
+                if error.errno not in _OUT_OF_RESOURCES:
+                    raise
+                self._pause(error)
+                return
+            self.callback(connection, address)
+
+    def _pause(self, error: OSError) -> None:
+        self.loop.remove_handler(self.sock)
+        self.resuming = self.loop.call_later(ACCEPT_PAUSE, self._resume)
+        now = self.loop.time()
+        Acceptor.pauses += 1
+        if now - Acceptor.shortage_logged >= ACCEPT_LOG_PERIOD:
+            log.warning(
+                "cannot accept connections, pausing",
+                extra={"reason": os.strerror(error.errno or 0), "pause_s": ACCEPT_PAUSE, "pauses": Acceptor.pauses},
+            )
+            Acceptor.shortage_logged, Acceptor.pauses = now, 0
+
+    def _resume(self) -> None:
+        self.resuming = None
+        self.loop.add_handler(self.sock, self._accept, IOLoop.READ)
+
+    def remove(self) -> None:
+        if self.resuming is not None:
+            self.loop.remove_timeout(self.resuming)
+        else:
+            self.loop.remove_handler(self.sock)
+
+
+class HeadTimer(httputil.HTTPMessageDelegate):
+    """Closes a connection whose next request head does not arrive in time.
+
+    A new connection has `header_timeout` to send its first head; a kept one
+    `keepalive_timeout` to start its next, and once it has started, the head
+    gets `header_timeout` more. Wraps the application's delegate for one request.
+    """
+
+    def __init__(self, server: ProxyHTTPServer, connection: HTTP1ServerConnection, delegate: httputil.HTTPMessageDelegate, kept: bool):
+        self.server = server
+        self.connection = connection
+        self.delegate = delegate
+        loop = IOLoop.current()
+        self.timer: object | None = loop.call_later(
+            server.keepalive_timeout if kept else server.header_timeout, self._expired, kept
+        )
+
+    def _expired(self, kept: bool) -> None:
+        self.timer = None
+        if kept and buffered_bytes(self.connection.stream):
+            # The head has begun: it gets the time any head gets.
+            self.timer = IOLoop.current().call_later(self.server.header_timeout, self._expired, False)
+        else:
+            self.connection.stream.close()
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            IOLoop.current().remove_timeout(self.timer)
+            self.timer = None
+        if self.server.waiting.get(self.connection) is self:
+            del self.server.waiting[self.connection]
+
+    def headers_received(self, start_line: Any, headers: httputil.HTTPHeaders) -> Any:
+        self.cancel()
+        return self.delegate.headers_received(start_line, headers)
+
+    def data_received(self, chunk: bytes) -> Any:
+        return self.delegate.data_received(chunk)
+
+    def finish(self) -> None:
+        self.delegate.finish()
+
+    def on_connection_close(self) -> None:
+        self.cancel()
+        self.delegate.on_connection_close()
+
+
+class ProxyHTTPServer(HTTPServer):
+    """Tornado's `HTTPServer`, with head and keep-alive timeouts and an accept loop that survives running out of descriptors."""
+
+    def initialize(  # type: ignore[override]
+        self, request_callback: Application, *, header_timeout: float, keepalive_timeout: float, **options: Any
+    ) -> None:
+        super().initialize(request_callback, max_body_size=OWN_ENDPOINT_BODY, **options)
+        self.header_timeout = header_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.served: set[HTTP1ServerConnection] = set()  # have carried a request
+        self.waiting: dict[HTTP1ServerConnection, HeadTimer] = {}  # waiting for a request's head
+
+    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        for sock in sockets:
+            self._sockets[sock.fileno()] = sock
+            self._handlers[sock.fileno()] = Acceptor(sock, self._handle_connection).remove
+
+    def start_request(self, server_conn: object, request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
+        assert isinstance(server_conn, HTTP1ServerConnection)
+        kept = server_conn in self.served
+        self.served.add(server_conn)
+        timer = HeadTimer(self, server_conn, super().start_request(server_conn, request_conn), kept)
+        self.waiting[server_conn] = timer
+        return timer
+
+    def on_close(self, server_conn: object) -> None:
+        assert isinstance(server_conn, HTTP1ServerConnection)
+        self.served.discard(server_conn)
+        timer = self.waiting.get(server_conn)
+        if timer is not None:
+            timer.cancel()
+        super().on_close(server_conn)
+
+    def close_idle(self) -> None:
+        """Close kept connections waiting for a request of which no byte has come."""
+        for connection in list(self.waiting):
+            if not buffered_bytes(connection.stream):
+                connection.stream.close()
+
+
 class ProxyServer:
     def __init__(self, app: Application):
-        self.proxy = app.proxy
-        self.http = HTTPServer(app)
+        self.proxy: Proxy = app.settings["proxy"]
+        settings = self.proxy.settings
+        self.http = ProxyHTTPServer(
+            app, header_timeout=settings.header_timeout, keepalive_timeout=settings.keepalive_timeout
+        )
         self.port: int | None = None
 
     def listen(self, sockets: list[socket.socket] | None = None) -> None:
@@ -82,9 +247,11 @@ class ProxyServer:
                 loop.remove_signal_handler(signum)
 
     async def drain(self) -> None:
-        """Stop accepting, give in-flight requests the grace period, then close everything."""
+        """Stop accepting, turn away new requests, give in-flight ones the grace period, then close everything."""
         grace = self.proxy.settings.shutdown_grace
+        self.proxy.draining = True
         self.http.stop()
+        self.http.close_idle()
         log.info("draining", extra={"in_flight": self.proxy.in_flight.count, "grace_s": grace})
         try:
             await asyncio.wait_for(self.proxy.in_flight.wait_idle(), grace)

@@ -34,6 +34,8 @@ class Settings:
     upstream: str = "http://127.0.0.1:11434"
     connect_timeout: float = 10.0
     idle_timeout: float = 600.0
+    header_timeout: float = 60.0
+    keepalive_timeout: float = 75.0
     max_body_size: int | None = None
     unmapped_paths: str = "forward"
     routes: tuple[Route, ...] = ()
@@ -266,6 +268,8 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], bool]] = {
     "upstream": (_url, False),
     "connect_timeout": (_seconds(False), True),
     "idle_timeout": (_seconds(False), True),
+    "header_timeout": (_seconds(False), True),
+    "keepalive_timeout": (_seconds(False), True),
     "max_body_size": (_size_or_null, True),
     "unmapped_paths": (_choice("forward", "reject"), False),
     "routes": (_routes, True),
