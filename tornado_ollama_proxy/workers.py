@@ -2,13 +2,16 @@
 
 The parent binds the listening sockets once, starts each worker as
 ``python -m tornado_ollama_proxy`` with the same arguments and the sockets'
-descriptors, restarts a worker that dies, and on SIGTERM or SIGINT passes
-the signal on so every worker drains, then exits 0. Workers are fresh
-interpreters, so nothing touches an event loop before they start.
+descriptors, restarts a worker that dies, and on SIGTERM or SIGINT closes
+its own copy of the sockets and passes the signal on, so that every worker
+drains and the port stops accepting as soon as the workers close theirs;
+then exits 0. Workers are fresh interpreters, so nothing touches an event
+loop before they start.
 """
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +19,7 @@ import sys
 import tempfile
 import time
 
+from prometheus_client.multiprocess import mark_process_dead
 from tornado.netutil import bind_sockets
 
 from .server import STOP_SIGNALS
@@ -41,21 +45,32 @@ class Supervisor:
     def __init__(self, settings: Settings, argv: list[str]):
         self.settings = settings
         self.argv = argv
-        self.children: dict[int, tuple[subprocess.Popen, float]] = {}
+        self.children: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
         self.stopping = False
+        self.sockets: list[socket.socket] = []
 
     def run(self) -> int:
         settings = self.settings
-        sockets = bind_sockets(settings.port, settings.host)
-        fds = [sock.fileno() for sock in sockets]
-        # Metrics must add up across workers: give them a shared folder unless one is set.
+        self.sockets = bind_sockets(settings.port, settings.host)
+        fds = [sock.fileno() for sock in self.sockets]
         env = {**os.environ, WORKER_FDS: ",".join(map(str, fds))}
-        env.setdefault(METRICS_DIR, tempfile.mkdtemp(prefix="ollama-proxy-metrics-"))
+        # Metrics must add up across workers: give them a shared folder unless one is set.
+        created = None if METRICS_DIR in env else tempfile.mkdtemp(prefix="ollama-proxy-metrics-")
+        if created is not None:
+            env[METRICS_DIR] = created
+        try:
+            return self._supervise(env, fds)
+        finally:
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+
+    def _supervise(self, env: dict[str, str], fds: list[int]) -> int:
+        settings = self.settings
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._stop)
         count = worker_count(settings)
         log.info("starting workers", extra={
-            "workers": count, "address": f"http://{settings.host}:{sockets[0].getsockname()[1]}",
+            "workers": count, "address": f"http://{settings.host}:{self.sockets[0].getsockname()[1]}",
         })
         for _ in range(count):
             self._spawn(env, fds)
@@ -66,6 +81,7 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
             try:
                 _, started = self.children.pop(pid)
+                mark_process_dead(pid, env[METRICS_DIR])  # its live gauges no longer count
                 if not self.stopping:
                     log.warning("worker exited, restarting", extra={
                         "pid": pid, "exit_code": os.waitstatus_to_exitcode(status),
@@ -88,8 +104,10 @@ class Supervisor:
         )
         self.children[process.pid] = (process, time.monotonic())
 
-    def _stop(self, signum: int, frame) -> None:
+    def _stop(self, signum: int, frame: object) -> None:
         self.stopping = True
+        for sock in self.sockets:
+            sock.close()  # once the workers close theirs, new connections are refused, not left queued
         for process, _ in self.children.values():
             process.send_signal(signum)
 
