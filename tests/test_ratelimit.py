@@ -2,16 +2,24 @@
 
 import asyncio
 import json
+import logging
 
+import httpx
 import pytest
 
 from tornado_ollama_proxy import hookimpl
 from tornado_ollama_proxy.app import make_app
 from tornado_ollama_proxy.plugins import make_plugin_manager
-from tornado_ollama_proxy.ratelimit import Admission, LimitsRateLimiter, RateLimited
+from tornado_ollama_proxy.ratelimit import (
+    Admission,
+    LimitsRateLimiter,
+    OutageLog,
+    RateLimited,
+)
 from tornado_ollama_proxy.settings import Settings
 
-from .helpers import open_raw
+from .conftest import RedisServer
+from .helpers import open_raw, read_log
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
 SILENT = json.dumps({**CHAT, "model": "silent"}).encode()
@@ -143,7 +151,7 @@ async def test_no_slot_leaks_after_a_thousand_aborted_streams(make_proxy, server
         await asyncio.wait_for(fake.arrived.get(), 5)
         writer.close()
         await asyncio.wait_for(fake.disconnected.get(), 5)
-    assert app.proxy.limiter.in_flight == {}
+    assert app.settings["proxy"].limiter.in_flight == {}
     assert (await http.get(proxy + "/api/tags")).status_code == 200
 
 
@@ -198,6 +206,90 @@ async def test_a_hung_storage_is_bounded_by_the_storage_timeout(make_proxy, http
     hole.close()
     assert response.status_code == 503
     assert "TimeoutError" in response.json()["error"]
+
+
+# -- exact limits under bursts ----------------------------------------------------------
+
+
+STRATEGIES = ["moving-window", "fixed-window", "sliding-window-counter"]
+
+
+@pytest.fixture(params=["memory", "redis"])
+def storage(request):
+    if request.param == "memory":
+        yield "memory://"
+        return
+    server = RedisServer()
+    yield server.url
+    server.stop()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+async def test_a_burst_admits_exactly_what_the_window_has_left(storage, strategy):
+    limiter = LimitsRateLimiter(Settings(rate_limit="5/minute", rate_limit_strategy=strategy, rate_limit_storage=storage))
+    for _ in range(4):  # one left
+        await limiter.admit("client", "/api/tags")
+    burst = await asyncio.gather(*(limiter.admit("client", "/api/tags") for _ in range(20)), return_exceptions=True)
+    admitted = [outcome for outcome in burst if isinstance(outcome, Admission)]
+    assert len(admitted) == 1
+    assert {outcome.status for outcome in burst if not isinstance(outcome, Admission)} == {429}
+
+
+async def test_two_proxy_processes_admit_exactly_the_shared_limit(launch, upstream_url, redis_server):
+    env = {"PORT": "0", "OLLAMA_PROXY_HOST": "127.0.0.1", "OLLAMA_PROXY_UPSTREAM": upstream_url,
+           "OLLAMA_PROXY_RATE_LIMIT": "10/minute", "OLLAMA_PROXY_RATE_LIMIT_STORAGE": redis_server.url}
+    addresses = [(await read_log(launch(env), "listening"))["address"] for _ in range(2)]
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=100)) as http:
+        answers = await asyncio.gather(*(http.get(addresses[i % 2] + "/api/tags") for i in range(60)))
+    assert sorted(response.status_code for response in answers) == [200] * 10 + [429] * 50
+
+
+def test_with_several_limits_a_refusal_leaves_the_earlier_ones_charged():
+    async def run():
+        limiter = LimitsRateLimiter(Settings(rate_limit="10/minute; 1/minute"))
+        await limiter.admit("client", "/r")
+        with pytest.raises(RateLimited, match="1 per 1 minute"):
+            await limiter.admit("client", "/r")
+        window = await limiter.strategy.get_window_stats(limiter.default[0], "/r", "client")
+        return window.remaining
+
+    assert asyncio.run(run()) == 8  # charged twice, as the README says
+
+
+# -- the storage going away and coming back -----------------------------------------------
+
+
+async def test_an_outage_is_logged_when_it_begins_and_when_it_ends_not_per_request(make_proxy, http, log_lines):
+    redis = RedisServer()
+    proxy = make_proxy(rate_limit="100/minute", rate_limit_storage=redis.url)
+    assert (await http.get(proxy + "/api/tags")).status_code == 200
+    redis.stop()
+    for _ in range(30):
+        assert (await http.get(proxy + "/api/tags")).status_code == 200  # fails open
+    back = RedisServer(port=redis.port)
+    assert (await http.get(proxy + "/api/tags")).headers["ratelimit-limit"] == "100"
+    back.stop()
+    lines = [(line["level"], line["message"]) for line in log_lines() if line["name"] == "tornado_ollama_proxy.ratelimit"]
+    assert lines == [
+        ("WARNING", "rate limit storage unavailable: limits not enforced"),
+        ("WARNING", "rate limit storage available again"),
+    ]
+    assert [line for line in log_lines() if line["message"] == "rate limit storage available again"][0]["failures"] == 30
+
+
+def test_a_long_outage_is_recalled_once_a_period(caplog):
+    outage = OutageLog(period=0.0)
+    with caplog.at_level(logging.INFO, "tornado_ollama_proxy.ratelimit"):
+        for _ in range(3):
+            outage.failed("down", enforced=True)
+        outage.over()
+        outage.over()  # nothing to end twice
+    assert [record.getMessage() for record in caplog.records] == [
+        "rate limit storage unavailable: requests refused (503)",
+        "rate limit storage still unavailable: requests refused (503)",
+        "rate limit storage still unavailable: requests refused (503)",
+        "rate limit storage available again",
+    ]
 
 
 # -- a replacement limiter -------------------------------------------------------

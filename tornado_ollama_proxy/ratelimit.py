@@ -22,6 +22,8 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
+OUTAGE_LOG_PERIOD = 60.0  # seconds between reminders that the storage is still down
+
 
 @dataclass
 class Admission:
@@ -53,6 +55,7 @@ class LimitsRateLimiter:
         self.per_client = settings.concurrency_per_client
         self.total = settings.concurrency_total
         self.in_flight: Counter[str] = Counter()
+        self.outage = OutageLog()
 
     async def admit(self, client: str, route: str) -> Admission:
         """Admit the request or raise `RateLimited`; nothing has been forwarded yet."""
@@ -67,32 +70,41 @@ class LimitsRateLimiter:
 
     async def _check_rates(self, items: list[RateLimitItem], client: str, route: str) -> dict[str, str]:
         try:
-            return await asyncio.wait_for(self._hit(items, client, route), self.timeout)
+            headers = await asyncio.wait_for(self._hit(items, client, route), self.timeout)
         except RateLimited:
+            self.outage.over()
             raise
         except Exception as error:
             reason = f"rate limit storage unavailable: {type(error).__name__}: {error}"
+            self.outage.failed(reason, enforced=self.fail_closed)
             if self.fail_closed:
                 raise RateLimited(503, reason, {"Retry-After": "1"}, "storage") from None
-            log.warning("rate limit not enforced", extra={"reason": reason})
             return {}
+        self.outage.over()
+        return headers
 
     async def _hit(self, items: list[RateLimitItem], client: str, route: str) -> dict[str, str]:
+        """Charge every limit in turn with the storage's atomic hit, so that N
+        requests at once against a window with k left admit exactly k.
+
+        A refusal by a later limit leaves the earlier ones charged (the
+        storages cannot take a hit back): a refused request still counts
+        against the limits listed before the one that refused it.
+        """
+        windows = []
         for item in items:
-            if not await self.strategy.test(item, route, client):
-                stats = await self.strategy.get_window_stats(item, route, client)
-                retry = max(1, math.ceil(stats.reset_time - time.time()))
+            admitted = await self.strategy.hit(item, route, client)
+            stats = await self.strategy.get_window_stats(item, route, client)
+            reset = math.ceil(stats.reset_time - time.time())
+            if not admitted:
+                retry = max(1, reset)
                 raise RateLimited(
                     429,
                     f"rate limit exceeded: {item} for {route}; retry in {retry} s",
                     {"Retry-After": str(retry), **_headers(item, 0, retry)},
                     "rate",
                 )
-        windows = []
-        for item in items:
-            await self.strategy.hit(item, route, client)
-            stats = await self.strategy.get_window_stats(item, route, client)
-            windows.append((item, stats.remaining, math.ceil(stats.reset_time - time.time())))
+            windows.append((item, stats.remaining, reset))
         return _headers(*min(windows, key=lambda window: window[1]))  # the tightest
 
     def _take_slot(self, client: str) -> Callable[[], None]:
@@ -118,6 +130,39 @@ class LimitsRateLimiter:
                     del self.in_flight[client]
 
         return release
+
+
+class OutageLog:
+    """Logs a storage outage when it begins, once a period while it lasts, and when it is over:
+    never once per request."""
+
+    def __init__(self, period: float = OUTAGE_LOG_PERIOD):
+        self.period = period
+        self.began: float | None = None
+        self.logged = 0.0
+        self.failures = 0
+
+    def failed(self, reason: str, *, enforced: bool) -> None:
+        now = time.monotonic()
+        self.failures += 1
+        effect = "requests refused (503)" if enforced else "limits not enforced"
+        if self.began is None:
+            self.began = self.logged = now
+            log.warning(f"rate limit storage unavailable: {effect}", extra={"reason": reason})
+        elif now - self.logged >= self.period:
+            self.logged = now
+            log.warning(
+                f"rate limit storage still unavailable: {effect}",
+                extra={"reason": reason, "failures": self.failures, "outage_s": round(now - self.began, 1)},
+            )
+
+    def over(self) -> None:
+        if self.began is not None:
+            log.warning(
+                "rate limit storage available again",
+                extra={"failures": self.failures, "outage_s": round(time.monotonic() - self.began, 1)},
+            )
+            self.began, self.failures = None, 0
 
 
 def _headers(item: RateLimitItem, remaining: int, reset: int) -> dict[str, str]:
