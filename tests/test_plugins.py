@@ -1,4 +1,6 @@
+import re
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -76,8 +78,15 @@ def test_a_plugin_returning_none_adds_nothing(tmp_path):
     assert len(build_route_table(pm)) == len(build_route_table(make_plugin_manager(Settings(plugins_dir=str(tmp_path)))))
 
 
-def test_shipped_example_plugin_adds_api_models():
-    pm = make_plugin_manager(Settings(plugins_dir="plugins"))
+def test_the_shipped_plugins_folder_runs_nothing():
+    assert [path.name for path in Path("plugins").iterdir()] == ["README.md"]
+    assert build_route_table(make_plugin_manager(Settings(plugins_dir="plugins"))).match("/api/models") is None
+
+
+def test_the_example_in_the_plugins_readme_works_when_dropped_in(folder):
+    [example] = re.findall(r"```python\n(.+?)```", Path("plugins/README.md").read_text(), re.S)
+    folder("models_alias.py", example)
+    pm = make_plugin_manager(Settings(plugins_dir=folder.path))
     route, params = build_route_table(pm).match("/api/models")
     assert route.upstream_target(params) == "/api/tags"
 
