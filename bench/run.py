@@ -84,7 +84,9 @@ def start_server(script: str, port: int) -> subprocess.Popen:
 
 def start_nginx(port: int, upstream_port: int, folder: str) -> subprocess.Popen:
     config = (HERE / "nginx.conf").read_text()
-    config = config.replace("@DIR@", folder).replace("@PORT@", str(port)).replace("@UPSTREAM@", f"127.0.0.1:{upstream_port}")
+    config = (
+        config.replace("@DIR@", folder).replace("@PORT@", str(port)).replace("@UPSTREAM@", f"127.0.0.1:{upstream_port}")
+    )
     path = Path(folder) / "nginx.conf"
     path.write_text(config)
     return subprocess.Popen(["nginx", "-c", str(path), "-p", folder])
@@ -105,7 +107,10 @@ def start_proxy(port: int, upstream_port: int, extra_env: dict | None = None) ->
     }
     return subprocess.Popen(
         [sys.executable, "-m", "tornado_ollama_proxy"],
-        env=env, cwd=tempfile.mkdtemp(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env,
+        cwd=tempfile.mkdtemp(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 
@@ -115,9 +120,13 @@ def start_proxy(port: int, upstream_port: int, extra_env: dict | None = None) ->
 async def request(port: int, method: bytes, path: str, body: bytes = b"", keep=None):
     """Send one request (on `keep`, an open (reader, writer), if given) and read the whole answer."""
     reader, writer = keep or await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"%s %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s" % (method, path.encode(), len(body), body))
+    writer.write(
+        b"%s %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s" % (method, path.encode(), len(body), body)
+    )
     head = await reader.readuntil(b"\r\n\r\n")
-    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0)
+    length = next(
+        (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0
+    )
     await reader.readexactly(length)
     return reader, writer
 
@@ -125,13 +134,16 @@ async def request(port: int, method: bytes, path: str, body: bytes = b"", keep=N
 async def token_stream(target: Target, lines: int, rate: int, latencies: list) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", target.port)
     body = json.dumps({"n": lines, "rate": rate}).encode()
-    writer.write(b"%s /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s" % (target.method("POST"), len(body), body))
+    writer.write(
+        b"%s /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s"
+        % (target.method("POST"), len(body), body)
+    )
     await reader.readuntil(b"\r\n\r\n")
     seen = 0
     while seen < lines:
         line = await reader.readline()
         if line.startswith(b'{"t":'):
-            latencies.append(time.monotonic_ns() - int(line[5:line.index(b",")]))
+            latencies.append(time.monotonic_ns() - int(line[5 : line.index(b",")]))
             seen += 1
     writer.close()
 
@@ -172,7 +184,9 @@ async def scenario_small(target: Target, path: str, real_method: str, seconds: f
 async def scenario_upload(target: Target, size: int) -> dict:
     reader, writer = await asyncio.open_connection("127.0.0.1", target.port)
     path = b"/api/blobs/sha256:" + b"0" * 64
-    writer.write(b"%s %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % (target.method("POST"), path, size))
+    writer.write(
+        b"%s %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % (target.method("POST"), path, size)
+    )
     block = b"u" * (1 << 20)
     started = time.monotonic()
     for _ in range(size // len(block)):
@@ -188,7 +202,10 @@ async def scenario_download(target: Target, size: int) -> dict:
     reader, writer = await asyncio.open_connection("127.0.0.1", target.port)
     body = json.dumps({"size": size}).encode()
     started = time.monotonic()
-    writer.write(b"%s /api/pull HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s" % (target.method("POST"), len(body), body))
+    writer.write(
+        b"%s /api/pull HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s"
+        % (target.method("POST"), len(body), body)
+    )
     await reader.readuntil(b"\r\n\r\n")
     received, tail = 0, b"\r\n"
     while not tail.endswith(b"\r\n0\r\n\r\n"):
@@ -205,7 +222,10 @@ async def scenario_idle(target: Target, streams: int) -> dict:
     connections = []
     for _ in range(streams):
         reader, writer = await asyncio.open_connection("127.0.0.1", target.port)
-        writer.write(b"%s /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s" % (target.method("POST"), len(body), body))
+        writer.write(
+            b"%s /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s"
+            % (target.method("POST"), len(body), body)
+        )
         connections.append((reader, writer))
     for reader, _ in connections:
         await reader.readuntil(b"}\n")  # every stream is open and flowing
@@ -234,7 +254,7 @@ def table(title: str, results: dict[str, list[dict]]) -> None:
 async def interleaved(targets: list[Target], repeats: int, run) -> dict[str, list[dict]]:
     results: dict[str, list[dict]] = {t.name: [] for t in targets}
     for repeat in range(repeats):
-        order = targets[repeat % len(targets):] + targets[: repeat % len(targets)]
+        order = targets[repeat % len(targets) :] + targets[: repeat % len(targets)]
         for target in order:
             results[target.name].append(await run(target))
     return results
@@ -283,13 +303,19 @@ async def main() -> None:
         # scenario 2 also against bare Tornado answering a constant (the floor).
         with_workers = [*targets, Target("proxy x2", workers_port, workers.pid, corrects=True, workers=True)]
         with_floor = [*with_workers, Target("tornado floor", floor_port, floor.pid, corrects=False)]
-        print(f"# tornado-ollama-proxy benchmarks ({os.cpu_count()} cores, {'quick' if args.quick else 'full'} run, "
-              f"medians of {args.repeats}; direct CPU is the stand-in upstream's own)")
+        print(
+            f"# tornado-ollama-proxy benchmarks ({os.cpu_count()} cores, {'quick' if args.quick else 'full'} run, "
+            f"medians of {args.repeats}; direct CPU is the stand-in upstream's own)"
+        )
         for streams in (1, 100, 500) if "1" in only else ():
-            results = await interleaved(with_workers, args.repeats, lambda t, s=streams: scenario_streams(t, s, seconds))
+            results = await interleaved(
+                with_workers, args.repeats, lambda t, s=streams: scenario_streams(t, s, seconds)
+            )
             table(f"1. token streams: {streams} x 50 chunks/s", results)
         for path, method in (("/api/tags", "GET"), ("/api/show", "POST")) if "2" in only else ():
-            results = await interleaved(with_floor, args.repeats, lambda t, p=path, m=method: scenario_small(t, p, m, seconds))
+            results = await interleaved(
+                with_floor, args.repeats, lambda t, p=path, m=method: scenario_small(t, p, m, seconds)
+            )
             table(f"2. small requests: {path} ({method} upstream), 50 connections", results)
         if "3" in only:
             results = await interleaved(targets, args.repeats, lambda t: scenario_upload(t, bulk))

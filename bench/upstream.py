@@ -40,7 +40,8 @@ async def read_body(reader, headers) -> bytes:
 
 def answer(writer, status: str, body: bytes, content_type: str = "application/json; charset=utf-8"):
     writer.write(
-        b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n" % (status.encode(), content_type.encode(), len(body))
+        b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n"
+        % (status.encode(), content_type.encode(), len(body))
         + body
     )
 

@@ -230,10 +230,16 @@ class NginxFront:
         self.url = f"http://127.0.0.1:{self.port}"
         folder.mkdir(exist_ok=True)
         config = folder / "nginx.conf"
-        config.write_text(NGINX_CONF.format(
-            dir=folder, port=self.port, target=target.removeprefix("http://"), read_timeout=read_timeout,
-            method="proxy_method GET;" if as_get else "", user="user root;" if os.geteuid() == 0 else "",
-        ))
+        config.write_text(
+            NGINX_CONF.format(
+                dir=folder,
+                port=self.port,
+                target=target.removeprefix("http://"),
+                read_timeout=read_timeout,
+                method="proxy_method GET;" if as_get else "",
+                user="user root;" if os.geteuid() == 0 else "",
+            )
+        )
         self.folder = folder
         self.process = subprocess.Popen(["nginx", "-p", str(folder), "-c", str(config)], stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10

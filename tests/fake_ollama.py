@@ -83,9 +83,7 @@ class FakeState:
 def is_local_host(host: str) -> bool:
     name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
     name = name.strip("[]").lower()
-    if name in ("localhost", socket.gethostname().lower()) or name.endswith(
-        (".localhost", ".local", ".internal")
-    ):
+    if name in ("localhost", socket.gethostname().lower()) or name.endswith((".localhost", ".local", ".internal")):
         return True
     try:
         address = ipaddress.ip_address(name)
@@ -154,9 +152,7 @@ class OllamaHandler(OllamaBase):
         super().prepare()
         if self._finished:
             return
-        self.state.seen.append(
-            Seen(self.request.method, path, dict(self.request.headers), self.request.body)
-        )
+        self.state.seen.append(Seen(self.request.method, path, dict(self.request.headers), self.request.body))
 
     async def get(self):
         handler = getattr(self, "do_" + self.request.path.strip("/").replace("/", "_"))
@@ -201,7 +197,15 @@ class OllamaHandler(OllamaBase):
     async def do_api_show(self):
         data = self.body()
         if data is not None and self.model_or_404(data):
-            self.json({"modelfile": "FROM x", "parameters": "", "template": "{{ .Prompt }}", "details": {"format": "gguf"}, "model_info": {"general.architecture": "llama"}})
+            self.json(
+                {
+                    "modelfile": "FROM x",
+                    "parameters": "",
+                    "template": "{{ .Prompt }}",
+                    "details": {"format": "gguf"},
+                    "model_info": {"general.architecture": "llama"},
+                }
+            )
 
     async def do_api_me(self):
         self.json({"name": "tester"})
@@ -308,7 +312,11 @@ class OllamaHandler(OllamaBase):
         data = self.body()
         if data is None:
             return
-        steps = [{"status": "pulling manifest"}, {"status": "pulling abc", "digest": "sha256:abc", "total": 10, "completed": 10}, {"status": "success"}]
+        steps = [
+            {"status": "pulling manifest"},
+            {"status": "pulling abc", "digest": "sha256:abc", "total": 10, "completed": 10},
+            {"status": "success"},
+        ]
         if not data.get("stream", True):
             self.json({"status": "success"}, content_type="application/json")
             return

@@ -44,7 +44,9 @@ async def test_a_corrected_streamed_chat_shows_get_became_post(proxy_url, http, 
 async def test_an_aborted_stream_is_client_gone(proxy_url, fake, log_lines):
     reader, writer = await open_raw(proxy_url)
     body = json.dumps({**CHAT, "model": "stall"}).encode()
-    writer.write(b"GET /api/chat HTTP/1.1\r\nHost: x\r\nX-Request-ID: mine-1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    writer.write(
+        b"GET /api/chat HTTP/1.1\r\nHost: x\r\nX-Request-ID: mine-1\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    )
     await reader.readuntil(b'"done": false}\n')
     writer.close()
     await asyncio.wait_for(fake.disconnected.get(), 2)

@@ -84,8 +84,12 @@ async def test_metrics_add_up_across_processes_in_multiprocess_mode(launch, upst
     """Two workers writing to one PROMETHEUS_MULTIPROC_DIR: a scrape of either sees both."""
     folder = tmp_path / "metrics"
     folder.mkdir()
-    env = {"PORT": "0", "OLLAMA_PROXY_HOST": "127.0.0.1", "OLLAMA_PROXY_UPSTREAM": upstream_url,
-           "PROMETHEUS_MULTIPROC_DIR": str(folder)}
+    env = {
+        "PORT": "0",
+        "OLLAMA_PROXY_HOST": "127.0.0.1",
+        "OLLAMA_PROXY_UPSTREAM": upstream_url,
+        "PROMETHEUS_MULTIPROC_DIR": str(folder),
+    }
     addresses = []
     for event_loop in ("auto", "asyncio"):  # one on uvloop, one on asyncio's own loop
         process = launch({**env, "OLLAMA_PROXY_EVENT_LOOP": event_loop})
@@ -106,8 +110,13 @@ async def test_metrics_add_up_across_processes_in_multiprocess_mode(launch, upst
 
 
 async def test_two_proxy_processes_share_one_rate_limit_through_redis(launch, upstream_url, redis_server):
-    env = {"PORT": "0", "OLLAMA_PROXY_HOST": "127.0.0.1", "OLLAMA_PROXY_UPSTREAM": upstream_url,
-           "OLLAMA_PROXY_RATE_LIMIT": "3/minute", "OLLAMA_PROXY_RATE_LIMIT_STORAGE": redis_server.url}
+    env = {
+        "PORT": "0",
+        "OLLAMA_PROXY_HOST": "127.0.0.1",
+        "OLLAMA_PROXY_UPSTREAM": upstream_url,
+        "OLLAMA_PROXY_RATE_LIMIT": "3/minute",
+        "OLLAMA_PROXY_RATE_LIMIT_STORAGE": redis_server.url,
+    }
     addresses = []
     for _ in range(2):
         process = launch(env)
@@ -123,8 +132,12 @@ def few_file_descriptors():
 
 @pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
 async def test_running_out_of_descriptors_pauses_accepting_instead_of_spinning(launch, upstream_url, event_loop):
-    env = {"PORT": "0", "OLLAMA_PROXY_HOST": "127.0.0.1", "OLLAMA_PROXY_UPSTREAM": upstream_url,
-           "OLLAMA_PROXY_EVENT_LOOP": event_loop}
+    env = {
+        "PORT": "0",
+        "OLLAMA_PROXY_HOST": "127.0.0.1",
+        "OLLAMA_PROXY_UPSTREAM": upstream_url,
+        "OLLAMA_PROXY_EVENT_LOOP": event_loop,
+    }
     process = launch(env, preexec_fn=few_file_descriptors)
     address = (await read_log(process, "listening"))["address"]
     idle = [await asyncio.open_connection(*address.removeprefix("http://").split(":")) for _ in range(80)]

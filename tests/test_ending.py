@@ -120,8 +120,10 @@ async def test_a_stream_whose_end_arrives_as_the_client_leaves_is_recorded_ok(ma
 
     async def script(reader, writer):
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     b"e\r\ndata: [DONE]\n\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"e\r\ndata: [DONE]\n\n\r\n"
+        )
         await ended.wait()
         writer.write(b"0\r\n\r\n")
         await reader.read()

@@ -132,7 +132,10 @@ def test_chunks_of_a_request_body():
 
 
 def test_a_head_with_its_lines_and_headers():
-    [head, end] = read("GET", b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nX-A: 1\r\nX-A: 2\r\nContent-Length: 0\r\n\r\n")
+    [head, end] = read(
+        "GET",
+        b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nX-A: 1\r\nX-A: 2\r\nContent-Length: 0\r\n\r\n",
+    )
     assert (head.version, head.code, head.reason, head.length) == ("HTTP/1.1", 404, "Not Found", 0)
     assert head.lines() == [
         "HTTP/1.1 404 Not Found\r\n",
@@ -177,7 +180,17 @@ def test_a_reason_with_control_characters_is_refused(reason):
 
 @pytest.mark.parametrize(
     "line",
-    [b"no colon", b": no name", b"Space Before : x", b"Bad Name: x", b" folded: x", b"\tfolded: x", b"X: a\rb", b"X: a\x00b", b"X: a\x01b"],
+    [
+        b"no colon",
+        b": no name",
+        b"Space Before : x",
+        b"Bad Name: x",
+        b" folded: x",
+        b"\tfolded: x",
+        b"X: a\rb",
+        b"X: a\x00b",
+        b"X: a\x01b",
+    ],
 )
 def test_a_malformed_header_line(line):
     with pytest.raises(MalformedAnswer, match="invalid HTTP/1.1 answer"):
@@ -219,7 +232,10 @@ def test_a_complete_head_too_large_in_one_read():
 
 
 def test_interim_answers_are_skipped():
-    raw = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    raw = (
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    )
     for first, second in every_split(raw):
         events = read("POST", first, second)
         assert [e.code for e in events if isinstance(e, Head)] == [200]
@@ -259,14 +275,18 @@ ANSWERS = {
     "sized": (b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhello world", b"hello world", True),
     "chunked, extensions, trailers": (
         b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
-        b"c\r\n{\"a\":\"tok\"}\n\r\n"
+        b'c\r\n{"a":"tok"}\n\r\n'
         b"A;name=value\r\n0123456789\r\n"
         b"0\r\nX-Trailer: t\r\n\r\n",
         b'{"a":"tok"}\n0123456789',
         True,
     ),
     "empty": (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", b"", True),
-    "after an interim one": (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"ok", True),
+    "after an interim one": (
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"ok",
+        True,
+    ),
     "closing": (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok", b"ok", False),
     "chunked with a length": (
         b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
@@ -425,7 +445,12 @@ def test_nothing_after_the_end_is_read():
 
 
 def test_closing_before_the_end_is_incomplete():
-    for raw in (b"", b"HTTP/1.1 200", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nok", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n"):
+    for raw in (
+        b"",
+        b"HTTP/1.1 200",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n",
+    ):
         reader = AnswerReader("GET")
         reader.feed(raw)
         with pytest.raises(IncompleteAnswer):

@@ -18,13 +18,18 @@ async def test_a_rate_limited_client_costs_a_well_behaved_one_nothing(make_proxy
 
         async def refused():
             for _ in range(ROUNDS):
-                response = await http.post(front + "/api/chat", headers={"X-API-Key": "greedy"},
-                                           json={"model": "llama3.2", "messages": [], "stream": False})
+                response = await http.post(
+                    front + "/api/chat",
+                    headers={"X-API-Key": "greedy"},
+                    json={"model": "llama3.2", "messages": [], "stream": False},
+                )
                 greedy.append(response.status_code)
 
         async def served():
             for _ in range(ROUNDS):
-                response = await http.post(front + "/api/show", headers={"X-API-Key": "polite"}, json={"model": "llama3.2"})
+                response = await http.post(
+                    front + "/api/show", headers={"X-API-Key": "polite"}, json={"model": "llama3.2"}
+                )
                 polite.append(response.status_code)
 
         await asyncio.gather(*(call() for _ in range(4) for call in (refused, served)))

@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import gc
 import hashlib
+import itertools
 import json
 import socket
 import time
@@ -39,8 +40,9 @@ def lines(body: bytes) -> list[dict]:
 
 async def test_get_with_body_reaches_ollama_as_post_with_the_same_bytes(proxy_url, fake, http):
     body = json.dumps({**CHAT, "stream": False}).encode()
-    response = await http.request("GET", proxy_url + "/api/chat?x=1", content=body,
-                                  headers={"Content-Type": "application/json"})
+    response = await http.request(
+        "GET", proxy_url + "/api/chat?x=1", content=body, headers={"Content-Type": "application/json"}
+    )
     assert response.status_code == 200
     assert response.json()["message"]["content"] == "tok0 tok1 tok2 "
     [seen] = fake.seen
@@ -48,9 +50,10 @@ async def test_get_with_body_reaches_ollama_as_post_with_the_same_bytes(proxy_ur
 
 
 async def test_the_upstream_sees_its_own_host_and_the_forwarding_headers(proxy_url, upstream_url, fake, http):
-    await http.get(proxy_url + "/api/tags", headers={"Host": "abc-8000.proxy.runpod.net",
-                                                      "X-Forwarded-For": "203.0.113.7",
-                                                      "Authorization": "Bearer k"})
+    await http.get(
+        proxy_url + "/api/tags",
+        headers={"Host": "abc-8000.proxy.runpod.net", "X-Forwarded-For": "203.0.113.7", "Authorization": "Bearer k"},
+    )
     [seen] = fake.seen
     assert seen.headers["Host"] == upstream_url.removeprefix("http://")
     assert seen.headers["X-Forwarded-For"] == "203.0.113.7, 127.0.0.1"
@@ -231,7 +234,7 @@ async def test_repeated_response_headers_and_reason_are_kept(make_proxy, http):
 
 
 async def test_an_answer_delimited_by_close_is_relayed_whole(make_proxy, http):
-    canned = CannedUpstream(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n\r\n{\"a\": 1}\n{\"b\": 2}\n")
+    canned = CannedUpstream(b'HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n\r\n{"a": 1}\n{"b": 2}\n')
     proxy = make_proxy(upstream=await canned.start())
     response = await http.get(proxy + "/api/tags")
     assert response.content == b'{"a": 1}\n{"b": 2}\n'
@@ -250,8 +253,7 @@ async def test_interim_100_continue_from_upstream_is_not_relayed(make_proxy, htt
 async def test_expect_100_continue_is_answered_and_the_body_follows(proxy_url, fake):
     body = json.dumps({**CHAT, "stream": False}).encode()
     reader, writer = await open_raw(proxy_url)
-    writer.write(b"GET /api/chat HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
-                 b"Content-Length: %d\r\n\r\n" % len(body))
+    writer.write(b"GET /api/chat HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
     assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100 ")
     writer.write(body)
     status, _, _ = split_response(await reader.readuntil(b"\r\n\r\n"))
@@ -384,7 +386,7 @@ async def test_spaced_chunks_arrive_spaced(proxy_url, fake, http):
     assert b"".join(c for _, c in arrivals) == b"".join(c for _, c in fake.sent)
     last_sent = fake.sent[-1][0]
     assert arrivals[0][0] < last_sent  # the first line was read before the upstream finished
-    gaps = [b[0] - a[0] for a, b in zip(arrivals, arrivals[1:])]
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(arrivals)]
     assert len(arrivals) == 4 and min(gaps) > 0.15
 
 
@@ -393,8 +395,9 @@ async def test_a_slow_reader_holds_the_upstream_back(proxy_url, fake):
     total_kib = 512 * 1024
     fake.flood_done = asyncio.get_running_loop().create_future()
     reader, writer = await open_raw(proxy_url, rcvbuf=64 * 1024)
-    body = json.dumps({"model": "flood", "messages": [{"role": "user", "content": "x"}],
-                       "options": {"num_predict": total_kib}}).encode()
+    body = json.dumps(
+        {"model": "flood", "messages": [{"role": "user", "content": "x"}], "options": {"num_predict": total_kib}}
+    ).encode()
     writer.write(b"GET /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
     await reader.readuntil(b"\r\n\r\n")
     stalled_at = await settled(lambda: fake.flood_written)
@@ -482,18 +485,19 @@ async def test_client_leaving_mid_upload_aborts_the_upstream(proxy_url, fake):
 
 async def test_client_leaving_while_an_alias_body_is_collected_reaches_nobody(proxy_url, fake):
     reader, writer = await open_raw(proxy_url)
-    writer.write(b"GET /api/stop HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"model\"")
+    writer.write(b'GET /api/stop HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"model"')
     await writer.drain()
     writer.close()
     # The proxy is still answering other requests, and nothing was forwarded.
-    assert (await raw_request(proxy_url, b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")).endswith(b"0.32.0\"}")
+    assert (await raw_request(proxy_url, b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")).endswith(b'0.32.0"}')
     assert [seen.path for seen in fake.seen] == ["/api/version"]
 
 
 async def test_client_leaving_during_a_fast_stream_stops_the_upstream(proxy_url, fake):
     reader, writer = await open_raw(proxy_url, rcvbuf=64 * 1024)
-    body = json.dumps({"model": "flood", "messages": [{"role": "user", "content": "x"}],
-                       "options": {"num_predict": 1024 * 1024}}).encode()
+    body = json.dumps(
+        {"model": "flood", "messages": [{"role": "user", "content": "x"}], "options": {"num_predict": 1024 * 1024}}
+    ).encode()
     writer.write(b"GET /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
     await reader.readexactly(1024 * 1024)
     writer.transport.abort()  # like a killed client: the socket goes away unread
@@ -625,8 +629,9 @@ async def test_a_slow_client_is_not_mistaken_for_a_silent_upstream(make_proxy, f
     proxy = make_proxy(idle_timeout=0.3)
     fake.flood_done = asyncio.get_running_loop().create_future()
     reader, writer = await open_raw(proxy, rcvbuf=16 * 1024)
-    body = json.dumps({"model": "flood", "messages": [{"role": "user", "content": "x"}],
-                       "options": {"num_predict": 64 * 1024}}).encode()
+    body = json.dumps(
+        {"model": "flood", "messages": [{"role": "user", "content": "x"}], "options": {"num_predict": 64 * 1024}}
+    ).encode()
     writer.write(b"GET /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
     await reader.readuntil(b"\r\n\r\n")
     await settled(lambda: fake.flood_written, quiet=0.8)  # well past the idle timeout
@@ -682,8 +687,15 @@ async def test_without_cors_origins_ollama_judges_the_origin(proxy_url, fake, ht
 @pytest.mark.parametrize("method", ["OPTIONS", "GET"])  # the platform turns OPTIONS into GET too
 async def test_preflight_is_answered_by_the_proxy(make_proxy, fake, http, method):
     proxy = make_proxy(cors_origins=(APP,))
-    response = await http.request(method, proxy + "/api/chat", headers={
-        "Origin": APP, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
+    response = await http.request(
+        method,
+        proxy + "/api/chat",
+        headers={
+            "Origin": APP,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
     assert response.status_code == 204
     assert response.headers["access-control-allow-origin"] == APP
     assert response.headers["access-control-allow-headers"] == "content-type"
@@ -776,7 +788,11 @@ def request_bytes(method: bytes, target: bytes, body: bytes = b"", *headers: byt
 
 
 EARLY_ANSWERS = {
-    "rate limited": ({"rate_limit_routes": {"/api/chat": "0/minute"}}, request_bytes(b"POST", b"/api/chat", b'{"model": "x"}'), 429),
+    "rate limited": (
+        {"rate_limit_routes": {"/api/chat": "0/minute"}},
+        request_bytes(b"POST", b"/api/chat", b'{"model": "x"}'),
+        429,
+    ),
     "concurrency cap": ({"concurrency_total": 1, "rate_limit_exempt": ()}, None, 503),
     "bad target": ({}, request_bytes(b"POST", b"/api/../x", b'{"a": 1}'), 400),
     "lost body": ({}, request_bytes(b"GET", b"/api/chat"), 400),
@@ -836,7 +852,7 @@ async def test_a_chunked_body_under_a_refusal_is_read_until_it_grows_too_large(m
     reader, writer = await open_raw(proxy)
     writer.write(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n")
     await asyncio.sleep(0.2)  # the refusal waits for the body to end: nothing may arrive yet
-    assert not reader._buffer  # noqa: SLF001 -- nothing answered yet
+    assert not reader._buffer
     writer.write(b"10000\r\n" + b"x" * 0x10000 + b"\r\n")  # past the amount worth reading for nothing
     status, headers, _ = await read_response(reader)
     assert (status, headers["connection"]) == (429, ["close"])
@@ -846,7 +862,9 @@ async def test_a_chunked_body_under_a_refusal_is_read_until_it_grows_too_large(m
 async def test_a_preflight_on_a_kept_connection_leaves_it_usable(make_proxy, fake):
     proxy = make_proxy(cors_origins=(APP,))
     reader, writer = await open_raw(proxy)
-    writer.write(request_bytes(b"OPTIONS", b"/api/chat", b"", b"Origin: " + APP.encode(), b"Access-Control-Request-Method: POST"))
+    writer.write(
+        request_bytes(b"OPTIONS", b"/api/chat", b"", b"Origin: " + APP.encode(), b"Access-Control-Request-Method: POST")
+    )
     status, headers, _ = await read_response(reader)
     assert status == 204 and "connection" not in headers
     writer.write(VERSION)
@@ -893,7 +911,9 @@ async def test_framing_tornado_refuses_is_answered_once_before_anything_else(mak
 
 
 async def test_a_fragment_in_the_target_is_refused(proxy_url, fake):
-    status, _, body = split_response(await raw_request(proxy_url, b"POST /api/pull#1 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"))
+    status, _, body = split_response(
+        await raw_request(proxy_url, b"POST /api/pull#1 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+    )
     assert status == 400 and b"'#'" in body
     assert fake.seen == []
 
@@ -917,4 +937,7 @@ async def test_placeholders_reach_the_upstream_path_still_encoded(make_proxy):
 async def test_an_untrusted_peer_cannot_say_which_scheme_or_host_it_used(proxy_url, fake, http):
     await http.get(proxy_url + "/api/tags", headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "evil.example"})
     [seen] = fake.seen
-    assert (seen.headers["X-Forwarded-Proto"], seen.headers["X-Forwarded-Host"]) == ("http", proxy_url.removeprefix("http://"))
+    assert (seen.headers["X-Forwarded-Proto"], seen.headers["X-Forwarded-Host"]) == (
+        "http",
+        proxy_url.removeprefix("http://"),
+    )

@@ -92,12 +92,18 @@ def test_forwarding_headers_from_anyone_else_are_the_proxys_own_view():
 def test_headers_the_proxy_consumed_are_not_forwarded():
     incoming = headers(("Authorization", "Bearer k"), ("X-API-Key", "k"), ("Accept", "*/*"))
     out = upstream_request_headers(
-        incoming, upstream_host="u:1", client_ip="10.0.0.1", scheme="http", trusted_peer=False,
+        incoming,
+        upstream_host="u:1",
+        client_ip="10.0.0.1",
+        scheme="http",
+        trusted_peer=False,
         removed=("Authorization", "x-api-key"),
     )
     assert "Authorization" not in out and "X-API-Key" not in out and out["Accept"] == "*/*"
 
 
 def test_a_request_without_host_or_peer_address_still_gets_sane_headers():
-    out = upstream_request_headers(HTTPHeaders(), upstream_host="u:1", client_ip=None, scheme="https", trusted_peer=False)
+    out = upstream_request_headers(
+        HTTPHeaders(), upstream_host="u:1", client_ip=None, scheme="https", trusted_peer=False
+    )
     assert dict(out) == {"Host": "u:1", "X-Forwarded-For": "unknown", "X-Forwarded-Proto": "https"}

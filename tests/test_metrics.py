@@ -40,7 +40,10 @@ async def test_counters_after_a_known_sequence(proxy_url, fake, http):
     assert value(samples, "ollama_proxy_requests_total", route="/api/chat", method_out="POST", status="200") == 2
     # Refused before going upstream: no method went out, as the access record says.
     assert value(samples, "ollama_proxy_requests_total", route="/api/chat", method_out="none", status="400") == 1
-    assert value(samples, "ollama_proxy_method_corrections_total", route="/api/chat", method_in="GET", method_out="POST") == 2
+    assert (
+        value(samples, "ollama_proxy_method_corrections_total", route="/api/chat", method_in="GET", method_out="POST")
+        == 2
+    )
     assert value(samples, "ollama_proxy_request_duration_seconds_count", route="/api/chat") == 3
     assert value(samples, "ollama_proxy_time_to_first_byte_seconds_count", route="/api/chat") == 2
     assert value(samples, "ollama_proxy_body_bytes_total", direction="out") == len(tags.content) + 2 * len(chat.content)

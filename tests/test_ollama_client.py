@@ -144,8 +144,9 @@ async def test_aliases_through_the_platform(front_url, http, fake):
 
 async def test_override_header_through_the_platform(front_url, http, fake):
     digest = "sha256:" + "0" * 64
-    response = await http.post(front_url + "/api/blobs/" + digest, content=b"x",
-                               headers={"X-HTTP-Method-Override": "HEAD"})
+    response = await http.post(
+        front_url + "/api/blobs/" + digest, content=b"x", headers={"X-HTTP-Method-Override": "HEAD"}
+    )
     assert response.status_code == 404
     assert upstream_calls(fake) == [("HEAD", "/api/blobs/" + digest)] and fake.blobs == set()
 

@@ -25,20 +25,26 @@ def folder(tmp_path):
 
 
 def test_builtins_then_folder_then_settings_with_later_winning(folder):
-    folder("b_more.py", """
+    folder(
+        "b_more.py",
+        """
         from tornado_ollama_proxy import hookimpl
 
         @hookimpl
         def register_routes():
             return [{"path": "/api/tags", "methods": ["POST"]}, {"path": "/api/x", "methods": ["GET"]}]
-    """)
-    folder("a_first.py", """
+    """,
+    )
+    folder(
+        "a_first.py",
+        """
         from tornado_ollama_proxy import hookimpl
 
         @hookimpl
         def register_routes():
             return [{"path": "/api/x", "methods": ["DELETE"]}, {"path": "/api/y", "methods": ["PUT"]}]
-    """)
+    """,
+    )
     folder("_notes.txt", "not python")
     settings = Settings(plugins_dir=folder.path, routes=(Route("/api/y", ("PATCH",)),))
     pm = make_plugin_manager(settings)
@@ -75,7 +81,9 @@ def test_a_plugin_returning_none_adds_nothing(tmp_path):
 
     pm = make_plugin_manager(Settings(plugins_dir=str(tmp_path)))
     pm.register(Quiet(), name="quiet")
-    assert len(build_route_table(pm)) == len(build_route_table(make_plugin_manager(Settings(plugins_dir=str(tmp_path)))))
+    assert len(build_route_table(pm)) == len(
+        build_route_table(make_plugin_manager(Settings(plugins_dir=str(tmp_path))))
+    )
 
 
 def test_the_shipped_plugins_folder_runs_nothing():
@@ -117,13 +125,16 @@ def test_a_misspelled_hook_is_caught_at_start_up(folder):
 
 
 def test_bad_route_entry_from_a_plugin_names_the_plugin(folder):
-    path = folder("bad.py", """
+    path = folder(
+        "bad.py",
+        """
         from tornado_ollama_proxy import hookimpl
 
         @hookimpl
         def register_routes():
             return [{"path": "/ok", "methods": ["GET"]}, {"path": "nope", "methods": ["GET"]}]
-    """)
+    """,
+    )
     pm = make_plugin_manager(Settings(plugins_dir=folder.path))
     with pytest.raises(PluginError) as caught:
         build_route_table(pm)
@@ -131,13 +142,16 @@ def test_bad_route_entry_from_a_plugin_names_the_plugin(folder):
 
 
 def test_a_plugin_hook_that_raises_names_the_plugin(folder):
-    path = folder("raises.py", """
+    path = folder(
+        "raises.py",
+        """
         from tornado_ollama_proxy import hookimpl
 
         @hookimpl
         def register_routes():
             raise RuntimeError("boom")
-    """)
+    """,
+    )
     with pytest.raises(PluginError) as caught:
         build_route_table(make_plugin_manager(Settings(plugins_dir=folder.path)))
     assert str(caught.value) == f"plugin {path}: register_routes failed: RuntimeError: boom"

@@ -200,8 +200,12 @@ async def test_a_hung_storage_is_bounded_by_the_storage_timeout(make_proxy, http
     from .helpers import BlackHole
 
     hole = BlackHole()
-    proxy = make_proxy(rate_limit="1/minute", rate_limit_storage=hole.url.replace("http", "redis"),
-                       rate_limit_storage_timeout=0.2, rate_limit_fail="closed")
+    proxy = make_proxy(
+        rate_limit="1/minute",
+        rate_limit_storage=hole.url.replace("http", "redis"),
+        rate_limit_storage_timeout=0.2,
+        rate_limit_fail="closed",
+    )
     response = await asyncio.wait_for(http.get(proxy + "/api/tags"), 5)
     hole.close()
     assert response.status_code == 503
@@ -226,7 +230,9 @@ def storage(request):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 async def test_a_burst_admits_exactly_what_the_window_has_left(storage, strategy):
-    limiter = LimitsRateLimiter(Settings(rate_limit="5/minute", rate_limit_strategy=strategy, rate_limit_storage=storage))
+    limiter = LimitsRateLimiter(
+        Settings(rate_limit="5/minute", rate_limit_strategy=strategy, rate_limit_storage=storage)
+    )
     for _ in range(4):  # one left
         await limiter.admit("client", "/api/tags")
     burst = await asyncio.gather(*(limiter.admit("client", "/api/tags") for _ in range(20)), return_exceptions=True)
@@ -236,8 +242,13 @@ async def test_a_burst_admits_exactly_what_the_window_has_left(storage, strategy
 
 
 async def test_two_proxy_processes_admit_exactly_the_shared_limit(launch, upstream_url, redis_server):
-    env = {"PORT": "0", "OLLAMA_PROXY_HOST": "127.0.0.1", "OLLAMA_PROXY_UPSTREAM": upstream_url,
-           "OLLAMA_PROXY_RATE_LIMIT": "10/minute", "OLLAMA_PROXY_RATE_LIMIT_STORAGE": redis_server.url}
+    env = {
+        "PORT": "0",
+        "OLLAMA_PROXY_HOST": "127.0.0.1",
+        "OLLAMA_PROXY_UPSTREAM": upstream_url,
+        "OLLAMA_PROXY_RATE_LIMIT": "10/minute",
+        "OLLAMA_PROXY_RATE_LIMIT_STORAGE": redis_server.url,
+    }
     addresses = [(await read_log(launch(env), "listening"))["address"] for _ in range(2)]
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=100)) as http:
         answers = await asyncio.gather(*(http.get(addresses[i % 2] + "/api/tags") for i in range(60)))
@@ -269,12 +280,16 @@ async def test_an_outage_is_logged_when_it_begins_and_when_it_ends_not_per_reque
     back = RedisServer(port=redis.port)
     assert (await http.get(proxy + "/api/tags")).headers["ratelimit-limit"] == "100"
     back.stop()
-    lines = [(line["level"], line["message"]) for line in log_lines() if line["name"] == "tornado_ollama_proxy.ratelimit"]
+    lines = [
+        (line["level"], line["message"]) for line in log_lines() if line["name"] == "tornado_ollama_proxy.ratelimit"
+    ]
     assert lines == [
         ("WARNING", "rate limit storage unavailable: limits not enforced"),
         ("WARNING", "rate limit storage available again"),
     ]
-    assert [line for line in log_lines() if line["message"] == "rate limit storage available again"][0]["failures"] == 30
+    assert (
+        next(line for line in log_lines() if line["message"] == "rate limit storage available again")["failures"] == 30
+    )
 
 
 def test_a_long_outage_is_recalled_once_a_period(caplog):
@@ -316,4 +331,8 @@ async def test_a_plugin_can_replace_the_limiter(servers, upstream_url, tmp_path,
     ok = await http.get(proxy + "/api/tags")
     assert ok.headers["x-quota"] == "plenty" and released == ["/api/tags"]
     refused = await http.get(proxy + "/api/ps")
-    assert (refused.status_code, refused.json(), refused.headers["retry-after"]) == (429, {"error": "no ps for you"}, "5")
+    assert (refused.status_code, refused.json(), refused.headers["retry-after"]) == (
+        429,
+        {"error": "no ps for you"},
+        "5",
+    )

@@ -219,8 +219,13 @@ def test_route_without_alias_has_no_upstream_target():
 
 def test_parse_route_normalises_methods_and_keeps_options():
     route = parse_route(
-        {"path": "/x/{a}", "methods": ["post", "POST", "head"], "upstream_path": "/y/{a}",
-         "body_defaults": {"k": 1}, "requires_body": True}
+        {
+            "path": "/x/{a}",
+            "methods": ["post", "POST", "head"],
+            "upstream_path": "/y/{a}",
+            "body_defaults": {"k": 1},
+            "requires_body": True,
+        }
     )
     assert route == Route("/x/{a}", ("POST", "HEAD"), "/y/{a}", {"k": 1}, True)
     assert parse_route(route) is route

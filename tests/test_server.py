@@ -59,7 +59,9 @@ async def test_drain_stops_accepting_and_lets_in_flight_streams_finish(start_ser
 
 async def test_drain_cuts_what_outlives_the_grace_period(start_server, fake):
     server, url = start_server(shutdown_grace=0.2)
-    reader, writer = await send_chat(url, json.dumps({"model": "silent", "messages": [{"role": "user", "content": "x"}]}).encode())
+    reader, writer = await send_chat(
+        url, json.dumps({"model": "silent", "messages": [{"role": "user", "content": "x"}]}).encode()
+    )
     await asyncio.wait_for(fake.arrived.get(), 5)
     await asyncio.wait_for(server.drain(), 5)
     assert await reader.read() == b""  # closed without an answer
@@ -124,7 +126,9 @@ def head_begun(server) -> bool:
 
 async def test_a_drain_closes_kept_idle_connections_at_once(start_server, fake):
     server, url = start_server(shutdown_grace=5)
-    _, holder_writer = await send_chat(url, json.dumps({"model": "silent", "messages": [{"role": "user", "content": "x"}]}).encode())
+    _, holder_writer = await send_chat(
+        url, json.dumps({"model": "silent", "messages": [{"role": "user", "content": "x"}]}).encode()
+    )
     assert await asyncio.wait_for(fake.arrived.get(), 5) == "/api/chat"  # in flight through the drain
     idle_reader, idle_writer = await kept_connection(url)
     draining = asyncio.ensure_future(server.drain())
@@ -137,7 +141,9 @@ async def test_a_drain_closes_kept_idle_connections_at_once(start_server, fake):
 
 async def test_a_request_begun_on_a_kept_connection_during_a_drain_gets_503_and_close(start_server, fake):
     server, url = start_server(shutdown_grace=5)
-    _, holder_writer = await send_chat(url, json.dumps({"model": "silent", "messages": [{"role": "user", "content": "x"}]}).encode())
+    _, holder_writer = await send_chat(
+        url, json.dumps({"model": "silent", "messages": [{"role": "user", "content": "x"}]}).encode()
+    )
     assert await asyncio.wait_for(fake.arrived.get(), 5) == "/api/chat"
     reader, writer = await kept_connection(url)
     writer.write(b"GET /api/ta")  # a request under way as the drain begins
@@ -157,7 +163,9 @@ async def test_a_request_begun_on_a_kept_connection_during_a_drain_gets_503_and_
 
 async def test_health_says_503_while_draining(start_server, fake):
     server, url = start_server(shutdown_grace=5)
-    _, holder_writer = await send_chat(url, json.dumps({"model": "silent", "messages": [{"role": "user", "content": "x"}]}).encode())
+    _, holder_writer = await send_chat(
+        url, json.dumps({"model": "silent", "messages": [{"role": "user", "content": "x"}]}).encode()
+    )
     assert await asyncio.wait_for(fake.arrived.get(), 5) == "/api/chat"
     reader, writer = await kept_connection(url)
     writer.write(b"GET /_proxy/he")

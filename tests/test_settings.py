@@ -83,14 +83,17 @@ def test_environment_takes_json_for_structured_keys():
 
 
 def test_rate_limit_settings_from_the_environment():
-    settings = load_settings(None, environ={
-        "OLLAMA_PROXY_RATE_LIMIT": "120/minute; 2000/day",
-        "OLLAMA_PROXY_RATE_LIMIT_ROUTES": '{"/api/pull": "5/hour"}',
-        "OLLAMA_PROXY_RATE_LIMIT_STORAGE": "redis://:pw@redis:6379/0",
-        "OLLAMA_PROXY_TRUSTED_PROXIES": '["10.0.0.0/8", "::1"]',
-        "OLLAMA_PROXY_CLIENT_KEY_HEADER": "X-API-Key",
-        "OLLAMA_PROXY_CONCURRENCY_PER_CLIENT": "2",
-    })
+    settings = load_settings(
+        None,
+        environ={
+            "OLLAMA_PROXY_RATE_LIMIT": "120/minute; 2000/day",
+            "OLLAMA_PROXY_RATE_LIMIT_ROUTES": '{"/api/pull": "5/hour"}',
+            "OLLAMA_PROXY_RATE_LIMIT_STORAGE": "redis://:pw@redis:6379/0",
+            "OLLAMA_PROXY_TRUSTED_PROXIES": '["10.0.0.0/8", "::1"]',
+            "OLLAMA_PROXY_CLIENT_KEY_HEADER": "X-API-Key",
+            "OLLAMA_PROXY_CONCURRENCY_PER_CLIENT": "2",
+        },
+    )
     assert settings.rate_limit == "120/minute; 2000/day"
     assert settings.rate_limit_routes == {"/api/pull": "5/hour"}
     assert settings.rate_limit_storage == "redis://:pw@redis:6379/0"
@@ -139,11 +142,17 @@ def test_relative_plugins_dir_is_relative_to_the_settings_file(write_settings, t
         ({"health_cache_seconds": -1}, "health_cache_seconds: expected a number of seconds >= 0"),
         ({"rate_limit": "lots/minute"}, 'rate_limit: expected limits such as "120/minute"'),
         ({"rate_limit": 5}, "rate_limit: expected limits such as"),
-        ({"rate_limit_routes": {"/api/pull": "often"}}, "rate_limit_routes: expected an object of route path -> limits"),
+        (
+            {"rate_limit_routes": {"/api/pull": "often"}},
+            "rate_limit_routes: expected an object of route path -> limits",
+        ),
         ({"rate_limit_routes": {"api/pull": "1/hour"}}, "rate_limit_routes: expected an object"),
         ({"rate_limit_routes": ["/api/pull"]}, "rate_limit_routes: expected an object"),
         ({"rate_limit_strategy": "token-bucket"}, "rate_limit_strategy: expected 'moving-window' or 'fixed-window'"),
-        ({"rate_limit_storage": "mongodb://x"}, "rate_limit_storage: expected a storage URL starting memory://, redis://"),
+        (
+            {"rate_limit_storage": "mongodb://x"},
+            "rate_limit_storage: expected a storage URL starting memory://, redis://",
+        ),
         ({"rate_limit_storage": 1}, "rate_limit_storage: expected a storage URL"),
         ({"rate_limit_fail": "maybe"}, "rate_limit_fail: expected 'open' or 'closed'"),
         ({"trusted_proxies": ["10.0.0.0/33"]}, "trusted_proxies: expected a list of addresses or networks"),
@@ -157,8 +166,10 @@ def test_relative_plugins_dir_is_relative_to_the_settings_file(write_settings, t
         ({"cors_origins": ["chat.example.com"]}, "cors_origins: expected a list of origins"),
         ({"cors_origins": ["https://chat.example.com/app"]}, "cors_origins: expected a list of origins"),
         ({"cors_origins": [3]}, "cors_origins: expected a list of origins"),
-        ({"routes": [{"path": "/x", "methods": ["GET"]}, {"path": "/y", "methods": []}]},
-         "routes: expected entry 1: methods: must be a non-empty list"),
+        (
+            {"routes": [{"path": "/x", "methods": ["GET"]}, {"path": "/y", "methods": []}]},
+            "routes: expected entry 1: methods: must be a non-empty list",
+        ),
     ],
 )
 def test_bad_values_in_the_file_name_the_key_and_what_is_allowed(write_settings, data, message):
@@ -173,7 +184,10 @@ def test_bad_values_in_the_file_name_the_key_and_what_is_allowed(write_settings,
     "environ, message",
     [
         ({"PORT": "eighty"}, "PORT: port: expected a whole number from 0 to 65535 (0 picks a free port), got 'eighty'"),
-        ({"OLLAMA_PROXY_IDLE_TIMEOUT": "NaN"}, "OLLAMA_PROXY_IDLE_TIMEOUT: idle_timeout: expected a number of seconds > 0"),
+        (
+            {"OLLAMA_PROXY_IDLE_TIMEOUT": "NaN"},
+            "OLLAMA_PROXY_IDLE_TIMEOUT: idle_timeout: expected a number of seconds > 0",
+        ),
         ({"OLLAMA_PROXY_ROUTES": "[{"}, "OLLAMA_PROXY_ROUTES: routes: expected a list of route objects"),
     ],
 )

@@ -62,7 +62,9 @@ def answering(*answers: bytes, seen: list | None = None, linger: bool = True):
 
 
 def fetch(client, url, method="GET", **options):
-    return client.fetch(AbortableRequest(url, method=method, allow_nonstandard_methods=True, **options), raise_error=False)
+    return client.fetch(
+        AbortableRequest(url, method=method, allow_nonstandard_methods=True, **options), raise_error=False
+    )
 
 
 # -- keep-alive ------------------------------------------------------------------
@@ -250,8 +252,9 @@ async def test_a_produced_body_with_a_length_goes_as_is(client):
     headers = HTTPHeaders({"Content-Length": "10"})
     for _ in range(2):
         answered.clear()
-        request = AbortableRequest(url, method="POST", headers=headers, body_producer=produce,
-                                   header_callback=lambda _: answered.set())
+        request = AbortableRequest(
+            url, method="POST", headers=headers, body_producer=produce, header_callback=lambda _: answered.set()
+        )
         assert (await client.fetch(request, raise_error=False)).code == 200
     for head, body in seen:
         assert b"\r\ncontent-length: 10\r\n" in head.lower() and b"chunked" not in head.lower()
@@ -304,7 +307,9 @@ async def test_a_body_write_waiting_for_room_ends_when_the_connection_is_lost(cl
     async def script(reader, writer):
         await reader.readuntil(b"\r\n\r\n")
         await blocked.wait()  # reads no body: the client's send buffer fills
-        writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+        )
         writer.transport.abort()
 
     upstream = ScriptedUpstream(script)
@@ -383,7 +388,9 @@ async def test_an_upstream_hanging_up_while_a_relay_is_pending(client):
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
         await relayed.wait()
         # A hard hang-up mid-answer, while the client still uploads.
-        writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+        )
         writer.transport.abort()
 
     upstream = ScriptedUpstream(script)
@@ -443,7 +450,9 @@ async def test_a_relay_that_fails_fails_the_fetch(client):
 
 
 async def test_a_relay_may_be_a_coroutine_or_a_done_future(client):
-    upstream = ScriptedUpstream(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+    upstream = ScriptedUpstream(
+        answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    )
     url = await upstream.start()
     pieces = []
 

@@ -25,8 +25,13 @@ def samples(text: str) -> dict:
 
 
 def workers_env(upstream_url, **more):
-    return {"PORT": "0", "OLLAMA_PROXY_HOST": "127.0.0.1", "OLLAMA_PROXY_UPSTREAM": upstream_url,
-            "OLLAMA_PROXY_WORKERS": "2", **more}
+    return {
+        "PORT": "0",
+        "OLLAMA_PROXY_HOST": "127.0.0.1",
+        "OLLAMA_PROXY_UPSTREAM": upstream_url,
+        "OLLAMA_PROXY_WORKERS": "2",
+        **more,
+    }
 
 
 async def start_workers(launch, env):

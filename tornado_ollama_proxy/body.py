@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from typing import Any
 
 from tornado.iostream import StreamClosedError
 
@@ -71,10 +73,8 @@ class BodyPump:
         if write is None:
             return  # the upstream has gone: the rest is dropped
         self.watchdog.client_turn = False
-        try:
+        with suppress(StreamClosedError):  # the fetch reports what happened upstream
             await write(piece)
-        except StreamClosedError:
-            pass  # the fetch reports what happened upstream
         self.watchdog.client_turn = not self.received.done()
         self.watchdog.touch()
 
@@ -100,6 +100,6 @@ class BodyPump:
         _resolve(self._passed, None)
 
 
-def _resolve(future: asyncio.Future, value: object) -> None:
+def _resolve(future: asyncio.Future[Any], value: Any) -> None:
     if not future.done():
         future.set_result(value)

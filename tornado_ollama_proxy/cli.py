@@ -21,9 +21,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog=PROG,
         description="Streaming reverse proxy that restores the HTTP methods of Ollama's API.",
     )
-    parser.add_argument(
-        "--settings", metavar="FILE", help=f"settings file (default: ./{DEFAULT_FILE} when present)"
-    )
+    parser.add_argument("--settings", metavar="FILE", help=f"settings file (default: ./{DEFAULT_FILE} when present)")
     parser.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     parser.add_argument("--port", help="port to listen on (default 8000, or $PORT)")
     parser.add_argument("--upstream", metavar="URL", help="Ollama's URL (default http://127.0.0.1:11434)")

@@ -27,7 +27,7 @@ def parse_address(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Add
     return getattr(address, "ipv4_mapped", None) or address
 
 
-def in_networks(address, networks: Iterable[Network]) -> bool:
+def in_networks(address: ipaddress.IPv4Address | ipaddress.IPv6Address | None, networks: Iterable[Network]) -> bool:
     return address is not None and any(address in network for network in networks)
 
 
@@ -53,4 +53,3 @@ def client_address(peer: str | None, headers: HTTPHeaders, trusted: tuple[Networ
             return str(hop_address)
         address = hop_address
     return str(address)
-

@@ -51,7 +51,9 @@ def declared_body(headers: HTTPHeaders) -> int | None:
         if length is not None:
             raise Rejection(400, "a request may not have both Content-Length and Transfer-Encoding")
         if coding.lower() != "chunked":
-            raise Rejection(400, f"Transfer-Encoding {coding[:40]!r} is not supported: send chunked or a Content-Length")
+            raise Rejection(
+                400, f"Transfer-Encoding {coding[:40]!r} is not supported: send chunked or a Content-Length"
+            )
         return None
     if length is None:
         return 0

@@ -16,6 +16,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
+from http.client import responses
 from typing import TYPE_CHECKING, Any
 
 from tornado import httputil
@@ -72,7 +73,7 @@ class BaseHandler(RequestHandler):
         return None  # relayed answers carry the upstream's headers, none invented
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        self.answer_error(Rejection(status_code, httputil.responses.get(status_code, "error").lower()))
+        self.answer_error(Rejection(status_code, responses.get(status_code, "error").lower()))
 
     def answer_error(self, rejection: Rejection) -> None:
         """Answer `{"error": message}` with the rejection's status and headers."""
@@ -262,7 +263,12 @@ class ProxyHandler(BaseHandler):
         connection: HTTP1Connection = self.request.connection  # type: ignore[assignment]
         flow = ClientFlow(connection, self.watchdog, self.on_connection_close)
         self.relay = relay = AnswerRelay(
-            self, flow, self.record, started=self.started, upstream_head=method == "HEAD", added_headers=self.added_headers
+            self,
+            flow,
+            self.record,
+            started=self.started,
+            upstream_head=method == "HEAD",
+            added_headers=self.added_headers,
         )
         self.upstream_request = request = self.proxy.upstream.request(
             method, target, headers, head_callback=self._on_head, streaming_callback=relay.on_piece, **body
@@ -461,6 +467,6 @@ def _merge_body(body: bytes, route: Route) -> bytes:
     except ValueError:
         data = None
     if not isinstance(data, dict):
-        raise Rejection(400, f"{route.path} needs a JSON object body, such as {{\"model\": \"llama3.2\"}}")
+        raise Rejection(400, f'{route.path} needs a JSON object body, such as {{"model": "llama3.2"}}')
     assert route.body_defaults is not None
     return json.dumps({**route.body_defaults, **data}).encode()

@@ -27,10 +27,7 @@ def end_to_end(pairs: Pairs) -> list[tuple[str, str]]:
     """The headers a proxy passes on: all but hop-by-hop ones and those Connection names."""
     pairs = list(pairs)
     named = {
-        token.strip().lower()
-        for name, value in pairs
-        if name.lower() == "connection"
-        for token in value.split(",")
+        token.strip().lower() for name, value in pairs if name.lower() == "connection" for token in value.split(",")
     }
     kept = []
     for name, value in pairs:
@@ -71,7 +68,7 @@ def upstream_request_headers(
         if name.lower() not in dropped:
             headers.add(name, value)
     headers["Host"] = upstream_host
-    headers["X-Forwarded-For"] = ", ".join(incoming.get_list("X-Forwarded-For") + [client_ip or "unknown"])
+    headers["X-Forwarded-For"] = ", ".join([*incoming.get_list("X-Forwarded-For"), client_ip or "unknown"])
     headers.setdefault("X-Forwarded-Proto", scheme)
     if "Host" in incoming:
         headers.setdefault("X-Forwarded-Host", incoming["Host"])

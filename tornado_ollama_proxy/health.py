@@ -21,7 +21,7 @@ class HealthCheck:
         self.ttl = ttl
         self._result: tuple[int, dict[str, Any]] | None = None
         self._fresh_until = 0.0
-        self._pending: asyncio.Future | None = None
+        self._pending: asyncio.Future[tuple[int, dict[str, Any]]] | None = None
 
     async def status(self) -> tuple[int, dict[str, Any]]:
         """(HTTP status, JSON body): 200 when the upstream answers like Ollama, else 503 and why."""

@@ -4,11 +4,16 @@ Built-in behaviour is supplied through these same hooks by the modules in
 ``default_plugins``, so a plugin can extend or replace anything the proxy does.
 """
 
+from __future__ import annotations
+
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 PROJECT = "tornado_ollama_proxy"
 
@@ -28,7 +33,7 @@ def register_routes() -> Iterable[Mapping[str, Any]]:
 
 
 @hookspec(firstresult=True)
-def log_handler(settings) -> logging.Handler:
+def log_handler(settings: Settings) -> logging.Handler:
     """Return the `logging.Handler` every log record goes through.
 
     The built-in one writes JSON lines to stdout; a plugin returning its own
@@ -37,7 +42,7 @@ def log_handler(settings) -> logging.Handler:
 
 
 @hookspec(firstresult=True)
-def rate_limiter(settings):
+def rate_limiter(settings: Settings) -> Any:
     """Return the object that admits or refuses requests, or None for no limits.
 
     It needs one coroutine method, ``admit(client, route)``, that returns a

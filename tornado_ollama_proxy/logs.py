@@ -54,7 +54,8 @@ def masked(value: Any) -> Any:
 
 
 def effective_configuration(settings: Settings) -> dict[str, Any]:
-    return masked(asdict(settings))
+    configuration: dict[str, Any] = masked(asdict(settings))
+    return configuration
 
 
 def sampled(path: str, sampling: Mapping[str, float]) -> bool:

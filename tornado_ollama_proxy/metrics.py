@@ -28,8 +28,10 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            f"{PREFIX}_requests", "Requests answered, by route, method sent upstream and status.",
-            ["route", "method_out", "status"], registry=r,
+            f"{PREFIX}_requests",
+            "Requests answered, by route, method sent upstream and status.",
+            ["route", "method_out", "status"],
+            registry=r,
         )
         self.in_flight = Gauge(
             f"{PREFIX}_requests_in_flight", "Requests being handled.", registry=r, multiprocess_mode="livesum"
@@ -38,30 +40,47 @@ class Metrics:
             f"{PREFIX}_streams_in_flight", "Upstream answers being relayed.", registry=r, multiprocess_mode="livesum"
         )
         self.ttfb = Histogram(
-            f"{PREFIX}_time_to_first_byte_seconds", "Time from request to the upstream's first answer byte.",
-            ["route"], buckets=TTFB_BUCKETS, registry=r,
+            f"{PREFIX}_time_to_first_byte_seconds",
+            "Time from request to the upstream's first answer byte.",
+            ["route"],
+            buckets=TTFB_BUCKETS,
+            registry=r,
         )
         self.duration = Histogram(
-            f"{PREFIX}_request_duration_seconds", "Time from request to its end.",
-            ["route"], buckets=DURATION_BUCKETS, registry=r,
+            f"{PREFIX}_request_duration_seconds",
+            "Time from request to its end.",
+            ["route"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
         )
         self.bytes = Counter(
-            f"{PREFIX}_body_bytes", "Body bytes relayed, in (from clients) and out (to clients).",
-            ["direction"], registry=r,
+            f"{PREFIX}_body_bytes",
+            "Body bytes relayed, in (from clients) and out (to clients).",
+            ["direction"],
+            registry=r,
         )
         self.corrections = Counter(
-            f"{PREFIX}_method_corrections", "Requests sent upstream with another method than they arrived with.",
-            ["route", "method_in", "method_out"], registry=r,
+            f"{PREFIX}_method_corrections",
+            "Requests sent upstream with another method than they arrived with.",
+            ["route", "method_in", "method_out"],
+            registry=r,
         )
         self.upstream_errors = Counter(
-            f"{PREFIX}_upstream_errors", "Upstream failures by kind.", ["kind"], registry=r,
+            f"{PREFIX}_upstream_errors",
+            "Upstream failures by kind.",
+            ["kind"],
+            registry=r,
         )
         self.rate_limited = Counter(
-            f"{PREFIX}_rate_limited", "Requests refused by the limiter, by route and reason.",
-            ["route", "reason"], registry=r,
+            f"{PREFIX}_rate_limited",
+            "Requests refused by the limiter, by route and reason.",
+            ["route", "reason"],
+            registry=r,
         )
         self.client_disconnects = Counter(
-            f"{PREFIX}_client_disconnects", "Clients that left while their answer was being relayed.", registry=r,
+            f"{PREFIX}_client_disconnects",
+            "Clients that left while their answer was being relayed.",
+            registry=r,
         )
 
     def exposition(self) -> tuple[bytes, str]:
@@ -69,5 +88,5 @@ class Metrics:
         registry = self.registry
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
             registry = CollectorRegistry()
-            MultiProcessCollector(registry)
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry), CONTENT_TYPE_LATEST

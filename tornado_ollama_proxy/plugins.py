@@ -7,13 +7,14 @@ later replace earlier ones, so users' plugins win over the built-ins.
 import importlib
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import pluggy
 
 from . import hookspecs
 from .default_plugins import DEFAULT_PLUGINS
 from .default_plugins.settings_routes import SettingsRoutes
-from .routes import RouteError, RouteTable, parse_routes
+from .routes import Route, RouteError, RouteTable, parse_routes
 from .settings import Settings
 
 
@@ -26,6 +27,7 @@ def load_plugins_folder(pm: pluggy.PluginManager, folder: Path) -> list[str]:
     names = []
     for path in sorted(folder.glob("*.py")):
         spec = importlib.util.spec_from_file_location(f"{hookspecs.PROJECT}_plugins.{path.stem}", path)
+        assert spec is not None and spec.loader is not None  # a *.py file always has both
         module = importlib.util.module_from_spec(spec)
         try:
             spec.loader.exec_module(module)
@@ -57,10 +59,10 @@ def make_plugin_manager(settings: Settings) -> pluggy.PluginManager:
 
 def build_route_table(pm: pluggy.PluginManager) -> RouteTable:
     """Collect every plugin's routes in registration order, naming a plugin whose entry is bad."""
-    routes = []
+    routes: list[Route] = []
     for impl in pm.hook.register_routes.get_hookimpls():
         try:
-            entries = list(impl.function() or ())
+            entries: list[Any] = list(impl.function() or ())  # type: ignore[call-overload]
         except Exception as error:
             raise PluginError(
                 f"plugin {impl.plugin_name}: register_routes failed: {type(error).__name__}: {error}"

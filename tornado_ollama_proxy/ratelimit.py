@@ -14,7 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from limits import RateLimitItem, parse_many
-from limits.aio.strategies import STRATEGIES
+from limits.aio.strategies import (
+    FixedWindowRateLimiter,
+    MovingWindowRateLimiter,
+    SlidingWindowCounterRateLimiter,
+)
 from limits.storage import storage_from_string
 
 from .errors import Rejection
@@ -22,6 +26,11 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
+STRATEGIES: dict[str, type[MovingWindowRateLimiter | FixedWindowRateLimiter | SlidingWindowCounterRateLimiter]] = {
+    "moving-window": MovingWindowRateLimiter,
+    "fixed-window": FixedWindowRateLimiter,
+    "sliding-window-counter": SlidingWindowCounterRateLimiter,
+}
 OUTAGE_LOG_PERIOD = 60.0  # seconds between reminders that the storage is still down
 
 
@@ -110,13 +119,17 @@ class LimitsRateLimiter:
     def _take_slot(self, client: str) -> Callable[[], None]:
         if self.total is not None and sum(self.in_flight.values()) >= self.total:
             raise RateLimited(
-                503, f"the proxy is serving its limit of {self.total} requests at once; retry shortly",
-                {"Retry-After": "1"}, "concurrency_total",
+                503,
+                f"the proxy is serving its limit of {self.total} requests at once; retry shortly",
+                {"Retry-After": "1"},
+                "concurrency_total",
             )
         if self.per_client is not None and self.in_flight[client] >= self.per_client:
             raise RateLimited(
-                429, f"too many requests in flight for this client: at most {self.per_client} at once",
-                {"Retry-After": "1"}, "concurrency_client",
+                429,
+                f"too many requests in flight for this client: at most {self.per_client} at once",
+                {"Retry-After": "1"},
+                "concurrency_client",
             )
         self.in_flight[client] += 1
         released = False

@@ -54,8 +54,7 @@ def _check_path(value: Any, key: str) -> str:
     for segment in value.split("/")[1:]:
         if not (_PARAM.fullmatch(segment) or _LITERAL_SEGMENT.fullmatch(segment)):
             raise RouteError(
-                f"{key}: segment {segment!r} of {value!r} must be literal URL text "
-                "or a whole '{name}' placeholder"
+                f"{key}: segment {segment!r} of {value!r} must be literal URL text or a whole '{{name}}' placeholder"
             )
     return value
 
@@ -78,9 +77,7 @@ def parse_route(entry: Any) -> Route:
         or not methods
         or not all(isinstance(m, str) and m.upper() in METHODS for m in methods)
     ):
-        raise RouteError(
-            f"methods: must be a non-empty list of {', '.join(METHODS)}, got {methods!r}"
-        )
+        raise RouteError(f"methods: must be a non-empty list of {', '.join(METHODS)}, got {methods!r}")
     methods = tuple(dict.fromkeys(m.upper() for m in methods))
     upstream_path = entry.get("upstream_path")
     if upstream_path is not None:
@@ -189,9 +186,7 @@ def check_target(uri: str) -> None:
         raise Rejection(400, "request path contains a '.' or '..' segment")
 
 
-def decide_method(
-    route: Route | None, method: str, headers: Mapping[str, str], has_body: bool
-) -> str:
+def decide_method(route: Route | None, method: str, headers: Mapping[str, str], has_body: bool) -> str:
     """The method to send upstream, or a `Rejection`.
 
     1. ``X-HTTP-Method-Override`` naming a method the route allows wins;
@@ -207,9 +202,7 @@ def decide_method(
     if override is not None:
         wanted = override.strip().upper()
         if wanted not in METHODS:
-            raise Rejection(
-                400, f"{OVERRIDE_HEADER}: {override!r} is not one of {', '.join(METHODS)}"
-            )
+            raise Rejection(400, f"{OVERRIDE_HEADER}: {override!r} is not one of {', '.join(METHODS)}")
         if route is None or wanted in route.methods:
             return wanted
         allowed = ", ".join(route.methods)

@@ -131,7 +131,13 @@ class HeadTimer(httputil.HTTPMessageDelegate):
     gets `header_timeout` more. Wraps the application's delegate for one request.
     """
 
-    def __init__(self, server: ProxyHTTPServer, connection: HTTP1ServerConnection, delegate: httputil.HTTPMessageDelegate, kept: bool):
+    def __init__(
+        self,
+        server: ProxyHTTPServer,
+        connection: HTTP1ServerConnection,
+        delegate: httputil.HTTPMessageDelegate,
+        kept: bool,
+    ):
         self.server = server
         self.connection = connection
         self.delegate = delegate
@@ -171,7 +177,8 @@ class HeadTimer(httputil.HTTPMessageDelegate):
 
 
 class ProxyHTTPServer(HTTPServer):
-    """Tornado's `HTTPServer`, with head and keep-alive timeouts and an accept loop that survives running out of descriptors."""
+    """Tornado's `HTTPServer` with head and keep-alive timeouts, and an accept loop
+    that survives running out of descriptors."""
 
     def initialize(  # type: ignore[override]
         self, request_callback: Application, *, header_timeout: float, keepalive_timeout: float, **options: Any

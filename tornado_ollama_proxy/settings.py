@@ -19,6 +19,7 @@ from limits import parse_many
 
 from .routes import Route, RouteError, parse_routes
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_FILE = "settings.json"
 ENV_PREFIX = "OLLAMA_PROXY_"
 
@@ -66,11 +67,11 @@ class Settings:
     workers: int = 1
 
     @property
-    def trusted_networks(self) -> tuple:
+    def trusted_networks(self) -> tuple[Network, ...]:
         return tuple(ipaddress.ip_network(text, strict=False) for text in self.trusted_proxies)
 
     @property
-    def exempt_networks(self) -> tuple:
+    def exempt_networks(self) -> tuple[Network, ...]:
         return tuple(ipaddress.ip_network(text, strict=False) for text in self.rate_limit_exempt)
 
     @property
@@ -108,10 +109,10 @@ def _url(value: Any) -> str:
     ):
         raise ValueError("an http:// or https:// URL with a host, such as http://127.0.0.1:11434")
     try:
-        parts.port
+        _ = parts.port  # parsed on access
     except ValueError:
         raise ValueError("an http:// or https:// URL with a valid port") from None
-    return value
+    return str(value)
 
 
 def _seconds(allow_zero: bool) -> Callable[[Any], float]:
@@ -143,7 +144,7 @@ def _choice(*allowed: str) -> Callable[[Any], str]:
     def check(value: Any) -> str:
         if value not in allowed:
             raise ValueError(" or ".join(repr(a) for a in allowed))
-        return value
+        return str(value)
 
     return check
 

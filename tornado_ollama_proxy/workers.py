@@ -69,9 +69,13 @@ class Supervisor:
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._stop)
         count = worker_count(settings)
-        log.info("starting workers", extra={
-            "workers": count, "address": f"http://{settings.host}:{self.sockets[0].getsockname()[1]}",
-        })
+        log.info(
+            "starting workers",
+            extra={
+                "workers": count,
+                "address": f"http://{settings.host}:{self.sockets[0].getsockname()[1]}",
+            },
+        )
         for _ in range(count):
             self._spawn(env, fds)
         while self.children:
@@ -81,11 +85,15 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
             try:
                 _, started = self.children.pop(pid)
-                mark_process_dead(pid, env[METRICS_DIR])  # its live gauges no longer count
+                mark_process_dead(pid, env[METRICS_DIR])  # type: ignore[no-untyped-call]  # its live gauges no longer count
                 if not self.stopping:
-                    log.warning("worker exited, restarting", extra={
-                        "pid": pid, "exit_code": os.waitstatus_to_exitcode(status),
-                    })
+                    log.warning(
+                        "worker exited, restarting",
+                        extra={
+                            "pid": pid,
+                            "exit_code": os.waitstatus_to_exitcode(status),
+                        },
+                    )
                     time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))  # no crash loop above 1/s
                     self._spawn(env, fds)
             finally:
@@ -93,7 +101,7 @@ class Supervisor:
         log.info("workers stopped")
         return 0
 
-    def _spawn(self, env: dict, fds: list[int]) -> None:
+    def _spawn(self, env: dict[str, str], fds: list[int]) -> None:
         process = subprocess.Popen(
             [sys.executable, "-m", "tornado_ollama_proxy", *self.argv],
             env=env,

@@ -6,6 +6,7 @@ import sys
 from pythonjsonlogger.json import JsonFormatter
 
 from tornado_ollama_proxy import hookimpl
+from tornado_ollama_proxy.settings import Settings
 
 # Attributes every LogRecord has; anything else was passed as `extra`.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -22,12 +23,16 @@ class TextFormatter(logging.Formatter):
 
 
 @hookimpl
-def log_handler(settings):
+def log_handler(settings: Settings) -> logging.Handler:
     handler = logging.StreamHandler(sys.stdout)
     if settings.log_format == "text":
         handler.setFormatter(TextFormatter())
     else:
         handler.setFormatter(
-            JsonFormatter("{asctime}{levelname}{name}{message}", style="{", rename_fields={"asctime": "time", "levelname": "level"})
+            JsonFormatter(
+                "{asctime}{levelname}{name}{message}",
+                style="{",
+                rename_fields={"asctime": "time", "levelname": "level"},
+            )
         )
     return handler

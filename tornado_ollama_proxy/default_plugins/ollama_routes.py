@@ -1,13 +1,16 @@
 """Ollama's own route table (server/routes.go), plus aliases older write-ups name."""
 
+from typing import Any
+
 from tornado_ollama_proxy import hookimpl
 
 # Methods are listed in order of preference: a request without a body to a
 # multi-method route gets the first body-less one, with a body the first
 # body-carrying one.
 _READ = ["GET", "HEAD"]
+Routes = list[dict[str, Any]]
 
-OLLAMA_ROUTES = [
+OLLAMA_ROUTES: Routes = [
     {"path": "/", "methods": _READ},
     {"path": "/api/version", "methods": _READ},
     {"path": "/api/status", "methods": ["GET"]},
@@ -45,7 +48,7 @@ OLLAMA_ROUTES = [
     {"path": "/api/blobs/{digest}", "methods": ["POST", "HEAD"]},
 ]
 
-ALIASES = [
+ALIASES: Routes = [
     {"path": "/api/ls", "methods": ["GET"], "upstream_path": "/api/tags"},
     {"path": "/api/serve", "methods": ["GET"], "upstream_path": "/"},
     *(
@@ -62,5 +65,5 @@ ALIASES = [
 
 
 @hookimpl
-def register_routes():
+def register_routes() -> Routes:
     return OLLAMA_ROUTES + ALIASES

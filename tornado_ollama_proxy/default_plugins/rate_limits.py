@@ -2,10 +2,11 @@
 
 from tornado_ollama_proxy import hookimpl
 from tornado_ollama_proxy.ratelimit import LimitsRateLimiter
+from tornado_ollama_proxy.settings import Settings
 
 
 @hookimpl
-def rate_limiter(settings):
+def rate_limiter(settings: Settings) -> LimitsRateLimiter | None:
     configured = (
         settings.rate_limit,
         settings.rate_limit_routes,

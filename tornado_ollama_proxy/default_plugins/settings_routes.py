@@ -11,5 +11,5 @@ class SettingsRoutes:
         self.routes = list(routes)
 
     @hookimpl
-    def register_routes(self):
+    def register_routes(self) -> list[Route]:
         return self.routes
