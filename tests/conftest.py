@@ -26,6 +26,12 @@ from .fake_ollama import FakeState, make_fake_ollama
 from .get_only_front import make_front
 
 
+@pytest.fixture
+def loop_name(io_loop):
+    """The event loop this run of a test is on: asyncio or uvloop."""
+    return "uvloop" if type(io_loop.asyncio_loop).__module__.startswith("uvloop") else "asyncio"
+
+
 @pytest.fixture(params=["asyncio", "uvloop"])
 def io_loop(request):
     """Every async test runs on both event loops the proxy supports."""

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tornado_ollama_proxy.cli import main
@@ -130,13 +129,12 @@ def few_file_descriptors():
     resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 
 
-@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
-async def test_running_out_of_descriptors_pauses_accepting_instead_of_spinning(launch, upstream_url, event_loop):
+async def test_running_out_of_descriptors_pauses_accepting_instead_of_spinning(launch, upstream_url, loop_name):
     env = {
         "PORT": "0",
         "OLLAMA_PROXY_HOST": "127.0.0.1",
         "OLLAMA_PROXY_UPSTREAM": upstream_url,
-        "OLLAMA_PROXY_EVENT_LOOP": event_loop,
+        "OLLAMA_PROXY_EVENT_LOOP": loop_name,  # the proxy on the loop this run of the test is on
     }
     process = launch(env, preexec_fn=few_file_descriptors)
     address = (await read_log(process, "listening"))["address"]

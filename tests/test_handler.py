@@ -355,6 +355,8 @@ async def read_in_lockstep(http, fake, method, url, body, count):
             if line:
                 received.append(line)
                 fake.lockstep.put_nowait(True)
+        async for _ in lines_iter:  # to the end: a stream left half-read is never closed
+            pass
         return response, received
 
 

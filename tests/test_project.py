@@ -14,7 +14,9 @@ def test_ci_runs_the_readme_test_command():
     run, test = readme_commands()[:2]
     assert run == "pip install '.[speed]' && tornado-ollama-proxy"
     assert "--cov-fail-under=100" in test
-    assert (ROOT / ".ci" / "run").read_text().rstrip().endswith("\n" + test)
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert f"readme_test_command() {{\n{test}\n}}" in ci
+    assert ci.count("readme_test_command") == 2  # defined, and run for each Python
 
 
 def test_procfile_starts_the_console_script_with_no_other_input():
