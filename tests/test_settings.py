@@ -1,9 +1,10 @@
 import json
+from dataclasses import fields
 
 import pytest
 
 from tornado_ollama_proxy.routes import Route
-from tornado_ollama_proxy.settings import Settings, SettingsError, load_settings
+from tornado_ollama_proxy.settings import SCHEMA, Settings, SettingsError, load_settings
 
 
 @pytest.fixture
@@ -218,3 +219,7 @@ def test_missing_explicit_file_is_an_error(tmp_path):
     with pytest.raises(SettingsError) as caught:
         load_settings(str(tmp_path / "absent.json"), environ={})
     assert "cannot be read: No such file or directory" in str(caught.value)
+
+
+def test_the_schema_has_one_entry_per_setting_in_order():
+    assert list(SCHEMA) == [field.name for field in fields(Settings)]

@@ -14,7 +14,12 @@ from .settings import Settings
 
 def make_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> Application:
     pm = pm if pm is not None else make_plugin_manager(settings)
-    proxy = Proxy(settings, build_route_table(pm), pm.hook.rate_limiter(settings=settings))
+    proxy = Proxy(
+        settings,
+        build_route_table(pm),
+        pm.hook.rate_limiter(settings=settings),
+        pm.hook.authenticate(settings=settings),
+    )
     endpoints = [
         (re.escape(path), handler)
         for path, handler in ((settings.health_path, HealthHandler), (settings.metrics_path, MetricsHandler))

@@ -6,6 +6,7 @@ import logging
 import sys
 
 from .app import make_app
+from .clients import is_loopback
 from .logs import configure_logging, effective_configuration
 from .plugins import PluginError, make_plugin_manager
 from .server import loop_factory, serve
@@ -36,19 +37,26 @@ def main(argv: list[str] | None = None) -> int:
         require()
         settings = load_settings(args.settings, flags=flags)
         pm = make_plugin_manager(settings)
+        configure_logging(pm, settings)  # before the plugins' own start-up lines
         app = make_app(settings, pm)
         new_loop = loop_factory(settings.event_loop)
     except (SettingsError, PluginError, IncompatibleTornado) as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 2
-    configure_logging(pm, settings)
-    logging.getLogger(PROG).info(
+    proxy = app.settings["proxy"]
+    log = logging.getLogger(PROG)
+    if proxy.authenticator is None and not is_loopback(settings.host):
+        log.warning(
+            "no access keys: anyone who can reach this port can use, pull and delete models",
+            extra={"host": settings.host, "fix": "set api_keys, api_keys_file or OLLAMA_PROXY_API_KEYS (see README)"},
+        )
+    log.info(
         "starting",
         extra={
             "settings": effective_configuration(settings),
             "upstream": settings.upstream_base,
             "plugins": [name for name, _ in pm.list_name_plugin()],
-            "routes": len(app.settings["proxy"].routes),
+            "routes": len(proxy.routes),
             "event_loop": "asyncio" if new_loop is None else "uvloop",
         },
     )

@@ -53,3 +53,9 @@ def client_address(peer: str | None, headers: HTTPHeaders, trusted: tuple[Networ
             return str(hop_address)
         address = hop_address
     return str(address)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listening address is reachable only from this machine."""
+    address = parse_address(host)
+    return host == "localhost" or (address is not None and address.is_loopback)

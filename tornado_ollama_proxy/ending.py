@@ -68,6 +68,7 @@ class AccessRecord:
     def __init__(self, request_id: str, client: str, method_in: str, path: str):
         self.request_id = request_id
         self.client = client
+        self.key: str | None = None  # the access key's name, when keys are required
         self.method_in = method_in
         self.method_out: str | None = None  # set when the request goes upstream
         self.path = path

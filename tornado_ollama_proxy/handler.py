@@ -18,11 +18,13 @@ import time
 from collections.abc import Callable
 from http.client import responses
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 from tornado import httputil
 from tornado.web import RequestHandler, stream_request_body
 
 from . import cors
+from .auth import MANAGE, METRICS
 from .body import ALIAS_BODY_LIMIT, SMALL_BODY, BodyPump
 from .clients import client_address, in_networks, parse_address
 from .ending import UPSTREAM, AccessRecord, Watchdog, account
@@ -84,6 +86,22 @@ class BaseHandler(RequestHandler):
         self.set_header("Content-Type", JSON_TYPE)
         self.finish(error_body(rejection.message))
 
+    async def authenticate(self, scope: str) -> None:
+        """Ask the authenticator, if any, who the request acts as; a `Rejection` refuses it."""
+        authenticator = self.proxy.authenticator
+        if authenticator is None:
+            return
+        record = self.record
+        try:
+            record.key = await authenticator.authenticate(
+                self.request.headers, unquote(record.path), scope, record.client
+            )
+        except Rejection as refusal:
+            record.key = getattr(refusal, "name", None)  # a known key without the scope
+            record.outcome = "forbidden" if refusal.status == 403 else "unauthorized"
+            self.proxy.metrics.auth_failures.labels(getattr(refusal, "reason", "refused")).inc()
+            raise
+
     def on_finish(self) -> None:
         self.end()
 
@@ -104,7 +122,8 @@ class BaseHandler(RequestHandler):
         record.outcome = record.outcome or "ok"
         allowed = self.proxy.settings.log_headers
         headers = self.request.headers
-        account(self.proxy, record, {name: headers[name] for name in allowed if name in headers} if allowed else None)
+        logged = {name: _loggable(name, headers[name]) for name in allowed if name in headers} if allowed else None
+        account(self.proxy, record, logged)
 
 
 @stream_request_body
@@ -152,17 +171,21 @@ class ProxyHandler(BaseHandler):
         if origin is not None:
             self.added_headers.update(cors.response_headers(origin))
         try:
-            method, target, route = self._plan(declared)
+            route, params = self._route()
+            await self.authenticate(route.scope if route is not None else MANAGE)
+            method, target = self._plan(route, params, declared)
             await self._admit()
         except Rejection as rejection:
             self.answer_early(self._answer, rejection)
             return
+        authenticator = self.proxy.authenticator
         headers = upstream_request_headers(
             request.headers,
             upstream_host=self.proxy.upstream.host,
             client_ip=request.remote_ip,
             scheme=request.protocol,
             trusted_peer=in_networks(parse_address(request.remote_ip), self.proxy.trusted_networks),
+            removed=authenticator.removed_headers if authenticator is not None else (),
         )
         if origin is not None:
             del headers["Origin"]  # granted here; Ollama would refuse it
@@ -176,17 +199,21 @@ class ProxyHandler(BaseHandler):
             return
         self._start(method, target, headers, body_producer=body.produce if body.present else None)
 
-    def _plan(self, declared: int | None) -> tuple[str, str, Route | None]:
-        """Method, upstream target and route, or a `Rejection`."""
+    def _route(self) -> tuple[Route | None, dict[str, str]]:
+        """The route table's entry for the target (None outside it), or a `Rejection` for a bad target."""
         request = self.request
-        uri = request.uri or "/"
-        check_target(uri)
+        check_target(request.uri or "/")
         if is_reserved(request.path):
             raise Rejection(404, f"{request.path} is not an endpoint of this proxy")
         matched = self.proxy.routes.match(request.path)
-        route, params = matched if matched else (None, {})
-        if route is not None:
-            self.record.route = route.path
+        if matched is None:
+            return None, {}
+        self.record.route = matched[0].path
+        return matched
+
+    def _plan(self, route: Route | None, params: dict[str, str], declared: int | None) -> tuple[str, str]:
+        """The method and target to send upstream, or a `Rejection`."""
+        request = self.request
         if route is None and self.proxy.settings.unmapped_paths == "reject":
             raise Rejection(404, f"{request.path} is not an Ollama endpoint this proxy knows")
         method = decide_method(route, request.method or "GET", request.headers, declared != 0)
@@ -194,7 +221,7 @@ class ProxyHandler(BaseHandler):
         if limit is not None and declared is not None and declared > limit:
             raise Rejection(413, f"request body is larger than max_body_size ({limit} bytes)")
         path = (route.upstream_target(params) if route else None) or request.path
-        return method, path + uri[len(request.path) :], route
+        return method, path + (request.uri or "/")[len(request.path) :]
 
     async def _admit(self) -> None:
         """Ask the limiter, if any, before anything goes upstream; exempt networks skip it."""
@@ -204,7 +231,9 @@ class ProxyHandler(BaseHandler):
             return
         key = client
         key_header = self.proxy.settings.client_key_header
-        if key_header and key_header in self.request.headers:
+        if self.record.key is not None:
+            key = "name:" + self.record.key  # an access key's name: checked, so it may name the bucket
+        elif key_header and key_header in self.request.headers:
             # Keys are stored hashed: a shared Redis never holds an API key.
             key = "key:" + hashlib.sha256(self.request.headers[key_header].encode()).hexdigest()[:32]
         try:
@@ -425,7 +454,17 @@ class ProxyHandler(BaseHandler):
         self.upstream_request = None
 
 
-class HealthHandler(BaseHandler):
+class OwnEndpointHandler(BaseHandler):
+    """The proxy's own endpoints need the metrics scope, unless their path is public."""
+
+    async def prepare(self) -> None:
+        try:
+            await self.authenticate(METRICS)
+        except Rejection as rejection:
+            self.answer_error(rejection)
+
+
+class HealthHandler(OwnEndpointHandler):
     """200 when the upstream answers like Ollama, 503 with the reason when it does not (or while draining)."""
 
     async def get(self) -> None:
@@ -444,7 +483,7 @@ class HealthHandler(BaseHandler):
     head = get
 
 
-class MetricsHandler(BaseHandler):
+class MetricsHandler(OwnEndpointHandler):
     """Prometheus text exposition."""
 
     def get(self) -> None:
@@ -458,6 +497,14 @@ class ProxyNotFoundHandler(BaseHandler):
 
     def prepare(self) -> None:
         self.answer_error(Rejection(404, f"{self.request.path} is not an endpoint of this proxy"))
+
+
+def _loggable(name: str, value: str) -> str:
+    """A request header's value for the access log: never a credential."""
+    return "***" if name.lower() in _CREDENTIALS else value
+
+
+_CREDENTIALS = frozenset({"authorization", "x-api-key", "proxy-authorization", "cookie"})
 
 
 def _merge_body(body: bytes, route: Route) -> bytes:

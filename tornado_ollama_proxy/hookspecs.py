@@ -50,3 +50,17 @@ def rate_limiter(settings: Settings) -> Any:
     once when the request ends) or raises `ratelimit.RateLimited` (an
     `errors.Rejection` with a ``reason``). The built-in one uses ``limits``.
     """
+
+
+@hookspec(firstresult=True)
+def authenticate(settings: Settings) -> Any:
+    """Return the object that decides who may use the proxy, or None for an open proxy.
+
+    It needs a coroutine method ``authenticate(headers, path, scope, client)``
+    that returns the name the request acts as (a key's name; None on a
+    public path) or raises `errors.Rejection` (401, 403, 429), and a
+    ``removed_headers`` attribute naming the request headers that carry the
+    credential, which never go upstream. ``scope`` is the route's scope
+    (``inference``, ``manage``, ``metrics``) and ``client`` the address the
+    rate limiter sees. The built-in one checks access keys (`auth`).
+    """

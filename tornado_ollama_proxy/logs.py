@@ -54,7 +54,9 @@ def masked(value: Any) -> Any:
 
 
 def effective_configuration(settings: Settings) -> dict[str, Any]:
+    """The settings as start-up logs them: passwords in URLs masked, keys by name only."""
     configuration: dict[str, Any] = masked(asdict(settings))
+    configuration["api_keys"] = [key.name for key in settings.api_keys]
     return configuration
 
 

@@ -77,6 +77,12 @@ class Metrics:
             ["route", "reason"],
             registry=r,
         )
+        self.auth_failures = Counter(
+            f"{PREFIX}_auth_failures",
+            "Requests refused for their key, by reason (missing, invalid, scope, throttled).",
+            ["reason"],
+            registry=r,
+        )
         self.client_disconnects = Counter(
             f"{PREFIX}_client_disconnects",
             "Clients that left while their answer was being relayed.",

@@ -39,12 +39,14 @@ class InFlight:
 
 
 class Proxy:
-    """Everything a handler needs: settings, routes, limiter, upstream, health, metrics, in-flight count."""
+    """Everything a handler needs: settings, routes, limiter, authenticator, upstream, health,
+    metrics, in-flight count."""
 
-    def __init__(self, settings: Settings, routes: RouteTable, limiter: Any = None):
+    def __init__(self, settings: Settings, routes: RouteTable, limiter: Any = None, authenticator: Any = None):
         self.settings = settings
         self.routes = routes
         self.limiter = limiter
+        self.authenticator = authenticator
         self.trusted_networks = settings.trusted_networks
         self.exempt_networks = settings.exempt_networks
         self.upstream = Upstream(settings)

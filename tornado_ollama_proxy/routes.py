@@ -18,7 +18,13 @@ METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 OVERRIDE_HEADER = "X-HTTP-Method-Override"
 RESERVED_PREFIX = "/_proxy/"  # the proxy's own endpoints, never forwarded
-ROUTE_KEYS = ("path", "methods", "upstream_path", "body_defaults", "requires_body")
+ROUTE_KEYS = ("path", "methods", "upstream_path", "body_defaults", "requires_body", "scope", "answer", "tokens")
+SCOPES = ("inference", "manage", "metrics")  # what an access key may be allowed to do
+# How the upstream answers (what a heartbeat may look like): "ndjson" streams lines
+# unless the body says "stream": false (Ollama's /api convention), "sse" streams
+# events only when it says "stream": true (OpenAI's /v1 convention), "json" is one
+# document; None is anything else.
+ANSWERS = ("ndjson", "sse", "json")
 
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _LITERAL_SEGMENT = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@%-]*")
@@ -36,6 +42,9 @@ class Route:
     upstream_path: str | None = None
     body_defaults: Mapping[str, Any] | None = field(default=None, hash=False)
     requires_body: bool = False
+    scope: str = "manage"  # the access-key scope it needs: what changes the server unless said otherwise
+    answer: str | None = None  # one of ANSWERS
+    tokens: bool = False  # the answer reports token counts (generations, embeddings)
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -94,7 +103,16 @@ def parse_route(entry: Any) -> Route:
     requires_body = entry.get("requires_body", False)
     if not isinstance(requires_body, bool):
         raise RouteError(f"requires_body: must be true or false, got {requires_body!r}")
-    return Route(path, methods, upstream_path, body_defaults, requires_body)
+    scope = entry.get("scope", "manage")
+    if scope not in SCOPES:
+        raise RouteError(f"scope: must be one of {', '.join(SCOPES)}, got {scope!r}")
+    answer = entry.get("answer")
+    if answer is not None and answer not in ANSWERS:
+        raise RouteError(f"answer: must be one of {', '.join(ANSWERS)} or null, got {answer!r}")
+    tokens = entry.get("tokens", False)
+    if not isinstance(tokens, bool):
+        raise RouteError(f"tokens: must be true or false, got {tokens!r}")
+    return Route(path, methods, upstream_path, body_defaults, requires_body, scope, answer, tokens)
 
 
 def parse_routes(entries: Iterable[Any]) -> tuple[Route, ...]:

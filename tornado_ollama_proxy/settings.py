@@ -11,12 +11,13 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 from limits import parse_many
 
+from .auth import ApiKey, KeyEntryError, parse_entries
 from .routes import Route, RouteError, parse_routes
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -65,6 +66,10 @@ class Settings:
     concurrency_total: int | None = None
     event_loop: str = "auto"
     workers: int = 1
+    api_keys: tuple[ApiKey, ...] = ()
+    api_keys_file: str | None = None
+    public_paths: tuple[str, ...] = ("/_proxy/health",)
+    auth_failures: str = "10/minute"
 
     @property
     def trusted_networks(self) -> tuple[Network, ...]:
@@ -253,6 +258,34 @@ def _worker_count(value: Any) -> int:
     return value
 
 
+def _api_keys(value: Any) -> tuple[ApiKey, ...]:
+    entries = [value] if isinstance(value, str) else value
+    if not isinstance(entries, list):
+        raise ValueError("a key, or a list of keys and objects with name, key or key_sha256, and scopes")
+    try:
+        return parse_entries(entries)
+    except KeyEntryError as error:
+        raise ValueError(str(error)) from None
+
+
+def _path_or_null(value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError("a file path, or null")
+    return value
+
+
+def _paths(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(path, str) and path.startswith("/") for path in value):
+        raise ValueError('a list of paths such as ["/_proxy/health"]')
+    return tuple(value)
+
+
+def _limit_text(value: Any) -> str:
+    if not (isinstance(value, str) and _parses_as_limits(value)):
+        raise ValueError('a limit such as "10/minute"')
+    return value
+
+
 def _routes(value: Any) -> tuple[Route, ...]:
     if not isinstance(value, list):
         raise ValueError("a list of route objects")
@@ -297,8 +330,12 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], bool]] = {
     "concurrency_total": (_count_or_null, True),
     "event_loop": (_choice("auto", "uvloop", "asyncio"), False),
     "workers": (_worker_count, True),
+    "api_keys": (_api_keys, True),
+    "api_keys_file": (_path_or_null, False),
+    "public_paths": (_paths, True),
+    "auth_failures": (_limit_text, False),
 }
-assert list(SCHEMA) == [f.name for f in fields(Settings)]
+SECRET = frozenset({"api_keys"})  # never echoed in an error message
 
 
 def _validate(source: str, key: str, value: Any) -> Any:
@@ -308,6 +345,8 @@ def _validate(source: str, key: str, value: Any) -> Any:
     try:
         return check(value)
     except ValueError as error:
+        if key in SECRET:
+            raise SettingsError(f"{source}: {key}: {error}") from None
         raise SettingsError(f"{source}: {key}: expected {error}, got {value!r}") from None
 
 

@@ -4,4 +4,5 @@ DEFAULT_PLUGINS = (
     "tornado_ollama_proxy.default_plugins.ollama_routes",
     "tornado_ollama_proxy.default_plugins.json_logs",
     "tornado_ollama_proxy.default_plugins.rate_limits",
+    "tornado_ollama_proxy.default_plugins.access_keys",
 )

@@ -1,63 +1,74 @@
-"""Ollama's own route table (server/routes.go), plus aliases older write-ups name."""
+"""Ollama's own route table (server/routes.go), plus aliases older write-ups name.
+
+Each entry says which access-key scope it needs (reading and generating is
+`inference`; what changes the server, such as pulling or deleting models,
+is `manage`), how Ollama answers it (`answer`: NDJSON lines, server-sent
+events or one JSON document, see `routes.ANSWERS`) and whether the answer
+reports token counts.
+"""
 
 from typing import Any
 
 from tornado_ollama_proxy import hookimpl
 
+Routes = list[dict[str, Any]]
+
 # Methods are listed in order of preference: a request without a body to a
 # multi-method route gets the first body-less one, with a body the first
 # body-carrying one.
 _READ = ["GET", "HEAD"]
-Routes = list[dict[str, Any]]
+
+
+def _read(path: str, methods: list[str], answer: str | None = "json") -> dict[str, Any]:
+    return {"path": path, "methods": methods, "scope": "inference", "answer": answer}
+
+
+def _call(path: str, scope: str, answer: str | None, tokens: bool = False) -> dict[str, Any]:
+    entry = {"path": path, "methods": ["POST"], "requires_body": True, "scope": scope, "answer": answer}
+    return {**entry, "tokens": True} if tokens else entry
+
 
 OLLAMA_ROUTES: Routes = [
-    {"path": "/", "methods": _READ},
-    {"path": "/api/version", "methods": _READ},
-    {"path": "/api/status", "methods": ["GET"]},
-    {"path": "/api/tags", "methods": _READ},
-    {"path": "/api/ps", "methods": ["GET"]},
-    {"path": "/api/experimental/model-recommendations", "methods": ["GET"]},
-    {"path": "/v1/models", "methods": ["GET"]},
-    {"path": "/v1/models/{model}", "methods": ["GET"]},
-    *(
-        {"path": path, "methods": ["POST"], "requires_body": True}
-        for path in (
-            "/api/show",
-            "/api/generate",
-            "/api/chat",
-            "/api/embed",
-            "/api/embeddings",
-            "/api/pull",
-            "/api/push",
-            "/api/create",
-            "/api/copy",
-            "/api/experimental/web_search",
-            "/api/experimental/web_fetch",
-            "/v1/chat/completions",
-            "/v1/completions",
-            "/v1/embeddings",
-            "/v1/responses",
-            "/v1/messages",
-            "/v1/audio/transcriptions",
-        )
-    ),
-    {"path": "/api/me", "methods": ["POST"]},
-    {"path": "/api/signout", "methods": ["POST"]},
-    {"path": "/api/delete", "methods": ["DELETE"], "requires_body": True},
-    {"path": "/api/user/keys/{key}", "methods": ["DELETE"]},
-    {"path": "/api/blobs/{digest}", "methods": ["POST", "HEAD"]},
+    _read("/", _READ, answer=None),  # "Ollama is running", text
+    _read("/api/version", _READ),
+    _read("/api/status", ["GET"]),
+    _read("/api/tags", _READ),
+    _read("/api/ps", ["GET"]),
+    _read("/api/experimental/model-recommendations", ["GET"]),
+    _read("/v1/models", ["GET"]),
+    _read("/v1/models/{model}", ["GET"]),
+    _call("/api/show", "inference", "json"),
+    _call("/api/generate", "inference", "ndjson", tokens=True),
+    _call("/api/chat", "inference", "ndjson", tokens=True),
+    _call("/api/embed", "inference", "json", tokens=True),
+    _call("/api/embeddings", "inference", "json", tokens=True),
+    _call("/v1/chat/completions", "inference", "sse", tokens=True),
+    _call("/v1/completions", "inference", "sse", tokens=True),
+    _call("/v1/embeddings", "inference", "json", tokens=True),
+    _call("/v1/responses", "inference", "sse"),
+    _call("/v1/messages", "inference", "sse"),
+    _call("/v1/audio/transcriptions", "inference", "json"),
+    _call("/api/pull", "manage", "ndjson"),
+    _call("/api/push", "manage", "ndjson"),
+    _call("/api/create", "manage", "ndjson"),
+    _call("/api/copy", "manage", None),  # an empty body
+    _call("/api/experimental/web_search", "manage", "json"),
+    _call("/api/experimental/web_fetch", "manage", "json"),
+    {"path": "/api/me", "methods": ["POST"], "scope": "manage", "answer": "json"},
+    {"path": "/api/signout", "methods": ["POST"], "scope": "manage", "answer": "json"},
+    {"path": "/api/delete", "methods": ["DELETE"], "requires_body": True, "scope": "manage"},
+    {"path": "/api/user/keys/{key}", "methods": ["DELETE"], "scope": "manage"},
+    {"path": "/api/blobs/{digest}", "methods": ["POST", "HEAD"], "scope": "manage"},
 ]
 
 ALIASES: Routes = [
-    {"path": "/api/ls", "methods": ["GET"], "upstream_path": "/api/tags"},
-    {"path": "/api/serve", "methods": ["GET"], "upstream_path": "/"},
+    {**_read("/api/ls", ["GET"]), "upstream_path": "/api/tags"},
+    {**_read("/api/serve", ["GET"], answer=None), "upstream_path": "/"},
     *(
         {
-            "path": path,
-            "methods": ["POST"],
+            **_call(path, "inference", "ndjson"),
             "upstream_path": "/api/generate",
             "body_defaults": {"keep_alive": 0},
-            "requires_body": True,
         }
         for path in ("/api/stop", "/api/unload")
     ),

@@ -1,0 +1,254 @@
+"""Access keys: who may use the proxy, and for what.
+
+A key is kept only as its SHA-256 digest, compared in constant time; its
+name is what logs, metrics and the rate limiter see. Routes carry a scope
+(`inference`, `manage`, `metrics`), and a key allows the scopes it lists.
+Failed attempts are limited per client address through the rate limits'
+storage, so guessing keys is slow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import math
+import re
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from limits import parse
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.storage import storage_from_string
+
+from .errors import Rejection
+
+log = logging.getLogger(__name__)
+
+INFERENCE, MANAGE, METRICS = "inference", "manage", "metrics"
+SCOPES = (INFERENCE, MANAGE, METRICS)
+KEY_HEADERS = ("Authorization", "X-API-Key")  # where a key may come from, in this order
+REALM = 'Bearer realm="ollama-proxy"'
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+_NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+
+
+class KeyEntryError(ValueError):
+    """A key entry or key file line that does not fit; the message says why."""
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A key by name: its SHA-256 digest (never the key) and the scopes it allows."""
+
+    name: str
+    digest: bytes
+    scopes: frozenset[str]
+
+
+def digest_of(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def parse_entries(entries: Iterable[Any]) -> tuple[ApiKey, ...]:
+    """Key entries from settings: a bare key string, or an object with `name`,
+    `key` or `key_sha256`, and optional `scopes`."""
+    keys = []
+    for index, entry in enumerate(entries, start=1):
+        try:
+            keys.append(_entry(entry, index))
+        except KeyEntryError as error:
+            raise KeyEntryError(f"entry {index}: {error}") from None
+    return _unique(keys)
+
+
+def _entry(entry: Any, index: int) -> ApiKey:
+    if isinstance(entry, str):
+        return ApiKey(f"key-{index}", _plain(entry), frozenset(SCOPES))
+    if not isinstance(entry, Mapping):
+        raise KeyEntryError("a key string or an object with name and key or key_sha256")
+    unknown = sorted(set(entry) - {"name", "key", "key_sha256", "scopes"})
+    if unknown:
+        raise KeyEntryError(f"unknown field {unknown[0]!r}; allowed: name, key, key_sha256, scopes")
+    if ("key" in entry) == ("key_sha256" in entry):
+        raise KeyEntryError("needs exactly one of key and key_sha256")
+    digest = _plain(entry["key"]) if "key" in entry else _hex(entry["key_sha256"])
+    scopes = entry.get("scopes", list(SCOPES))
+    if not isinstance(scopes, list):
+        raise KeyEntryError(f"scopes must be a list of {', '.join(SCOPES)}")
+    return ApiKey(_name(entry.get("name")), digest, _scopes(scopes))
+
+
+def parse_key_file(text: str, source: str) -> tuple[ApiKey, ...]:
+    """Key file lines: ``name:key`` or ``name:sha256:<hex>``, optionally ``:scope,scope``;
+    blank lines and ``#`` comments are ignored. Errors name the line."""
+    keys = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            parts = line.split(":")
+            if len(parts) >= 3 and parts[1] == "sha256":
+                name, _, secret, *rest = parts
+                digest = _hex(secret)
+            elif len(parts) >= 2:
+                name, secret, *rest = parts
+                digest = _plain(secret)
+            else:
+                raise KeyEntryError("expected name:key or name:sha256:<hex>, optionally followed by :scope,scope")
+            if len(rest) > 1:
+                raise KeyEntryError("too many ':' (a key may not contain one)")
+            scopes = _scopes(rest[0].split(",")) if rest else frozenset(SCOPES)
+            keys.append(ApiKey(_name(name), digest, scopes))
+        except KeyEntryError as error:
+            raise KeyEntryError(f"{source}, line {number}: {error}") from None
+    return tuple(keys)
+
+
+def _plain(key: Any) -> bytes:
+    if not isinstance(key, str) or not key.strip() or key != key.strip():
+        raise KeyEntryError("a key must be a non-empty string without surrounding spaces")
+    return digest_of(key)
+
+
+def _hex(value: Any) -> bytes:
+    if not isinstance(value, str) or not _HEX_DIGEST.fullmatch(value.lower()):
+        raise KeyEntryError("key_sha256 must be 64 hexadecimal digits")
+    return bytes.fromhex(value)
+
+
+def _name(value: Any) -> str:
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise KeyEntryError(f"name {value!r} must be 1 to 64 of A-Z a-z 0-9 . _ @ -")
+    return value
+
+
+def _scopes(values: list[Any]) -> frozenset[str]:
+    scopes = frozenset(values)
+    if not scopes or not scopes <= set(SCOPES):
+        raise KeyEntryError(f"scopes {values!r} must be some of {', '.join(SCOPES)}")
+    return scopes
+
+
+def _unique(keys: list[ApiKey]) -> tuple[ApiKey, ...]:
+    seen: set[str] = set()
+    for key in keys:
+        if key.name in seen:
+            raise KeyEntryError(f"the name {key.name!r} is given to two keys")
+        seen.add(key.name)
+    return tuple(keys)
+
+
+def offered_key(headers: Mapping[str, str]) -> str | None:
+    """The key a request offers: ``Authorization: Bearer <key>``, else ``X-API-Key``."""
+    authorization = headers.get("Authorization")
+    if authorization is not None:
+        scheme, _, key = authorization.partition(" ")
+        if scheme.lower() == "bearer" and key.strip():
+            return key.strip()
+    return headers.get("X-API-Key") or None
+
+
+def load_keys(keys: Iterable[ApiKey], key_file: str | None) -> tuple[ApiKey, ...]:
+    """The keys from settings and from the key file, if any (`KeyEntryError` naming the line)."""
+    from_file: tuple[ApiKey, ...] = ()
+    if key_file is not None:
+        try:
+            with open(key_file, encoding="utf-8") as file:
+                text = file.read()
+        except (OSError, UnicodeDecodeError) as error:
+            raise KeyEntryError(f"{key_file}: cannot be read: {getattr(error, 'strerror', None) or error}") from None
+        from_file = parse_key_file(text, key_file)
+    return _unique([*keys, *from_file])
+
+
+class KeyAuthenticator:
+    """The built-in authenticator: access keys with scopes, failures limited per address."""
+
+    removed_headers = KEY_HEADERS  # never sent upstream
+
+    def __init__(self, keys: Iterable[ApiKey], public_paths: Iterable[str], failures: str, storage: str):
+        self.keys = tuple(keys)
+        self.public_paths = frozenset(public_paths)
+        self.failures = parse(failures)
+        self.limiter = MovingWindowRateLimiter(storage_from_string("async+" + storage, wrap_exceptions=True))
+
+    @property
+    def names(self) -> list[str]:
+        return [key.name for key in self.keys]
+
+    async def authenticate(self, headers: Mapping[str, str], path: str, scope: str, client: str) -> str | None:
+        """The name of the key the request acts with (None on a public path), or a
+        `Rejection`: 401 without a valid key, 403 without the scope, 429 when the
+        client's failed attempts are over the limit (the key is then not compared)."""
+        if path in self.public_paths:
+            return None
+        await self._refuse_when_throttled(client)
+        offered = offered_key(headers)
+        key = self._match(digest_of(offered)) if offered is not None else None
+        if key is None:
+            await self._count_failure(client)
+            raise Unauthorized("missing" if offered is None else "invalid")
+        if scope not in key.scopes:
+            raise Forbidden(key.name, f"the key {key.name!r} may not use {path}: it needs the {scope} scope")
+        return key.name
+
+    def _match(self, digest: bytes) -> ApiKey | None:
+        """Compare with every key, in constant time: how long it takes says nothing of which matched."""
+        found = None
+        for key in self.keys:
+            if hmac.compare_digest(key.digest, digest):
+                found = key
+        return found
+
+    async def _refuse_when_throttled(self, client: str) -> None:
+        try:
+            allowed = await self.limiter.test(self.failures, "auth", client)
+            if allowed:
+                return
+            stats = await self.limiter.get_window_stats(self.failures, "auth", client)
+        except Exception as error:  # a storage outage does not lock everyone out
+            log.warning("failed attempts not counted", extra={"reason": f"{type(error).__name__}: {error}"})
+            return
+        retry = max(1, math.ceil(stats.reset_time - time.time()))
+        raise Throttled(retry, str(self.failures))
+
+    async def _count_failure(self, client: str) -> None:
+        try:
+            await self.limiter.hit(self.failures, "auth", client)
+        except Exception as error:
+            log.warning("failed attempts not counted", extra={"reason": f"{type(error).__name__}: {error}"})
+
+
+class Unauthorized(Rejection):
+    """No key, or a key that matches none (`reason` says which)."""
+
+    def __init__(self, reason: str):
+        super().__init__(
+            401, "missing or invalid API key: send Authorization: Bearer <key>", {"WWW-Authenticate": REALM}
+        )
+        self.reason = reason
+
+
+class Forbidden(Rejection):
+    """A valid key without the route's scope; `name` is the key's."""
+
+    reason = "scope"
+
+    def __init__(self, name: str, message: str):
+        super().__init__(403, message)
+        self.name = name
+
+
+class Throttled(Rejection):
+    """Too many failed attempts from this address."""
+
+    reason = "throttled"
+
+    def __init__(self, retry: int, limit: str):
+        super().__init__(
+            429, f"too many failed attempts to authenticate ({limit}); retry in {retry} s", {"Retry-After": str(retry)}
+        )
