@@ -20,10 +20,12 @@ from tornado.netutil import bind_sockets
 from tornado_ollama_proxy.app import make_app
 from tornado_ollama_proxy.default_plugins import json_logs
 from tornado_ollama_proxy.logs import RequestIdFilter
+from tornado_ollama_proxy.server import ProxyServer
 from tornado_ollama_proxy.settings import Settings
 
 from .fake_ollama import FakeState, make_fake_ollama
 from .get_only_front import make_front
+from .helpers import ScriptedUpstream
 
 
 @pytest.fixture
@@ -50,11 +52,25 @@ class Servers:
         self.running = []
 
     def start(self, app) -> str:
+        """Serve `app`: a proxy as the proxy serves itself (its timeouts, its accept
+        loop), anything else (the stand-in, a front) on Tornado's own server."""
         [sock] = bind_sockets(0, "127.0.0.1", family=socket.AF_INET)
-        server = HTTPServer(app)
+        proxy = app.settings.get("proxy")
+        server = ProxyServer(app).http if proxy is not None else HTTPServer(app)
         server.add_sockets([sock])
         self.running.append((server, app))
         return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.fixture(autouse=True)
+def scripted_upstreams_stopped(request):
+    """Scripted upstreams a failing test left running are stopped, so that its
+    failure is reported instead of the loop hanging as it closes."""
+    # Asked for here, so that this teardown runs while the loop still does.
+    io_loop = request.getfixturevalue("io_loop") if "io_loop" in request.fixturenames else None
+    yield
+    for upstream in list(ScriptedUpstream.running):
+        io_loop.run_sync(upstream.stop, timeout=10)
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ import asyncio
 import json
 import socket
 import time
+from typing import ClassVar
 from urllib.parse import urlsplit
 
 
@@ -115,6 +116,8 @@ class ScriptedUpstream:
     """An upstream whose every connection runs `script(reader, writer)`; it counts
     connections and sets `closed` each time a connection's script returns."""
 
+    running: ClassVar[list["ScriptedUpstream"]] = []  # started and not yet stopped, for the tests' teardown
+
     def __init__(self, script):
         self.script = script
         self.connections = 0
@@ -125,6 +128,7 @@ class ScriptedUpstream:
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        ScriptedUpstream.running.append(self)
         return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
     async def _serve(self, reader, writer):
@@ -139,9 +143,13 @@ class ScriptedUpstream:
 
     async def stop(self):
         """Stop listening, close every connection and wait for the scripts to end."""
+        if self in ScriptedUpstream.running:
+            ScriptedUpstream.running.remove(self)
         self.server.close()
         for writer in self.writers:
             writer.close()
+        for task in self.tasks:
+            task.cancel()  # a script waiting on something the test never gave
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
 

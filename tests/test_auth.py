@@ -337,6 +337,7 @@ async def test_an_open_proxy_on_a_public_address_says_so_at_start_up(launch, ups
     process = launch({"PORT": "0", "OLLAMA_PROXY_HOST": "0.0.0.0", "OLLAMA_PROXY_UPSTREAM": upstream_url})
     warning = await read_log(process, "no access keys: anyone who can reach this port can use, pull and delete models")
     assert warning["level"] == "WARNING" and "api_keys" in warning["fix"]
+    await read_log(process, "listening")  # up, so that it stops gracefully
 
 
 def test_settings_name_no_key_at_start_up():

@@ -107,3 +107,14 @@ class _Any:
 
 
 ANY = _Any()
+
+
+async def test_a_refusal_waiting_for_a_body_that_stops_coming_is_answered_and_closed(make_proxy, fake):
+    proxy = make_proxy(idle_timeout=0.3, rate_limit_routes={"/api/chat": "0/minute"})
+    reader, writer = await open_raw(proxy)
+    writer.write(b'POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"model"')
+    status, headers, _ = await read_response(reader)
+    assert (status, headers["connection"]) == (429, ["close"])
+    assert await reader.read() == b""
+    assert fake.seen == []
+    writer.close()

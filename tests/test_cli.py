@@ -158,3 +158,14 @@ async def test_running_out_of_descriptors_pauses_accepting_instead_of_spinning(l
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_incompatible_tornado_stops_start_up_with_one_line(monkeypatch, capsys, tmp_path):
+    from tornado_ollama_proxy import tornado_private
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tornado_private, "MISSING", ["HTTP1Connection._format_chunk"])
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "lacks HTTP1Connection._format_chunk, which this proxy relies on" in err

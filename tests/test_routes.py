@@ -250,6 +250,9 @@ def test_parse_route_normalises_methods_and_keeps_options():
         ({"path": "/x", "methods": ["POST"], "body_defaults": [1]}, "body_defaults: must be a JSON object"),
         ({"path": "/x", "methods": ["GET"], "body_defaults": {"a": 1}}, "needs a method that carries a body"),
         ({"path": "/x", "methods": ["POST"], "requires_body": "yes"}, "requires_body: must be true or false"),
+        ({"path": "/x", "methods": ["GET"], "scope": "admin"}, "scope: must be one of inference, manage, metrics"),
+        ({"path": "/x", "methods": ["GET"], "answer": "xml"}, "answer: must be one of ndjson, sse, json or null"),
+        ({"path": "/x", "methods": ["GET"], "tokens": 1}, "tokens: must be true or false, got 1"),
     ],
 )
 def test_parse_route_names_the_bad_field(entry, message):
@@ -296,3 +299,29 @@ def test_escaping_and_foreign_targets_are_refused(uri, reason):
         check_target(uri)
     assert caught.value.status == 400
     assert reason in caught.value.message
+
+
+def test_a_route_needs_the_manage_scope_unless_it_says_otherwise():
+    assert parse_route({"path": "/x", "methods": ["GET"]}).scope == "manage"
+    read = parse_route({"path": "/x", "methods": ["GET"], "scope": "inference", "answer": "json", "tokens": True})
+    assert (read.scope, read.answer, read.tokens) == ("inference", "json", True)
+
+
+def test_every_built_in_route_says_its_scope():
+    from tornado_ollama_proxy.default_plugins.ollama_routes import ALIASES, OLLAMA_ROUTES
+
+    scopes = {entry["path"]: entry.get("scope") for entry in OLLAMA_ROUTES + ALIASES}
+    assert None not in scopes.values()
+    assert {path for path, scope in scopes.items() if scope == "manage"} == {
+        "/api/pull",
+        "/api/push",
+        "/api/create",
+        "/api/copy",
+        "/api/delete",
+        "/api/blobs/{digest}",
+        "/api/me",
+        "/api/signout",
+        "/api/user/keys/{key}",
+        "/api/experimental/web_search",
+        "/api/experimental/web_fetch",
+    }

@@ -1,13 +1,15 @@
 import asyncio
+import errno
 import json
 import os
 import signal
+import socket
 import sys
 
 import pytest
 
 from tornado_ollama_proxy.app import make_app
-from tornado_ollama_proxy.server import ProxyServer, loop_factory
+from tornado_ollama_proxy.server import Acceptor, ProxyServer, loop_factory
 from tornado_ollama_proxy.settings import Settings, SettingsError
 from tornado_ollama_proxy.tornado_private import buffered_bytes
 
@@ -234,3 +236,60 @@ async def test_requests_keep_coming_on_one_connection_within_the_timeouts(start_
         writer.write(b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (await read_response(reader))[0] == 200
     writer.close()
+
+
+# -- accepting -------------------------------------------------------------------------
+
+
+class FlakySocket(socket.socket):
+    """A listening socket whose accept() fails with the given errors first."""
+
+    def __init__(self, *errors):
+        super().__init__()
+        self.errors = list(errors)
+        self.bind(("127.0.0.1", 0))
+        self.listen(512)
+        self.setblocking(False)
+
+    def accept(self):
+        if self.errors:
+            raise self.errors.pop(0)
+        return super().accept()
+
+
+async def test_a_burst_of_connections_is_accepted_in_rounds(io_loop):
+    listener = FlakySocket()
+    accepted = []
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(200)]
+    acceptor = Acceptor(listener, lambda connection, address: accepted.append(connection))
+    await until(lambda: len(accepted) == 200)  # 128 per turn, then the rest: nobody starves meanwhile
+    acceptor.remove()
+    for sock in accepted + clients:
+        sock.close()
+    listener.close()
+
+
+async def test_an_aborted_connection_is_skipped_and_other_errors_are_raised(io_loop):
+    listener = FlakySocket(ConnectionAbortedError(), OSError(errno.EPERM, "not allowed"))
+    accepted = []
+    client = socket.create_connection(listener.getsockname())
+    acceptor = Acceptor(listener, lambda connection, address: accepted.append(connection))
+    acceptor.remove()  # driven by hand below
+    with pytest.raises(PermissionError):
+        acceptor._accept(listener.fileno(), 0)
+    acceptor._accept(listener.fileno(), 0)
+    assert len(accepted) == 1
+    for sock in [*accepted, client, listener]:
+        sock.close()
+
+
+async def test_out_of_descriptors_accepting_pauses_and_can_be_stopped_meanwhile(io_loop, caplog, monkeypatch):
+    monkeypatch.setattr(Acceptor, "shortage_logged", float("-inf"))  # nothing logged yet in this process
+    listener = FlakySocket(OSError(errno.EMFILE, "Too many open files"))
+    client = socket.create_connection(listener.getsockname())
+    acceptor = Acceptor(listener, lambda connection, address: connection.close())
+    await until(lambda: acceptor.resuming is not None)
+    assert [record.getMessage() for record in caplog.records] == ["cannot accept connections, pausing"]
+    acceptor.remove()  # while paused: the resumption is cancelled too
+    client.close()
+    listener.close()

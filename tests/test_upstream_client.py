@@ -17,7 +17,7 @@ from tornado_ollama_proxy.upstream_client import (
     PooledHTTPClient,
 )
 
-from .helpers import BlackHole, CannedUpstream, ScriptedUpstream
+from .helpers import BlackHole, CannedUpstream, ScriptedUpstream, until
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 
@@ -559,4 +559,25 @@ async def test_request_timeout(client):
     url = await upstream.start()
     with pytest.raises(AnswerTimeout, match="no complete answer within 0.2 s"):
         await fetch(client, url, request_timeout=0.2)
+    await upstream.stop()
+
+
+# -- other callers, and odd moments --------------------------------------------------------
+
+
+async def test_a_plain_url_can_be_fetched_as_with_any_async_http_client(client):
+    upstream = ScriptedUpstream(answering(OK))
+    url = await upstream.start()
+    response = await client.fetch(url + "/api/version?x=1")
+    assert (response.code, response.body, response.headers["Content-Type"]) == (200, b"{}", "application/json")
+    await upstream.stop()
+
+
+async def test_an_idle_connection_the_upstream_closes_leaves_the_pool(client):
+    upstream = ScriptedUpstream(answering(OK, linger=False))  # answers once, then hangs up
+    url = await upstream.start()
+    assert (await fetch(client, url)).code == 200
+    await until(lambda: not client._idle[("http", "127.0.0.1", int(url.rsplit(":", 1)[1]))])
+    assert (await fetch(client, url)).code == 200  # on a new connection, not the closed one
+    assert upstream.connections == 2
     await upstream.stop()

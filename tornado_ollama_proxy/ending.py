@@ -36,15 +36,13 @@ class Watchdog:
         self.last = self.loop.time()
         self.client_turn = False
         self.paused = False
-        self._timer: asyncio.TimerHandle | None = self.loop.call_later(timeout, self._check)
+        self._timer = self.loop.call_later(timeout, self._check)
 
     def touch(self) -> None:
         self.last = self.loop.time()
 
     def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
 
     def _check(self) -> None:
         quiet = self.loop.time() - self.last

@@ -177,8 +177,6 @@ class AnswerReader:
         self._unproductive += len(data)
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            raise MalformedAnswer(_SWITCHED) from None
         except httptools.HttpParserError as error:
             if isinstance(error.__context__, MalformedAnswer):
                 raise error.__context__ from None

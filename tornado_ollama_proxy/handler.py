@@ -318,6 +318,9 @@ class ProxyHandler(BaseHandler):
             kind, self.failure = self.proxy.upstream.failure(error)
             self.proxy.metrics.upstream_errors.labels(kind).inc()
             self.record.outcome = "timeout" if kind.endswith("timeout") else "upstream_error"
+        else:
+            # Every piece has been handed to the kernel: a client leaving now loses nothing.
+            self.record.outcome = self.record.outcome or "ok"
         body = self.body
         assert body is not None
         body.stop()  # the rest of the body, if any, is dropped
@@ -330,8 +333,7 @@ class ProxyHandler(BaseHandler):
         if self.failure is not None:
             self._end_early(self.failure)
             return
-        self.answered = True  # every piece has been handed to the kernel
-        self.record.outcome = "ok"
+        self.answered = True
         self.finish()
 
     # -- endings --------------------------------------------------------------
@@ -356,8 +358,6 @@ class ProxyHandler(BaseHandler):
         self._answer(rejection)
 
     def _answer(self, rejection: Rejection) -> None:
-        if self.answered:
-            return
         self.answered = True
         for name, value in self.added_headers.items():
             self.add_header(name, value)  # so a browser app can read the error, and see its limits
@@ -407,8 +407,7 @@ class ProxyHandler(BaseHandler):
         self.request.connection.close()  # type: ignore[union-attr]
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        if self.body is None or not self.body.received.done():
-            self.set_header("Connection", "close")  # the body is unread: Tornado closes
+        self.set_header("Connection", "close")  # a method it does not know, or worse: start afresh
         self.answered = True
         super().write_error(status_code, **kwargs)
 
@@ -423,17 +422,13 @@ class ProxyHandler(BaseHandler):
     def on_connection_close(self) -> None:
         self.answered = True
         # The rest on the next loop turn: an upstream end that arrived together
-        # with the client's leaving is read first, so that an answer the client
-        # had whole is not recorded as left half-way.
+        # with the client's leaving is taken in first (by `_exchange`), so that an
+        # answer the client had whole is not recorded as left half-way.
         asyncio.get_running_loop().call_soon(self._client_left)
 
     def _client_left(self) -> None:
-        record, fetching = self.record, self.fetching
-        if record.outcome is None:
-            if fetching is not None and fetching.done() and fetching.exception() is None:
-                record.outcome = "ok"  # the whole answer was handed over: leaving now loses nothing
-            elif self.relay is not None and self.relay.head is not None:
-                self.proxy.metrics.client_disconnects.inc()
+        if self.record.outcome is None and self.relay is not None and self.relay.head is not None:
+            self.proxy.metrics.client_disconnects.inc()
         self._abort_upstream(ClientGone())
         if self.body is not None:
             self.body.arrived()

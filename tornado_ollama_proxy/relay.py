@@ -52,9 +52,7 @@ class ClientFlow:
         return queued
 
     def _on_sent(self, sent: asyncio.Future[None]) -> None:
-        if sent is not self.pending:
-            return  # a later piece is queued behind it
-        self.pending = None
+        self.pending = None  # the upstream read waits for it: no later piece is queued behind
         self.watchdog.paused = False
         self.watchdog.touch()
         if sent.exception() is not None:

@@ -210,8 +210,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._writable = asyncio.get_running_loop().create_future()
 
     def resume_writing(self) -> None:
-        if not self._writable.done():
-            self._writable.set_result(None)
+        _wake(self._writable)
 
     # -- for the exchange ---------------------------------------------------
 
@@ -236,8 +235,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _closing(self) -> None:
         self.closed = True
         self.client.forget(self)
-        if not self._writable.done():
-            self._writable.set_result(None)  # a body writer waiting for room wakes, and its next write raises
+        _wake(self._writable)  # a body writer waiting for room wakes, and its next write raises
 
 
 class Exchange:
@@ -287,11 +285,8 @@ class Exchange:
         connection = self.client.idle_connection(self.address)
         if connection is None:
             self.connect()
-            return
-        try:
+        else:
             self.send(connection)
-        except Exception as error:  # a head that cannot be encoded, say
-            self.fail(error)
 
     def connect(self) -> None:
         self.connecting = asyncio.ensure_future(self._connect())
@@ -403,8 +398,7 @@ class Exchange:
 
     def _malformed(self, error: Exception) -> None:
         """What the upstream sent cannot be relayed: say so once, in the request's context."""
-        if not self.ended:
-            log.warning("upstream %s: %s", self.host, error)
+        log.warning("upstream %s: %s", self.host, error)
         self.fail(error)
 
     def _deliver_safely(self, events: list[Event]) -> None:
@@ -456,24 +450,22 @@ class Exchange:
         self.relaying = relaying
         connection = self.connection
         assert connection is not None and connection.transport is not None
-        if not connection.closed:
-            connection.transport.pause_reading()
+        connection.transport.pause_reading()  # until the client has taken it: backpressure
         relaying.add_done_callback(self._on_relayed, context=self.context)
 
     def _on_relayed(self, relaying: asyncio.Future[Any]) -> None:
-        if relaying is not self.relaying:
-            return
         self.relaying = None
+        if self.settled:
+            return
         error = None if relaying.cancelled() else relaying.exception()
         if error is not None:
             self.fail(error)
         elif self.complete is not None:
             self._settle(self.complete)
-        elif not self.ended:
+        else:  # the exchange goes on (a lost connection would have ended it)
             connection = self.connection
             assert connection is not None and connection.transport is not None
-            if not connection.closed:
-                connection.transport.resume_reading()
+            connection.transport.resume_reading()
 
     # -- endings ------------------------------------------------------------
 
@@ -484,9 +476,7 @@ class Exchange:
         connection, self.connection = self.connection, None
         assert connection is not None and connection.transport is not None
         connection.exchange = None
-        if connection.closed:
-            pass
-        elif reusable and self.body_unsent == 0:
+        if reusable and self.body_unsent == 0 and not connection.closed:
             connection.transport.resume_reading()  # paused if the end came behind a pending relay
             self.client.release(connection)
         elif self.body_unsent != 0:
@@ -511,17 +501,16 @@ class Exchange:
             self.complete = response
 
     def fail(self, error: BaseException) -> None:
-        """End the exchange with `error` (no-op once the fetch has its response)."""
-        if self.settled:
-            return
+        """End the exchange with `error`; an answer already complete whose last piece
+        could not be relayed fails with it too."""
         if not self.ended:
             self._end()
             if self.connecting is not None and not self.connecting.done():
-                self.connecting.cancel()  # asyncio closes whatever it has opened
-            elif self.connection is not None:
-                self.connection.exchange = None
-                if not self.connection.closed:
-                    self.connection.abort()
+                self.connecting.cancel()  # asyncio closes whatever it is still opening
+            connection = self.connection
+            if connection is not None and connection.transport is not None:
+                connection.exchange = None
+                connection.abort()
         self._settle(
             HTTPResponse(
                 self.request,
@@ -548,3 +537,9 @@ class Exchange:
         for timer in (self.deadline, self.connect_timer):
             if timer is not None:
                 timer.cancel()
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    """Resolve a write-room future, once (closing may have done it before asyncio does)."""
+    if not waiter.done():
+        waiter.set_result(None)
