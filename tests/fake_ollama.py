@@ -8,7 +8,10 @@ checks blob digests while streaming the upload.
 Special model names make it misbehave on purpose, since they travel through
 the proxy untouched: ``silent`` never answers, ``stall`` sends one line and
 goes quiet, ``die`` sends two lines and drops the connection, ``flood`` streams
-``options.num_predict`` KiB as fast as the reader takes it.
+``options.num_predict`` KiB as fast as the reader takes it. Others are slow as
+Ollama can be: ``slow`` says nothing for ``state.silence`` seconds before
+answering (a cold load), ``gap`` pauses that long between its first two lines,
+``late404`` takes that long to answer that it does not exist.
 """
 
 import asyncio
@@ -61,7 +64,8 @@ class Seen:
 class FakeState:
     """What the stand-in has seen, and knobs the tests turn."""
 
-    models: set = field(default_factory=lambda: {"llama3.2", "silent", "stall", "die", "flood"})
+    models: set = field(default_factory=lambda: {"llama3.2", "silent", "stall", "die", "flood", "slow", "gap"})
+    silence: float = 0.0  # how long ``slow``, ``gap`` and ``late404`` are silent
     blobs: set = field(default_factory=set)
     seen: list = field(default_factory=list)
     chunk_delay: float = 0.0
@@ -171,8 +175,10 @@ class OllamaHandler(OllamaBase):
             return None
         return data
 
-    def model_or_404(self, data):
+    async def model_or_404(self, data):
         name = data.get("model") or data.get("name")
+        if name in ("slow", "late404"):
+            await asyncio.sleep(self.state.silence)
         if name not in self.state.models:
             self.error(404, f"model '{name}' not found")
             return None
@@ -196,7 +202,7 @@ class OllamaHandler(OllamaBase):
 
     async def do_api_show(self):
         data = self.body()
-        if data is not None and self.model_or_404(data):
+        if data is not None and await self.model_or_404(data):
             self.json(
                 {
                     "modelfile": "FROM x",
@@ -215,13 +221,16 @@ class OllamaHandler(OllamaBase):
 
     async def do_api_embed(self):
         data = self.body()
-        if data is not None and self.model_or_404(data):
+        if data is not None and await self.model_or_404(data):
             inputs = data["input"] if isinstance(data["input"], list) else [data["input"]]
-            self.json({"model": data["model"], "embeddings": [[0.1, 0.2] for _ in inputs]})
+            embeddings = [[0.1, 0.2] for _ in inputs]
+            used = counters({"prompt": " ".join(inputs)}, 0)
+            reported = {name: used[name] for name in ("total_duration", "load_duration", "prompt_eval_count")}
+            self.json({"model": data["model"], "embeddings": embeddings, **reported})
 
     async def do_api_embeddings(self):
         data = self.body()
-        if data is not None and self.model_or_404(data):
+        if data is not None and await self.model_or_404(data):
             self.json({"embedding": [0.1, 0.2]})
 
     async def do_api_copy(self):
@@ -234,7 +243,7 @@ class OllamaHandler(OllamaBase):
 
     async def do_api_delete(self):
         data = self.body()
-        if data is not None and self.model_or_404(data):
+        if data is not None and await self.model_or_404(data):
             self.state.models.discard(data.get("model") or data.get("name"))
             self.finish()
 
@@ -249,7 +258,7 @@ class OllamaHandler(OllamaBase):
 
     async def generation(self, kind):
         data = self.body()
-        if data is None or not self.model_or_404(data):
+        if data is None or not await self.model_or_404(data):
             return
         model = data["model"]
         empty = not data.get("prompt") if kind == "response" else not data.get("messages")
@@ -261,7 +270,8 @@ class OllamaHandler(OllamaBase):
         count = int(data.get("options", {}).get("num_predict", 3))
         if not data.get("stream", True):
             text = "".join(f"tok{i} " for i in range(count))
-            self.json({"model": model, kind: self.piece(kind, text), "done": True, "done_reason": "stop"})
+            final = {"model": model, kind: self.piece(kind, text), "done": True, "done_reason": "stop"}
+            self.json({**final, **counters(data, count)})
             return
         self.set_header("Content-Type", NDJSON)
         if model == "silent":
@@ -271,13 +281,16 @@ class OllamaHandler(OllamaBase):
             return
         for i in range(count):
             await self.send_line({"model": model, kind: self.piece(kind, f"tok{i} "), "done": False})
+            if model == "gap" and i == 0:
+                await asyncio.sleep(self.state.silence)
             if model == "stall":
                 await asyncio.Event().wait()
             if model == "die" and i == 1:
                 await asyncio.sleep(0.1)  # a crash some time after the last token
                 self.request.connection.stream.close()
                 return
-        await self.send_line({"model": model, kind: self.piece(kind, ""), "done": True, "done_reason": "stop"})
+        final = {"model": model, kind: self.piece(kind, ""), "done": True, "done_reason": "stop"}
+        await self.send_line({**final, **counters(data, count)})
 
     @staticmethod
     def piece(kind, text):
@@ -330,14 +343,42 @@ class OllamaHandler(OllamaBase):
         data = self.body()
         if data is None:
             return
+        if data.get("model") in ("slow", "late404"):
+            await asyncio.sleep(self.state.silence)
+        if data.get("model") == "late404":
+            message = 'model "late404" not found, try pulling it first'
+            self.json({"error": {"message": message, "type": "api_error", "param": None, "code": None}}, 404)
+            return
+        used = counters(data, 1 if not data.get("stream") else 2)
+        usage = {"prompt_tokens": used["prompt_eval_count"], "completion_tokens": used["eval_count"]}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if not data.get("stream"):
-            self.json({"object": "chat.completion", "choices": [{"message": {"role": "assistant", "content": "hi"}}]})
+            message = {"role": "assistant", "content": "hi"}
+            self.json({"object": "chat.completion", "choices": [{"message": message}], "usage": usage})
             return
         self.set_header("Content-Type", "text/event-stream")
         for word in ("Hel", "lo"):
             chunk = {"object": "chat.completion.chunk", "choices": [{"delta": {"content": word}}]}
             await self.send_bytes(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        if (data.get("stream_options") or {}).get("include_usage"):
+            chunk = {"object": "chat.completion.chunk", "choices": [], "usage": usage}
+            await self.send_bytes(b"data: " + json.dumps(chunk).encode() + b"\n\n")
         await self.send_bytes(b"data: [DONE]\n\n")
+
+
+def counters(data, completion_tokens):
+    """What Ollama reports at a generation's end: a prompt token per word asked
+    (plus one), 50 tokens/s, and a 5 ms load."""
+    texts = [data.get("prompt") or ""] + [str(m.get("content") or "") for m in data.get("messages") or []]
+    prompt_tokens = len(" ".join(texts).split()) + 1
+    return {
+        "total_duration": 10_000_000 + completion_tokens * 20_000_000,
+        "load_duration": 5_000_000,
+        "prompt_eval_count": prompt_tokens,
+        "prompt_eval_duration": 4_000_000,
+        "eval_count": completion_tokens,
+        "eval_duration": completion_tokens * 20_000_000,
+    }
 
 
 @stream_request_body

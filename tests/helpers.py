@@ -178,16 +178,21 @@ async def read_response(reader, *, head: bool = False) -> tuple[int, dict[str, l
     status, headers, _ = split_response(await reader.readuntil(b"\r\n\r\n"))
     if head or status in (204, 304):
         return status, headers, b""
+    return status, headers, await read_body(reader, headers)
+
+
+async def read_body(reader, headers: dict[str, list[str]]) -> bytes:
+    """A response's body, framed as its headers say (de-chunked)."""
     if "content-length" in headers:
-        return status, headers, await reader.readexactly(int(headers["content-length"][0]))
+        return await reader.readexactly(int(headers["content-length"][0]))
     if headers.get("transfer-encoding") == ["chunked"]:
         body = b""
         while size := int((await reader.readline()).split(b";")[0], 16):
             body += await reader.readexactly(size)
             await reader.readexactly(2)
         await reader.readuntil(b"\r\n")  # no trailers are sent: the blank line
-        return status, headers, body
-    return status, headers, await reader.read()
+        return body
+    return await reader.read()
 
 
 async def until(condition, *, limit: float = 10.0) -> None:

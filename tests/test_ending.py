@@ -7,9 +7,9 @@ import struct
 
 import pytest
 
-from tornado_ollama_proxy.ending import CLIENT, UPSTREAM, Watchdog
+from tornado_ollama_proxy.ending import Silence
 
-from .helpers import ScriptedUpstream, open_raw, read_response
+from .helpers import ScriptedUpstream, open_raw, read_response, until
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -65,52 +65,44 @@ async def test_a_client_that_leaves_mid_stream_is_recorded_gone(proxy_url, fake,
     assert records(log_lines)[0]["outcome"] == "client_gone"
 
 
-# -- the watchdog on its own -------------------------------------------------------------
+# -- silence, on its own ---------------------------------------------------------------
 
 
-async def expiry(watchdog_args, *moves, timeout=0.2):
-    seen = asyncio.get_running_loop().create_future()
-    dog = Watchdog(timeout, lambda who: seen.done() or seen.set_result(who))
-    for move in moves:
-        move(dog)
-    try:
-        return await asyncio.wait_for(seen, 5)
-    finally:
-        dog.stop()
-
-
-async def test_the_watchdog_names_who_was_silent(io_loop):
-    assert await expiry(None) == UPSTREAM
-    assert await expiry(None, lambda dog: setattr(dog, "client_turn", True)) == CLIENT
-
-
-async def test_the_watchdog_waits_while_the_client_is_slow_to_read(io_loop):
+async def test_silence_is_noticed_after_its_period_and_again_while_it_lasts(io_loop):
     loop = asyncio.get_running_loop()
-    fired = []
-    dog = Watchdog(0.1, fired.append)
-    dog.paused = True
-    await asyncio.sleep(0.35)  # three periods: a paused clock does not run
-    assert fired == []
-    dog.paused = False
-    dog.touch()
+    noticed = []
+    silence = Silence(0.2, lambda: 0, lambda: noticed.append(loop.time()))
     started = loop.time()
-    while not fired:
-        await asyncio.sleep(0.01)
-    assert fired == [UPSTREAM] and loop.time() - started >= 0.09
-    dog.stop()
+    await until(lambda: len(noticed) >= 2)
+    silence.stop()
+    assert 0.2 <= noticed[0] - started <= 0.35  # looked at four times a period
+    assert 0.15 <= noticed[1] - noticed[0] <= 0.35
 
 
-async def test_movement_pushes_the_expiry_back_and_it_keeps_watching(io_loop):
+async def test_movement_puts_silence_off(io_loop):
     loop = asyncio.get_running_loop()
-    fired = []
-    dog = Watchdog(0.2, lambda who: fired.append(loop.time()))
+    moved, noticed = [0], []
+    silence = Silence(0.2, lambda: moved[0], lambda: noticed.append(loop.time()))
     started = loop.time()
-    await asyncio.sleep(0.1)
-    dog.touch()
-    while len(fired) < 2:  # after expiring it goes on watching, until stopped
-        await asyncio.sleep(0.01)
-    dog.stop()
-    assert fired[0] - started >= 0.29 and fired[1] - fired[0] >= 0.19
+    while loop.time() - started < 0.5:  # something moves all the while
+        moved[0] += 1
+        await asyncio.sleep(0.02)
+    assert noticed == []
+    quiet_from = loop.time()
+    await until(lambda: noticed)
+    silence.stop()
+    assert noticed[0] - quiet_from >= 0.15
+
+
+async def test_the_clock_stops_while_paused(io_loop):
+    noticed = []
+    silence = Silence(0.1, lambda: 0, lambda: noticed.append(True))
+    silence.paused = True  # a client slow to read
+    await asyncio.sleep(0.35)  # three periods: no event says nothing happened
+    assert noticed == []
+    silence.paused = False
+    await until(lambda: noticed)
+    silence.stop()
 
 
 @pytest.mark.parametrize("first", ["upstream", "client"])

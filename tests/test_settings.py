@@ -102,6 +102,11 @@ def test_rate_limit_settings_from_the_environment():
     assert settings.client_key_header == "X-API-Key" and settings.concurrency_per_client == 2
 
 
+@pytest.mark.parametrize("value, expected", [(None, None), (0, None), (0.5, 0.5), (100, 100.0)])
+def test_heartbeats_are_seconds_or_off(write_settings, value, expected):
+    assert load_settings(write_settings({"heartbeat_seconds": value}), environ={}).heartbeat_seconds == expected
+
+
 def test_relative_plugins_dir_is_relative_to_the_settings_file(write_settings, tmp_path):
     path = write_settings({"plugins_dir": "extra"})
     assert load_settings(path, environ={}).plugins_dir == str(tmp_path / "extra")
@@ -122,6 +127,8 @@ def test_relative_plugins_dir_is_relative_to_the_settings_file(write_settings, t
         ({"upstream": "http://x:99999"}, "upstream: expected an http:// or https:// URL with a valid port"),
         ({"upstream": 5}, "upstream: expected"),
         ({"idle_timeout": 0}, "idle_timeout: expected a number of seconds > 0"),
+        ({"heartbeat_seconds": -1}, "heartbeat_seconds: expected a number of seconds > 0, or null or 0 for none"),
+        ({"heartbeat_seconds": False}, "heartbeat_seconds: expected a number of seconds > 0, or null or 0 for none"),
         ({"header_timeout": 0}, "header_timeout: expected a number of seconds > 0"),
         ({"keepalive_timeout": "75"}, "keepalive_timeout: expected a number of seconds > 0"),
         ({"api_keys": {"alice": "k"}}, "api_keys: a key, or a list of keys and objects"),

@@ -9,8 +9,9 @@ from typing import Any
 
 from tornado.iostream import StreamClosedError
 
-from .ending import AccessRecord, Watchdog
+from .ending import AccessRecord
 from .errors import Rejection
+from .usage import REQUEST_COPY_LIMIT, RequestInfo, read_request
 
 Write = Callable[[bytes], Awaitable[None]]
 
@@ -28,29 +29,37 @@ class BodyPump:
     through the upstream connection's write function, each piece waiting for
     the upstream to take the one before (flow control). Once the upstream has
     gone (`stop`) the rest is read and dropped, so that the client can read
-    the answer instead of a reset. The watchdog learns whose turn it is: the
-    client's while its body is awaited, the upstream's while it holds a piece.
+    the answer instead of a reset. `client_turn` says whether the exchange
+    waits for the client (its body is expected and the upstream is not
+    holding it back); `written` counts pieces the upstream took. A held body,
+    or a streamed one asked to keep a copy (up to 1 MiB), tells its `model` and
+    `stream` (`info`).
     """
 
-    def __init__(self, declared: int | None, limit: int | None, record: AccessRecord, watchdog: Watchdog):
-        loop = asyncio.get_running_loop()
+    def __init__(self, declared: int | None, limit: int | None, record: AccessRecord):
         self.declared = declared  # Content-Length, None for a chunked body
         self.limit = limit  # max_body_size
         self.record = record
-        self.watchdog = watchdog
         self.held: list[bytes] | None = None
         self.held_limit = 0
-        # The upstream's write function once it wants the body, None once it has gone.
-        self._writer: asyncio.Future[Write | None] = loop.create_future()
-        # The whole body has been passed on (or dropped): the producer returns.
-        self._passed: asyncio.Future[None] = loop.create_future()
-        # The client has sent its whole body, or left.
-        self.received: asyncio.Future[None] = loop.create_future()
-        watchdog.client_turn = declared != 0
+        self.copy: list[bytes] | None = None
+        self._info: RequestInfo | None = None
+        self.client_turn = declared != 0
+        self.written = 0
+        loop = asyncio.get_running_loop()
+        self.received = loop.create_future()  # the client sent its whole body, or left
+        # Only a body needs these: the upstream's write function (None once it has
+        # gone), and the whole body passed on (or dropped).
+        self._writer: asyncio.Future[Write | None] | None = loop.create_future() if self.present else None
+        self._passed: asyncio.Future[None] | None = loop.create_future() if self.present else None
 
     @property
     def present(self) -> bool:
         return self.declared != 0
+
+    def keep_copy(self) -> None:
+        """Keep a copy of a streamed body, while it is at most 1 MiB, to read it (`info`)."""
+        self.copy = []
 
     def hold(self, limit: int) -> None:
         """Keep the body whole, refusing it (413) past `limit` bytes."""
@@ -61,7 +70,6 @@ class BodyPump:
         """A piece from the client; `Rejection` 413 when the body outgrows a limit."""
         record = self.record
         record.bytes_in += len(piece)
-        self.watchdog.touch()
         if self.limit is not None and record.bytes_in > self.limit:
             raise Rejection(413, f"request body is larger than max_body_size ({self.limit} bytes)")
         if self.held is not None:
@@ -69,35 +77,54 @@ class BodyPump:
                 raise Rejection(413, f"a body for this route is held whole and may be at most {self.held_limit} bytes")
             self.held.append(piece)
             return
+        if self.copy is not None:
+            self.copy.append(piece)
+            if record.bytes_in > REQUEST_COPY_LIMIT:
+                self.copy = None  # too large to be read: the route's defaults apply
+        assert self._writer is not None
         write = await self._writer
         if write is None:
             return  # the upstream has gone: the rest is dropped
-        self.watchdog.client_turn = False
+        self.client_turn = False
         with suppress(StreamClosedError):  # the fetch reports what happened upstream
             await write(piece)
-        self.watchdog.client_turn = not self.received.done()
-        self.watchdog.touch()
+        self.written += 1
+        self.client_turn = not self.received.done()
 
     def whole(self) -> bytes:
         """The held body."""
         assert self.held is not None
         return b"".join(self.held)
 
+    def info(self) -> RequestInfo:
+        """The `model` and `stream` the body names (once the whole body is in)."""
+        if self._info is not None:
+            return self._info
+        body = self.whole() if self.held is not None else b"".join(self.copy) if self.copy is not None else None
+        info = read_request(body)
+        if self.received.done():
+            self._info = info  # what a body still arriving says may change
+        return info
+
     async def produce(self, write: Write) -> None:
         """The upstream request's `body_producer`: hands over `write`, returns once the body has passed."""
+        assert self._writer is not None and self._passed is not None
         _resolve(self._writer, write)
         await self._passed
 
     def arrived(self) -> None:
         """The client's whole body is in (or the client left)."""
-        self.watchdog.client_turn = False
+        self.client_turn = False
         _resolve(self.received, None)
-        _resolve(self._passed, None)
+        if self._passed is not None:
+            _resolve(self._passed, None)
 
     def stop(self) -> None:
         """The upstream has gone: what is still to come is dropped."""
-        _resolve(self._writer, None)
-        _resolve(self._passed, None)
+        if self._writer is not None:
+            assert self._passed is not None
+            _resolve(self._writer, None)
+            _resolve(self._passed, None)
 
 
 def _resolve(future: asyncio.Future[Any], value: Any) -> None:

@@ -15,45 +15,38 @@ if TYPE_CHECKING:
 
 access_log = logging.getLogger(ACCESS_LOGGER)
 
-CLIENT, UPSTREAM = "client", "upstream"  # who was silent, when the watch expires
 
+class Silence:
+    """Calls `on_silence` when `progress()` has not changed for `period` seconds,
+    and again every `period` while that lasts; the clock stops while `paused`
+    (a client slow to read is not a silent exchange).
 
-class Watchdog:
-    """Ends an exchange in which nothing has moved for `timeout` seconds.
-
-    Movement is a body byte from the client, the upstream taking body bytes,
-    an answer byte from the upstream, or the client taking a relayed piece.
-    While the client is slow to take the answer (`paused`) the clock stops: a
-    slow reader is not a dead upstream. On expiry, `expire` learns who was
-    silent: the client, while its body was expected and the upstream was not
-    holding it back (`client_turn`), else the upstream.
+    `progress` is a counter of what has moved, looked at four times a period:
+    nothing is done per byte that moves.
     """
 
-    def __init__(self, timeout: float, expire: Callable[[str], None]):
+    def __init__(self, period: float, progress: Callable[[], int], on_silence: Callable[[], None]):
         self.loop = asyncio.get_running_loop()
-        self.timeout = timeout
-        self.expire = expire
-        self.last = self.loop.time()
-        self.client_turn = False
+        self.period = period
+        self.progress = progress
+        self.on_silence = on_silence
         self.paused = False
-        self._timer = self.loop.call_later(timeout, self._check)
-
-    def touch(self) -> None:
-        self.last = self.loop.time()
+        self.seen = progress()
+        self.quiet_since = self.loop.time()
+        self._timer = self.loop.call_later(period / 4, self._look)
 
     def stop(self) -> None:
         self._timer.cancel()
 
-    def _check(self) -> None:
-        quiet = self.loop.time() - self.last
-        if self.paused or quiet < self.timeout:
-            # Movement since the timer was set, or a slow client: look again later.
-            self._timer = self.loop.call_later(self.timeout if self.paused else self.timeout - quiet, self._check)
-            return
-        # Still watching (until stopped): after the upstream's silence, the client's may follow.
-        self.last = self.loop.time()
-        self._timer = self.loop.call_later(self.timeout, self._check)
-        self.expire(CLIENT if self.client_turn else UPSTREAM)
+    def _look(self) -> None:
+        now = self.loop.time()
+        progress = self.progress()
+        self._timer = self.loop.call_later(self.period / 4, self._look)  # before on_silence, which may stop it
+        if progress != self.seen or self.paused:
+            self.seen, self.quiet_since = progress, now
+        elif now - self.quiet_since >= self.period:
+            self.quiet_since = now
+            self.on_silence()
 
 
 class AccessRecord:
@@ -78,6 +71,7 @@ class AccessRecord:
         self.ttfb_ms: float | None = None
         self.duration_ms = 0.0
         self.chunks = 0
+        self.heartbeats = 0
         self.outcome: str | None = None
 
     def fields(self) -> dict[str, Any]:

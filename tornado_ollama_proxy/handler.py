@@ -16,6 +16,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from http.client import responses
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -27,7 +28,7 @@ from . import cors
 from .auth import MANAGE, METRICS
 from .body import ALIAS_BODY_LIMIT, SMALL_BODY, BodyPump
 from .clients import client_address, in_networks, parse_address
-from .ending import UPSTREAM, AccessRecord, Watchdog, account
+from .ending import AccessRecord, Silence, account
 from .errors import Rejection, error_body
 from .framing import Head, declared_body
 from .headers import upstream_request_headers
@@ -38,6 +39,7 @@ from .relay import AnswerRelay, ClientFlow
 from .routes import METHODS, Route, check_target, decide_method, is_reserved
 from .upstream import ClientGone, IdleTimeout
 from .upstream_client import AbortableRequest
+from .usage import answer_format
 
 if TYPE_CHECKING:
     from tornado.http1connection import HTTP1Connection
@@ -133,8 +135,9 @@ class ProxyHandler(BaseHandler):
     def initialize(self) -> None:
         self.record.route = "unmapped"
         self.proxy.metrics.in_flight.inc()
-        self.watchdog: Watchdog | None = None
+        self.watch: Silence | None = None
         self.body: BodyPump | None = None
+        self.route: Route | None = None
         self.relay: AnswerRelay | None = None
         # An answer decided before the body was read (a refusal, a preflight):
         # given once the body is in, so that the connection stays usable.
@@ -143,10 +146,10 @@ class ProxyHandler(BaseHandler):
         self.added_headers: dict[str, str] = {}  # CORS and rate-limit headers for every answer
         self.upstream_request: AbortableRequest | None = None
         self.fetching: asyncio.Future[Any] | None = None
-        self.exchange: asyncio.Future[None] | None = None
+        self.fetched = False
         self.answered = False  # an answer is complete, or cut: nothing more to write
         self.failure: Rejection | None = None  # what to tell the client about an upstream failure
-        self.pending: tuple[str, str, httputil.HTTPHeaders, Route | None] | None = None  # waits for a held body
+        self.pending: tuple[str, str, httputil.HTTPHeaders] | None = None  # waits for a held body
 
     # -- request side -------------------------------------------------------
 
@@ -158,20 +161,21 @@ class ProxyHandler(BaseHandler):
         except Rejection as rejection:
             self.answer_closing(rejection)  # Tornado will refuse to read this body
             return
-        self.watchdog = Watchdog(self.proxy.upstream.idle_timeout, self._on_silence)
-        self.body = body = BodyPump(declared, self.proxy.settings.max_body_size, self.record, self.watchdog)
+        settings = self.proxy.settings
+        self.body = body = BodyPump(declared, settings.max_body_size, self.record)
+        self.watch = Silence(self.proxy.upstream.idle_timeout, self._progress, self._on_silence)
         if self.proxy.draining:
             self.set_header("Connection", "close")
             self.answer_early(self._answer, Rejection(503, "the proxy is shutting down; retry", {"Retry-After": "1"}))
             return
-        origin = cors.allowed_origin(request.headers.get("Origin"), self.proxy.settings.cors_origins)
+        origin = cors.allowed_origin(request.headers.get("Origin"), settings.cors_origins)
         if origin is not None and cors.is_preflight(request.headers):
             self.answer_early(self._answer_preflight, origin)
             return
         if origin is not None:
             self.added_headers.update(cors.response_headers(origin))
         try:
-            route, params = self._route()
+            self.route, params = route, _ = self._match()
             await self.authenticate(route.scope if route is not None else MANAGE)
             method, target = self._plan(route, params, declared)
             await self._admit()
@@ -194,12 +198,14 @@ class ProxyHandler(BaseHandler):
             body.hold(ALIAS_BODY_LIMIT)
         elif declared is not None and 0 < declared <= SMALL_BODY:
             body.hold(SMALL_BODY)
+        elif route is not None and (route.answer or route.tokens):
+            body.keep_copy()  # what it asks for decides the answer's format, and is accounted
         if body.held is not None:
-            self.pending = (method, target, headers, route)
+            self.pending = (method, target, headers)
             return
         self._start(method, target, headers, body_producer=body.produce if body.present else None)
 
-    def _route(self) -> tuple[Route | None, dict[str, str]]:
+    def _match(self) -> tuple[Route | None, dict[str, str]]:
         """The route table's entry for the target (None outside it), or a `Rejection` for a bad target."""
         request = self.request
         check_target(request.uri or "/")
@@ -267,8 +273,9 @@ class ProxyHandler(BaseHandler):
             self.early()
             return
         if self.pending is not None:
-            method, target, headers, route = self.pending
+            method, target, headers = self.pending
             content = body.whole()
+            route = self.route
             if route is not None and route.body_defaults:
                 try:
                     content = _merge_body(content, route)
@@ -277,64 +284,88 @@ class ProxyHandler(BaseHandler):
                     return
             headers["Content-Length"] = str(len(content))
             self._start(method, target, headers, body=content)
-        assert self.exchange is not None
-        await self.exchange
+        await self._exchange()
 
     head = post = put = patch = delete = options = get
 
     # -- upstream exchange --------------------------------------------------
 
     def _start(self, method: str, target: str, headers: httputil.HTTPHeaders, **body: Any) -> None:
-        assert self.watchdog is not None
+        assert self.watch is not None and self.body is not None
         self.record.method_out = method
         if method != self.request.method:
             self.proxy.metrics.corrections.labels(self.record.route, self.request.method, method).inc()
         connection: HTTP1Connection = self.request.connection  # type: ignore[assignment]
-        flow = ClientFlow(connection, self.watchdog, self.on_connection_close)
+        route = self.route
         self.relay = relay = AnswerRelay(
             self,
-            flow,
+            ClientFlow(connection, self.watch, self.on_connection_close),
             self.record,
             started=self.started,
             upstream_head=method == "HEAD",
             added_headers=self.added_headers,
+            answer_format=self._answer_format,
+            heartbeat=self.proxy.settings.heartbeat_seconds if route is not None and route.answer else None,
         )
         self.upstream_request = request = self.proxy.upstream.request(
             method, target, headers, head_callback=self._on_head, streaming_callback=relay.on_piece, **body
         )
-        self.fetching = self.proxy.upstream.fetch(request)
-        self.exchange = asyncio.ensure_future(self._exchange(self.fetching))
+        self.fetching = fetching = self.proxy.upstream.fetch(request)
+        fetching.add_done_callback(self._on_fetched)
+
+    def _answer_format(self) -> str:
+        """The answer's format (asked only on routes whose `answer` is set)."""
+        assert self.route is not None and self.body is not None
+        found = answer_format(self.route.answer, self.body.info().stream)
+        assert found is not None
+        return found
 
     def _on_head(self, head: Head) -> None:
         assert self.relay is not None
         self.relay.on_head(head)
         self.proxy.metrics.streams.inc()
 
-    async def _exchange(self, fetching: asyncio.Future[Any]) -> None:
-        """Wait for the answer's end, then end the request accordingly."""
-        try:
-            await fetching
-        except Exception as error:
-            kind, self.failure = self.proxy.upstream.failure(error)
-            self.proxy.metrics.upstream_errors.labels(kind).inc()
-            self.record.outcome = "timeout" if kind.endswith("timeout") else "upstream_error"
-        else:
+    def _on_fetched(self, fetching: asyncio.Future[Any]) -> None:
+        """The exchange ended: what is still to come of the body is dropped, and
+        what the end means is recorded (once, whoever learns of it first)."""
+        assert self.body is not None
+        if self.fetched:
+            return
+        self.fetched = True
+        self.body.stop()
+        error = fetching.exception()
+        if error is None:
             # Every piece has been handed to the kernel: a client leaving now loses nothing.
             self.record.outcome = self.record.outcome or "ok"
-        body = self.body
-        assert body is not None
-        body.stop()  # the rest of the body, if any, is dropped
-        # An answer that ended before the client's body was in waits for it:
-        # the client would otherwise miss it when the connection closes under
-        # unread bytes. The watchdog still ends a client that stops sending.
-        await body.received
+            return
+        kind, self.failure = self.proxy.upstream.failure(error)
+        self.proxy.metrics.upstream_errors.labels(kind).inc()
+        self.record.outcome = "timeout" if kind.endswith("timeout") else "upstream_error"
+
+    async def _exchange(self) -> None:
+        """Wait for the answer's end (the client's whole body is in), then end the request accordingly."""
+        assert self.fetching is not None and self.relay is not None
+        with suppress(Exception):  # _on_fetched reads it
+            await self.fetching
+        # An end that came before this wait began may not have been seen yet.
+        self._on_fetched(self.fetching)
         if self.answered:
             return
         if self.failure is not None:
             self._end_early(self.failure)
             return
         self.answered = True
+        if self.relay.error_body is not None:
+            self.relay.tell_in_band()  # after a heartbeat's head, Ollama's error goes in-band
         self.finish()
+
+    def _progress(self) -> int:
+        """What has moved so far, in either direction (the idle watch compares it)."""
+        assert self.body is not None
+        moved = self.record.bytes_in + self.body.written
+        if self.relay is not None:
+            moved += self.relay.pieces + self.relay.flow.sent
+        return moved
 
     # -- endings --------------------------------------------------------------
 
@@ -373,19 +404,25 @@ class ProxyHandler(BaseHandler):
         self.finish()
 
     def _end_early(self, rejection: Rejection) -> None:
-        """Stop the exchange; answer the rejection if nothing has been relayed yet, else cut."""
+        """Stop the exchange; answer the rejection if nothing has gone out yet, tell it
+        in-band after a heartbeat's head, else cut."""
         self._abort_upstream(ClientGone())
         relay = self.relay
-        if relay is not None and relay.head is not None:
+        if relay is not None and relay.own_format is not None and (relay.head is None or relay.error_body is not None):
+            self.answered = True
+            relay.tell_in_band(rejection.message)
+            self.finish()
+        elif relay is not None and (relay.head_sent or relay.head is not None):
             self._cut()
         elif self.body is not None and self.body.received.done():
             self._answer(rejection)
         else:
             self.answer_closing(rejection)
 
-    def _on_silence(self, who: str) -> None:
+    def _on_silence(self) -> None:
         """Nothing moved for idle_timeout: the client stopped sending its body, or the upstream went quiet."""
-        if who == UPSTREAM:
+        assert self.body is not None
+        if not self.body.client_turn:
             self._abort_upstream(IdleTimeout())
         elif self.early is not None:
             self._answer_early_now()
@@ -421,9 +458,11 @@ class ProxyHandler(BaseHandler):
 
     def on_connection_close(self) -> None:
         self.answered = True
+        if self.relay is not None:
+            self.relay.stop()  # no heartbeat goes to nobody
         # The rest on the next loop turn: an upstream end that arrived together
-        # with the client's leaving is taken in first (by `_exchange`), so that an
-        # answer the client had whole is not recorded as left half-way.
+        # with the client's leaving is taken in first (by `_on_fetched`), so that
+        # an answer the client had whole is not recorded as left half-way.
         asyncio.get_running_loop().call_soon(self._client_left)
 
     def _client_left(self) -> None:
@@ -437,12 +476,14 @@ class ProxyHandler(BaseHandler):
     def end(self) -> None:
         if not self._ended:
             self.proxy.metrics.in_flight.dec()
-            if self.relay is not None and self.relay.head is not None:
-                self.proxy.metrics.streams.dec()
+            if self.relay is not None:
+                self.relay.stop()
+                if self.relay.head is not None:
+                    self.proxy.metrics.streams.dec()
             if self.admission is not None:
                 self.admission.release()
-            if self.watchdog is not None:
-                self.watchdog.stop()
+            if self.watch is not None:
+                self.watch.stop()
         super().end()
         # Its callbacks are this handler's methods: without this cycle the
         # handler is freed at once instead of at the next full collection.

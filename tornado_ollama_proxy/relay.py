@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING
 
 from tornado.iostream import IOStream
 
-from .ending import AccessRecord, Watchdog
+from .ending import AccessRecord, Silence
 from .framing import Head
 from .headers import end_to_end
+from .heartbeat import BEATS, CONTENT_TYPES, ERROR_BODY_LIMIT, HEARTBEAT_HEADER, error_message, in_band_error, may_beat
 from .logs import REQUEST_ID_HEADER
 from .tornado_private import format_chunk
 
@@ -32,29 +33,31 @@ class ClientFlow:
     a client that keeps up costs no future and no event-loop turn. What the
     kernel does not take is queued on Tornado's stream; `send` then returns
     the future the upstream reader waits for before reading more, and the
-    watchdog's clock stops meanwhile (a slow reader is not a silent upstream).
+    idle watch's clock stops meanwhile (a slow reader is not a silent
+    upstream). `sent` counts queued pieces the client took.
     """
 
-    def __init__(self, connection: HTTP1Connection, watchdog: Watchdog, on_lost: Callable[[], None]):
+    def __init__(self, connection: HTTP1Connection, watch: Silence, on_lost: Callable[[], None]):
         self.connection = connection
         self.stream: IOStream = connection.stream
-        self.watchdog = watchdog
+        self.watch = watch
         self.on_lost = on_lost
         self.pending: asyncio.Future[None] | None = None
+        self.sent = 0
 
     def send(self, piece: bytes) -> asyncio.Future[None] | None:
         """Send a piece of the body, framed by Tornado's connection (chunked or sized)."""
         queued = send_now_or_queue(self.stream, format_chunk(self.connection, piece))
         if queued is not None:
             self.pending = queued
-            self.watchdog.paused = True
+            self.watch.paused = True
             queued.add_done_callback(self._on_sent)
         return queued
 
     def _on_sent(self, sent: asyncio.Future[None]) -> None:
         self.pending = None  # the upstream read waits for it: no later piece is queued behind
-        self.watchdog.paused = False
-        self.watchdog.touch()
+        self.watch.paused = False
+        self.sent += 1
         if sent.exception() is not None:
             self.on_lost()  # the client left before taking it all
 
@@ -65,6 +68,12 @@ class AnswerRelay:
     The head goes out with the first piece when that came in the same read
     (one write instead of two), else on the next loop turn, before a body
     that may be slow to come. The answer to a client's HEAD has no body.
+
+    With heartbeats (`heartbeat` seconds), silence from the upstream is filled
+    with bytes the answer's format allows (see `heartbeat`); when the first
+    one had to send the head, the upstream's own head is not relayed, and an
+    error answer is collected to be told in-band at the end (`in_band_error`).
+    `pieces` counts what the upstream sent (its head, each piece).
     """
 
     def __init__(
@@ -76,20 +85,45 @@ class AnswerRelay:
         started: float,
         upstream_head: bool,
         added_headers: Mapping[str, str],
+        answer_format: Callable[[], str],
+        heartbeat: float | None,
     ):
         self.handler = handler
         self.flow = flow
         self.record = record
-        self.watchdog = flow.watchdog
         self.started = started
         self.client_head = handler.request.method == "HEAD"  # no body bytes go out
         self.upstream_head = upstream_head  # no body bytes come
         self.added_headers = added_headers
+        self.answer_format = answer_format
         self.head: Head | None = None  # once the final answer's head has arrived
         self.head_sent = False
+        self.pieces = 0
+        self.own_format: str | None = None  # the format a heartbeat's own head announced
+        self.body_started = False
+        self.tail = b""  # the last two bytes relayed: where a heartbeat may go
+        self.error_body: list[bytes] | None = None  # an error answer after the proxy's own head
+        self.error_size = 0
+        self.heartbeat = (
+            Silence(heartbeat, lambda: self.pieces, self.beat) if heartbeat and not self.client_head else None
+        )
+
+    def stop(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
 
     def on_head(self, head: Head) -> None:
-        """Take on the upstream's status and headers."""
+        """Take on the upstream's status and headers (unless a heartbeat sent a head already)."""
+        self.head = head
+        self.pieces += 1
+        record = self.record
+        record.upstream_status = head.code
+        record.ttfb_ms = round((time.monotonic() - self.started) * 1000, 3)
+        if self.own_format is not None:
+            self.head_sent = True  # its status and headers cannot go out any more
+            if not 200 <= head.code < 300:
+                self.error_body = []  # told in-band at the end
+            return
         handler = self.handler
         # Tornado sends its own phrase for an empty one (which it would not send).
         handler.set_status(head.code, head.reason or None)
@@ -106,15 +140,14 @@ class AnswerRelay:
             # As the upstream sized it (a GET turned HEAD gets no body: no length);
             # otherwise Tornado chunks it, or closes for an HTTP/1.0 client.
             handler.set_header("Content-Length", str(head.length))
+        self._add_headers()
+        asyncio.get_running_loop().call_soon(self.send_head)
+
+    def _add_headers(self) -> None:
+        handler = self.handler
         for name, value in self.added_headers.items():
             handler.add_header(name, value)
         handler.set_header(REQUEST_ID_HEADER, handler.request_id)
-        self.head = head
-        record = self.record
-        record.upstream_status = head.code
-        record.ttfb_ms = round((time.monotonic() - self.started) * 1000, 3)
-        self.watchdog.touch()
-        asyncio.get_running_loop().call_soon(self.send_head)
 
     def send_head(self) -> None:
         if not self.head_sent and not self.handler.answered:
@@ -123,18 +156,60 @@ class AnswerRelay:
 
     def on_piece(self, data: bytes) -> asyncio.Future[None] | None:
         """Relay a piece of the answer; a pending result makes the upstream wait (backpressure)."""
-        self.watchdog.touch()
+        self.pieces += 1
         if self.client_head or self.handler.answered:
+            return None
+        if self.error_body is not None:
+            if self.error_size < ERROR_BODY_LIMIT:
+                self.error_body.append(data)
+                self.error_size += len(data)
             return None
         record = self.record
         record.chunks += 1
         record.bytes_out += len(data)
+        self.body_started = True
+        if self.heartbeat is not None:
+            self.tail = data[-2:] if len(data) >= 2 else (self.tail + data)[-2:]
         if not self.head_sent:
             self.head_sent = True
             self.handler.write(data)
             self.handler.flush()
             return None
         return self.flow.send(data)
+
+    # -- heartbeats ------------------------------------------------------------------
+
+    def beat(self) -> None:
+        """Send a heartbeat if the answer's format has room for one here."""
+        if self.flow.pending is not None:
+            return  # the client is slow to read: bytes are on their way already
+        if self.head is None and self.own_format is None:
+            self._send_own_head(self.answer_format())
+        answer_format = self.own_format or self.answer_format()
+        if may_beat(answer_format, self.body_started, self.tail):
+            self.flow.send(BEATS[answer_format])
+            self.record.heartbeats += 1
+
+    def _send_own_head(self, answer_format: str) -> None:
+        handler = self.handler
+        handler.set_status(200)
+        handler.set_header("Content-Type", CONTENT_TYPES[answer_format])
+        handler.set_header("Cache-Control", "no-cache")
+        handler.set_header("X-Accel-Buffering", "no")  # for an nginx in front: pass every byte on
+        handler.set_header(HEARTBEAT_HEADER, "1")
+        self._add_headers()
+        self.own_format = answer_format
+        self.head_sent = True
+        handler.flush()
+
+    def tell_in_band(self, message: str | None = None) -> None:
+        """After the proxy's own head, an error in the client's format: `message`
+        (the proxy's), or else the upstream's error answer."""
+        if message is None:
+            assert self.error_body is not None and self.head is not None
+            message = error_message(b"".join(self.error_body), self.head.code)
+        assert self.own_format is not None
+        self.flow.send(in_band_error(self.own_format, message))
 
 
 def send_now_or_queue(stream: IOStream, data: bytes) -> asyncio.Future[None] | None:

@@ -38,6 +38,7 @@ class Settings:
     idle_timeout: float = 600.0
     header_timeout: float = 60.0
     keepalive_timeout: float = 75.0
+    heartbeat_seconds: float | None = 30.0
     max_body_size: int | None = None
     unmapped_paths: str = "forward"
     routes: tuple[Route, ...] = ()
@@ -135,6 +136,15 @@ def _seconds(allow_zero: bool) -> Callable[[Any], float]:
         return float(value)
 
     return check
+
+
+def _seconds_or_off(value: Any) -> float | None:
+    if value is None or (value == 0 and not isinstance(value, bool)):
+        return None
+    try:
+        return _seconds(False)(value)
+    except ValueError:
+        raise ValueError("a number of seconds > 0, or null or 0 for none") from None
 
 
 def _size_or_null(value: Any) -> int | None:
@@ -304,6 +314,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], bool]] = {
     "idle_timeout": (_seconds(False), True),
     "header_timeout": (_seconds(False), True),
     "keepalive_timeout": (_seconds(False), True),
+    "heartbeat_seconds": (_seconds_or_off, True),
     "max_body_size": (_size_or_null, True),
     "unmapped_paths": (_choice("forward", "reject"), False),
     "routes": (_routes, True),

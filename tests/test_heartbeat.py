@@ -1,0 +1,343 @@
+"""Heartbeats: a front that gives up on a silent origin (Cloudflare's 100 s, here
+nginx's proxy_read_timeout) does not end calls while Ollama is only slow."""
+
+import asyncio
+import json
+
+import ollama
+import openai
+import pytest
+
+from tornado_ollama_proxy.heartbeat import error_message, in_band_error, may_beat
+
+from .helpers import ScriptedUpstream, open_raw, read_body, read_response, split_response, until
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+FRONT_TIMEOUT = 1  # seconds the front waits for a byte
+SILENCE = 2.5  # seconds Ollama says nothing
+BEAT = 0.25  # seconds between heartbeats
+
+
+@pytest.fixture
+def platform(make_proxy, nginx, fake):
+    """A proxy behind nginx that turns every request into GET and gives up after
+    FRONT_TIMEOUT seconds without a byte, before a stand-in silent SILENCE seconds."""
+    fake.silence = SILENCE
+
+    def start(heartbeat_seconds=BEAT, **settings):
+        return nginx(
+            make_proxy(heartbeat_seconds=heartbeat_seconds, **settings), as_get=True, read_timeout=FRONT_TIMEOUT
+        )
+
+    return start
+
+
+def records(log_lines):
+    return [line for line in log_lines() if line["message"] == "request"]
+
+
+async def test_the_ollama_client_gets_slow_answers_whole_and_streamed(platform, log_lines):
+    client = ollama.AsyncClient(host=platform())
+
+    async def streamed():
+        return [part async for part in await client.chat(model="slow", messages=MESSAGES, stream=True)]
+
+    whole, parts, generated = await asyncio.gather(
+        client.chat(model="slow", messages=MESSAGES), streamed(), client.generate(model="slow", prompt="x")
+    )
+    assert whole.message.content == "tok0 tok1 tok2 " and whole.done
+    assert "".join(part.message.content for part in parts) == "tok0 tok1 tok2 " and parts[-1].done
+    assert generated.response == "tok0 tok1 tok2 "
+    for record in records(log_lines):
+        assert (record["status"], record["upstream_status"]) == (200, 200)
+        assert record["heartbeats"] >= SILENCE / BEAT - 3
+    await client.close()
+
+
+async def test_the_openai_sdk_gets_slow_answers_whole_and_streamed(platform):
+    client = openai.AsyncOpenAI(base_url=platform() + "/v1", api_key="unused", max_retries=0)
+
+    async def streamed():
+        stream = await client.chat.completions.create(model="slow", messages=MESSAGES, stream=True)
+        return "".join([chunk.choices[0].delta.content or "" async for chunk in stream])
+
+    whole, text = await asyncio.gather(client.chat.completions.create(model="slow", messages=MESSAGES), streamed())
+    assert whole.choices[0].message.content == "hi"
+    assert text == "Hello"
+    await client.close()
+
+
+async def test_without_heartbeats_the_front_gives_up(platform):
+    """The premise: the front does end such calls."""
+    front = platform(heartbeat_seconds=None)
+    client = ollama.AsyncClient(host=front)
+    with pytest.raises(ollama.ResponseError) as refused:
+        await client.chat(model="slow", messages=MESSAGES)
+    assert refused.value.status_code == 504  # nginx's "Gateway Time-out"
+    await client.close()
+    sdk = openai.AsyncOpenAI(base_url=front + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.APIStatusError):
+        await sdk.chat.completions.create(model="slow", messages=MESSAGES)
+    await sdk.close()
+
+
+async def test_a_silence_in_the_middle_of_a_stream_is_bridged(platform):
+    client = ollama.AsyncClient(host=platform())
+    parts = [part async for part in await client.chat(model="gap", messages=MESSAGES, stream=True)]
+    assert [part.message.content for part in parts] == ["tok0 ", "tok1 ", "tok2 ", ""]
+    await client.close()
+
+
+async def test_an_error_after_the_heads_went_out_reaches_each_client_in_band(platform, log_lines):
+    front = platform()
+    client = ollama.AsyncClient(host=front)
+    with pytest.raises(ollama.ResponseError) as streamed:
+        async for _ in await client.chat(model="late404", messages=MESSAGES, stream=True):
+            pass
+    assert streamed.value.error == "model 'late404' not found"
+    await client.close()
+    sdk = openai.AsyncOpenAI(base_url=front + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.APIError) as raised:
+        stream = await sdk.chat.completions.create(model="late404", messages=MESSAGES, stream=True)
+        async for _ in stream:
+            pass
+    assert 'model "late404" not found' in str(raised.value)
+    await sdk.close()
+    [first, second] = records(log_lines)
+    assert (first["status"], first["upstream_status"], second["upstream_status"]) == (200, 404, 404)
+
+
+async def test_a_whole_answer_gets_the_error_in_a_200_as_documented(make_proxy, fake):
+    fake.silence = 1.2
+    proxy = make_proxy(heartbeat_seconds=0.3)
+    reader, writer = await open_raw(proxy)
+    body = json.dumps({"model": "late404", "messages": MESSAGES, "stream": False}).encode()
+    writer.write(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    status, headers, answer = await read_response(reader)
+    assert (status, headers["content-type"], headers["x-ollama-proxy-heartbeat"]) == (200, ["application/json"], ["1"])
+    assert answer.lstrip(b" ") == b'{"error": "model \'late404\' not found"}\n' and answer.startswith(b" ")
+    assert json.loads(answer) == {"error": "model 'late404' not found"}
+    writer.close()
+
+
+# -- the bytes themselves -------------------------------------------------------------------
+
+
+async def test_the_first_heartbeat_sends_the_head_then_spaces_then_the_answer(make_proxy, fake, log_lines):
+    fake.silence = 1.2
+    proxy = make_proxy(heartbeat_seconds=0.3)
+    reader, writer = await open_raw(proxy)
+    body = json.dumps({"model": "slow", "messages": MESSAGES}).encode()
+    writer.write(
+        b"GET /api/chat HTTP/1.1\r\nHost: x\r\nX-Request-ID: beat-1\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    )
+    status, headers, answer = await read_response(reader)
+    assert status == 200
+    assert headers["content-type"] == ["application/x-ndjson"]
+    assert (headers["cache-control"], headers["x-accel-buffering"]) == (["no-cache"], ["no"])
+    assert (headers["x-request-id"], headers["transfer-encoding"]) == (["beat-1"], ["chunked"])
+    spaces = len(answer) - len(answer.lstrip(b" "))
+    assert spaces >= 2
+    assert [json.loads(line)["done"] for line in answer.splitlines()] == [False, False, False, True]
+    [record] = records(log_lines)
+    assert (record["heartbeats"], record["status"], record["upstream_status"]) == (spaces, 200, 200)
+    writer.close()
+
+
+async def test_event_streams_get_comment_lines(make_proxy, fake):
+    fake.silence = 1.2
+    proxy = make_proxy(heartbeat_seconds=0.3)
+    reader, writer = await open_raw(proxy)
+    body = json.dumps({"model": "slow", "messages": MESSAGES, "stream": True}).encode()
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    status, headers, answer = await read_response(reader)
+    assert (status, headers["content-type"]) == (200, ["text/event-stream"])
+    assert answer.startswith(b": heartbeat\n\n: heartbeat\n\n")
+    assert answer.endswith(b"data: [DONE]\n\n")
+    writer.close()
+
+
+async def test_after_the_upstreams_head_heartbeats_only_fall_between_lines(make_proxy):
+    pause = asyncio.Event()
+
+    async def script(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for piece in (b'{"a": 1}\n', b'{"b": ', b"2}\n"):
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await asyncio.sleep(1.0)  # a silence worth three heartbeats after each
+        writer.write(b"0\r\n\r\n")
+        await pause.wait()
+
+    upstream = ScriptedUpstream(script)
+    proxy = make_proxy(upstream=await upstream.start(), heartbeat_seconds=0.3)
+    reader, writer = await open_raw(proxy)
+    writer.write(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+    status, headers, answer = await read_response(reader)
+    assert "x-ollama-proxy-heartbeat" not in headers  # Ollama's own head went out
+    first, rest = answer.split(b"\n", 1)
+    assert first == b'{"a": 1}'
+    assert rest.startswith(b"  ") and rest.lstrip(b" ").startswith(b'{"b": 2}\n')  # none inside the line
+    assert [json.loads(line) for line in answer.split(b"\n") if line.strip()] == [{"a": 1}, {"b": 2}]
+    pause.set()
+    writer.close()
+    await upstream.stop()
+
+
+async def test_answers_that_are_not_json_never_get_heartbeats(make_proxy):
+    async def script(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(1.0)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 17\r\n\r\nOllama is running")
+        await reader.read()
+
+    upstream = ScriptedUpstream(script)
+    proxy = make_proxy(upstream=await upstream.start(), heartbeat_seconds=0.2)
+    reader, writer = await open_raw(proxy)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert await read_response(reader) == (200, {"x-request-id": [ANY], "content-length": ["17"]}, b"Ollama is running")
+    writer.close()
+    await upstream.stop()
+
+
+async def test_heartbeats_stop_when_the_client_leaves(make_proxy, fake, log_lines):
+    proxy = make_proxy(heartbeat_seconds=0.2)
+    reader, writer = await open_raw(proxy)
+    body = json.dumps({"model": "silent", "messages": MESSAGES}).encode()
+    writer.write(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    await reader.readuntil(b"\r\n\r\n1\r\n \r\n1\r\n \r\n")  # the head and two heartbeats
+    writer.close()
+    assert await asyncio.wait_for(fake.disconnected.get(), 2) == "/api/chat"  # the upstream is let go
+    await until(lambda: records(log_lines))
+    [record] = records(log_lines)
+    beats = record["heartbeats"]
+    await asyncio.sleep(0.6)  # three periods more: nothing is sent to nobody
+    assert record["outcome"] == "client_gone" and beats >= 2
+
+
+async def test_a_failing_upstream_after_the_head_is_told_in_band(make_proxy, fake):
+    proxy = make_proxy(heartbeat_seconds=0.2, idle_timeout=1.0)
+    reader, writer = await open_raw(proxy)
+    body = json.dumps({"model": "silent", "messages": MESSAGES}).encode()
+    writer.write(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    status, _, answer = await read_response(reader)  # heartbeats do not count as the upstream's activity
+    assert status == 200
+    assert json.loads(answer) == {"error": json.loads(answer)["error"]}
+    assert json.loads(answer)["error"].endswith("sent nothing for 1 s")
+    writer.close()
+
+
+async def test_a_body_too_large_to_read_gets_the_routes_defaults(make_proxy, fake):
+    fake.silence = 1.2
+    proxy = make_proxy(heartbeat_seconds=0.3)
+    reader, writer = await open_raw(proxy)
+    body = json.dumps({"model": "slow", "messages": MESSAGES, "stream": False, "pad": "x" * 1_100_000}).encode()
+    writer.write(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    status, headers, answer = await read_response(reader)
+    # Ollama's default for /api/chat is a stream, so the proxy's head said so; spaces still fit.
+    assert (status, headers["content-type"]) == (200, ["application/x-ndjson"])
+    assert json.loads(answer)["message"]["content"] == "tok0 tok1 tok2 "
+    writer.close()
+
+
+async def test_a_long_error_answer_is_told_by_its_beginning(make_proxy):
+    text = b"out of memory: " + b"x" * 1_000_000
+
+    async def script(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(2)
+        await asyncio.sleep(0.8)
+        writer.write(b"HTTP/1.1 500 Internal Server Error\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for start in range(0, len(text), 5000):  # in pieces: only the first 64 KiB are kept
+            piece = text[start : start + 5000]
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    upstream = ScriptedUpstream(script)
+    proxy = make_proxy(upstream=await upstream.start(), heartbeat_seconds=0.2)
+    reader, writer = await open_raw(proxy)
+    writer.write(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+    status, _, answer = await read_response(reader)
+    assert status == 200
+    assert json.loads(answer) == {"error": text[:1000].decode()}
+    writer.close()
+    await upstream.stop()
+
+
+async def test_a_heartbeat_before_the_body_is_whole_goes_by_the_routes_defaults(make_proxy):
+    proxy = make_proxy(heartbeat_seconds=0.2)
+    reader, writer = await open_raw(proxy)
+    first, rest = b'{"model": "llama3.2"', b', "messages": [], "stream": false}'
+    writer.write(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    writer.write(b"%x\r\n%s\r\n" % (len(first), first))
+    status, headers, _ = split_response(await reader.readuntil(b"\r\n\r\n"))  # before the body is whole
+    assert (status, headers["content-type"]) == (200, ["application/x-ndjson"])  # /api/chat streams by default
+    writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest))
+    answer = await read_body(reader, headers)
+    assert json.loads(answer)["done_reason"] == "load"  # the whole answer it asked for, after spaces
+    writer.close()
+
+
+async def test_no_heartbeat_queues_behind_a_client_slow_to_read(make_proxy, log_lines):
+    line = json.dumps({"response": "x" * 1000, "done": False}).encode() + b"\n"
+    lines = 16 * 1024  # 16 MiB: more than the sockets between hold
+
+    async def script(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(lines):
+            writer.write(b"%x\r\n%s\r\n" % (len(line), line))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await reader.read()
+
+    upstream = ScriptedUpstream(script)
+    proxy = make_proxy(upstream=await upstream.start(), heartbeat_seconds=0.2)
+    reader, writer = await open_raw(proxy)
+    writer.write(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+    await asyncio.sleep(1.0)  # not reading: the upstream waits for this client, silent meanwhile
+    status, _, answer = await read_response(reader)
+    assert answer == line * lines  # not one space: the pending bytes kept the front busy already
+    writer.close()
+    await upstream.stop()
+    await until(lambda: records(log_lines))
+    assert records(log_lines)[0]["heartbeats"] == 0
+
+
+class _Any:
+    def __eq__(self, other):
+        return True
+
+
+ANY = _Any()
+
+
+# -- the rules, on their own -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "answer_format, body_started, tail, allowed",
+    [
+        ("json", False, b"", True),
+        ("json", True, b"1}", False),
+        ("ndjson", False, b"", True),
+        ("ndjson", True, b"}\n", True),
+        ("ndjson", True, b'":', False),
+        ("sse", True, b"\n\n", True),
+        ("sse", True, b"}\n", False),
+    ],
+)
+def test_where_a_heartbeat_may_go(answer_format, body_started, tail, allowed):
+    assert may_beat(answer_format, body_started, tail) is allowed
+
+
+def test_errors_in_band_and_their_messages():
+    assert in_band_error("ndjson", "no") == b'{"error": "no"}\n'
+    assert in_band_error("sse", "no") == b'data: {"error": {"message": "no"}}\n\n'
+    assert error_message(b'{"error": "model \'x\' not found"}', 404) == "model 'x' not found"
+    assert error_message(b'{"error": {"message": "bad", "type": "x"}}', 400) == "bad"
+    assert error_message(b"404 page not found", 404) == "404 page not found"
+    assert error_message(b"", 500) == "the upstream answered 500"
+    assert error_message(b'{"detail": 1}', 500) == '{"detail": 1}'

@@ -1,0 +1,100 @@
+"""What a request asks for and what its answer reports, read cheaply on the way.
+
+The request body, when it is a JSON object of at most 1 MiB, says which
+model and whether to stream; that decides the answer's format (and so what
+a heartbeat may look like). An answer that reports token counts is read at
+its end, from at most its last 64 KiB: nothing is parsed per piece.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+REQUEST_COPY_LIMIT = 1024 * 1024  # a body larger than this is not read
+ANSWER_TAIL = 64 * 1024  # the counters are read from at most this much of an answer's end
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """The model a request names and its "stream" flag, when its body says so."""
+
+    model: str | None = None
+    stream: bool | None = None
+
+
+UNKNOWN = RequestInfo()
+
+
+def read_request(body: bytes | None) -> RequestInfo:
+    """`model` and `stream` of a JSON-object body; UNKNOWN for anything else."""
+    if not body or len(body) > REQUEST_COPY_LIMIT:
+        return UNKNOWN
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return UNKNOWN
+    if not isinstance(data, dict):
+        return UNKNOWN
+    model = data.get("model", data.get("name"))
+    stream = data.get("stream")
+    return RequestInfo(model if isinstance(model, str) else None, stream if isinstance(stream, bool) else None)
+
+
+def answer_format(answer: str | None, stream: bool | None) -> str | None:
+    """How the upstream will answer: "ndjson", "sse", "json", or None (anything else).
+
+    A route's `answer` names its convention: Ollama's /api calls stream NDJSON
+    unless asked not to, its /v1 calls stream events only when asked to.
+    """
+    if answer == "ndjson":
+        return "json" if stream is False else "ndjson"
+    if answer == "sse":
+        return "sse" if stream is True else "json"
+    return answer
+
+
+_NUMBER = r"\s*:\s*(\d+(?:\.\d+)?)"
+_COUNTERS = {
+    name: re.compile(rf'"{name}"{_NUMBER}'.encode())
+    for name in (
+        "prompt_eval_count",
+        "eval_count",
+        "eval_duration",
+        "load_duration",
+        "prompt_tokens",
+        "completion_tokens",
+    )
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """What an answer reported about its generation (None where it said nothing)."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    tokens_per_s: float | None = None
+    load_ms: float | None = None
+
+
+def read_counters(tail: bytes) -> Counters:
+    """The counters in an answer's last bytes: Ollama's (the final NDJSON line or the
+    whole JSON: prompt_eval_count, eval_count, eval_duration, load_duration) or the
+    /v1 calls' `usage` (prompt_tokens, completion_tokens). The last mention wins."""
+    found: dict[str, float] = {}
+    for name, pattern in _COUNTERS.items():
+        matches = pattern.findall(tail)
+        if matches:
+            found[name] = float(matches[-1])
+    prompt = found.get("prompt_eval_count", found.get("prompt_tokens"))
+    completion = found.get("eval_count", found.get("completion_tokens"))
+    duration = found.get("eval_duration")
+    load = found.get("load_duration")
+    return Counters(
+        prompt_tokens=None if prompt is None else int(prompt),
+        completion_tokens=None if completion is None else int(completion),
+        tokens_per_s=round(completion / duration * 1e9, 2) if completion and duration else None,
+        load_ms=None if load is None else round(load / 1e6, 3),
+    )
