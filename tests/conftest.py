@@ -51,15 +51,15 @@ class Servers:
     def __init__(self):
         self.running = []
 
-    def start(self, app) -> str:
+    def start(self, app, host: str = "127.0.0.1") -> str:
         """Serve `app`: a proxy as the proxy serves itself (its timeouts, its accept
         loop), anything else (the stand-in, a front) on Tornado's own server."""
-        [sock] = bind_sockets(0, "127.0.0.1", family=socket.AF_INET)
+        [sock] = bind_sockets(0, host, family=socket.AF_INET)
         proxy = app.settings.get("proxy")
         server = ProxyServer(app).http if proxy is not None else HTTPServer(app)
         server.add_sockets([sock])
         self.running.append((server, app))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+        return f"http://{host}:{sock.getsockname()[1]}"
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,8 @@ import time
 from typing import ClassVar
 from urllib.parse import urlsplit
 
+from prometheus_client.parser import text_string_to_metric_families
+
 
 def address(url: str) -> tuple[str, int]:
     parts = urlsplit(url)
@@ -213,3 +215,22 @@ async def read_log(process, message):
         record = json.loads(line)
         if record["message"] == message:
             return record
+
+
+def parse_metrics(text: str) -> dict:
+    """{(sample name, frozenset(labels)): value}"""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def scrape(http, proxy) -> dict:
+    response = await http.get(proxy + "/_proxy/metrics")
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    return parse_metrics(response.text)
+
+
+def value(samples, name, **labels):
+    return samples.get((name, frozenset(labels.items())), 0.0)

@@ -266,7 +266,7 @@ async def test_a_long_error_answer_is_told_by_its_beginning(make_proxy):
     await upstream.stop()
 
 
-async def test_a_heartbeat_before_the_body_is_whole_goes_by_the_routes_defaults(make_proxy):
+async def test_a_heartbeat_before_the_body_is_whole_goes_by_the_routes_defaults(make_proxy, log_lines):
     proxy = make_proxy(heartbeat_seconds=0.2)
     reader, writer = await open_raw(proxy)
     first, rest = b'{"model": "llama3.2"', b', "messages": [], "stream": false}'
@@ -278,6 +278,9 @@ async def test_a_heartbeat_before_the_body_is_whole_goes_by_the_routes_defaults(
     answer = await read_body(reader, headers)
     assert json.loads(answer)["done_reason"] == "load"  # the whole answer it asked for, after spaces
     writer.close()
+    await until(lambda: records(log_lines))
+    [record] = records(log_lines)
+    assert (record["model"], record["stream"]) == ("llama3.2", False)  # read again once whole
 
 
 async def test_no_heartbeat_queues_behind_a_client_slow_to_read(make_proxy, log_lines):

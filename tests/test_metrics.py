@@ -3,30 +3,9 @@
 import asyncio
 import json
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from .helpers import open_raw, unused_url
+from .helpers import open_raw, scrape, unused_url, value
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
-
-
-def parse(text: str) -> dict:
-    """{(sample name, frozenset(labels)): value}"""
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-async def scrape(http, proxy) -> dict:
-    response = await http.get(proxy + "/_proxy/metrics")
-    assert response.headers["content-type"].startswith("text/plain; version=")
-    return parse(response.text)
-
-
-def value(samples, name, **labels):
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 async def test_counters_after_a_known_sequence(proxy_url, fake, http):

@@ -1,18 +1,30 @@
 """Reading what a request asks for and what its answer reports."""
 
+import asyncio
+import hashlib
 import json
 
+import ollama
+import openai
 import pytest
 
 from tornado_ollama_proxy.usage import (
+    ANSWER_TAIL,
+    OTHER,
     REQUEST_COPY_LIMIT,
     UNKNOWN,
+    AnswerTail,
     Counters,
+    ModelLabels,
     RequestInfo,
     answer_format,
     read_counters,
     read_request,
 )
+
+from .helpers import open_raw, read_chunked_to_end, read_log, read_response, scrape, value
+
+MESSAGES = [{"role": "user", "content": "why is the sky blue?"}]
 
 
 @pytest.mark.parametrize(
@@ -85,3 +97,164 @@ def test_an_embedding_reports_prompt_tokens_only():
 def test_an_answer_without_counters_reports_none():
     assert read_counters(b'{"embedding": [0.1, 0.2]}') == Counters()
     assert read_counters(b'{"eval_count": 0, "eval_duration": 0}') == Counters(completion_tokens=0)
+
+
+def test_the_tail_of_an_answer_is_kept_without_the_rest():
+    tail = AnswerTail()
+    pieces = [bytes([65 + i % 26]) * 1000 for i in range(1000)]  # a 1 MB answer in 1 kB pieces
+    for piece in pieces:
+        tail.add(piece)
+    assert tail.bytes() == b"".join(pieces)[-ANSWER_TAIL:]
+    assert tail.size < ANSWER_TAIL + 1000  # what is held: the tail and at most one piece more
+    small = AnswerTail()
+    small.add(b'{"eval_count": 3}')
+    assert small.bytes() == b'{"eval_count": 3}'
+
+
+def test_model_labels_are_bounded_and_only_for_answered_models():
+    labels = ModelLabels(2)
+    assert labels.label("a", answered=False) == OTHER  # Ollama did not know it: never a label
+    assert labels.label(None, answered=True) == OTHER
+    assert [labels.label(m, answered=True) for m in ("a", "b", "c", "a")] == ["a", "b", OTHER, "a"]
+    assert labels.label("b", answered=False) == "b"  # a known label counts its failures too
+
+
+# -- through a GET-converting front, with real clients -------------------------------------
+
+
+async def test_records_and_metrics_carry_what_ollama_reported(make_proxy, nginx, http, log_lines):
+    proxy = make_proxy()
+    front = nginx(proxy, as_get=True)
+    client = ollama.AsyncClient(host=front)
+    sdk = openai.AsyncOpenAI(base_url=front + "/v1", api_key="unused", max_retries=0)
+    before = await scrape(http, proxy)
+    streamed = [part async for part in await client.chat(model="llama3.2", messages=MESSAGES, stream=True)]
+    whole = await client.chat(model="llama3.2", messages=MESSAGES, options={"num_predict": 5})
+    embedded = await client.embed(model="llama3.2", input=["one two", "three"])
+    completion = await sdk.chat.completions.create(model="llama3.2", messages=MESSAGES)
+    events = await sdk.chat.completions.create(
+        model="llama3.2", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    )
+    usage = [chunk.usage async for chunk in events if chunk.usage is not None]
+    await client.close()
+    await sdk.close()
+    after = await scrape(http, proxy)
+
+    records = {(r["route"], r["stream"]): r for r in log_lines() if r["message"] == "request"}
+    last = streamed[-1]
+    expected = {
+        ("/api/chat", True): (last.prompt_eval_count, last.eval_count, last.eval_duration, True),
+        ("/api/chat", False): (whole.prompt_eval_count, whole.eval_count, whole.eval_duration, False),
+        ("/api/embed", None): (embedded.prompt_eval_count, None, None, False),
+        ("/v1/chat/completions", None): (
+            completion.usage.prompt_tokens,
+            completion.usage.completion_tokens,
+            None,
+            False,
+        ),
+        ("/v1/chat/completions", True): (usage[0].prompt_tokens, usage[0].completion_tokens, None, True),
+    }
+    for key, (prompt, completion_tokens, duration, streamed_generation) in expected.items():
+        record = records[key]
+        assert record["model"] == "llama3.2"
+        assert (record["prompt_tokens"], record["completion_tokens"]) == (prompt, completion_tokens), key
+        speed = round(completion_tokens / duration * 1e9, 2) if duration else None
+        assert record["tokens_per_s"] == speed
+        assert (record["ttft_ms"] is not None) is streamed_generation
+        assert record["ttft_ms"] is None or 0 < record["ttft_ms"] <= record["duration_ms"]
+    assert records[("/api/chat", True)]["load_ms"] == last.load_duration / 1e6 == 5.0
+
+    def moved(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    prompts = sum(prompt for prompt, *_ in expected.values())
+    completions = sum(c or 0 for _, c, *_ in expected.values())
+    assert moved("ollama_proxy_tokens_total", model="llama3.2", kind="prompt") == prompts
+    assert moved("ollama_proxy_tokens_total", model="llama3.2", kind="completion") == completions
+    for route, count in (("/api/chat", 2), ("/api/embed", 1), ("/v1/chat/completions", 2)):
+        assert moved("ollama_proxy_generations_total", model="llama3.2", route=route, outcome="ok") == count
+    assert moved("ollama_proxy_time_to_first_token_seconds_count", model="llama3.2") == 2
+    assert moved("ollama_proxy_tokens_per_second_count", model="llama3.2") == 2
+    assert moved("ollama_proxy_tokens_per_second_sum", model="llama3.2") == 50 + 50  # the stand-in's speed
+    assert moved("ollama_proxy_model_load_seconds_count", model="llama3.2") == 3  # /v1 does not report loads
+
+
+async def test_unknown_models_never_become_labels(make_proxy, http, fake):
+    proxy = make_proxy(metrics_max_models=3)
+    for i in range(60):
+        answer = await http.post(proxy + "/api/generate", json={"model": f"nope{i}", "prompt": "x", "stream": False})
+        assert answer.status_code == 404
+    fake.models.update(f"m{i}" for i in range(60))
+    for i in range(60):
+        answer = await http.post(proxy + "/api/generate", json={"model": f"m{i}", "prompt": "x", "stream": False})
+        assert answer.status_code == 200
+    samples = await scrape(http, proxy)
+    models = {dict(labels).get("model") for name, labels in samples if name.startswith("ollama_proxy_generations")}
+    assert models == {"m0", "m1", "m2", OTHER}
+    assert value(samples, "ollama_proxy_generations_total", model=OTHER, route="/api/generate", outcome="error") == 60
+    assert value(samples, "ollama_proxy_generations_total", model=OTHER, route="/api/generate", outcome="ok") == 57
+
+
+# -- reading usage holds no body ------------------------------------------------------------
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+class PeakRss:
+    """The highest resident memory a process reaches while the block runs."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.peak = 0
+
+    async def __aenter__(self):
+        self.task = asyncio.ensure_future(self._watch())
+        return self
+
+    async def _watch(self):
+        while True:
+            self.peak = max(self.peak, rss(self.pid))
+            await asyncio.sleep(0.05)
+
+    async def __aexit__(self, *exc_info):
+        self.peak = max(self.peak, rss(self.pid))
+        self.task.cancel()
+
+
+GROWTH_LIMIT = 40 * 1024 * 1024  # a few buffers and allocator slack, never a body
+
+
+async def test_a_1_gib_upload_and_a_200000_line_stream_leave_rss_flat(launch, upstream_url, fake, http):
+    process = launch({"PORT": "0", "OLLAMA_PROXY_HOST": "127.0.0.1", "OLLAMA_PROXY_UPSTREAM": upstream_url})
+    proxy = (await read_log(process, "listening"))["address"]
+    warm = await http.request("GET", proxy + "/api/chat", json={"model": "llama3.2", "messages": MESSAGES})
+    assert warm.status_code == 200
+    baseline = rss(process.pid)
+
+    block = bytes(range(256)) * 4096  # 1 MiB
+    size = 1024 * len(block)
+    digest = "sha256:" + hashlib.sha256(block * 1024).hexdigest()
+    reader, writer = await open_raw(proxy)
+    writer.write(b"POST /api/blobs/%s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (digest.encode(), size))
+    async with PeakRss(process.pid) as upload:
+        for _ in range(1024):
+            writer.write(block)
+            await writer.drain()
+        status, _, _ = await read_response(reader)
+    assert status == 201 and fake.blob_received == size
+    writer.close()
+
+    lines = 200_000  # of about 1 KiB each: the stand-in's `flood` takes num_predict in KiB
+    reader, writer = await open_raw(proxy)
+    body = json.dumps({"model": "flood", "messages": MESSAGES, "options": {"num_predict": lines}}).encode()
+    writer.write(b"GET /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    async with PeakRss(process.pid) as stream:
+        await reader.readuntil(b"\r\n\r\n")
+        received = await read_chunked_to_end(reader)
+    assert received > lines * 1000
+    writer.close()
+    assert upload.peak - baseline < GROWTH_LIMIT, (baseline, upload.peak)
+    assert stream.peak - baseline < GROWTH_LIMIT, (baseline, stream.peak)

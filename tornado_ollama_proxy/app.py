@@ -1,11 +1,21 @@
 """The application factory: settings and plugins in, a Tornado application out."""
 
+import json
 import re
+from importlib.resources import files
+from typing import Any
 
 import pluggy
 from tornado.web import Application
 
-from .handler import HealthHandler, MetricsHandler, ProxyHandler, ProxyNotFoundHandler
+from .handler import (
+    HealthHandler,
+    MetricsHandler,
+    ProxyHandler,
+    ProxyNotFoundHandler,
+    StatusHandler,
+    StatusPageHandler,
+)
 from .plugins import build_route_table, make_plugin_manager
 from .proxy import Proxy
 from .routes import RESERVED_PREFIX
@@ -20,11 +30,13 @@ def make_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> Appl
         pm.hook.rate_limiter(settings=settings),
         pm.hook.authenticate(settings=settings),
     )
-    endpoints = [
+    endpoints: list[Any] = [
         (re.escape(path), handler)
         for path, handler in ((settings.health_path, HealthHandler), (settings.metrics_path, MetricsHandler))
         if path is not None
     ]
+    if settings.status_path is not None:
+        endpoints += status_endpoints(settings.status_path)
     return Application(
         [
             *endpoints,
@@ -34,3 +46,15 @@ def make_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> Appl
         proxy=proxy,  # handlers find it in application.settings
         log_function=lambda handler: None,  # handlers write their own access records
     )
+
+
+def status_endpoints(page_path: str) -> list[Any]:
+    """The status page (at its path, with or without the final slash) and its figures (`status` under it)."""
+    base = page_path.rstrip("/")
+    data_path = base + "/status"
+    template = files(__package__).joinpath("status.html").read_text(encoding="utf-8")
+    page = template.replace("__STATUS_URL__", json.dumps(data_path)).encode()
+    return [
+        (re.escape(data_path), StatusHandler),
+        (re.escape(base) + "/?", StatusPageHandler, {"page": page}),
+    ]

@@ -12,7 +12,7 @@ from .plugins import PluginError, make_plugin_manager
 from .server import loop_factory, serve
 from .settings import DEFAULT_FILE, SettingsError, load_settings
 from .tornado_private import IncompatibleTornado, require
-from .workers import Supervisor, inherited_sockets, worker_count
+from .workers import Supervisor, inherited_sockets
 
 PROG = "tornado-ollama-proxy"
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     sockets = inherited_sockets()
-    if sockets is None and worker_count(settings) > 1:
+    if sockets is None and settings.worker_count > 1:
         return Supervisor(settings, sys.argv[1:] if argv is None else argv).run()
     with asyncio.Runner(loop_factory=new_loop) as runner:
         runner.run(serve(app, sockets))

@@ -64,6 +64,8 @@ class AccessRecord:
         self.method_out: str | None = None  # set when the request goes upstream
         self.path = path
         self.route = path  # the route table's entry, "unmapped" outside it
+        self.model: str | None = None  # what the body asks for, when it says
+        self.stream: bool | None = None
         self.upstream_status: int | None = None
         self.status = 0
         self.bytes_in = 0
@@ -72,14 +74,32 @@ class AccessRecord:
         self.duration_ms = 0.0
         self.chunks = 0
         self.heartbeats = 0
+        # What Ollama reported at the end of a generation or embedding:
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.tokens_per_s: float | None = None
+        self.load_ms: float | None = None
+        self.ttft_ms: float | None = None  # to the first body byte of a streamed generation
         self.outcome: str | None = None
 
     def fields(self) -> dict[str, Any]:
         return vars(self)
 
 
-def account(proxy: Proxy, record: AccessRecord, headers: dict[str, str] | None) -> None:
-    """Metrics and the access log line for a request that has ended."""
+def failed(record: AccessRecord) -> bool:
+    """Whether a request ended in an error: its status or the upstream's (told in-band
+    after a heartbeat), or an upstream that failed or fell silent."""
+    return (
+        record.status >= 400 or (record.upstream_status or 0) >= 400 or record.outcome in ("upstream_error", "timeout")
+    )
+
+
+def account(
+    proxy: Proxy, record: AccessRecord, headers: dict[str, str] | None, forwarded: bool, generation: bool
+) -> None:
+    """Metrics, the status board, and the access log line for a request that has ended.
+    Only `forwarded` requests (not the proxy's own endpoints) are on the board; a
+    `generation` (a route that reports tokens) counts under its model's label."""
     metrics = proxy.metrics
     metrics.requests.labels(record.route, record.method_out or "none", record.status).inc()
     metrics.duration.labels(record.route).observe(record.duration_ms / 1000)
@@ -89,6 +109,15 @@ def account(proxy: Proxy, record: AccessRecord, headers: dict[str, str] | None) 
         metrics.bytes.labels("in").inc(record.bytes_in)
     if record.bytes_out:
         metrics.bytes.labels("out").inc(record.bytes_out)
+    label = None
+    if generation:
+        answered = record.upstream_status is not None and 200 <= record.upstream_status < 300
+        label = proxy.models.label(record.model, answered)
+        metrics.count_generation(
+            record, label, "error" if record.outcome == "ok" and failed(record) else record.outcome
+        )
+    if forwarded:
+        proxy.board.add(record, label)
     if sampled(record.path, proxy.settings.access_log_sampling):
         fields = record.fields()
         if headers is not None:

@@ -39,7 +39,7 @@ from .relay import AnswerRelay, ClientFlow
 from .routes import METHODS, Route, check_target, decide_method, is_reserved
 from .upstream import ClientGone, IdleTimeout
 from .upstream_client import AbortableRequest
-from .usage import answer_format
+from .usage import AnswerTail, answer_format, read_counters
 
 if TYPE_CHECKING:
     from tornado.http1connection import HTTP1Connection
@@ -57,6 +57,8 @@ class BaseHandler(RequestHandler):
     """What every answer shares: a request id, Ollama-shaped errors, and at its end
     one access record and the request metrics."""
 
+    forwarded = False  # meant for Ollama (on the status board), not for the proxy itself
+
     def __init__(self, application: Any, request: httputil.HTTPServerRequest, **kwargs: Any) -> None:
         # Set before Tornado starts the handler's task, so the task and every
         # task it starts carry the id into their log records.
@@ -66,6 +68,7 @@ class BaseHandler(RequestHandler):
         client = client_address(request.remote_ip, request.headers, self.proxy.trusted_networks)
         self.record = AccessRecord(self.request_id, client, request.method or "GET", request.path)
         self.started = time.monotonic()
+        self.generation = False  # a route that reports tokens: counted per model
         self._ended = False
         self.proxy.in_flight.enter()
         super().__init__(application, request, **kwargs)
@@ -125,16 +128,18 @@ class BaseHandler(RequestHandler):
         allowed = self.proxy.settings.log_headers
         headers = self.request.headers
         logged = {name: _loggable(name, headers[name]) for name in allowed if name in headers} if allowed else None
-        account(self.proxy, record, logged)
+        account(self.proxy, record, logged, self.forwarded, self.generation)
 
 
 @stream_request_body
 class ProxyHandler(BaseHandler):
     SUPPORTED_METHODS = METHODS
+    forwarded = True
 
     def initialize(self) -> None:
         self.record.route = "unmapped"
         self.proxy.metrics.in_flight.inc()
+        self.proxy.exchanges.add(self)
         self.watch: Silence | None = None
         self.body: BodyPump | None = None
         self.route: Route | None = None
@@ -215,6 +220,7 @@ class ProxyHandler(BaseHandler):
         if matched is None:
             return None, {}
         self.record.route = matched[0].path
+        self.generation = matched[0].tokens
         return matched
 
     def _plan(self, route: Route | None, params: dict[str, str], declared: int | None) -> tuple[str, str]:
@@ -306,6 +312,7 @@ class ProxyHandler(BaseHandler):
             added_headers=self.added_headers,
             answer_format=self._answer_format,
             heartbeat=self.proxy.settings.heartbeat_seconds if route is not None and route.answer else None,
+            usage=AnswerTail() if self.generation else None,
         )
         self.upstream_request = request = self.proxy.upstream.request(
             method, target, headers, head_callback=self._on_head, streaming_callback=relay.on_piece, **body
@@ -473,8 +480,42 @@ class ProxyHandler(BaseHandler):
             self.body.arrived()
         super().on_connection_close()
 
+    def _read_usage(self) -> None:
+        """What the request asked for and what Ollama reported, into the record."""
+        body, relay, record = self.body, self.relay, self.record
+        if body is None:
+            return
+        info = body.info()
+        record.model, record.stream = info.model, info.stream
+        if relay is None or relay.usage is None or relay.head is None or not 200 <= relay.head.code < 300:
+            return
+        assert self.route is not None
+        if relay.first_body_at is not None and answer_format(self.route.answer, info.stream) in ("ndjson", "sse"):
+            record.ttft_ms = round((relay.first_body_at - self.started) * 1000, 3)
+        counters = read_counters(relay.usage.bytes())
+        record.prompt_tokens, record.completion_tokens = counters.prompt_tokens, counters.completion_tokens
+        record.tokens_per_s, record.load_ms = counters.tokens_per_s, counters.load_ms
+
+    def status_row(self) -> dict[str, Any]:
+        """This request as the status page lists it while it is under way."""
+        record, body = self.record, self.body
+        model = body.info().model if body is not None and body.received.done() else None
+        return {
+            "route": record.route,
+            "method": record.method_out or record.method_in,
+            "model": model,
+            "client": record.client,
+            "key": record.key,
+            "age_s": round(time.monotonic() - self.started, 1),
+            "bytes_in": record.bytes_in,
+            "bytes_out": record.bytes_out,
+            "chunks": record.chunks,
+        }
+
     def end(self) -> None:
         if not self._ended:
+            self.proxy.exchanges.discard(self)
+            self._read_usage()
             self.proxy.metrics.in_flight.dec()
             if self.relay is not None:
                 self.relay.stop()
@@ -526,6 +567,41 @@ class MetricsHandler(OwnEndpointHandler):
         text, content_type = self.proxy.metrics.exposition()
         self.set_header("Content-Type", content_type)
         self.finish(text)
+
+
+class StatusHandler(OwnEndpointHandler):
+    """The status page's figures: what is in flight, per-model usage, totals, the upstream's health."""
+
+    async def get(self) -> None:
+        proxy = self.proxy
+        _, upstream = await proxy.health.status()
+        status = {
+            **proxy.board.snapshot(),
+            "upstream": upstream,
+            "in_flight": sorted((h.status_row() for h in proxy.exchanges), key=lambda row: -row["age_s"]),
+        }
+        self.set_header("Content-Type", JSON_TYPE)
+        self.set_header("Cache-Control", "no-store")
+        self.finish(json.dumps(status))
+
+
+class StatusPageHandler(BaseHandler):
+    """The status page: one self-contained HTML file (it works on a pod without internet)
+    that fetches its figures from the status endpoint. It holds no figures itself, so it
+    needs no key; the figures do."""
+
+    def initialize(self, page: bytes) -> None:
+        self.page = page
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("Content-Security-Policy", PAGE_POLICY)
+        self.finish(self.page)
+
+
+# Nothing from elsewhere: the page's own script and style, and its own origin to fetch from.
+PAGE_POLICY = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"
 
 
 class ProxyNotFoundHandler(BaseHandler):

@@ -5,7 +5,10 @@ set (prometheus_client's multiprocess mode, needed once several processes
 serve one port) values go to files in that folder and a scrape merges them.
 """
 
+from __future__ import annotations
+
 import os
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -17,10 +20,15 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
+if TYPE_CHECKING:
+    from .ending import AccessRecord
+
 PREFIX = "ollama_proxy"
 # Token streams and pulls run for minutes: the buckets reach 30 minutes.
 DURATION_BUCKETS = (0.005, 0.025, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 TTFB_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# Generation speed, from a CPU's few tokens/s to a large GPU's hundreds.
+SPEED_BUCKETS = (1, 2.5, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500)
 
 
 class Metrics:
@@ -83,11 +91,58 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.tokens = Counter(
+            f"{PREFIX}_tokens",
+            "Tokens Ollama reported, by model and kind (prompt, completion).",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.generations = Counter(
+            f"{PREFIX}_generations",
+            "Requests to routes that report tokens, by model, route and outcome.",
+            ["model", "route", "outcome"],
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds",
+            "Time from request to the first body byte of a streamed generation.",
+            ["model"],
+            buckets=TTFB_BUCKETS,
+            registry=r,
+        )
+        self.tokens_per_second = Histogram(
+            f"{PREFIX}_tokens_per_second",
+            "Generation speed per request (eval_count / eval_duration).",
+            ["model"],
+            buckets=SPEED_BUCKETS,
+            registry=r,
+        )
+        self.model_load = Histogram(
+            f"{PREFIX}_model_load_seconds",
+            "Model load time Ollama reported (load_duration).",
+            ["model"],
+            buckets=TTFB_BUCKETS,
+            registry=r,
+        )
         self.client_disconnects = Counter(
             f"{PREFIX}_client_disconnects",
             "Clients that left while their answer was being relayed.",
             registry=r,
         )
+
+    def count_generation(self, record: AccessRecord, model: str, outcome: str | None) -> None:
+        """A generation or embedding that ended, under its (bounded) model label."""
+        self.generations.labels(model, record.route, outcome).inc()
+        if record.prompt_tokens:
+            self.tokens.labels(model, "prompt").inc(record.prompt_tokens)
+        if record.completion_tokens:
+            self.tokens.labels(model, "completion").inc(record.completion_tokens)
+        if record.ttft_ms is not None:
+            self.time_to_first_token.labels(model).observe(record.ttft_ms / 1000)
+        if record.tokens_per_s is not None:
+            self.tokens_per_second.labels(model).observe(record.tokens_per_s)
+        if record.load_ms is not None:
+            self.model_load.labels(model).observe(record.load_ms / 1000)
 
     def exposition(self) -> tuple[bytes, str]:
         """The text a scrape returns, and its content type."""

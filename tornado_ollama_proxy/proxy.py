@@ -10,7 +10,9 @@ from .health import HealthCheck
 from .metrics import Metrics
 from .routes import RouteTable
 from .settings import Settings
+from .status import StatusBoard
 from .upstream import Upstream
+from .usage import ModelLabels
 
 
 class InFlight:
@@ -40,7 +42,7 @@ class InFlight:
 
 class Proxy:
     """Everything a handler needs: settings, routes, limiter, authenticator, upstream, health,
-    metrics, in-flight count."""
+    metrics, the status board, what is in flight."""
 
     def __init__(self, settings: Settings, routes: RouteTable, limiter: Any = None, authenticator: Any = None):
         self.settings = settings
@@ -52,5 +54,8 @@ class Proxy:
         self.upstream = Upstream(settings)
         self.health = HealthCheck(self.upstream, settings.health_cache_seconds)
         self.metrics = Metrics()
+        self.models = ModelLabels(settings.metrics_max_models)
+        self.board = StatusBoard(settings.worker_count)
         self.in_flight = InFlight()
+        self.exchanges: set[Any] = set()  # the forwarded requests under way, for the status page
         self.draining = False  # set when a shutdown begins: new requests are turned away

@@ -16,6 +16,7 @@ from .headers import end_to_end
 from .heartbeat import BEATS, CONTENT_TYPES, ERROR_BODY_LIMIT, HEARTBEAT_HEADER, error_message, in_band_error, may_beat
 from .logs import REQUEST_ID_HEADER
 from .tornado_private import format_chunk
+from .usage import AnswerTail
 
 if TYPE_CHECKING:
     from tornado.http1connection import HTTP1Connection
@@ -73,7 +74,8 @@ class AnswerRelay:
     with bytes the answer's format allows (see `heartbeat`); when the first
     one had to send the head, the upstream's own head is not relayed, and an
     error answer is collected to be told in-band at the end (`in_band_error`).
-    `pieces` counts what the upstream sent (its head, each piece).
+    `pieces` counts what the upstream sent (its head, each piece). With `usage`,
+    the answer's last bytes are kept for the token counters Ollama ends with.
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class AnswerRelay:
         added_headers: Mapping[str, str],
         answer_format: Callable[[], str],
         heartbeat: float | None,
+        usage: AnswerTail | None = None,
     ):
         self.handler = handler
         self.flow = flow
@@ -101,6 +104,8 @@ class AnswerRelay:
         self.pieces = 0
         self.own_format: str | None = None  # the format a heartbeat's own head announced
         self.body_started = False
+        self.first_body_at: float | None = None  # monotonic time of the first body byte
+        self.usage = usage  # the answer's last bytes, for its token counters
         self.tail = b""  # the last two bytes relayed: where a heartbeat may go
         self.error_body: list[bytes] | None = None  # an error answer after the proxy's own head
         self.error_size = 0
@@ -167,7 +172,11 @@ class AnswerRelay:
         record = self.record
         record.chunks += 1
         record.bytes_out += len(data)
-        self.body_started = True
+        if not self.body_started:
+            self.body_started = True
+            self.first_body_at = time.monotonic()
+        if self.usage is not None:
+            self.usage.add(data)
         if self.heartbeat is not None:
             self.tail = data[-2:] if len(data) >= 2 else (self.tail + data)[-2:]
         if not self.head_sent:

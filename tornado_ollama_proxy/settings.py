@@ -48,11 +48,13 @@ class Settings:
     log_format: str = "json"
     log_headers: tuple[str, ...] = ()
     access_log_sampling: Mapping[str, float] = field(
-        default_factory=lambda: {"/_proxy/health": 0.0, "/_proxy/metrics": 0.0}
+        default_factory=lambda: {"/_proxy/health": 0.0, "/_proxy/metrics": 0.0, "/_proxy/status": 0.0}
     )
     health_path: str | None = "/_proxy/health"
     health_cache_seconds: float = 2.0
     metrics_path: str | None = "/_proxy/metrics"
+    metrics_max_models: int = 50
+    status_path: str | None = "/_proxy/"
     cors_origins: tuple[str, ...] = ()
     trusted_proxies: tuple[str, ...] = ()
     client_key_header: str | None = None
@@ -71,6 +73,11 @@ class Settings:
     api_keys_file: str | None = None
     public_paths: tuple[str, ...] = ("/_proxy/health",)
     auth_failures: str = "10/minute"
+
+    @property
+    def worker_count(self) -> int:
+        """The processes that serve the port: `workers`, or one per core for 0."""
+        return self.workers or os.cpu_count() or 1
 
     @property
     def trusted_networks(self) -> tuple[Network, ...]:
@@ -209,6 +216,12 @@ def _endpoint_path(value: Any) -> str | None:
     return value
 
 
+def _page_path(value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+/?", value)):
+        raise ValueError("a path such as /_proxy/, or null to turn the status page off")
+    return value
+
+
 def _parses_as_limits(value: Any) -> bool:
     try:
         parse_many(value)
@@ -259,6 +272,12 @@ def _count_or_null(value: Any) -> int | None:
 def _header_name_or_null(value: Any) -> str | None:
     if value is not None and not (isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9-]+", value)):
         raise ValueError('a header name such as "X-API-Key", or null to key clients by address')
+    return value
+
+
+def _model_count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("a whole number of models >= 1")
     return value
 
 
@@ -327,6 +346,8 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], bool]] = {
     "health_path": (_endpoint_path, True),
     "health_cache_seconds": (_seconds(True), True),
     "metrics_path": (_endpoint_path, True),
+    "metrics_max_models": (_model_count, True),
+    "status_path": (_page_path, True),
     "cors_origins": (_origins, True),
     "trusted_proxies": (_networks, True),
     "client_key_header": (_header_name_or_null, True),

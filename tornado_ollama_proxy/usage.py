@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections import deque
 from dataclasses import dataclass
 
 REQUEST_COPY_LIMIT = 1024 * 1024  # a body larger than this is not read
 ANSWER_TAIL = 64 * 1024  # the counters are read from at most this much of an answer's end
+OTHER = "other"  # the model label of every model past the bound, or that Ollama did not answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,3 +100,41 @@ def read_counters(tail: bytes) -> Counters:
         tokens_per_s=round(completion / duration * 1e9, 2) if completion and duration else None,
         load_ms=None if load is None else round(load / 1e6, 3),
     )
+
+
+class AnswerTail:
+    """The last ANSWER_TAIL bytes of an answer: pieces are kept as they are and
+    dropped from the front once the rest holds enough, so nothing is copied
+    per piece and at most ANSWER_TAIL plus one piece is held."""
+
+    def __init__(self) -> None:
+        self.pieces: deque[bytes] = deque()
+        self.size = 0
+
+    def add(self, piece: bytes) -> None:
+        pieces = self.pieces
+        pieces.append(piece)
+        self.size += len(piece)
+        while self.size - len(pieces[0]) >= ANSWER_TAIL:
+            self.size -= len(pieces.popleft())
+
+    def bytes(self) -> bytes:
+        return b"".join(self.pieces)[-ANSWER_TAIL:]
+
+
+class ModelLabels:
+    """Model names as labels: only one Ollama answered with a 2xx becomes a label,
+    at most `limit` of them; every other request is `other`."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.known: set[str] = set()
+
+    def label(self, model: str | None, answered: bool) -> str:
+        if model in self.known:
+            assert model is not None
+            return model
+        if model is None or not answered or len(self.known) >= self.limit:
+            return OTHER
+        self.known.add(model)
+        return model

@@ -37,10 +37,6 @@ def inherited_sockets() -> list[socket.socket] | None:
     return [socket.socket(fileno=int(fd)) for fd in fds.split(",")] if fds else None
 
 
-def worker_count(settings: Settings) -> int:
-    return settings.workers or os.cpu_count() or 1
-
-
 class Supervisor:
     def __init__(self, settings: Settings, argv: list[str]):
         self.settings = settings
@@ -68,7 +64,7 @@ class Supervisor:
         settings = self.settings
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._stop)
-        count = worker_count(settings)
+        count = settings.worker_count
         log.info(
             "starting workers",
             extra={

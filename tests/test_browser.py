@@ -1,0 +1,140 @@
+"""In a real browser (headless Chromium): the status page renders what is in flight, and
+a browser chat app on another origin streams through the GET-converting front."""
+
+import asyncio
+import json
+import re
+import shutil
+from html import unescape
+
+import pytest
+from tornado.web import Application, RequestHandler
+
+from .helpers import open_raw, until
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def browse(tmp_path):
+    """Open a URL in headless Chromium; its DOM once the page's scripts had `budget_ms`
+    of (virtual) time, or a screenshot written to `screenshot`."""
+    assert CHROMIUM is not None, "Chromium is needed: apt-get install -y chromium (the README's test command does)"
+
+    async def run(url, *, budget_ms=2500, screenshot=None):
+        output = [f"--screenshot={screenshot}", "--window-size=1100,900"] if screenshot else ["--dump-dom"]
+        process = await asyncio.create_subprocess_exec(
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",  # tests may run as root
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'chromium'}",
+            f"--virtual-time-budget={budget_ms}",
+            *output,
+            url,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 0, err.decode()[-2000:]
+        return out.decode()
+
+    return run
+
+
+def cells(dom, table_id):
+    """The text of each row's cells in a table of the rendered page."""
+    table = re.search(rf'<table id="{table_id}">.*?<tbody>(.*?)</tbody>', dom, re.S)
+    assert table is not None, dom[:2000]
+    return [
+        [unescape(cell) for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+        for row in re.findall(r"<tr>(.*?)</tr>", table.group(1), re.S)
+    ]
+
+
+async def test_the_status_page_shows_the_streams_in_flight(make_proxy, nginx, fake, browse, tmp_path, http):
+    proxy = make_proxy()
+    front = nginx(proxy, as_get=True)
+    done = await http.post(proxy + "/api/generate", json={"model": "llama3.2", "prompt": "why", "stream": False})
+    assert done.status_code == 200
+    streams = []
+    for model in ("stall", "silent"):
+        reader, writer = await open_raw(proxy)
+        body = json.dumps({"model": model, "messages": MESSAGES}).encode()
+        writer.write(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        streams.append(writer)
+    await until(lambda: len(fake.seen) == 3)
+
+    dom = await browse(front + "/_proxy/")
+    rows = cells(dom, "in-flight")
+    assert sorted((row[0], row[1], row[2]) for row in rows) == [
+        ("/api/chat", "silent", "127.0.0.1"),
+        ("/api/chat", "stall", "127.0.0.1"),
+    ]
+    [model] = cells(dom, "models")
+    assert model[:4] == ["llama3.2", "1", "2", "3"]  # requests, prompt and completion tokens
+    assert "Ollama 0.32.0" in dom and "<path d=" in dom  # the upstream, and the chart drawn
+    screenshot = tmp_path / "status-page.png"
+    await browse(front + "/_proxy/", screenshot=screenshot)
+    assert screenshot.read_bytes().startswith(b"\x89PNG") and screenshot.stat().st_size > 10_000
+    for writer in streams:
+        writer.close()
+
+
+CHAT_APP = """<!doctype html><meta charset="utf-8"><div id="out"></div><div id="state">waiting</div>
+<script>
+(async () => {
+  const state = document.getElementById("state");
+  try {
+    const answer = await fetch(%(url)s, {
+      method: "POST",
+      headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({model: "llama3.2", messages: [{role: "user", content: "hi"}], options: {num_predict: 4}}),
+    });
+    const reader = answer.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) break;
+      buffer += value;
+      const lines = buffer.split("\\n");
+      buffer = lines.pop();
+      for (const line of lines.filter(Boolean)) {
+        const part = JSON.parse(line);
+        document.getElementById("out").textContent += part.message.content + "|";
+      }
+    }
+    state.textContent = "done " + answer.status;
+  } catch (error) {
+    state.textContent = "refused: " + error.name;
+  }
+})();
+</script>"""
+
+
+class ChatApp(RequestHandler):
+    """Serves the chat app's page, calling whichever front `target["url"]` names."""
+
+    def initialize(self, target):
+        self.target = target
+
+    def get(self):
+        self.finish(CHAT_APP % {"url": json.dumps(self.target["url"] + "/api/chat")})
+
+
+async def test_a_browser_chat_app_on_another_origin_streams_through_the_front(servers, make_proxy, nginx, browse, fake):
+    # The app's origin is 127.0.0.2: Ollama itself allows only localhost origins.
+    target = {}
+    page = servers.start(Application([(r"/", ChatApp, {"target": target})]), host="127.0.0.2")
+    target["url"] = nginx(make_proxy(), as_get=True)
+    dom = await browse(page)
+    assert 'id="state">refused: TypeError' in dom  # Ollama refuses the origin (403), so the browser does
+    assert '<div id="out"></div>' in dom
+
+    target["url"] = nginx(make_proxy(cors_origins=(page.rstrip("/"),)), as_get=True)
+    dom = await browse(page)
+    assert 'id="state">done 200' in dom
+    assert re.search(r'<div id="out">(.*?)</div>', dom).group(1) == "tok0 |tok1 |tok2 |tok3 ||"
