@@ -127,7 +127,10 @@ def test_relative_plugins_dir_is_relative_to_the_settings_file(write_settings, t
         ({"upstream": "http://x:99999"}, "upstream: expected an http:// or https:// URL with a valid port"),
         ({"upstream": 5}, "upstream: expected"),
         ({"idle_timeout": 0}, "idle_timeout: expected a number of seconds > 0"),
-        ({"status_path": "_proxy/"}, "status_path: expected a path such as /_proxy/, or null to turn the status page off"),
+        (
+            {"status_path": "_proxy/"},
+            "status_path: expected a path such as /_proxy/, or null to turn the status page off",
+        ),
         ({"status_path": "/a//"}, "status_path: expected a path such as /_proxy/"),
         ({"metrics_max_models": 0}, "metrics_max_models: expected a whole number of models >= 1"),
         ({"metrics_max_models": True}, "metrics_max_models: expected a whole number of models >= 1"),

@@ -101,14 +101,7 @@ def account(
     Only `forwarded` requests (not the proxy's own endpoints) are on the board; a
     `generation` (a route that reports tokens) counts under its model's label."""
     metrics = proxy.metrics
-    metrics.requests.labels(record.route, record.method_out or "none", record.status).inc()
-    metrics.duration.labels(record.route).observe(record.duration_ms / 1000)
-    if record.ttfb_ms is not None:
-        metrics.ttfb.labels(record.route).observe(record.ttfb_ms / 1000)
-    if record.bytes_in:
-        metrics.bytes.labels("in").inc(record.bytes_in)
-    if record.bytes_out:
-        metrics.bytes.labels("out").inc(record.bytes_out)
+    metrics.count_request(record)
     label = None
     if generation:
         answered = record.upstream_status is not None and 200 <= record.upstream_status < 300

@@ -8,7 +8,7 @@ serve one port) values go to files in that folder and a scrape merges them.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -33,6 +33,9 @@ SPEED_BUCKETS = (1, 2.5, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500)
 
 class Metrics:
     def __init__(self) -> None:
+        # (route, method_out, status) -> that request's children of requests, duration and
+        # ttfb; bounded as the labels are (routes, methods, statuses)
+        self._children: dict[tuple[str, str | None, int], tuple[Any, Any, Any]] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -67,6 +70,7 @@ class Metrics:
             ["direction"],
             registry=r,
         )
+        self.bytes_in, self.bytes_out = self.bytes.labels("in"), self.bytes.labels("out")
         self.corrections = Counter(
             f"{PREFIX}_method_corrections",
             "Requests sent upstream with another method than they arrived with.",
@@ -129,6 +133,27 @@ class Metrics:
             "Clients that left while their answer was being relayed.",
             registry=r,
         )
+
+    def count_request(self, record: AccessRecord) -> None:
+        """Any request that ended. Runs for every request: each label set's children are
+        looked up once (`labels` takes a lock and checks its arguments every time)."""
+        route = record.route
+        children = self._children.get((route, record.method_out, record.status))
+        if children is None:
+            children = self._children[route, record.method_out, record.status] = (
+                self.requests.labels(route, record.method_out or "none", record.status),
+                self.duration.labels(route),
+                self.ttfb.labels(route),
+            )
+        requests, duration, ttfb = children
+        requests.inc()
+        duration.observe(record.duration_ms / 1000)
+        if record.ttfb_ms is not None:
+            ttfb.observe(record.ttfb_ms / 1000)
+        if record.bytes_in:
+            self.bytes_in.inc(record.bytes_in)
+        if record.bytes_out:
+            self.bytes_out.inc(record.bytes_out)
 
     def count_generation(self, record: AccessRecord, model: str, outcome: str | None) -> None:
         """A generation or embedding that ended, under its (bounded) model label."""

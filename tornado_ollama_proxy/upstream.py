@@ -84,7 +84,7 @@ class Upstream:
 
     def fetch(self, request: AbortableRequest) -> "Future[HTTPResponse]":
         """Start `request` now (it is abortable from this moment)."""
-        return self.client.fetch(request, raise_error=False)
+        return self.client.start(request)
 
     def failure(self, error: BaseException) -> tuple[str, Rejection]:
         """The kind of a failure before any response byte, and what to tell the client."""

@@ -30,6 +30,7 @@ from io import BytesIO
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+from tornado.concurrent import Future, future_set_exception_unless_cancelled, future_set_result_unless_cancelled
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 from tornado.iostream import StreamClosedError
 
@@ -104,6 +105,21 @@ class PooledHTTPClient(AsyncHTTPClient):
     def tls(self) -> ssl.SSLContext:
         """For https upstreams: the system's trusted certificates, host names checked."""
         return ssl.create_default_context()
+
+    def start(self, request: AbortableRequest) -> Future[HTTPResponse]:
+        """`fetch(request, raise_error=False)` for a request its caller built whole (its own
+        headers, every option set): without `fetch`'s copy of the headers and its proxy of
+        defaults, which cost a small request more than the rest of its start."""
+        answered: Future[HTTPResponse] = Future()
+
+        def done(response: HTTPResponse) -> None:
+            if response.code == 599 and response.error is not None:  # Tornado's mark of no answer
+                future_set_exception_unless_cancelled(answered, response.error)
+            else:
+                future_set_result_unless_cancelled(answered, response)
+
+        self.fetch_impl(request, done)
+        return answered
 
     def fetch_impl(self, request: HTTPRequest, callback: Callable[[HTTPResponse], None]) -> None:
         exchange = Exchange(self, request, callback)
