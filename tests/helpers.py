@@ -27,6 +27,15 @@ async def open_raw(url: str, *, rcvbuf: int | None = None):
     return await asyncio.open_connection(*address(url))
 
 
+async def send_json(url: str, method: bytes, path: bytes, data, headers: bytes = b""):
+    """Open a raw connection and send a request with `data` as its JSON body; return the connection."""
+    reader, writer = await open_raw(url)
+    body = json.dumps(data).encode()
+    head = b"%s %s HTTP/1.1\r\nHost: x\r\n%sContent-Length: %d\r\n\r\n" % (method, path, headers, len(body))
+    writer.write(head + body)
+    return reader, writer
+
+
 async def raw_request(url: str, data: bytes) -> bytes:
     """Send raw request bytes and read until the server closes or the response is complete."""
     reader, writer = await open_raw(url)

@@ -10,7 +10,7 @@ from html import unescape
 import pytest
 from tornado.web import Application, RequestHandler
 
-from .helpers import open_raw, until
+from .helpers import send_json, until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -62,9 +62,7 @@ async def test_the_status_page_shows_the_streams_in_flight(make_proxy, nginx, fa
     assert done.status_code == 200
     streams = []
     for model in ("stall", "silent"):
-        reader, writer = await open_raw(proxy)
-        body = json.dumps({"model": model, "messages": MESSAGES}).encode()
-        writer.write(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        _, writer = await send_json(proxy, b"POST", b"/api/chat", {"model": model, "messages": MESSAGES})
         streams.append(writer)
     await until(lambda: len(fake.seen) == 3)
 

@@ -10,7 +10,7 @@ import pytest
 
 from tornado_ollama_proxy.heartbeat import error_message, in_band_error, may_beat
 
-from .helpers import ScriptedUpstream, open_raw, read_body, read_response, split_response, until
+from .helpers import ScriptedUpstream, open_raw, read_body, read_response, send_json, split_response, until
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 FRONT_TIMEOUT = 1  # seconds the front waits for a byte
@@ -30,6 +30,13 @@ def platform(make_proxy, nginx, fake):
         )
 
     return start
+
+
+@pytest.fixture
+def proxy(make_proxy, fake):
+    """A proxy beating every 0.3 s before a stand-in silent for 1.2 s."""
+    fake.silence = 1.2
+    return make_proxy(heartbeat_seconds=0.3)
 
 
 def records(log_lines):
@@ -107,12 +114,10 @@ async def test_an_error_after_the_heads_went_out_reaches_each_client_in_band(pla
     assert (first["status"], first["upstream_status"], second["upstream_status"]) == (200, 404, 404)
 
 
-async def test_a_whole_answer_gets_the_error_in_a_200_as_documented(make_proxy, fake):
-    fake.silence = 1.2
-    proxy = make_proxy(heartbeat_seconds=0.3)
-    reader, writer = await open_raw(proxy)
-    body = json.dumps({"model": "late404", "messages": MESSAGES, "stream": False}).encode()
-    writer.write(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+async def test_a_whole_answer_gets_the_error_in_a_200_as_documented(proxy):
+    reader, writer = await send_json(
+        proxy, b"POST", b"/api/chat", {"model": "late404", "messages": MESSAGES, "stream": False}
+    )
     status, headers, answer = await read_response(reader)
     assert (status, headers["content-type"], headers["x-ollama-proxy-heartbeat"]) == (200, ["application/json"], ["1"])
     assert answer.lstrip(b" ") == b'{"error": "model \'late404\' not found"}\n' and answer.startswith(b" ")
@@ -123,9 +128,7 @@ async def test_a_whole_answer_gets_the_error_in_a_200_as_documented(make_proxy, 
 # -- the bytes themselves -------------------------------------------------------------------
 
 
-async def test_the_first_heartbeat_sends_the_head_then_spaces_then_the_answer(make_proxy, fake, log_lines):
-    fake.silence = 1.2
-    proxy = make_proxy(heartbeat_seconds=0.3)
+async def test_the_first_heartbeat_sends_the_head_then_spaces_then_the_answer(proxy, log_lines):
     reader, writer = await open_raw(proxy)
     body = json.dumps({"model": "slow", "messages": MESSAGES}).encode()
     writer.write(
@@ -144,12 +147,10 @@ async def test_the_first_heartbeat_sends_the_head_then_spaces_then_the_answer(ma
     writer.close()
 
 
-async def test_event_streams_get_comment_lines(make_proxy, fake):
-    fake.silence = 1.2
-    proxy = make_proxy(heartbeat_seconds=0.3)
-    reader, writer = await open_raw(proxy)
-    body = json.dumps({"model": "slow", "messages": MESSAGES, "stream": True}).encode()
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+async def test_event_streams_get_comment_lines(proxy):
+    reader, writer = await send_json(
+        proxy, b"POST", b"/v1/chat/completions", {"model": "slow", "messages": MESSAGES, "stream": True}
+    )
     status, headers, answer = await read_response(reader)
     assert (status, headers["content-type"]) == (200, ["text/event-stream"])
     assert answer.startswith(b": heartbeat\n\n: heartbeat\n\n")
@@ -202,9 +203,7 @@ async def test_answers_that_are_not_json_never_get_heartbeats(make_proxy):
 
 async def test_heartbeats_stop_when_the_client_leaves(make_proxy, fake, log_lines):
     proxy = make_proxy(heartbeat_seconds=0.2)
-    reader, writer = await open_raw(proxy)
-    body = json.dumps({"model": "silent", "messages": MESSAGES}).encode()
-    writer.write(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    reader, writer = await send_json(proxy, b"POST", b"/api/chat", {"model": "silent", "messages": MESSAGES})
     await reader.readuntil(b"\r\n\r\n1\r\n \r\n1\r\n \r\n")  # the head and two heartbeats
     writer.close()
     assert await asyncio.wait_for(fake.disconnected.get(), 2) == "/api/chat"  # the upstream is let go
@@ -217,9 +216,7 @@ async def test_heartbeats_stop_when_the_client_leaves(make_proxy, fake, log_line
 
 async def test_a_failing_upstream_after_the_head_is_told_in_band(make_proxy, fake):
     proxy = make_proxy(heartbeat_seconds=0.2, idle_timeout=1.0)
-    reader, writer = await open_raw(proxy)
-    body = json.dumps({"model": "silent", "messages": MESSAGES}).encode()
-    writer.write(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    reader, writer = await send_json(proxy, b"POST", b"/api/chat", {"model": "silent", "messages": MESSAGES})
     status, _, answer = await read_response(reader)  # heartbeats do not count as the upstream's activity
     assert status == 200
     assert json.loads(answer) == {"error": json.loads(answer)["error"]}
@@ -227,12 +224,10 @@ async def test_a_failing_upstream_after_the_head_is_told_in_band(make_proxy, fak
     writer.close()
 
 
-async def test_a_body_too_large_to_read_gets_the_routes_defaults(make_proxy, fake):
-    fake.silence = 1.2
-    proxy = make_proxy(heartbeat_seconds=0.3)
-    reader, writer = await open_raw(proxy)
-    body = json.dumps({"model": "slow", "messages": MESSAGES, "stream": False, "pad": "x" * 1_100_000}).encode()
-    writer.write(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+async def test_a_body_too_large_to_read_gets_the_routes_defaults(proxy):
+    reader, writer = await send_json(
+        proxy, b"POST", b"/api/chat", {"model": "slow", "messages": MESSAGES, "stream": False, "pad": "x" * 1_100_000}
+    )
     status, headers, answer = await read_response(reader)
     # Ollama's default for /api/chat is a stream, so the proxy's head said so; spaces still fit.
     assert (status, headers["content-type"]) == (200, ["application/x-ndjson"])

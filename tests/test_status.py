@@ -1,7 +1,6 @@
 """The status page and its figures: what is in flight, usage per model, totals."""
 
 import asyncio
-import json
 import os
 import re
 
@@ -12,18 +11,15 @@ from tornado_ollama_proxy.auth import parse_entries
 from tornado_ollama_proxy.ending import AccessRecord
 from tornado_ollama_proxy.status import BUCKET_SECONDS, CHART_SECONDS, StatusBoard
 
-from .helpers import open_raw, until
+from .helpers import send_json, until
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 async def start_stream(proxy, model, key=None):
     """A streamed chat that stays open: the stand-in's `stall` sends one line, `silent` none."""
-    reader, writer = await open_raw(proxy)
-    body = json.dumps({"model": model, "messages": MESSAGES}).encode()
     auth = b"X-API-Key: %s\r\n" % key.encode() if key else b""
-    writer.write(b"GET /api/chat HTTP/1.1\r\nHost: x\r\n%sContent-Length: %d\r\n\r\n" % (auth, len(body)) + body)
-    return reader, writer
+    return await send_json(proxy, b"GET", b"/api/chat", {"model": model, "messages": MESSAGES}, auth)
 
 
 async def test_the_figures_list_requests_in_flight_and_usage_since_start(make_proxy, http, fake, upstream_url):
