@@ -185,6 +185,26 @@ async def test_after_the_upstreams_head_heartbeats_only_fall_between_lines(make_
     await upstream.stop()
 
 
+async def test_an_answer_sized_by_the_upstream_gets_no_heartbeat(make_proxy):
+    body = b'{"model": "m", "done": true}\n'
+
+    async def script(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body))
+        await writer.drain()
+        await asyncio.sleep(1.0)  # a silence worth five heartbeats between head and body
+        writer.write(body)
+        await reader.read()
+
+    upstream = ScriptedUpstream(script)
+    proxy = make_proxy(upstream=await upstream.start(), heartbeat_seconds=0.2)
+    reader, writer = await send_json(proxy, b"POST", b"/api/chat", {"stream": False})
+    status, headers, answer = await read_response(reader)
+    assert (status, headers["content-length"], answer) == (200, [str(len(body))], body)
+    writer.close()
+    await upstream.stop()
+
+
 async def test_answers_that_are_not_json_never_get_heartbeats(make_proxy):
     async def script(reader, writer):
         await reader.readuntil(b"\r\n\r\n")

@@ -194,6 +194,8 @@ class AnswerRelay:
             return  # the client is slow to read: bytes are on their way already
         if self.head is None and self.own_format is None:
             self._send_own_head(self.answer_format())
+        elif self.own_format is None and self.head is not None and self.head.length is not None:
+            return  # relayed with the upstream's Content-Length: not one byte more
         answer_format = self.own_format or self.answer_format()
         if may_beat(answer_format, self.body_started, self.tail):
             self.flow.send(BEATS[answer_format])

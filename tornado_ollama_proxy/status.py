@@ -24,6 +24,8 @@ BUCKET_SECONDS = 10
 
 @dataclass
 class ModelStats:
+    """One model label's figures since start; the medians are over its last SAMPLES requests."""
+
     requests: int = 0
     errors: int = 0
     prompt_tokens: int = 0
