@@ -248,6 +248,9 @@ async def test_two_proxy_processes_admit_exactly_the_shared_limit(launch, upstre
         "OLLAMA_PROXY_UPSTREAM": upstream_url,
         "OLLAMA_PROXY_RATE_LIMIT": "10/minute",
         "OLLAMA_PROXY_RATE_LIMIT_STORAGE": redis_server.url,
+        # Atomicity is what is tested: on a loaded machine a storage call slower than the
+        # default 0.5 s would fail open (admit, by design) and blur it.
+        "OLLAMA_PROXY_RATE_LIMIT_STORAGE_TIMEOUT": "10",
     }
     addresses = [(await read_log(launch(env), "listening"))["address"] for _ in range(2)]
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=100)) as http:
