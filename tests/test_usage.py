@@ -100,8 +100,8 @@ def test_an_answer_without_counters_reports_none():
 
 
 def test_the_tail_of_an_answer_is_kept_without_the_rest():
-    tail = AnswerTail()
-    pieces = [bytes([65 + i % 26]) * 1000 for i in range(1000)]  # a 1 MB answer in 1 kB pieces
+    tail = AnswerTail("json")
+    pieces = [bytes([65 + i % 26]) * 1000 for i in range(1000)]  # a 1 MB document in 1 kB pieces
     for piece in pieces:
         tail.add(piece)
     assert tail.bytes() == b"".join(pieces)[-ANSWER_TAIL:]
@@ -109,6 +109,31 @@ def test_the_tail_of_an_answer_is_kept_without_the_rest():
     small = AnswerTail()
     small.add(b'{"eval_count": 3}')
     assert small.bytes() == b'{"eval_count": 3}'
+
+
+def test_a_stream_keeps_only_its_last_line():
+    tail = AnswerTail("ndjson")
+    for i in range(10_000):
+        tail.add(b'{"response": "tok%d", "done": false}\n' % i)
+    tail.add(b'{"done": true, "eval_')  # the last line, in pieces
+    tail.add(b'count": 9}\n')
+    assert tail.bytes() == b'{"done": true, "eval_count": 9}\n'
+    assert read_counters(tail.bytes()).completion_tokens == 9
+    pieces = AnswerTail("ndjson")
+    pieces.add(b'{"a": 1}\n{"b": 2}\n')  # several lines in one piece stay together
+    assert pieces.bytes() == b'{"a": 1}\n{"b": 2}\n'
+
+
+def test_an_event_stream_keeps_its_last_two_events():
+    usage = b'data: {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 2}}\n\n'
+    tail = AnswerTail("sse")
+    for _ in range(1000):
+        tail.add(b'data: {"choices": [{"delta": {"content": "x"}}]}\n\n')
+    tail.add(usage[:20])  # an event in two pieces
+    tail.add(usage[20:])
+    tail.add(b"data: [DONE]\n\n")
+    assert tail.bytes() == usage + b"data: [DONE]\n\n"
+    assert read_counters(tail.bytes()) == Counters(prompt_tokens=4, completion_tokens=2)
 
 
 def test_model_labels_are_bounded_and_only_for_answered_models():

@@ -312,7 +312,9 @@ class ProxyHandler(BaseHandler):
             added_headers=self.added_headers,
             answer_format=self._answer_format,
             heartbeat=self.proxy.settings.heartbeat_seconds if route is not None and route.answer else None,
-            usage=AnswerTail() if self.generation else None,
+            usage=AnswerTail(self._format_now())
+            if self.generation
+            else None,  # the counters are in its last record either way
         )
         self.upstream_request = request = self.proxy.upstream.request(
             method, target, headers, head_callback=self._on_head, streaming_callback=relay.on_piece, **body
@@ -320,10 +322,15 @@ class ProxyHandler(BaseHandler):
         self.fetching = fetching = self.proxy.upstream.fetch(request)
         fetching.add_done_callback(self._on_fetched)
 
-    def _answer_format(self) -> str:
-        """The answer's format (asked only on routes whose `answer` is set)."""
+    def _format_now(self) -> str | None:
+        """The answer's format as far as the body tells it now (a body still arriving
+        gets the route's default)."""
         assert self.route is not None and self.body is not None
-        found = answer_format(self.route.answer, self.body.info().stream)
+        return answer_format(self.route.answer, self.body.info().stream)
+
+    def _answer_format(self) -> str:
+        """The answer's format, for heartbeats (only on routes whose `answer` is set)."""
+        found = self._format_now()
         assert found is not None
         return found
 

@@ -102,21 +102,42 @@ def read_counters(tail: bytes) -> Counters:
     )
 
 
-class AnswerTail:
-    """The last ANSWER_TAIL bytes of an answer: pieces are kept as they are and
-    dropped from the front once the rest holds enough, so nothing is copied
-    per piece and at most ANSWER_TAIL plus one piece is held."""
+# Where a stream's counters are: Ollama's last NDJSON line; the /v1 calls' usage event,
+# which comes before the closing "data: [DONE]" event.
+LAST_RECORDS = {"ndjson": (b"\n", 1), "sse": (b"\n\n", 2)}
 
-    def __init__(self) -> None:
+
+class AnswerTail:
+    """What an answer's counters are read from: its last ANSWER_TAIL bytes and, in a
+    stream (`answer_format` "ndjson" or "sse"), only its last line or last two events.
+
+    Pieces are kept as they are and dropped from the front, so nothing is copied
+    per piece; a long stream of tokens holds one line, not 64 KiB of them.
+    """
+
+    def __init__(self, answer_format: str | None = None) -> None:
         self.pieces: deque[bytes] = deque()
         self.size = 0
+        self.boundary, self.records = LAST_RECORDS.get(answer_format or "", (b"", 0))
+        self.ended = 0  # held pieces that end a record
 
     def add(self, piece: bytes) -> None:
         pieces = self.pieces
+        if self.records and pieces and pieces[-1].endswith(self.boundary):
+            while self.ended >= self.records:  # `piece` begins a record: keep records - 1 before it
+                self._drop()
         pieces.append(piece)
         self.size += len(piece)
+        if self.records and piece.endswith(self.boundary):
+            self.ended += 1
         while self.size - len(pieces[0]) >= ANSWER_TAIL:
-            self.size -= len(pieces.popleft())
+            self._drop()
+
+    def _drop(self) -> None:
+        dropped = self.pieces.popleft()
+        self.size -= len(dropped)
+        if self.records and dropped.endswith(self.boundary):
+            self.ended -= 1
 
     def bytes(self) -> bytes:
         return b"".join(self.pieces)[-ANSWER_TAIL:]
