@@ -241,6 +241,21 @@ async def test_a_burst_admits_exactly_what_the_window_has_left(storage, strategy
     assert {outcome.status for outcome in burst if not isinstance(outcome, Admission)} == {429}
 
 
+async def test_a_first_burst_on_a_cold_redis_is_counted_once(redis_server):
+    """Scripts not yet in Redis: coredis drops the connection the burst shares and sends
+    its commands again. Until one call has succeeded they go one at a time."""
+    host, port = redis_server.url.rsplit("/", 1)[1].split(":")
+    for round_ in range(10):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"SCRIPT FLUSH\r\n")
+        assert await reader.readline() == b"+OK\r\n"
+        writer.close()
+        limiter = LimitsRateLimiter(Settings(rate_limit="10/minute", rate_limit_storage=redis_server.url))
+        burst = await asyncio.gather(*(limiter.admit(f"c{round_}", "/r") for _ in range(40)), return_exceptions=True)
+        assert sum(isinstance(outcome, Admission) for outcome in burst) == 10
+        assert limiter.outage.failures == 0
+
+
 async def test_two_proxy_processes_admit_exactly_the_shared_limit(launch, upstream_url, redis_server):
     env = {
         "PORT": "0",

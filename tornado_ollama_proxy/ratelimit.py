@@ -65,6 +65,12 @@ class LimitsRateLimiter:
         self.total = settings.concurrency_total
         self.in_flight: Counter[str] = Counter()
         self.outage = OutageLog()
+        # Until a call to the storage has succeeded, calls go one at a time: the first
+        # loads the storage's scripts into Redis. coredis drops a connection that
+        # concurrent commands share when one of them fails (a script not loaded yet)
+        # and sends the others again, which counted hits twice: 8 of a limit of 10.
+        self.warming = asyncio.Lock()
+        self.warm = False
 
     async def admit(self, client: str, route: str) -> Admission:
         """Admit the request or raise `RateLimited`; nothing has been forwarded yet."""
@@ -78,10 +84,17 @@ class LimitsRateLimiter:
         return Admission(headers, release)
 
     async def _check_rates(self, items: list[RateLimitItem], client: str, route: str) -> dict[str, str]:
+        if self.warm:
+            return await self._check_rates_now(items, client, route)
+        async with self.warming:
+            return await self._check_rates_now(items, client, route)
+
+    async def _check_rates_now(self, items: list[RateLimitItem], client: str, route: str) -> dict[str, str]:
         try:
             headers = await asyncio.wait_for(self._hit(items, client, route), self.timeout)
         except RateLimited:
             self.outage.over()
+            self.warm = True
             raise
         except Exception as error:
             reason = f"rate limit storage unavailable: {type(error).__name__}: {error}"
@@ -90,6 +103,7 @@ class LimitsRateLimiter:
                 raise RateLimited(503, reason, {"Retry-After": "1"}, "storage") from None
             return {}
         self.outage.over()
+        self.warm = True
         return headers
 
     async def _hit(self, items: list[RateLimitItem], client: str, route: str) -> dict[str, str]:
