@@ -213,8 +213,8 @@ async def test_without_a_key_the_ollama_client_raises_a_401(keyed_front, fake, m
 async def test_the_openai_sdk_uses_its_api_key(keyed_front, fake):
     client = openai.AsyncOpenAI(base_url=keyed_front + "/v1", api_key=READER_KEY, max_retries=0)
     assert "llama3.2" in [model.id async for model in client.models.list()]
-    stream = await client.chat.completions.create(model="llama3.2", messages=MESSAGES, stream=True)
-    assert "".join([chunk.choices[0].delta.content or "" async for chunk in stream]) == "Hello"
+    async with await client.chat.completions.create(model="llama3.2", messages=MESSAGES, stream=True) as stream:
+        assert "".join([chunk.choices[0].delta.content or "" async for chunk in stream]) == "Hello"
     denied = openai.AsyncOpenAI(base_url=keyed_front + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         await denied.models.list()

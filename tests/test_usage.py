@@ -157,10 +157,10 @@ async def test_records_and_metrics_carry_what_ollama_reported(make_proxy, nginx,
     whole = await client.chat(model="llama3.2", messages=MESSAGES, options={"num_predict": 5})
     embedded = await client.embed(model="llama3.2", input=["one two", "three"])
     completion = await sdk.chat.completions.create(model="llama3.2", messages=MESSAGES)
-    events = await sdk.chat.completions.create(
+    async with await sdk.chat.completions.create(
         model="llama3.2", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
-    )
-    usage = [chunk.usage async for chunk in events if chunk.usage is not None]
+    ) as events:
+        usage = [chunk.usage async for chunk in events if chunk.usage is not None]
     await client.close()
     await sdk.close()
     after = await scrape(http, proxy)
