@@ -8,11 +8,10 @@ import sys
 from pathlib import Path
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from tornado_ollama_proxy.cli import main
 
-from .helpers import read_log
+from .helpers import parse_metrics, read_log, value
 
 
 def test_invalid_settings_exit_2_with_one_line_naming_the_key(tmp_path, capsys):
@@ -99,13 +98,8 @@ async def test_metrics_add_up_across_processes_in_multiprocess_mode(launch, upst
         for address in addresses:
             await http.get(address + "/api/tags")
         text = (await http.get(addresses[0] + "/_proxy/metrics")).text
-    samples = {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-    key = ("ollama_proxy_requests_total", (("method_out", "GET"), ("route", "/api/tags"), ("status", "200")))
-    assert samples[key] == 2
+    samples = parse_metrics(text)
+    assert value(samples, "ollama_proxy_requests_total", method_out="GET", route="/api/tags", status="200") == 2
 
 
 async def test_two_proxy_processes_share_one_rate_limit_through_redis(launch, upstream_url, redis_server):

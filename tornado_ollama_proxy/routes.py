@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
+from .auth import SCOPES
 from .errors import Rejection
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -19,7 +20,6 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 OVERRIDE_HEADER = "X-HTTP-Method-Override"
 RESERVED_PREFIX = "/_proxy/"  # the proxy's own endpoints, never forwarded
 ROUTE_KEYS = ("path", "methods", "upstream_path", "body_defaults", "requires_body", "scope", "answer", "tokens")
-SCOPES = ("inference", "manage", "metrics")  # what an access key may be allowed to do
 # How the upstream answers (what a heartbeat may look like): "ndjson" streams lines
 # unless the body says "stream": false (Ollama's /api convention), "sse" streams
 # events only when it says "stream": true (OpenAI's /v1 convention), "json" is one
