@@ -11,7 +11,8 @@ goes quiet, ``die`` sends two lines and drops the connection, ``flood`` streams
 ``options.num_predict`` KiB as fast as the reader takes it. Others are slow as
 Ollama can be: ``slow`` says nothing for ``state.silence`` seconds before
 answering (a cold load), ``gap`` pauses that long between its first two lines,
-``late404`` takes that long to answer that it does not exist.
+``late404`` takes that long to answer that it does not exist, pulling
+``nospace`` takes that long to fail.
 """
 
 import asyncio
@@ -50,6 +51,7 @@ ROUTES = {
 BLOB_PATH = re.compile(r"/api/blobs/(sha256[:-][0-9a-f]{64})")
 JSON = "application/json; charset=utf-8"
 NDJSON = "application/x-ndjson"
+NO_SPACE = "write /root/.ollama/models/blobs/sha256-abc-partial: no space left on device"
 
 
 @dataclass
@@ -330,11 +332,19 @@ class OllamaHandler(OllamaBase):
             {"status": "pulling abc", "digest": "sha256:abc", "total": 10, "completed": 10},
             {"status": "success"},
         ]
+        failing = data.get("model") == "nospace"  # a pull that fails after a while, as a full disk makes it
         if not data.get("stream", True):
+            if failing:
+                await asyncio.sleep(self.state.silence)
+                self.error(500, NO_SPACE)
+                return
             self.json({"status": "success"}, content_type="application/json")
             return
         self.set_header("Content-Type", NDJSON)
         for step in steps:
+            if failing and step["status"] == "success":
+                await asyncio.sleep(self.state.silence)
+                step = {"error": NO_SPACE}
             await self.send_line(step)
 
     do_api_pull = do_api_push = do_api_create = progress

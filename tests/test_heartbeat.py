@@ -8,8 +8,9 @@ import ollama
 import openai
 import pytest
 
-from tornado_ollama_proxy.heartbeat import error_message, in_band_error, may_beat
+from tornado_ollama_proxy.heartbeat import may_beat
 
+from .fake_ollama import NO_SPACE
 from .helpers import ScriptedUpstream, open_raw, read_body, read_response, send_json, split_response, until
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -116,8 +117,22 @@ async def test_an_error_after_the_heads_went_out_reaches_each_client_in_band(pla
                 pass
     assert 'model "late404" not found' in str(raised.value)
     await sdk.close()
-    [first, second] = records(log_lines)
-    assert (first["status"], first["upstream_status"], second["upstream_status"]) == (200, 404, 404)
+    # A 200 went out, but the records (and the metrics) count the failure it is.
+    for record in records(log_lines):
+        assert (record["status"], record["upstream_status"], record["in_band"]) == (404, 404, True)
+
+
+async def test_a_pull_that_fails_after_a_heartbeat_is_a_failure_to_the_ollama_client(platform, log_lines):
+    client = ollama.AsyncClient(host=platform())
+    whole = await client.pull("nospace")  # "stream": false, the client's default
+    assert whole.status == f"error: {NO_SPACE}"  # not a silent None that looks done
+    with pytest.raises(ollama.ResponseError) as streamed:
+        async for _ in await client.pull("nospace", stream=True):
+            pass
+    assert streamed.value.error == NO_SPACE
+    await client.close()
+    first = records(log_lines)[0]
+    assert (first["status"], first["upstream_status"], first["in_band"]) == (500, 500, True)
 
 
 async def test_a_whole_answer_gets_the_error_in_a_200_as_documented(proxy):
@@ -355,13 +370,3 @@ ANY = _Any()
 )
 def test_where_a_heartbeat_may_go(answer_format, body_started, tail, allowed):
     assert may_beat(answer_format, body_started, tail) is allowed
-
-
-def test_errors_in_band_and_their_messages():
-    assert in_band_error("ndjson", "no") == b'{"error": "no"}\n'
-    assert in_band_error("sse", "no") == b'data: {"error": {"message": "no"}}\n\n'
-    assert error_message(b'{"error": "model \'x\' not found"}', 404) == "model 'x' not found"
-    assert error_message(b'{"error": {"message": "bad", "type": "x"}}', 400) == "bad"
-    assert error_message(b"404 page not found", 404) == "404 page not found"
-    assert error_message(b"", 500) == "the upstream answered 500"
-    assert error_message(b'{"detail": 1}', 500) == '{"detail": 1}'

@@ -3,7 +3,7 @@
 import asyncio
 import json
 
-from .helpers import open_raw, scrape, unused_url, value
+from .helpers import open_raw, parse_metrics, scrape, split_response, unused_url, value
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -88,3 +88,30 @@ async def test_rate_limited_requests_are_counted_by_reason(make_proxy, http):
     samples = await scrape(http, proxy)
     assert value(samples, "ollama_proxy_rate_limited_total", route="/api/tags", reason="rate") == 2
     assert value(samples, "ollama_proxy_requests_total", route="/api/tags", method_out="none", status="429") == 2
+
+
+async def test_no_path_a_client_chooses_becomes_a_label(proxy_url, http):
+    """10,000 distinct paths under the proxy's own prefix, pipelined on one connection,
+    add no label set: the exposition keeps its series and its size."""
+
+    async def send(paths):
+        reader, writer = await open_raw(proxy_url)
+        writer.write(b"".join(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path for path in paths))
+        for _ in paths:
+            status, _, _ = split_response(await reader.readuntil(b"\r\n\r\n"))
+            assert status == 404
+            await reader.readuntil(b"}")  # the error's JSON body
+        writer.close()
+
+    await send([b"/_proxy/first", b"/%5Fproxy/first"])
+    await http.get(proxy_url + "/_proxy/metrics")  # so that the scrapes' own series exist
+    before = (await http.get(proxy_url + "/_proxy/metrics")).text
+    for batch in range(20):
+        await send([b"/_proxy/%d-%d-%s" % (batch, n, b"x" * 100) for n in range(500)])
+    after = (await http.get(proxy_url + "/_proxy/metrics")).text
+    assert parse_metrics(after).keys() == parse_metrics(before).keys()
+    assert len(after) - len(before) < 100  # counts grew by some digits, nothing else
+    assert (
+        value(parse_metrics(after), "ollama_proxy_requests_total", route="not_found", method_out="none", status="404")
+        == 10_001
+    )

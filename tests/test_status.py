@@ -139,7 +139,7 @@ async def test_with_several_workers_the_figures_say_they_are_one_workers(make_pr
 
 
 def ended(completion_tokens=None, **fields):
-    record = AccessRecord("id", "127.0.0.1", "POST", "/api/generate")
+    record = AccessRecord("id", "127.0.0.1", "POST", "/api/generate", "/api/generate")
     record.status, record.outcome, record.completion_tokens = 200, "ok", completion_tokens
     for name, value in fields.items():
         setattr(record, name, value)

@@ -56,18 +56,19 @@ class AccessRecord:
     headers only those `log_headers` names.
     """
 
-    def __init__(self, request_id: str, client: str, method_in: str, path: str):
+    def __init__(self, request_id: str, client: str, method_in: str, path: str, route: str):
         self.request_id = request_id
         self.client = client
         self.key: str | None = None  # the access key's name, when keys are required
         self.method_in = method_in
         self.method_out: str | None = None  # set when the request goes upstream
         self.path = path
-        self.route = path  # the route table's entry, "unmapped" outside it
+        self.route = route  # the route table's entry, "unmapped" outside it, fixed names for the proxy's own
         self.model: str | None = None  # what the body asks for, when it says
         self.stream: bool | None = None
         self.upstream_status: int | None = None
-        self.status = 0
+        self.status = 0  # as sent; for an error told in-band after a heartbeat's 200, the error's
+        self.in_band = False  # an error was told in-band, after the proxy's own head
         self.bytes_in = 0
         self.bytes_out = 0
         self.ttfb_ms: float | None = None

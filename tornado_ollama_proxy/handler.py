@@ -29,7 +29,7 @@ from .auth import MANAGE, METRICS
 from .body import ALIAS_BODY_LIMIT, SMALL_BODY, BodyPump
 from .clients import client_address, in_networks, parse_address
 from .ending import AccessRecord, Silence, account
-from .errors import Rejection, error_body
+from .errors import Rejection, error_answer
 from .framing import Head, declared_body
 from .headers import upstream_request_headers
 from .logs import REQUEST_ID_HEADER, accept_request_id, request_id_var
@@ -58,6 +58,8 @@ class BaseHandler(RequestHandler):
     one access record and the request metrics."""
 
     forwarded = False  # meant for Ollama (on the status board), not for the proxy itself
+    # The route label of its metrics: fixed per handler, never the path a client chose.
+    label = "own"
 
     def __init__(self, application: Any, request: httputil.HTTPServerRequest, **kwargs: Any) -> None:
         # Set before Tornado starts the handler's task, so the task and every
@@ -66,7 +68,7 @@ class BaseHandler(RequestHandler):
         request_id_var.set(self.request_id)
         self.proxy: Proxy = application.settings["proxy"]
         client = client_address(request.remote_ip, request.headers, self.proxy.trusted_networks)
-        self.record = AccessRecord(self.request_id, client, request.method or "GET", request.path)
+        self.record = AccessRecord(self.request_id, client, request.method or "GET", request.path, self.label)
         self.started = time.monotonic()
         self.generation = False  # a route that reports tokens: counted per model
         self._ended = False
@@ -89,7 +91,7 @@ class BaseHandler(RequestHandler):
         for name, value in rejection.headers.items():
             self.set_header(name, value)
         self.set_header("Content-Type", JSON_TYPE)
-        self.finish(error_body(rejection.message))
+        self.finish(error_answer(self.request.path, rejection.status, rejection.message))
 
     async def authenticate(self, scope: str) -> None:
         """Ask the authenticator, if any, who the request acts as; a `Rejection` refuses it."""
@@ -122,7 +124,8 @@ class BaseHandler(RequestHandler):
         self._ended = True
         self.proxy.in_flight.leave()
         record = self.record
-        record.status = self.get_status()
+        if not record.in_band:
+            record.status = self.get_status()
         record.duration_ms = round((time.monotonic() - self.started) * 1000, 3)
         record.outcome = record.outcome or "ok"
         allowed = self.proxy.settings.log_headers
@@ -135,9 +138,9 @@ class BaseHandler(RequestHandler):
 class ProxyHandler(BaseHandler):
     SUPPORTED_METHODS = METHODS
     forwarded = True
+    label = "unmapped"  # until the route table names the route
 
     def initialize(self) -> None:
-        self.record.route = "unmapped"
         self.proxy.metrics.in_flight.inc()
         self.proxy.exchanges.add(self)
         self.watch: Silence | None = None
@@ -424,7 +427,7 @@ class ProxyHandler(BaseHandler):
         relay = self.relay
         if relay is not None and relay.own_format is not None and (relay.head is None or relay.error_body is not None):
             self.answered = True
-            relay.tell_in_band(rejection.message)
+            relay.tell_in_band(rejection.status, rejection.message)
             self.finish()
         elif relay is not None and (relay.head_sent or relay.head is not None):
             self._cut()
@@ -613,6 +616,8 @@ PAGE_POLICY = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe
 
 class ProxyNotFoundHandler(BaseHandler):
     """The reserved /_proxy/ prefix is never forwarded."""
+
+    label = "not_found"
 
     def prepare(self) -> None:
         self.answer_error(Rejection(404, f"{self.request.path} is not an endpoint of this proxy"))

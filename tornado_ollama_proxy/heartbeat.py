@@ -12,8 +12,6 @@ the client is reading.
 
 from __future__ import annotations
 
-import json
-
 # What a heartbeat is, per answer format.
 BEATS = {"json": b" ", "ndjson": b" ", "sse": b": heartbeat\n\n"}
 CONTENT_TYPES = {"json": "application/json", "ndjson": "application/x-ndjson", "sse": "text/event-stream"}
@@ -31,27 +29,3 @@ def may_beat(answer_format: str, body_started: bool, tail: bytes) -> bool:
     if answer_format == "sse":
         return tail.endswith(b"\n\n")
     return False  # a JSON document has begun
-
-
-def in_band_error(answer_format: str, message: str) -> bytes:
-    """An error as the client's format carries it: what Ollama sends when a stream
-    fails (a JSON object and a newline), or an SSE data event the OpenAI SDKs raise."""
-    if answer_format == "sse":
-        return b"data: " + json.dumps({"error": {"message": message}}).encode() + b"\n\n"
-    return json.dumps({"error": message}).encode() + b"\n"
-
-
-def error_message(body: bytes, code: int) -> str:
-    """The message of an upstream error answer: Ollama's {"error": "…"}, OpenAI's
-    {"error": {"message": "…"}}, else its text, else its status."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        data = None
-    error = data.get("error") if isinstance(data, dict) else None
-    if isinstance(error, dict):
-        error = error.get("message")
-    if isinstance(error, str) and error:
-        return error
-    text = body.decode("utf-8", "replace").strip()
-    return text[:1000] if text else f"the upstream answered {code}"

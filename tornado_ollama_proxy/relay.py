@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING
 from tornado.iostream import IOStream
 
 from .ending import AccessRecord, Silence
+from .errors import error_message, in_band_error
 from .framing import Head
 from .headers import end_to_end
-from .heartbeat import BEATS, CONTENT_TYPES, ERROR_BODY_LIMIT, HEARTBEAT_HEADER, error_message, in_band_error, may_beat
+from .heartbeat import BEATS, CONTENT_TYPES, ERROR_BODY_LIMIT, HEARTBEAT_HEADER, may_beat
 from .logs import REQUEST_ID_HEADER
 from .tornado_private import format_chunk
 from .usage import AnswerTail
@@ -213,14 +214,16 @@ class AnswerRelay:
         self.head_sent = True
         handler.flush()
 
-    def tell_in_band(self, message: str | None = None) -> None:
-        """After the proxy's own head, an error in the client's format: `message`
-        (the proxy's), or else the upstream's error answer."""
-        if message is None:
+    def tell_in_band(self, status: int | None = None, message: str = "") -> None:
+        """After the proxy's own head, an error in the client's format: the proxy's
+        (`status`, `message`), or else the upstream's error answer. The record keeps
+        the status the error would have had: the answer counts as the failure it is."""
+        if status is None:
             assert self.error_body is not None and self.head is not None
-            message = error_message(b"".join(self.error_body), self.head.code)
+            status, message = self.head.code, error_message(b"".join(self.error_body), self.head.code)
         assert self.own_format is not None
-        self.flow.send(in_band_error(self.own_format, message))
+        self.record.status, self.record.in_band = status, True
+        self.flow.send(in_band_error(self.own_format, self.record.route, status, message))
 
 
 def send_now_or_queue(stream: IOStream, data: bytes) -> asyncio.Future[None] | None:
