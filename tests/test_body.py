@@ -3,7 +3,7 @@ and frees what it held; an early answer never parks it."""
 
 import asyncio
 
-from .helpers import ScriptedUpstream, open_raw, raw_request, read_response, settled
+from .helpers import ScriptedUpstream, open_raw, raw_request, read_response, scrape, settled
 
 VERSION = b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n"
 BLOB = b"/api/blobs/sha256:" + b"6" * 64
@@ -18,7 +18,9 @@ async def upload(writer, size: int, sent: list[int]) -> None:
         sent[0] += len(block)
 
 
-async def test_a_client_that_stops_sending_its_body_is_answered_408_and_frees_its_slot(make_proxy, fake):
+async def test_a_client_that_stops_sending_its_body_is_answered_408_and_frees_its_slot(
+    make_proxy, fake, http, log_lines
+):
     proxy = make_proxy(idle_timeout=0.5, concurrency_total=1)
     reader, writer = await open_raw(proxy)
     writer.write(b"POST " + BLOB + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 100_000)
@@ -31,6 +33,10 @@ async def test_a_client_that_stops_sending_its_body_is_answered_408_and_frees_it
     assert await asyncio.wait_for(fake.disconnected.get(), 2) == BLOB.decode()  # the upstream upload was ended
     assert (await raw_request(proxy, VERSION)).startswith(b"HTTP/1.1 200 ")  # the slot is free again
     writer.close()
+    [record, _] = [line for line in log_lines() if line["message"] == "request"]
+    assert (record["status"], record["outcome"]) == (408, "timeout")
+    samples = await scrape(http, proxy)
+    assert not [key for key in samples if key[0] == "ollama_proxy_upstream_errors_total"]
 
 
 async def test_a_client_silent_before_a_held_body_is_complete_is_answered_408(make_proxy, fake):

@@ -9,7 +9,7 @@ import pytest
 
 from tornado_ollama_proxy.ending import Silence
 
-from .helpers import ScriptedUpstream, open_raw, read_response, until
+from .helpers import ScriptedUpstream, open_raw, read_response, scrape, until, value
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -53,7 +53,9 @@ async def test_a_client_that_leaves_after_the_last_event_of_a_stream_is_recorded
     assert "ollama_proxy_client_disconnects_total 0.0" in metrics
 
 
-async def test_a_client_that_leaves_mid_stream_is_recorded_gone(proxy_url, fake, log_lines):
+async def test_a_client_that_leaves_mid_stream_is_recorded_gone_not_as_an_upstream_failure(
+    proxy_url, fake, log_lines, http
+):
     reader, writer = await open_raw(proxy_url)
     body = json.dumps({**CHAT, "model": "stall"}).encode()
     writer.write(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
@@ -63,6 +65,13 @@ async def test_a_client_that_leaves_mid_stream_is_recorded_gone(proxy_url, fake,
     while not records(log_lines):
         await asyncio.sleep(0.01)
     assert records(log_lines)[0]["outcome"] == "client_gone"
+    samples = await scrape(http, proxy_url)  # a "stop generating" click pages nobody
+    assert not [key for key in samples if key[0] == "ollama_proxy_upstream_errors_total"]
+    assert value(samples, "ollama_proxy_client_disconnects_total") == 1
+    assert (
+        value(samples, "ollama_proxy_generations_total", model="llama3.2", route="/api/chat", outcome="client_gone")
+        == 0
+    )
 
 
 # -- silence, on its own ---------------------------------------------------------------

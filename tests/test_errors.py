@@ -2,9 +2,13 @@
 
 import json
 
+import ollama
+import openai
 import pytest
 
 from tornado_ollama_proxy.errors import error_answer, error_message, in_band_error, shape_for
+
+from .helpers import unused_url
 
 
 @pytest.mark.parametrize(
@@ -56,3 +60,19 @@ def test_an_upstream_error_answer_is_told_by_its_message():
     assert error_message(b"", 500) == "the upstream answered 500"
     assert error_message(b'{"detail": 1}', 500) == '{"detail": 1}'
     assert error_message(json.dumps({"error": "x" * 5000}).encode(), 500) == "x" * 1000
+
+
+async def test_the_proxys_own_errors_reach_both_sdks_as_their_errors(make_proxy):
+    down = unused_url()
+    proxy = make_proxy(upstream=down)
+    message = f"upstream {down} refused the connection"
+    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="unused", max_retries=0) as sdk:
+        with pytest.raises(openai.InternalServerError) as raised:
+            await sdk.chat.completions.create(model="llama3.2", messages=[{"role": "user", "content": "hi"}])
+    assert raised.value.status_code == 502
+    assert raised.value.body == {"message": message, "type": "api_error", "param": None, "code": 502}
+    client = ollama.AsyncClient(host=proxy)
+    with pytest.raises(ollama.ResponseError) as refused:
+        await client.chat(model="llama3.2", messages=[{"role": "user", "content": "hi"}])
+    assert (refused.value.status_code, refused.value.error) == (502, message)
+    await client.close()

@@ -58,6 +58,10 @@ def test_a_request_body_is_sized_chunked_or_absent(headers, length):
     assert declared_body(HTTPHeaders(headers)) == length
 
 
+def test_the_largest_body_tornado_is_told_to_accept_is_a_length():
+    assert declared_body(HTTPHeaders({"Content-Length": str(2**62)})) == 2**62
+
+
 def test_repeated_equal_request_lengths_are_one_length():
     headers = HTTPHeaders()
     headers.add("Content-Length", "5")
@@ -75,6 +79,10 @@ def test_repeated_equal_request_lengths_are_one_length():
         ([("Content-Length", "-1")], "is not a byte count"),
         ([("Content-Length", "\xb2")], "is not a byte count"),  # a digit to str.isdigit, not an ASCII one
         ([("Content-Length", "2"), ("Content-Length", "3")], "Content-Length '2,3' is not a byte count"),
+        ([("Content-Length", str(2**62 + 1))], "is larger than any body this proxy accepts"),
+        ([("Content-Length", "9" * 23)], "is larger than any body"),
+        ([("Content-Length", "0" * 30 + "1")], "is larger than any body"),  # no number has that many digits
+        ([("Content-Length", "9" * 5000)], "is larger than any body"),  # past Python's int() digit limit
     ],
 )
 def test_request_framing_tornado_would_refuse_is_a_400(pairs, reason):

@@ -943,3 +943,26 @@ async def test_an_untrusted_peer_cannot_say_which_scheme_or_host_it_used(proxy_u
         "http",
         proxy_url.removeprefix("http://"),
     )
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HEAD /api/tags HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+        b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 9223372036854775808\r\n\r\n",
+        b"POST /api/blobs/sha256:"
+        + b"1" * 64
+        + b" HTTP/1.1\r\nHost: x\r\nContent-Length: "
+        + b"9" * 5000
+        + b"\r\n\r\n",
+    ],
+)
+async def test_a_length_no_body_can_have_is_refused_before_anything_goes_upstream(proxy_url, fake, head):
+    reader, writer = await open_raw(proxy_url)
+    writer.write(head)
+    status, headers, body = await read_response(reader, head=head.startswith(b"HEAD"))
+    assert (status, headers["connection"]) == (400, ["close"])
+    assert head.startswith(b"HEAD") or b"is larger than any body this proxy accepts" in body
+    assert await reader.read() == b""
+    assert fake.seen == []
+    writer.close()

@@ -19,7 +19,7 @@ from tornado_ollama_proxy.ratelimit import (
 from tornado_ollama_proxy.settings import Settings
 
 from .conftest import RedisServer
-from .helpers import open_raw, read_log
+from .helpers import open_raw, read_log, until
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
 SILENT = json.dumps({**CHAT, "model": "silent"}).encode()
@@ -354,3 +354,44 @@ async def test_a_plugin_can_replace_the_limiter(servers, upstream_url, tmp_path,
         {"error": "no ps for you"},
         "5",
     )
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(SILENT), SILENT),
+    ],
+)
+async def test_a_client_that_leaves_while_admission_waits_sends_nothing_and_keeps_no_slot(
+    servers, upstream_url, fake, tmp_path, http, log_lines, request_bytes
+):
+    asked, gate, released = asyncio.Event(), asyncio.Event(), []
+
+    class Slow:  # a limiter whose storage takes its time (a remote Redis)
+        async def admit(self, client, route):
+            asked.set()
+            await gate.wait()
+            return Admission({}, lambda: released.append(route))
+
+    class Plugin:
+        @hookimpl
+        def rate_limiter(self, settings):
+            return Slow()
+
+    settings = Settings(upstream=upstream_url, plugins_dir=str(tmp_path))
+    pm = make_plugin_manager(settings)
+    pm.register(Plugin(), name="slow")
+    proxy = servers.start(make_app(settings, pm))
+    reader, writer = await open_raw(proxy)
+    writer.write(request_bytes)
+    await asked.wait()
+    writer.close()
+    await writer.wait_closed()  # gone (on loopback its end is there at once) before the limiter answers
+    gate.set()
+    await until(lambda: [line for line in log_lines() if line["message"] == "request"])  # it ended
+    assert len(released) == 1  # given back, once
+    [record] = [line for line in log_lines() if line["message"] == "request"]
+    assert (record["outcome"], record["method_out"]) == ("client_gone", None)
+    assert (await http.get(proxy + "/api/version")).status_code == 200
+    assert [seen.path for seen in fake.seen] == ["/api/version"]  # nothing went upstream for nobody

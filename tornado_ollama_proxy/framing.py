@@ -20,6 +20,10 @@ from tornado.httputil import HTTPHeaders
 
 from .errors import Rejection
 
+# Tornado's server caps bodies at 100 MB by default; the handler lifts its cap to
+# this (max_body_size is the proxy's own limit). A longer declared body is refused
+# before the request goes anywhere, as Tornado would refuse it once it reads the body.
+LARGEST_BODY = 2**62
 MAX_HEAD = 64 * 1024  # status line and headers (and trailers), as Tornado's server allows
 MAX_INTERIM = 10  # 1xx answers before the final one, as Tornado's client allows
 _LENGTH_LIST = re.compile(r",[ \t]*")
@@ -61,6 +65,8 @@ def declared_body(headers: HTTPHeaders) -> int | None:
     value = values.pop()
     if values or not value.isascii() or not value.isdigit():
         raise Rejection(400, f"Content-Length {length[:40]!r} is not a byte count")
+    if len(value) > len(str(LARGEST_BODY)) or int(value) > LARGEST_BODY:
+        raise Rejection(400, f"Content-Length {length[:40]!r} is larger than any body this proxy accepts")
     return int(value)
 
 

@@ -30,14 +30,14 @@ from .body import ALIAS_BODY_LIMIT, SMALL_BODY, BodyPump
 from .clients import client_address, in_networks, parse_address
 from .ending import AccessRecord, Silence, account
 from .errors import Rejection, error_answer
-from .framing import Head, declared_body
+from .framing import LARGEST_BODY, Head, declared_body
 from .headers import upstream_request_headers
 from .logs import REQUEST_ID_HEADER, accept_request_id, request_id_var
 from .proxy import Proxy
 from .ratelimit import Admission, RateLimited
-from .relay import AnswerRelay, ClientFlow
+from .relay import AnswerRelay, ClientFlow, peer_closed
 from .routes import METHODS, Route, check_target, decide_method, is_reserved
-from .upstream import ClientGone, IdleTimeout
+from .upstream import Abandoned, IdleTimeout
 from .upstream_client import AbortableRequest
 from .usage import AnswerTail, answer_format, read_counters
 
@@ -45,8 +45,6 @@ if TYPE_CHECKING:
     from tornado.http1connection import HTTP1Connection
 
 JSON_TYPE = "application/json; charset=utf-8"
-# Tornado's server caps bodies at 100 MB by default; max_body_size is the proxy's own limit.
-UNLIMITED = 2**62
 # A refusal waits for a body up to this size, read and dropped, so that the
 # connection stays usable (a keep-alive front shares it); past it, the answer
 # goes at once with Connection: close.
@@ -163,7 +161,7 @@ class ProxyHandler(BaseHandler):
 
     async def prepare(self) -> None:
         request = self.request
-        request.connection.set_max_body_size(UNLIMITED)  # type: ignore[union-attr]
+        request.connection.set_max_body_size(LARGEST_BODY)  # type: ignore[union-attr]
         try:
             declared = declared_body(request.headers)
         except Rejection as rejection:
@@ -189,6 +187,14 @@ class ProxyHandler(BaseHandler):
             await self._admit()
         except Rejection as rejection:
             self.answer_early(self._answer, rejection)
+            return
+        if peer_closed(self.request.connection.stream):  # type: ignore[union-attr]
+            # The client left while the proxy waited (Tornado reads nothing during
+            # prepare, so it does not say yet): nothing goes upstream, whatever body
+            # is there is dropped, and what the request holds is given back as it ends.
+            self.answered = True
+            self.record.outcome = "client_gone"
+            self.early = lambda: None  # nobody to answer
             return
         authenticator = self.proxy.authenticator
         headers = upstream_request_headers(
@@ -252,12 +258,13 @@ class ProxyHandler(BaseHandler):
             # Keys are stored hashed: a shared Redis never holds an API key.
             key = "key:" + hashlib.sha256(self.request.headers[key_header].encode()).hexdigest()[:32]
         try:
-            self.admission = await limiter.admit(key, self.record.route)
+            admission = await limiter.admit(key, self.record.route)
         except RateLimited as refusal:
             self.record.outcome = "rate_limited"
             self.proxy.metrics.rate_limited.labels(self.record.route, refusal.reason).inc()
             raise
-        self.added_headers.update(self.admission.headers)
+        self.admission = admission
+        self.added_headers.update(admission.headers)
 
     async def data_received(self, chunk: bytes) -> None:
         # Tornado stops delivering the body once a response has been finished.
@@ -355,6 +362,8 @@ class ProxyHandler(BaseHandler):
             # Every piece has been handed to the kernel: a client leaving now loses nothing.
             self.record.outcome = self.record.outcome or "ok"
             return
+        if isinstance(error, Abandoned):
+            return  # the proxy ended it, and the ending says why
         kind, self.failure = self.proxy.upstream.failure(error)
         self.proxy.metrics.upstream_errors.labels(kind).inc()
         self.record.outcome = "timeout" if kind.endswith("timeout") else "upstream_error"
@@ -423,7 +432,7 @@ class ProxyHandler(BaseHandler):
     def _end_early(self, rejection: Rejection) -> None:
         """Stop the exchange; answer the rejection if nothing has gone out yet, tell it
         in-band after a heartbeat's head, else cut."""
-        self._abort_upstream(ClientGone())
+        self._abort_upstream(Abandoned())
         relay = self.relay
         if relay is not None and relay.own_format is not None and (relay.head is None or relay.error_body is not None):
             self.answered = True
@@ -485,7 +494,7 @@ class ProxyHandler(BaseHandler):
     def _client_left(self) -> None:
         if self.record.outcome is None and self.relay is not None and self.relay.head is not None:
             self.proxy.metrics.client_disconnects.inc()
-        self._abort_upstream(ClientGone())
+        self._abort_upstream(Abandoned())
         if self.body is not None:
             self.body.arrived()
         super().on_connection_close()

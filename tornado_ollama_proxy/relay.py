@@ -4,6 +4,7 @@ it arrives, with backpressure in one place (`ClientFlow`)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
@@ -247,3 +248,16 @@ def send_now_or_queue(stream: IOStream, data: bytes) -> asyncio.Future[None] | N
         view = memoryview(data)[sent:]
     queued = stream.write(view)
     return None if queued.done() else queued
+
+
+def peer_closed(stream: IOStream) -> bool:
+    """Whether the client has closed its side, as far as its socket tells without
+    reading (an unread body or request in front of the end hides it)."""
+    if stream.closed():
+        return True
+    try:
+        return stream.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:  # reset
+        return True

@@ -24,8 +24,9 @@ class IdleTimeout(Exception):
     """The upstream sent nothing (or took none of the body) for longer than the idle timeout."""
 
 
-class ClientGone(Exception):
-    """The client disconnected, or stopped sending its body; nobody is left to read the answer."""
+class Abandoned(Exception):
+    """The proxy let the exchange go: its client left, or was answered already (a 408,
+    a 413 mid-body). Not the upstream's failure: it counts against nobody."""
 
 
 BodyProducer = Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]]
