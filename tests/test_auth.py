@@ -18,13 +18,14 @@ from tornado_ollama_proxy.auth import (
     offered_key,
     parse_entries,
     parse_key_file,
+    strength,
 )
 from tornado_ollama_proxy.cli import main
 from tornado_ollama_proxy.errors import Rejection
 from tornado_ollama_proxy.settings import Settings, load_settings
 
 from .get_only_front import make_front
-from .helpers import read_log
+from .helpers import BlackHole, read_log
 
 READER_KEY = "r-" + "a" * 40  # inference only
 ADMIN_KEY = "m-" + "b" * 40  # every scope
@@ -133,7 +134,7 @@ def test_settings_take_one_key_from_the_environment_and_never_echo_it():
 
 @pytest.fixture
 def authenticator(io_loop):
-    return KeyAuthenticator(parse_entries(KEYS), ["/_proxy/health"], "3/minute", "memory://")
+    return KeyAuthenticator(parse_entries(KEYS), Settings(public_paths=("/_proxy/health",), auth_failures="3/minute"))
 
 
 async def test_a_key_is_known_by_its_name_and_allowed_its_scopes(authenticator):
@@ -149,26 +150,61 @@ async def test_a_key_is_known_by_its_name_and_allowed_its_scopes(authenticator):
     assert await authenticator.authenticate({}, "/_proxy/health", "metrics", "1.2.3.4") is None
 
 
-async def test_failed_attempts_are_limited_per_address_and_then_not_even_compared(authenticator):
+async def wrong(authenticator, headers, client="6.6.6.6"):
+    with pytest.raises(Rejection) as refused:
+        await authenticator.authenticate(headers, "/api/chat", "inference", client)
+    return refused.value
+
+
+async def test_wrong_keys_are_limited_per_address_and_a_valid_key_is_always_admitted(authenticator):
     for _ in range(3):
-        with pytest.raises(Rejection) as refused:
-            await authenticator.authenticate({"Authorization": "Bearer guess"}, "/api/chat", "inference", "6.6.6.6")
-        assert (refused.value.status, refused.value.headers) == (
-            401,
-            {"WWW-Authenticate": 'Bearer realm="ollama-proxy"'},
-        )
-    with pytest.raises(Rejection) as throttled:
-        await authenticator.authenticate({"X-API-Key": ADMIN_KEY}, "/api/chat", "inference", "6.6.6.6")
-    assert throttled.value.status == 429 and 0 < int(throttled.value.headers["Retry-After"]) <= 60
-    assert await authenticator.authenticate({"X-API-Key": ADMIN_KEY}, "/api/chat", "inference", "7.7.7.7") == "admin"
+        refused = await wrong(authenticator, {"Authorization": "Bearer guess"})
+        assert (refused.status, refused.headers) == (401, {"WWW-Authenticate": 'Bearer realm="ollama-proxy"'})
+    throttled = await wrong(authenticator, {"Authorization": "Bearer guess"})
+    assert throttled.status == 429 and 0 < int(throttled.headers["Retry-After"]) <= 60
+    assert await authenticator.authenticate({"X-API-Key": ADMIN_KEY}, "/api/chat", "inference", "6.6.6.6") == "admin"
 
 
-async def test_a_storage_outage_does_not_lock_everyone_out(io_loop, caplog):
-    down = KeyAuthenticator(parse_entries(KEYS), [], "3/minute", "redis://127.0.0.1:1")
+async def test_a_missing_key_is_not_a_guess(authenticator):
+    for _ in range(10):
+        assert (await wrong(authenticator, {})).status == 401
+    assert (await wrong(authenticator, {"X-API-Key": "guess"})).status == 401  # the first guess
+
+
+async def test_every_limit_of_auth_failures_counts(io_loop):
+    both = KeyAuthenticator(parse_entries(KEYS), Settings(auth_failures="5/minute; 2/hour"))
+    assert [(await wrong(both, {"X-API-Key": "guess"})).status for _ in range(4)] == [401, 401, 429, 429]
+    assert "2 per 1 hour" in (await wrong(both, {"X-API-Key": "guess"})).message
+
+
+async def test_a_storage_outage_locks_nobody_out_and_is_logged_once(io_loop, caplog):
+    down = KeyAuthenticator(
+        parse_entries(KEYS), Settings(auth_failures="1/minute", rate_limit_storage="redis://127.0.0.1:1")
+    )
     assert await down.authenticate({"X-API-Key": ADMIN_KEY}, "/api/chat", "inference", "1.1.1.1") == "admin"
-    with pytest.raises(Rejection):
-        await down.authenticate({}, "/api/chat", "inference", "1.1.1.1")
-    assert [record.getMessage() for record in caplog.records].count("failed attempts not counted") == 3
+    for _ in range(3):
+        assert (await wrong(down, {"X-API-Key": "guess"})).status == 401  # not counted, not throttled
+    messages = [record.getMessage() for record in caplog.records if record.name == "tornado_ollama_proxy.storage"]
+    assert messages == ["rate limit storage unavailable: failed key attempts not counted"]
+
+
+async def test_a_stalled_storage_delays_a_wrong_key_by_its_timeout_only(io_loop):
+    hole = BlackHole()
+    stalled = KeyAuthenticator(
+        parse_entries(KEYS),
+        Settings(rate_limit_storage=hole.url.replace("http", "redis"), rate_limit_storage_timeout=0.2),
+    )
+    refused = await asyncio.wait_for(wrong(stalled, {"X-API-Key": "guess"}), 5)
+    hole.close()
+    assert refused.status == 401
+
+
+async def test_a_first_burst_of_wrong_keys_on_a_cold_redis_is_counted_once_each(redis_server):
+    authenticator = KeyAuthenticator(
+        parse_entries(KEYS), Settings(auth_failures="10/minute", rate_limit_storage=redis_server.url)
+    )
+    burst = await asyncio.gather(*(wrong(authenticator, {"X-API-Key": f"guess-{n}"}) for n in range(30)))
+    assert sorted(refused.status for refused in burst) == [401] * 10 + [429] * 20
 
 
 # -- through the platform, with the clients people use -----------------------------------
@@ -249,12 +285,19 @@ async def test_the_proxys_own_endpoints_need_the_metrics_scope_unless_public(mak
     assert (await http.get(closed + "/_proxy/health")).status_code == 401
 
 
-async def test_brute_force_is_slowed_down(make_proxy, http):
+async def test_fifty_bad_requests_from_one_address_lock_no_valid_key_out(make_proxy, http):
+    """Behind Runpod every user arrives from the balancer's address: strangers' bad
+    requests, and a status page polling without a key, must not lock out its users."""
     proxy = make_proxy(api_keys=parse_entries(KEYS))
-    codes = [(await http.get(proxy + "/api/tags", headers={"X-API-Key": f"guess-{n}"})).status_code for n in range(12)]
-    assert codes == [401] * 10 + [429] * 2
-    throttled = await http.get(proxy + "/api/tags", headers={"X-API-Key": READER_KEY})
-    assert throttled.status_code == 429 and "too many failed attempts" in throttled.json()["error"]
+    codes = []
+    for n in range(25):
+        codes.append((await http.get(proxy + "/api/tags")).status_code)
+        codes.append((await http.get(proxy + "/api/tags", headers={"X-API-Key": f"guess-{n}"})).status_code)
+    assert codes.count(401) == 25 + 10 and codes.count(429) == 15  # the 11th wrong key on is throttled
+    throttled = await http.get(proxy + "/api/tags", headers={"X-API-Key": "guess"})
+    assert throttled.status_code == 429 and "too many wrong keys from this address" in throttled.json()["error"]
+    admitted = await http.get(proxy + "/api/tags", headers={"X-API-Key": READER_KEY})
+    assert admitted.status_code == 200
 
 
 async def test_the_access_record_names_the_key_and_the_limiter_counts_per_key(make_proxy, http, log_lines):
@@ -338,6 +381,39 @@ async def test_an_open_proxy_on_a_public_address_says_so_at_start_up(launch, ups
     warning = await read_log(process, "no access keys: anyone who can reach this port can use, pull and delete models")
     assert warning["level"] == "WARNING" and "api_keys" in warning["fix"]
     await read_log(process, "listening")  # up, so that it stops gracefully
+
+
+def test_key_strength_is_estimated_from_length_and_alphabet():
+    assert strength("0123456789abcdef" * 2) == 128  # hex
+    assert strength("Zm9vYmFyYmF6cXV4") == 96  # base64
+    assert strength("q" * 43) == 258  # as long as secrets.token_urlsafe(32)
+    assert 19 < strength("p@ss") < 27  # printable
+    [short, long, hashed] = parse_entries(
+        [{"name": "short", "key": "Zm9vYmFyYmF6cXV4"}, {"name": "long", "key": "q" * 43}, KEYS[1]]
+    )
+    assert (short.weak, long.weak, hashed.weak) == (True, False, False)  # a digest says nothing of its key
+    [from_file] = parse_key_file("bob:hunter2", "keys.txt")
+    assert from_file.weak
+
+
+async def test_start_up_warns_of_short_keys_and_of_keys_behind_an_untrusted_balancer(launch, upstream_url):
+    process = launch(
+        {
+            "PORT": "0",
+            "OLLAMA_PROXY_HOST": "0.0.0.0",
+            "OLLAMA_PROXY_UPSTREAM": upstream_url,
+            "OLLAMA_PROXY_API_KEYS": json.dumps([{"name": "bob", "key": "hunter2"}, {"name": "ci", "key": "c" * 43}]),
+        }
+    )
+    weak = await read_log(process, "the key 'bob' is shorter than 128 bits: it can be guessed")
+    assert weak["level"] == "WARNING" and "token_urlsafe" in weak["fix"]
+    shared = await read_log(
+        process,
+        "wrong keys are counted per client address, and trusted_proxies is empty: behind a platform's "
+        "balancer every user shares its address",
+    )
+    assert shared["level"] == "WARNING" and "trusted_proxies" in shared["fix"]
+    await read_log(process, "listening")
 
 
 def test_settings_name_no_key_at_start_up():

@@ -13,10 +13,10 @@ from tornado_ollama_proxy.plugins import make_plugin_manager
 from tornado_ollama_proxy.ratelimit import (
     Admission,
     LimitsRateLimiter,
-    OutageLog,
     RateLimited,
 )
 from tornado_ollama_proxy.settings import Settings
+from tornado_ollama_proxy.storage import OutageLog
 
 from .conftest import RedisServer
 from .helpers import open_raw, read_log, until
@@ -253,7 +253,7 @@ async def test_a_first_burst_on_a_cold_redis_is_counted_once(redis_server):
         limiter = LimitsRateLimiter(Settings(rate_limit="10/minute", rate_limit_storage=redis_server.url))
         burst = await asyncio.gather(*(limiter.admit(f"c{round_}", "/r") for _ in range(40)), return_exceptions=True)
         assert sum(isinstance(outcome, Admission) for outcome in burst) == 10
-        assert limiter.outage.failures == 0
+        assert limiter.shared.outage.failures == 0
 
 
 async def test_two_proxy_processes_admit_exactly_the_shared_limit(launch, upstream_url, redis_server):
@@ -298,9 +298,7 @@ async def test_an_outage_is_logged_when_it_begins_and_when_it_ends_not_per_reque
     back = RedisServer(port=redis.port)
     assert (await http.get(proxy + "/api/tags")).headers["ratelimit-limit"] == "100"
     back.stop()
-    lines = [
-        (line["level"], line["message"]) for line in log_lines() if line["name"] == "tornado_ollama_proxy.ratelimit"
-    ]
+    lines = [(line["level"], line["message"]) for line in log_lines() if line["name"] == "tornado_ollama_proxy.storage"]
     assert lines == [
         ("WARNING", "rate limit storage unavailable: limits not enforced"),
         ("WARNING", "rate limit storage available again"),
@@ -311,10 +309,10 @@ async def test_an_outage_is_logged_when_it_begins_and_when_it_ends_not_per_reque
 
 
 def test_a_long_outage_is_recalled_once_a_period(caplog):
-    outage = OutageLog(period=0.0)
-    with caplog.at_level(logging.INFO, "tornado_ollama_proxy.ratelimit"):
+    outage = OutageLog("requests refused (503)", period=0.0)
+    with caplog.at_level(logging.INFO, "tornado_ollama_proxy.storage"):
         for _ in range(3):
-            outage.failed("down", enforced=True)
+            outage.failed("down")
         outage.over()
         outage.over()  # nothing to end twice
     assert [record.getMessage() for record in caplog.records] == [

@@ -3,7 +3,7 @@
 A key is kept only as its SHA-256 digest, compared in constant time; its
 name is what logs, metrics and the rate limiter see. Routes carry a scope
 (`inference`, `manage`, `metrics`), and a key allows the scopes it lists.
-Failed attempts are limited per client address through the rate limits'
+Wrong keys are counted per client address through the rate limits'
 storage, so guessing keys is slow.
 """
 
@@ -11,27 +11,30 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
 import math
 import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from limits import parse
+from limits import parse_many
 from limits.aio.strategies import MovingWindowRateLimiter
-from limits.storage import storage_from_string
 
 from .errors import Rejection
+from .storage import SharedStorage, StorageDown
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from .settings import Settings
 
 INFERENCE, MANAGE, METRICS = "inference", "manage", "metrics"
 SCOPES = (INFERENCE, MANAGE, METRICS)
 KEY_HEADERS = ("Authorization", "X-API-Key")  # where a key may come from, in this order
 REALM = 'Bearer realm="ollama-proxy"'
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+_HEX = re.compile(r"[0-9a-fA-F]+")
+_BASE64 = re.compile(r"[A-Za-z0-9+/_=-]+")
+STRONG_BITS = 128
 _NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 
 
@@ -41,11 +44,18 @@ class KeyEntryError(ValueError):
 
 @dataclass(frozen=True)
 class ApiKey:
-    """A key by name: its SHA-256 digest (never the key) and the scopes it allows."""
+    """A key by name: its SHA-256 digest (never the key), the scopes it allows, and
+    roughly how many bits of secret it holds (None when only its digest was given)."""
 
     name: str
     digest: bytes
     scopes: frozenset[str]
+    bits: float | None = None
+
+    @property
+    def weak(self) -> bool:
+        """Shorter than 128 bits: guessable, and the wrong-key throttle must not be what protects it."""
+        return self.bits is not None and self.bits < STRONG_BITS
 
 
 def digest_of(key: str) -> bytes:
@@ -66,7 +76,7 @@ def parse_entries(entries: Iterable[Any]) -> tuple[ApiKey, ...]:
 
 def _entry(entry: Any, index: int) -> ApiKey:
     if isinstance(entry, str):
-        return ApiKey(f"key-{index}", _plain(entry), frozenset(SCOPES))
+        return ApiKey(f"key-{index}", _plain(entry), frozenset(SCOPES), strength(entry))
     if not isinstance(entry, Mapping):
         raise KeyEntryError("a key string or an object with name and key or key_sha256")
     unknown = sorted(set(entry) - {"name", "key", "key_sha256", "scopes"})
@@ -74,11 +84,12 @@ def _entry(entry: Any, index: int) -> ApiKey:
         raise KeyEntryError(f"unknown field {unknown[0]!r}; allowed: name, key, key_sha256, scopes")
     if ("key" in entry) == ("key_sha256" in entry):
         raise KeyEntryError("needs exactly one of key and key_sha256")
-    digest = _plain(entry["key"]) if "key" in entry else _hex(entry["key_sha256"])
+    plain = "key" in entry
+    digest = _plain(entry["key"]) if plain else _hex(entry["key_sha256"])
     scopes = entry.get("scopes", list(SCOPES))
     if not isinstance(scopes, list):
         raise KeyEntryError(f"scopes must be a list of {', '.join(SCOPES)}")
-    return ApiKey(_name(entry.get("name")), digest, _scopes(scopes))
+    return ApiKey(_name(entry.get("name")), digest, _scopes(scopes), strength(entry["key"]) if plain else None)
 
 
 def parse_key_file(text: str, source: str) -> tuple[ApiKey, ...]:
@@ -91,21 +102,34 @@ def parse_key_file(text: str, source: str) -> tuple[ApiKey, ...]:
             continue
         try:
             parts = line.split(":")
+            bits = None
             if len(parts) >= 3 and parts[1] == "sha256":
                 name, _, secret, *rest = parts
                 digest = _hex(secret)
             elif len(parts) >= 2:
                 name, secret, *rest = parts
-                digest = _plain(secret)
+                digest, bits = _plain(secret), strength(secret)
             else:
                 raise KeyEntryError("expected name:key or name:sha256:<hex>, optionally followed by :scope,scope")
             if len(rest) > 1:
                 raise KeyEntryError("too many ':' (a key may not contain one)")
             scopes = _scopes(rest[0].split(",")) if rest else frozenset(SCOPES)
-            keys.append(ApiKey(_name(name), digest, scopes))
+            keys.append(ApiKey(_name(name), digest, scopes, bits))
         except KeyEntryError as error:
             raise KeyEntryError(f"{source}, line {number}: {error}") from None
     return tuple(keys)
+
+
+def strength(key: str) -> float:
+    """Bits of secret a key could hold, by its length and the smallest alphabet it
+    fits (hex, base64, printable): an upper bound, enough to warn about short keys."""
+    if _HEX.fullmatch(key):
+        per_character = 4.0
+    elif _BASE64.fullmatch(key):
+        per_character = 6.0
+    else:
+        per_character = math.log2(95)
+    return len(key) * per_character
 
 
 def _plain(key: Any) -> bytes:
@@ -166,15 +190,18 @@ def load_keys(keys: Iterable[ApiKey], key_file: str | None) -> tuple[ApiKey, ...
 
 
 class KeyAuthenticator:
-    """The built-in authenticator: access keys with scopes, failures limited per address."""
+    """The built-in authenticator: access keys with scopes, wrong keys limited per address."""
 
     removed_headers = KEY_HEADERS  # never sent upstream
 
-    def __init__(self, keys: Iterable[ApiKey], public_paths: Iterable[str], failures: str, storage: str):
+    def __init__(self, keys: Iterable[ApiKey], settings: Settings):
         self.keys = tuple(keys)
-        self.public_paths = frozenset(public_paths)
-        self.failures = parse(failures)
-        self.limiter = MovingWindowRateLimiter(storage_from_string("async+" + storage, wrap_exceptions=True))
+        self.public_paths = frozenset(settings.public_paths)
+        self.failures = parse_many(settings.auth_failures)
+        self.shared = SharedStorage(
+            settings.rate_limit_storage, settings.rate_limit_storage_timeout, "failed key attempts not counted"
+        )
+        self.limiter = MovingWindowRateLimiter(self.shared.storage)
 
     @property
     def names(self) -> list[str]:
@@ -182,16 +209,22 @@ class KeyAuthenticator:
 
     async def authenticate(self, headers: Mapping[str, str], path: str, scope: str, client: str) -> str | None:
         """The name of the key the request acts with (None on a public path), or a
-        `Rejection`: 401 without a valid key, 403 without the scope, 429 when the
-        client's failed attempts are over the limit (the key is then not compared)."""
+        `Rejection`: 401 without a valid key, 403 without the scope, 429 for a wrong
+        key once the client's wrong keys are over the limit.
+
+        A valid key is always admitted: it is compared first, so that no number of
+        bad requests from a shared address (behind Runpod, every user's) locks its
+        holders out. A missing key is not a guess and is not counted.
+        """
         if path in self.public_paths:
             return None
-        await self._refuse_when_throttled(client)
         offered = offered_key(headers)
-        key = self._match(digest_of(offered)) if offered is not None else None
+        if offered is None:
+            raise Unauthorized("missing")
+        key = self._match(digest_of(offered))
         if key is None:
             await self._count_failure(client)
-            raise Unauthorized("missing" if offered is None else "invalid")
+            raise Unauthorized("invalid")
         if scope not in key.scopes:
             raise Forbidden(key.name, f"the key {key.name!r} may not use {path}: it needs the {scope} scope")
         return key.name
@@ -204,23 +237,22 @@ class KeyAuthenticator:
                 found = key
         return found
 
-    async def _refuse_when_throttled(self, client: str) -> None:
-        try:
-            allowed = await self.limiter.test(self.failures, "auth", client)
-            if allowed:
-                return
-            stats = await self.limiter.get_window_stats(self.failures, "auth", client)
-        except Exception as error:  # a storage outage does not lock everyone out
-            log.warning("failed attempts not counted", extra={"reason": f"{type(error).__name__}: {error}"})
-            return
-        retry = max(1, math.ceil(stats.reset_time - time.time()))
-        raise Throttled(retry, str(self.failures))
-
     async def _count_failure(self, client: str) -> None:
+        """Count a wrong key against every limit; `Throttled` past one. A storage
+        outage counts nothing and refuses nobody."""
         try:
-            await self.limiter.hit(self.failures, "auth", client)
-        except Exception as error:
-            log.warning("failed attempts not counted", extra={"reason": f"{type(error).__name__}: {error}"})
+            refusal = await self.shared.call(lambda: self._hit(client))
+        except StorageDown:
+            return
+        if refusal is not None:
+            raise refusal
+
+    async def _hit(self, client: str) -> Throttled | None:
+        for item in self.failures:
+            if not await self.limiter.hit(item, "auth", client):
+                stats = await self.limiter.get_window_stats(item, "auth", client)
+                return Throttled(max(1, math.ceil(stats.reset_time - time.time())), str(item))
+        return None
 
 
 class Unauthorized(Rejection):
@@ -244,11 +276,11 @@ class Forbidden(Rejection):
 
 
 class Throttled(Rejection):
-    """Too many failed attempts from this address."""
+    """Too many wrong keys from this address."""
 
     reason = "throttled"
 
     def __init__(self, retry: int, limit: str):
         super().__init__(
-            429, f"too many failed attempts to authenticate ({limit}); retry in {retry} s", {"Retry-After": str(retry)}
+            429, f"too many wrong keys from this address ({limit}); retry in {retry} s", {"Retry-After": str(retry)}
         )

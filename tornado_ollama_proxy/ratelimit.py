@@ -5,8 +5,6 @@ admitted or refused before anything is sent upstream; an admitted one holds
 a concurrency slot until it ends, whichever way it ends.
 """
 
-import asyncio
-import logging
 import math
 import time
 from collections import Counter
@@ -19,19 +17,16 @@ from limits.aio.strategies import (
     MovingWindowRateLimiter,
     SlidingWindowCounterRateLimiter,
 )
-from limits.storage import storage_from_string
 
 from .errors import Rejection
 from .settings import Settings
-
-log = logging.getLogger(__name__)
+from .storage import SharedStorage, StorageDown
 
 STRATEGIES: dict[str, type[MovingWindowRateLimiter | FixedWindowRateLimiter | SlidingWindowCounterRateLimiter]] = {
     "moving-window": MovingWindowRateLimiter,
     "fixed-window": FixedWindowRateLimiter,
     "sliding-window-counter": SlidingWindowCounterRateLimiter,
 }
-OUTAGE_LOG_PERIOD = 60.0  # seconds between reminders that the storage is still down
 
 
 @dataclass
@@ -56,21 +51,16 @@ class LimitsRateLimiter:
     def __init__(self, settings: Settings):
         self.default = parse_many(settings.rate_limit) if settings.rate_limit else []
         self.per_route = {route: parse_many(text) for route, text in settings.rate_limit_routes.items()}
-        scheme = settings.rate_limit_storage
-        self.storage = storage_from_string("async+" + scheme, wrap_exceptions=True)
-        self.strategy = STRATEGIES[settings.rate_limit_strategy](self.storage)
-        self.timeout = settings.rate_limit_storage_timeout
         self.fail_closed = settings.rate_limit_fail == "closed"
+        self.shared = SharedStorage(
+            settings.rate_limit_storage,
+            settings.rate_limit_storage_timeout,
+            "requests refused (503)" if self.fail_closed else "limits not enforced",
+        )
+        self.strategy = STRATEGIES[settings.rate_limit_strategy](self.shared.storage)
         self.per_client = settings.concurrency_per_client
         self.total = settings.concurrency_total
         self.in_flight: Counter[str] = Counter()
-        self.outage = OutageLog()
-        # Until a call to the storage has succeeded, calls go one at a time: the first
-        # loads the storage's scripts into Redis. coredis drops a connection that
-        # concurrent commands share when one of them fails (a script not loaded yet)
-        # and sends the others again, which counted hits twice: 8 of a limit of 10.
-        self.warming = asyncio.Lock()
-        self.warm = False
 
     async def admit(self, client: str, route: str) -> Admission:
         """Admit the request or raise `RateLimited`; nothing has been forwarded yet."""
@@ -84,31 +74,20 @@ class LimitsRateLimiter:
         return Admission(headers, release)
 
     async def _check_rates(self, items: list[RateLimitItem], client: str, route: str) -> dict[str, str]:
-        if self.warm:
-            return await self._check_rates_now(items, client, route)
-        async with self.warming:
-            return await self._check_rates_now(items, client, route)
-
-    async def _check_rates_now(self, items: list[RateLimitItem], client: str, route: str) -> dict[str, str]:
         try:
-            headers = await asyncio.wait_for(self._hit(items, client, route), self.timeout)
-        except RateLimited:
-            self.outage.over()
-            self.warm = True
-            raise
-        except Exception as error:
-            reason = f"rate limit storage unavailable: {type(error).__name__}: {error}"
-            self.outage.failed(reason, enforced=self.fail_closed)
+            outcome = await self.shared.call(lambda: self._hit(items, client, route))
+        except StorageDown as down:
             if self.fail_closed:
-                raise RateLimited(503, reason, {"Retry-After": "1"}, "storage") from None
+                raise RateLimited(503, down.reason, {"Retry-After": "1"}, "storage") from None
             return {}
-        self.outage.over()
-        self.warm = True
-        return headers
+        if isinstance(outcome, RateLimited):
+            raise outcome
+        return outcome
 
-    async def _hit(self, items: list[RateLimitItem], client: str, route: str) -> dict[str, str]:
+    async def _hit(self, items: list[RateLimitItem], client: str, route: str) -> dict[str, str] | RateLimited:
         """Charge every limit in turn with the storage's atomic hit, so that N
-        requests at once against a window with k left admit exactly k.
+        requests at once against a window with k left admit exactly k: the
+        headers for the answer, or the refusal.
 
         A refusal by a later limit leaves the earlier ones charged (the
         storages cannot take a hit back): a refused request still counts
@@ -121,7 +100,7 @@ class LimitsRateLimiter:
             reset = math.ceil(stats.reset_time - time.time())
             if not admitted:
                 retry = max(1, reset)
-                raise RateLimited(
+                return RateLimited(
                     429,
                     f"rate limit exceeded: {item} for {route}; retry in {retry} s",
                     {"Retry-After": str(retry), **_headers(item, 0, retry)},
@@ -157,39 +136,6 @@ class LimitsRateLimiter:
                     del self.in_flight[client]
 
         return release
-
-
-class OutageLog:
-    """Logs a storage outage when it begins, once a period while it lasts, and when it is over:
-    never once per request."""
-
-    def __init__(self, period: float = OUTAGE_LOG_PERIOD):
-        self.period = period
-        self.began: float | None = None
-        self.logged = 0.0
-        self.failures = 0
-
-    def failed(self, reason: str, *, enforced: bool) -> None:
-        now = time.monotonic()
-        self.failures += 1
-        effect = "requests refused (503)" if enforced else "limits not enforced"
-        if self.began is None:
-            self.began = self.logged = now
-            log.warning(f"rate limit storage unavailable: {effect}", extra={"reason": reason})
-        elif now - self.logged >= self.period:
-            self.logged = now
-            log.warning(
-                f"rate limit storage still unavailable: {effect}",
-                extra={"reason": reason, "failures": self.failures, "outage_s": round(now - self.began, 1)},
-            )
-
-    def over(self) -> None:
-        if self.began is not None:
-            log.warning(
-                "rate limit storage available again",
-                extra={"failures": self.failures, "outage_s": round(time.monotonic() - self.began, 1)},
-            )
-            self.began, self.failures = None, 0
 
 
 def _headers(item: RateLimitItem, remaining: int, reset: int) -> dict[str, str]:

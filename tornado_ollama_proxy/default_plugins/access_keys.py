@@ -4,6 +4,7 @@ import logging
 
 from tornado_ollama_proxy import hookimpl
 from tornado_ollama_proxy.auth import KeyAuthenticator, KeyEntryError, load_keys
+from tornado_ollama_proxy.clients import is_loopback
 from tornado_ollama_proxy.settings import Settings, SettingsError
 
 log = logging.getLogger("tornado_ollama_proxy.auth")
@@ -17,6 +18,18 @@ def authenticate(settings: Settings) -> KeyAuthenticator | None:
         raise SettingsError(f"api_keys_file: {error}") from None
     if not keys:
         return None
-    authenticator = KeyAuthenticator(keys, settings.public_paths, settings.auth_failures, settings.rate_limit_storage)
+    authenticator = KeyAuthenticator(keys, settings)
     log.info("access keys required", extra={"keys": len(keys), "names": authenticator.names})
+    for key in keys:
+        if key.weak:
+            log.warning(
+                f"the key {key.name!r} is shorter than 128 bits: it can be guessed",
+                extra={"fix": "python -c 'import secrets; print(secrets.token_urlsafe(32))'"},
+            )
+    if not settings.trusted_proxies and not is_loopback(settings.host):
+        log.warning(
+            "wrong keys are counted per client address, and trusted_proxies is empty: behind a platform's "
+            "balancer every user shares its address",
+            extra={"fix": "set trusted_proxies to the networks the balancer reaches this pod from (see README)"},
+        )
     return authenticator
