@@ -132,7 +132,7 @@ async def test_health_probes_are_silent_by_default_and_can_be_sampled_in(make_pr
     loud = make_proxy(access_log_sampling={})
     await http.get(loud + "/_proxy/health")
     [record] = access(log_lines())
-    assert (record["route"], record["method_out"], record["status"]) == ("/_proxy/health", None, 200)
+    assert (record["route"], record["method_out"], record["status"]) == ("health", None, 200)
 
 
 async def test_an_unknown_method_is_logged_as_rejected(proxy_url, log_lines):

@@ -3,6 +3,7 @@ nginx's proxy_read_timeout) does not end calls while Ollama is only slow."""
 
 import asyncio
 import json
+import zlib
 
 import ollama
 import openai
@@ -370,3 +371,121 @@ ANY = _Any()
 )
 def test_where_a_heartbeat_may_go(answer_format, body_started, tail, allowed):
     assert may_beat(answer_format, body_started, tail) is allowed
+
+
+# -- content codings ----------------------------------------------------------------------
+
+
+def gzipped_stream(lines: list[bytes]) -> list[bytes]:
+    """Lines gzip-compressed as one stream, a flushed piece per line."""
+    compressor = zlib.compressobj(wbits=31)
+    pieces = [compressor.compress(line) + compressor.flush(zlib.Z_SYNC_FLUSH) for line in lines]
+    pieces[-1] += compressor.flush()
+    return pieces
+
+
+async def test_an_encoded_answer_gets_no_heartbeat_after_its_head(make_proxy, log_lines):
+    pieces = gzipped_stream([b'{"a": 1}\n', b'{"b": 2}\n'])
+    seen = []
+
+    async def script(reader, writer):
+        seen.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for piece in pieces:
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await asyncio.sleep(0.8)  # a silence worth four heartbeats after a complete line
+        writer.write(b"0\r\n\r\n")
+        await reader.read()
+
+    upstream = ScriptedUpstream(script)
+    proxy = make_proxy(upstream=await upstream.start(), heartbeat_seconds=0.2)
+    reader, writer = await open_raw(proxy)
+    writer.write(
+        b"POST /api/chat HTTP/1.1\r\nHost: x\r\nAccept-Encoding: br, gzip;q=0.9, zstd\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    status, headers, answer = await read_response(reader)
+    assert (status, headers["content-encoding"]) == (200, ["gzip"])
+    assert answer == b"".join(pieces)  # not one byte written into the encoded body
+    assert zlib.decompress(answer, wbits=31) == b'{"a": 1}\n{"b": 2}\n'
+    assert b"\r\nAccept-Encoding: gzip;q=0.9\r\n" in seen[0]  # only what a heartbeat's head could undo
+    assert records(log_lines)[0]["heartbeats"] == 0
+    writer.close()
+    await upstream.stop()
+
+
+async def test_a_request_that_offers_only_codings_the_proxy_cannot_undo_offers_none(make_proxy, fake, http):
+    proxy = make_proxy(heartbeat_seconds=30)
+    await http.post(proxy + "/api/show", json={"model": "llama3.2"}, headers={"Accept-Encoding": "br"})
+    await http.post(proxy + "/api/blobs/sha256:" + "0" * 64, content=b"x", headers={"Accept-Encoding": "br"})
+    show, blob = fake.seen
+    assert "Accept-Encoding" not in show.headers  # a heartbeat may answer first: identity
+    assert blob.headers["Accept-Encoding"] == "br"  # never a heartbeat: as the client asked
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+async def test_an_encoded_answer_after_a_heartbeats_head_is_decoded(make_proxy, coding):
+    document = json.dumps({"model": "m", "response": "x" * 5000, "done": True}).encode()
+    encoded = zlib.compress(document, wbits=31 if coding == "gzip" else 15)
+
+    async def script(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.7)
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: %s\r\n" % coding.encode()
+        writer.write(head + b"Content-Length: %d\r\n\r\n" % len(encoded) + encoded[:2])
+        await asyncio.sleep(0.3)  # a piece that decodes to nothing yet: the coding's header alone
+        for start in range(2, len(encoded), 100):  # then in pieces
+            writer.write(encoded[start : start + 100])
+            await writer.drain()
+        await reader.read()
+
+    upstream = ScriptedUpstream(script)
+    proxy = make_proxy(upstream=await upstream.start(), heartbeat_seconds=0.2)
+    reader, writer = await send_json(proxy, b"POST", b"/api/generate", {"model": "m", "stream": False})
+    status, headers, answer = await read_response(reader)
+    assert (status, headers["x-ollama-proxy-heartbeat"], "content-encoding" in headers) == (200, ["1"], False)
+    assert answer.startswith(b" ") and json.loads(answer) == json.loads(document)
+    writer.close()
+    await upstream.stop()
+
+
+async def test_a_coding_the_proxy_cannot_undo_after_a_heartbeats_head_is_an_error_in_band(make_proxy):
+    async def script(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.5)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: br\r\nContent-Length: 3\r\n\r\nabc")
+        await reader.read()
+
+    upstream = ScriptedUpstream(script)
+    url = await upstream.start()
+    proxy = make_proxy(upstream=url, heartbeat_seconds=0.2)
+    reader, writer = await send_json(proxy, b"POST", b"/api/generate", {"model": "m", "stream": False})
+    status, _, answer = await read_response(reader)
+    assert status == 200
+    assert json.loads(answer) == {
+        "error": f"upstream {url} sent an answer this proxy cannot relay: "
+        "the upstream's answer is encoded (br), which cannot follow a heartbeat"
+    }
+    writer.close()
+    await upstream.stop()
+
+
+# -- an event stream's first event ----------------------------------------------------------
+
+
+async def test_no_head_of_the_proxys_own_while_an_event_streams_format_is_unknown(make_proxy, fake):
+    fake.silence = 1.0
+    proxy = make_proxy(heartbeat_seconds=0.2)
+    reader, writer = await open_raw(proxy)
+    first = b'{"model": "slow", "messages": [{"role": "user", "content": "hi"}]'
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    writer.write(b"%x\r\n%s\r\n" % (len(first), first))
+    with pytest.raises(TimeoutError):  # three heartbeat periods: the answer's format is not known yet
+        await asyncio.wait_for(reader.read(1), 0.6)
+    rest = b', "stream": true}'
+    writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest))
+    status, headers, answer = await read_response(reader)
+    assert (status, headers["content-type"]) == (200, ["text/event-stream"])
+    assert answer.startswith(b": heartbeat\n\n")
+    events = [event for event in answer.split(b"\n\n") if event.startswith(b"data: {")]
+    assert json.loads(events[0][len(b"data: ") :])["choices"][0]["delta"]["content"] == "Hel"
+    writer.close()

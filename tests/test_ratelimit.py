@@ -3,6 +3,8 @@
 import asyncio
 import json
 import logging
+import socket
+import struct
 
 import httpx
 import pytest
@@ -361,8 +363,9 @@ async def test_a_plugin_can_replace_the_limiter(servers, upstream_url, tmp_path,
         b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(SILENT), SILENT),
     ],
 )
+@pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
 async def test_a_client_that_leaves_while_admission_waits_sends_nothing_and_keeps_no_slot(
-    servers, upstream_url, fake, tmp_path, http, log_lines, request_bytes
+    servers, upstream_url, fake, tmp_path, http, log_lines, request_bytes, reset
 ):
     asked, gate, released = asyncio.Event(), asyncio.Event(), []
 
@@ -384,6 +387,9 @@ async def test_a_client_that_leaves_while_admission_waits_sends_nothing_and_keep
     reader, writer = await open_raw(proxy)
     writer.write(request_bytes)
     await asked.wait()
+    if reset:
+        sock = writer.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.close()
     await writer.wait_closed()  # gone (on loopback its end is there at once) before the limiter answers
     gate.set()

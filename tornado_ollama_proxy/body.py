@@ -91,6 +91,11 @@ class BodyPump:
         self.written += 1
         self.client_turn = not self.received.done()
 
+    @property
+    def readable(self) -> bool:
+        """Whether `info` reads the whole body: it is all in, and held or copied."""
+        return self.received.done() and (self.held is not None or self.copy is not None)
+
     def whole(self) -> bytes:
         """The held body."""
         assert self.held is not None

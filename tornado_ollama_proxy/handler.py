@@ -28,6 +28,7 @@ from . import cors
 from .auth import MANAGE, METRICS
 from .body import ALIAS_BODY_LIMIT, SMALL_BODY, BodyPump
 from .clients import client_address, in_networks, parse_address
+from .codings import decodable
 from .ending import AccessRecord, Silence, account
 from .errors import Rejection, error_answer
 from .framing import LARGEST_BODY, Head, declared_body
@@ -57,7 +58,7 @@ class BaseHandler(RequestHandler):
 
     forwarded = False  # meant for Ollama (on the status board), not for the proxy itself
     # The route label of its metrics: fixed per handler, never the path a client chose.
-    label = "own"
+    label: str
 
     def __init__(self, application: Any, request: httputil.HTTPServerRequest, **kwargs: Any) -> None:
         # Set before Tornado starts the handler's task, so the task and every
@@ -207,6 +208,12 @@ class ProxyHandler(BaseHandler):
         )
         if origin is not None:
             del headers["Origin"]  # granted here; Ollama would refuse it
+        if route is not None and route.answer and settings.heartbeat_seconds and "Accept-Encoding" in headers:
+            # An answer after a heartbeat's head must be decoded: offer only what can be.
+            offered = decodable(headers["Accept-Encoding"])
+            del headers["Accept-Encoding"]
+            if offered is not None:
+                headers["Accept-Encoding"] = offered
         headers[REQUEST_ID_HEADER] = self.request_id
         if route is not None and route.body_defaults and body.present:
             body.hold(ALIAS_BODY_LIMIT)
@@ -338,11 +345,15 @@ class ProxyHandler(BaseHandler):
         assert self.route is not None and self.body is not None
         return answer_format(self.route.answer, self.body.info().stream)
 
-    def _answer_format(self) -> str:
-        """The answer's format, for heartbeats (only on routes whose `answer` is set)."""
-        found = self._format_now()
-        assert found is not None
-        return found
+    def _answer_format(self) -> str | None:
+        """The answer's format, for heartbeats (only on routes whose `answer` is set);
+        None while an event-stream route's body cannot tell it yet (still arriving, or
+        too large to read): its default, one JSON document, would put a space before
+        the first event of a stream, and a field named " data" is no data to a client."""
+        assert self.route is not None and self.body is not None
+        if self.route.answer == "sse" and not self.body.readable:
+            return None
+        return self._format_now()
 
     def _on_head(self, head: Head) -> None:
         assert self.relay is not None
@@ -431,10 +442,10 @@ class ProxyHandler(BaseHandler):
 
     def _end_early(self, rejection: Rejection) -> None:
         """Stop the exchange; answer the rejection if nothing has gone out yet, tell it
-        in-band after a heartbeat's head, else cut."""
+        in-band after a heartbeat's head while none of the upstream's body has, else cut."""
         self._abort_upstream(Abandoned())
         relay = self.relay
-        if relay is not None and relay.own_format is not None and (relay.head is None or relay.error_body is not None):
+        if relay is not None and relay.own_format is not None and not relay.body_started:
             self.answered = True
             relay.tell_in_band(rejection.status, rejection.message)
             self.finish()
@@ -563,6 +574,8 @@ class OwnEndpointHandler(BaseHandler):
 class HealthHandler(OwnEndpointHandler):
     """200 when the upstream answers like Ollama, 503 with the reason when it does not (or while draining)."""
 
+    label = "health"
+
     async def get(self) -> None:
         if self.proxy.draining:
             status, body = 503, {"error": "the proxy is shutting down"}
@@ -582,6 +595,8 @@ class HealthHandler(OwnEndpointHandler):
 class MetricsHandler(OwnEndpointHandler):
     """Prometheus text exposition."""
 
+    label = "metrics"
+
     def get(self) -> None:
         text, content_type = self.proxy.metrics.exposition()
         self.set_header("Content-Type", content_type)
@@ -590,6 +605,8 @@ class MetricsHandler(OwnEndpointHandler):
 
 class StatusHandler(OwnEndpointHandler):
     """The status page's figures: what is in flight, per-model usage, totals, the upstream's health."""
+
+    label = "status"
 
     async def get(self) -> None:
         proxy = self.proxy
@@ -608,6 +625,8 @@ class StatusPageHandler(BaseHandler):
     """The status page: one self-contained HTML file (it works on a pod without internet)
     that fetches its figures from the status endpoint. It holds no figures itself, so it
     needs no key; the figures do."""
+
+    label = "status_page"
 
     def initialize(self, page: bytes) -> None:
         self.page = page

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from tornado.iostream import IOStream
 
+from .codings import Decoder, coding_of
 from .ending import AccessRecord, Silence
 from .errors import error_message, in_band_error
 from .framing import Head
@@ -89,7 +90,7 @@ class AnswerRelay:
         started: float,
         upstream_head: bool,
         added_headers: Mapping[str, str],
-        answer_format: Callable[[], str],
+        answer_format: Callable[[], str | None],
         heartbeat: float | None,
         usage: AnswerTail | None = None,
     ):
@@ -111,6 +112,8 @@ class AnswerRelay:
         self.tail = b""  # the last two bytes relayed: where a heartbeat may go
         self.error_body: list[bytes] | None = None  # an error answer after the proxy's own head
         self.error_size = 0
+        self.encoded = False  # the upstream's head went out with a content coding
+        self.decoder: Decoder | None = None  # undoes one after the proxy's own head
         self.heartbeat = (
             Silence(heartbeat, lambda: self.pieces, self.beat) if heartbeat and not self.client_head else None
         )
@@ -126,11 +129,15 @@ class AnswerRelay:
         record = self.record
         record.upstream_status = head.code
         record.ttfb_ms = round((time.monotonic() - self.started) * 1000, 3)
+        coding = coding_of(head.headers)
         if self.own_format is not None:
             self.head_sent = True  # its status and headers cannot go out any more
             if not 200 <= head.code < 300:
                 self.error_body = []  # told in-band at the end
+            elif coding is not None:
+                self.decoder = Decoder(coding)  # the proxy's head announced none
             return
+        self.encoded = coding is not None
         handler = self.handler
         # Tornado sends its own phrase for an empty one (which it would not send).
         handler.set_status(head.code, head.reason or None)
@@ -171,6 +178,10 @@ class AnswerRelay:
                 self.error_body.append(data)
                 self.error_size += len(data)
             return None
+        if self.decoder is not None:
+            data = self.decoder.decode(data)
+            if not data:
+                return None
         record = self.record
         record.chunks += 1
         record.bytes_out += len(data)
@@ -194,11 +205,13 @@ class AnswerRelay:
         """Send a heartbeat if the answer's format has room for one here."""
         if self.flow.pending is not None:
             return  # the client is slow to read: bytes are on their way already
-        if self.head is None and self.own_format is None:
-            self._send_own_head(self.answer_format())
-        elif self.own_format is None and self.head is not None and self.head.length is not None:
-            return  # relayed with the upstream's Content-Length: not one byte more
+        if self.own_format is None and self.head is not None and (self.head.length is not None or self.encoded):
+            return  # relayed as the upstream sized or encoded it: not one byte more
         answer_format = self.own_format or self.answer_format()
+        if answer_format is None:
+            return  # not known yet
+        if self.head is None and self.own_format is None:
+            self._send_own_head(answer_format)
         if may_beat(answer_format, self.body_started, self.tail):
             self.flow.send(BEATS[answer_format])
             self.record.heartbeats += 1
