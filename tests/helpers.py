@@ -3,6 +3,7 @@
 import asyncio
 import json
 import socket
+import struct
 import time
 from typing import ClassVar
 from urllib.parse import urlsplit
@@ -94,6 +95,14 @@ async def settled(read, *, quiet: float = 0.5, limit: float = 30.0):
         elif time.monotonic() - still_since >= quiet:
             return value
     raise AssertionError(f"value kept changing for {limit} s (last {last})")
+
+
+def hang_up_at_once(writer):
+    """Close at once with a reset (RST), unread bytes or not: a client that has what it
+    wanted, or a server that dies."""
+    sock = writer.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 def unused_url() -> str:

@@ -2,27 +2,28 @@
 
 import asyncio
 import json
-import socket
-import struct
 
 import pytest
 
 from tornado_ollama_proxy.ending import Silence
 
-from .helpers import ScriptedUpstream, open_raw, read_response, scrape, until, value
+from .helpers import (
+    ScriptedUpstream,
+    hang_up_at_once,
+    open_raw,
+    read_chunked_to_end,
+    read_response,
+    scrape,
+    split_response,
+    until,
+    value,
+)
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def records(log_lines):
     return [line for line in log_lines() if line["message"] == "request"]
-
-
-def hang_up_at_once(writer):
-    """Close as a client that has what it wanted does: at once, unread bytes or not."""
-    sock = writer.transport.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
 
 
 @pytest.mark.parametrize("repeat", range(3))
@@ -145,3 +146,28 @@ async def test_a_stream_whose_end_arrives_as_the_client_leaves_is_recorded_ok(ma
             await asyncio.sleep(0.01)
         await upstream.stop()
     assert [record["outcome"] for record in records(log_lines)] == ["ok"] * 10
+
+
+async def test_a_reset_during_a_body_that_ends_at_close_is_relayed_as_incomplete(make_proxy, log_lines):
+    dies = asyncio.Event()
+
+    async def script(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n\r\n" + b'{"a": 1}\n')
+        await dies.wait()
+        hang_up_at_once(writer)  # the pod dies: a reset, not the end of the body
+
+    upstream = ScriptedUpstream(script)
+    proxy = make_proxy(upstream=await upstream.start())
+    reader, writer = await open_raw(proxy)
+    writer.write(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, headers, _ = split_response(await reader.readuntil(b"\r\n\r\n"))
+    assert (status, headers["transfer-encoding"]) == (200, ["chunked"])
+    await reader.readuntil(b'{"a": 1}\n\r\n')
+    dies.set()
+    with pytest.raises(AssertionError, match="connection closed before the end of the body"):
+        await read_chunked_to_end(reader)  # no terminating chunk: the client can tell
+    await until(lambda: records(log_lines))
+    assert records(log_lines)[0]["outcome"] == "upstream_error"
+    writer.close()
+    await upstream.stop()

@@ -350,6 +350,19 @@ def test_no_length_means_until_close():
     assert events[0].length is None
 
 
+def test_a_reset_is_not_the_end_of_a_body_that_ends_at_close():
+    reader = AnswerReader("GET")
+    reader.feed(b"HTTP/1.1 200 OK\r\n\r\npartial")
+    with pytest.raises(IncompleteAnswer):
+        reader.feed_eof(reset=True)
+
+
+def test_a_reset_after_a_complete_answer_ends_nothing_more():
+    reader = AnswerReader("GET")
+    reader.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert reader.feed_eof(reset=True) == []
+
+
 @pytest.mark.parametrize("status", [b"204 No Content", b"304 Not Modified"])
 def test_answers_without_a_body_ignore_their_length(status):
     events = read("GET", b"HTTP/1.1 " + status + b"\r\nContent-Length: 1234\r\n\r\n")

@@ -3,8 +3,6 @@
 import asyncio
 import json
 import logging
-import socket
-import struct
 
 import httpx
 import pytest
@@ -21,7 +19,7 @@ from tornado_ollama_proxy.settings import Settings
 from tornado_ollama_proxy.storage import OutageLog
 
 from .conftest import RedisServer
-from .helpers import open_raw, read_log, until
+from .helpers import hang_up_at_once, open_raw, read_log, until
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
 SILENT = json.dumps({**CHAT, "model": "silent"}).encode()
@@ -388,9 +386,9 @@ async def test_a_client_that_leaves_while_admission_waits_sends_nothing_and_keep
     writer.write(request_bytes)
     await asked.wait()
     if reset:
-        sock = writer.transport.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.close()
+        hang_up_at_once(writer)
+    else:
+        writer.close()
     await writer.wait_closed()  # gone (on loopback its end is there at once) before the limiter answers
     gate.set()
     await until(lambda: [line for line in log_lines() if line["message"] == "request"])  # it ended

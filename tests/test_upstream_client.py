@@ -105,6 +105,19 @@ async def test_an_upstream_closing_a_kept_connection_as_it_is_reused_gets_the_re
     await upstream.stop()
 
 
+@pytest.mark.parametrize("method", ["POST", "DELETE"])
+async def test_a_request_with_effects_is_not_sent_twice(client, method):
+    seen = []
+    upstream = ScriptedUpstream(answering(OK, b"", seen=seen, linger=False))
+    url = await upstream.start()
+    assert (await fetch(client, url)).code == 200
+    with pytest.raises(IncompleteAnswer):  # it may have been carried out: the client is told, not the upstream again
+        await fetch(client, url + "/api/delete", method, body=b'{"model": "m"}')
+    assert upstream.connections == 1
+    assert [head.split(b" ")[:2] for head, _ in seen] == [[b"GET", b"/"], [method.encode(), b"/api/delete"]]
+    await upstream.stop()
+
+
 async def test_a_streamed_body_is_not_sent_twice(client):
     upstream = ScriptedUpstream(answering(OK, b"", linger=False))
     url = await upstream.start()

@@ -195,8 +195,10 @@ class AnswerReader:
             raise MalformedAnswer(f"the answer's {what} larger than {MAX_HEAD} bytes")
         return self._take_events()
 
-    def feed_eof(self) -> list[Event]:
-        if self._state == _UNTIL_CLOSE:
+    def feed_eof(self, reset: bool = False) -> list[Event]:
+        """The upstream closed; `reset` when it did so abruptly, which cannot be the
+        end of a body that ends when the connection closes."""
+        if self._state == _UNTIL_CLOSE and not reset:
             self._finish()
             return self._take_events()
         if self._state == _DONE:

@@ -53,6 +53,7 @@ IDLE_SECONDS = 30.0  # an idle connection is closed after this
 MAX_BUFFERED_ANSWER = 1024 * 1024  # an answer held whole (no streaming_callback) may be at most this
 
 Address = tuple[str, str, int]
+SAFE_METHODS = frozenset({"GET", "HEAD"})  # sent again when a reused connection turns out closed
 
 
 class ConnectTimeout(Exception):
@@ -220,7 +221,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._closing()
         exchange = self.exchange
         if exchange is not None:
-            exchange.context.run(exchange.on_eof)
+            exchange.context.run(exchange.on_eof, error is not None)
 
     def pause_writing(self) -> None:
         self._writable = asyncio.get_running_loop().create_future()
@@ -390,23 +391,25 @@ class Exchange:
             return
         self._deliver_safely(events)
 
-    def on_eof(self) -> None:
-        """The upstream closed (or the connection dropped): end the answer, retry, or fail."""
+    def on_eof(self, reset: bool = False) -> None:
+        """The upstream closed (`reset`: the connection dropped): end the answer, retry, or fail."""
         connection = self.connection
         try:
             if (
                 not self.reader.started
                 and connection is not None
                 and connection.reused
-                and self.request.body_producer is None
+                and self.request.method in SAFE_METHODS
             ):
-                # The upstream closed an idle connection just as we reused it:
-                # it has seen nothing, so the request goes again on a new one.
+                # The upstream closed an idle connection just as we reused it: a
+                # request without effects goes again on a new one (as nginx and Go's
+                # transport do). Another may have been carried out before the upstream
+                # died: a DELETE sent twice would be reported as a failure (404).
                 connection.exchange = None
                 connection.reused = False
                 self.connect()
                 return
-            events = self.reader.feed_eof()
+            events = self.reader.feed_eof(reset)
         except IncompleteAnswer as error:
             self._malformed(error)
             return
