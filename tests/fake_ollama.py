@@ -85,6 +85,21 @@ class FakeState:
     streams_wanted: int = 0
     streams_ready: asyncio.Event = field(default_factory=asyncio.Event)
 
+    def resolve(self, name):
+        """The model a request names, as Ollama finds it: the default registry,
+        namespace and tag may be left out, and case does not matter."""
+        return next((model for model in self.models if same_model(model, name)), None)
+
+
+def same_model(a, b) -> bool:
+    def full(name):
+        name = str(name).lower()
+        name = name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+        parts = name.split("/")
+        return "/".join(["registry.ollama.ai", "library"][: 3 - len(parts)] + parts)
+
+    return full(a) == full(b)
+
 
 def is_local_host(host: str) -> bool:
     name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
@@ -121,6 +136,15 @@ class OllamaBase(RequestHandler):
         origin = self.request.headers.get("Origin")
         if origin and not re.fullmatch(r"https?://(localhost|127\.0\.0\.1)(:\d+)?", origin):
             self.set_status(403)
+            self.finish()
+            return
+        if origin and self.request.method == "OPTIONS":  # gin-contrib/cors answers preflights itself
+            self.set_status(204)
+            self.set_header("Access-Control-Allow-Origin", origin)
+            self.set_header("Access-Control-Allow-Methods", "GET,POST,PUT,PATCH,DELETE,HEAD,OPTIONS")
+            self.set_header("Access-Control-Allow-Headers", "Authorization,Content-Type,User-Agent,Accept")
+            self.set_header("Access-Control-Max-Age", "43200")
+            self.state.seen.append(Seen("OPTIONS", self.request.path, dict(self.request.headers), b""))
             self.finish()
             return
         if self.request.method not in self.allowed:
@@ -181,7 +205,7 @@ class OllamaHandler(OllamaBase):
         name = data.get("model") or data.get("name")
         if name in ("slow", "late404"):
             await asyncio.sleep(self.state.silence)
-        if name not in self.state.models:
+        if self.state.resolve(name) is None:
             self.error(404, f"model '{name}' not found")
             return None
         return name

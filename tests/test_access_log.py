@@ -152,3 +152,46 @@ async def test_a_rate_limited_request_is_logged_with_the_resolved_client(make_pr
     assert (first["client"], first["outcome"]) == ("203.0.113.9", "ok")
     assert (second["client"], second["status"], second["outcome"]) == ("203.0.113.9", 429, "rate_limited")
     assert second["upstream_status"] is None
+
+
+async def test_a_model_name_is_bounded_and_escaped_in_records(proxy_url, http, log_lines):
+    for model in ("m" * 5000, "llama\nINFO forged line"):
+        await http.post(proxy_url + "/api/generate", json={"model": model, "prompt": "x", "stream": False})
+    long, forged = access(log_lines())
+    assert long["model"] == "m" * 255 + "…"
+    assert forged["model"] == "llama\\nINFO forged line"
+
+
+async def test_headers_that_carry_credentials_are_masked_whatever_log_headers_says(make_proxy, http, log_lines):
+    proxy = make_proxy(log_headers=("X-Team-Key", "Authorization", "User-Agent"), client_key_header="X-Team-Key")
+    await http.get(
+        proxy + "/api/tags", headers={"X-Team-Key": "secret-1", "Authorization": "Bearer s", "User-Agent": "u" * 2000}
+    )
+    [record] = access(log_lines())
+    assert record["headers"] == {"X-Team-Key": "***", "Authorization": "***", "User-Agent": "u" * 1023 + "…"}
+
+
+async def test_a_plugin_authenticators_credential_header_is_masked(servers, upstream_url, tmp_path, http, log_lines):
+    from tornado_ollama_proxy import hookimpl
+    from tornado_ollama_proxy.app import make_app
+    from tornado_ollama_proxy.plugins import make_plugin_manager
+    from tornado_ollama_proxy.settings import Settings
+
+    class TeamToken:
+        removed_headers = ("X-Team-Token",)
+
+        async def authenticate(self, headers, path, scope, client):
+            return "team"
+
+    class Plugin:
+        @hookimpl
+        def authenticate(self, settings):
+            return TeamToken()
+
+    settings = Settings(upstream=upstream_url, plugins_dir=str(tmp_path), log_headers=("X-Team-Token",))
+    pm = make_plugin_manager(settings)
+    pm.register(Plugin(), name="team")
+    proxy = servers.start(make_app(settings, pm))
+    await http.get(proxy + "/api/tags", headers={"X-Team-Token": "t0ken"})
+    [record] = access(log_lines())
+    assert (record["key"], record["headers"]) == ("team", {"X-Team-Token": "***"})

@@ -272,6 +272,24 @@ async def test_refusals_carry_cors_headers_and_preflights_need_no_key(servers, m
         assert preflight.status_code == 204
 
 
+async def test_with_cors_left_to_ollama_a_keyless_preflight_is_ollamas_to_answer(make_proxy, fake, http):
+    proxy = make_proxy(api_keys=parse_entries(KEYS))  # cors_origins empty: OLLAMA_ORIGINS decides
+    asks = {"Origin": "http://localhost:5173", "Access-Control-Request-Method": "POST"}
+    for method in ("OPTIONS", "GET"):  # a preflight the platform turned into GET too
+        answer = await http.request(method, proxy + "/api/chat", headers=asks)
+        assert (answer.status_code, answer.headers["access-control-allow-origin"]) == (204, "http://localhost:5173")
+    assert [(seen.method, seen.path) for seen in fake.seen] == [("OPTIONS", "/api/chat")] * 2
+    refused = await http.options(proxy + "/api/chat", headers={**asks, "Origin": "https://elsewhere.example"})
+    assert (refused.status_code, refused.content) == (403, b"")  # Ollama's own refusal of the origin
+    # The preflight's headers take no request past the key: Ollama answers the preflight, not the call.
+    tags = await http.get(proxy + "/api/tags", headers={**asks, "Access-Control-Request-Method": "GET"})
+    assert (tags.status_code, tags.content) == (204, b"")
+    carrying = await http.request("GET", proxy + "/api/chat", headers=asks, content=b'{"model": "llama3.2"}')
+    assert carrying.status_code == 401  # a body makes it no preflight
+    scraped = await http.get(proxy + "/_proxy/metrics", headers={"X-API-Key": ADMIN_KEY})
+    assert 'ollama_proxy_auth_failures_total{reason="missing"} 1.0' in scraped.text  # the one with a body
+
+
 async def test_the_proxys_own_endpoints_need_the_metrics_scope_unless_public(make_proxy, http):
     proxy = make_proxy(api_keys=parse_entries([*KEYS, {"name": "prometheus", "key": "p" * 40, "scopes": ["metrics"]}]))
     assert (await http.get(proxy + "/_proxy/health")).status_code == 200  # public by default

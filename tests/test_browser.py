@@ -73,7 +73,7 @@ async def test_the_status_page_shows_the_streams_in_flight(make_proxy, nginx, fa
         ("/api/chat", "stall", "127.0.0.1"),
     ]
     [model] = cells(dom, "models")
-    assert model[:4] == ["llama3.2", "1", "2", "3"]  # requests, prompt and completion tokens
+    assert model[:4] == ["llama3.2:latest", "1", "2", "3"]  # requests, prompt and completion tokens
     assert "Ollama 0.32.0" in dom and "<path d=" in dom  # the upstream, and the chart drawn
     screenshot = tmp_path / "status-page.png"
     await browse(front + "/_proxy/", screenshot=screenshot)

@@ -25,8 +25,9 @@ def test_only_configured_origins_are_granted(origin, allowed, granted):
     assert allowed_origin(origin, allowed) == granted
 
 
-def test_a_preflight_is_known_by_its_request_method_header_whatever_its_method():
-    assert is_preflight({"Access-Control-Request-Method": "POST"})
+def test_a_preflight_is_known_by_its_origin_and_request_method_headers_whatever_its_method():
+    assert is_preflight({"Origin": APP, "Access-Control-Request-Method": "POST"})
+    assert not is_preflight({"Access-Control-Request-Method": "POST"})
     assert not is_preflight({"Origin": APP})
 
 

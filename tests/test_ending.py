@@ -70,7 +70,8 @@ async def test_a_client_that_leaves_mid_stream_is_recorded_gone_not_as_an_upstre
     assert not [key for key in samples if key[0] == "ollama_proxy_upstream_errors_total"]
     assert value(samples, "ollama_proxy_client_disconnects_total") == 1
     assert (
-        value(samples, "ollama_proxy_generations_total", model="stall", route="/api/chat", outcome="client_gone") == 1
+        value(samples, "ollama_proxy_generations_total", model="stall:latest", route="/api/chat", outcome="client_gone")
+        == 1
     )
 
 

@@ -9,6 +9,7 @@ from tornado_ollama_proxy.default_plugins import json_logs
 from tornado_ollama_proxy.logs import (
     RequestIdFilter,
     accept_request_id,
+    bounded,
     configure_logging,
     effective_configuration,
     masked,
@@ -78,6 +79,22 @@ def test_text_format_is_one_readable_line():
     handler = json_logs.log_handler(Settings(log_format="text"))
     line = handler.format(record(request_id="r", status=200))
     assert " INFO tornado_ollama_proxy.access request request_id=r status=200" in line
+
+
+def test_text_format_cannot_be_made_to_forge_a_line():
+    handler = json_logs.log_handler(Settings(log_format="text"))
+    line = handler.format(record(model="llama\nINFO tornado_ollama_proxy.access request outcome=ok", key="\x1b[31mred"))
+    assert "\n" not in line and "\x1b" not in line
+    assert "model=llama\\nINFO tornado_ollama_proxy.access request outcome=ok" in line
+    assert "key=\\x1b[31mred" in line
+
+
+@pytest.mark.parametrize(
+    "text, limit, kept",
+    [("llama3.2", 256, "llama3.2"), ("a\nb\tc\x7f", 256, "a\\nb\\tc\\x7f"), ("x" * 300, 256, "x" * 255 + "…")],
+)
+def test_client_text_is_escaped_and_bounded(text, limit, kept):
+    assert bounded(text, limit) == kept
 
 
 def test_a_plugin_can_replace_the_log_handler(tmp_path):

@@ -51,13 +51,13 @@ async def test_the_figures_list_requests_in_flight_and_usage_since_start(make_pr
     }
     assert figures["corrections"] == {"GET → POST": 3}
     assert figures["models"] == {
-        "llama3.2": {
+        "llama3.2:latest": {
             "requests": 3,
             "errors": 0,
             "prompt_tokens": 3 * 2,  # the stand-in: a token per word, plus one
             "completion_tokens": 3 * 3,
             "median_tokens_per_s": 50.0,
-            "median_ttft_s": figures["models"]["llama3.2"]["median_ttft_s"],
+            "median_ttft_s": figures["models"]["llama3.2:latest"]["median_ttft_s"],
         },
         "other": {
             "requests": 1,
@@ -68,7 +68,7 @@ async def test_the_figures_list_requests_in_flight_and_usage_since_start(make_pr
             "median_ttft_s": None,
         },
     }
-    assert 0 < figures["models"]["llama3.2"]["median_ttft_s"] < 5
+    assert 0 < figures["models"]["llama3.2:latest"]["median_ttft_s"] < 5
     chart = figures["tokens_per_s"]
     assert len(chart) == CHART_SECONDS // BUCKET_SECONDS
     # The three generations' 9 tokens, in the last 10 s (or two, across a boundary).

@@ -140,8 +140,16 @@ def test_model_labels_are_bounded_and_only_for_answered_models():
     labels = ModelLabels(2)
     assert labels.label("a", answered=False) == OTHER  # Ollama did not know it: never a label
     assert labels.label(None, answered=True) == OTHER
-    assert [labels.label(m, answered=True) for m in ("a", "b", "c", "a")] == ["a", "b", OTHER, "a"]
-    assert labels.label("b", answered=False) == "b"  # a known label counts its failures too
+    assert labels.label("not a name", answered=True) == OTHER
+    assert [labels.label(m, answered=True) for m in ("a", "b", "c", "a")] == ["a:latest", "b:latest", OTHER, "a:latest"]
+    assert labels.label("b", answered=False) == "b:latest"  # a known label counts its failures too
+
+
+def test_one_model_spelled_many_ways_is_one_label():
+    labels = ModelLabels(2)
+    spellings = ("llama3.2", "LLaMA3.2:latest", "library/llama3.2", "registry.ollama.ai/library/llama3.2:latest")
+    assert {labels.label(name, answered=True) for name in spellings} == {"llama3.2:latest"}
+    assert labels.label("other-model", answered=True) == "other-model:latest"  # room was left for it
 
 
 # -- through a GET-converting front, with real clients -------------------------------------
@@ -194,14 +202,14 @@ async def test_records_and_metrics_carry_what_ollama_reported(make_proxy, nginx,
 
     prompts = sum(prompt for prompt, *_ in expected.values())
     completions = sum(c or 0 for _, c, *_ in expected.values())
-    assert moved("ollama_proxy_tokens_total", model="llama3.2", kind="prompt") == prompts
-    assert moved("ollama_proxy_tokens_total", model="llama3.2", kind="completion") == completions
+    assert moved("ollama_proxy_tokens_total", model="llama3.2:latest", kind="prompt") == prompts
+    assert moved("ollama_proxy_tokens_total", model="llama3.2:latest", kind="completion") == completions
     for route, count in (("/api/chat", 2), ("/api/embed", 1), ("/v1/chat/completions", 2)):
-        assert moved("ollama_proxy_generations_total", model="llama3.2", route=route, outcome="ok") == count
-    assert moved("ollama_proxy_time_to_first_token_seconds_count", model="llama3.2") == 2
-    assert moved("ollama_proxy_tokens_per_second_count", model="llama3.2") == 2
-    assert moved("ollama_proxy_tokens_per_second_sum", model="llama3.2") == 50 + 50  # the stand-in's speed
-    assert moved("ollama_proxy_model_load_seconds_count", model="llama3.2") == 3  # /v1 does not report loads
+        assert moved("ollama_proxy_generations_total", model="llama3.2:latest", route=route, outcome="ok") == count
+    assert moved("ollama_proxy_time_to_first_token_seconds_count", model="llama3.2:latest") == 2
+    assert moved("ollama_proxy_tokens_per_second_count", model="llama3.2:latest") == 2
+    assert moved("ollama_proxy_tokens_per_second_sum", model="llama3.2:latest") == 50 + 50  # the stand-in's speed
+    assert moved("ollama_proxy_model_load_seconds_count", model="llama3.2:latest") == 3  # /v1 does not report loads
 
 
 async def test_unknown_models_never_become_labels(make_proxy, http, fake):
@@ -215,9 +223,27 @@ async def test_unknown_models_never_become_labels(make_proxy, http, fake):
         assert answer.status_code == 200
     samples = await scrape(http, proxy)
     models = {dict(labels).get("model") for name, labels in samples if name.startswith("ollama_proxy_generations")}
-    assert models == {"m0", "m1", "m2", OTHER}
+    assert models == {"m0:latest", "m1:latest", "m2:latest", OTHER}
     assert value(samples, "ollama_proxy_generations_total", model=OTHER, route="/api/generate", outcome="error") == 60
     assert value(samples, "ollama_proxy_generations_total", model=OTHER, route="/api/generate", outcome="ok") == 57
+
+
+async def test_spelling_one_model_many_ways_takes_one_label(make_proxy, http):
+    proxy = make_proxy(metrics_max_models=2)
+    spellings = [
+        "".join(c.upper() if (n >> i) & 1 else c for i, c in enumerate("llama")) + "3.2" for n in range(32)
+    ] + ["llama3.2:latest", "library/llama3.2", "registry.ollama.ai/library/llama3.2:latest"]
+    for name in spellings:
+        answer = await http.post(proxy + "/api/generate", json={"model": name, "prompt": "x", "stream": False})
+        assert answer.status_code == 200  # Ollama takes every one of them for llama3.2
+    answer = await http.post(proxy + "/api/generate", json={"model": "silent", "prompt": "x", "stream": False})
+    samples = await scrape(http, proxy)
+    models = {dict(labels).get("model") for name, labels in samples if name.startswith("ollama_proxy_generations")}
+    assert models == {"llama3.2:latest", "silent:latest"}  # room was left for a second model
+    generated = value(
+        samples, "ollama_proxy_generations_total", model="llama3.2:latest", route="/api/generate", outcome="ok"
+    )
+    assert generated == len(spellings)
 
 
 # -- reading usage holds no body ------------------------------------------------------------

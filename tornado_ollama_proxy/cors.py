@@ -4,7 +4,10 @@ Ollama answers 403 to an ``Origin`` outside ``OLLAMA_ORIGINS``. With
 ``cors_origins`` set, the proxy answers preflights itself (also those the
 platform turned into GET: only a preflight carries
 ``Access-Control-Request-Method``), forwards the actual request without its
-``Origin``, and marks the answer as readable by that origin.
+``Origin``, and marks the answer as readable by that origin. Without
+``cors_origins``, a preflight goes to Ollama as ``OPTIONS``, without a key
+(browsers never send one with it): Ollama's CORS middleware answers it, and no
+handler of Ollama's runs for ``OPTIONS``.
 """
 
 from collections.abc import Iterable, Mapping
@@ -25,7 +28,9 @@ def allowed_origin(origin: str | None, allowed: Iterable[str]) -> str | None:
 
 
 def is_preflight(headers: Mapping[str, str]) -> bool:
-    return "Access-Control-Request-Method" in headers
+    """A browser's preflight (also one the platform turned into GET): it names the
+    method it asks for, and has an Origin and never a body."""
+    return "Access-Control-Request-Method" in headers and "Origin" in headers
 
 
 def preflight_headers(origin: str, headers: Mapping[str, str]) -> dict[str, str]:

@@ -33,7 +33,7 @@ from .ending import AccessRecord, Silence, account
 from .errors import Rejection, error_answer
 from .framing import LARGEST_BODY, Head, declared_body
 from .headers import upstream_request_headers
-from .logs import REQUEST_ID_HEADER, accept_request_id, request_id_var
+from .logs import REQUEST_ID_HEADER, accept_request_id, bounded, request_id_var
 from .proxy import Proxy
 from .ratelimit import Admission, RateLimited
 from .relay import AnswerRelay, ClientFlow, peer_closed
@@ -50,6 +50,8 @@ JSON_TYPE = "application/json; charset=utf-8"
 # connection stays usable (a keep-alive front shares it); past it, the answer
 # goes at once with Connection: close.
 DISCARD_LIMIT = 64 * 1024
+HEADER_LIMIT = 1024  # characters of a request header's value an access record keeps (log_headers)
+PATH_LIMIT = 2048  # characters of a request path an access record keeps
 
 
 class BaseHandler(RequestHandler):
@@ -67,7 +69,9 @@ class BaseHandler(RequestHandler):
         request_id_var.set(self.request_id)
         self.proxy: Proxy = application.settings["proxy"]
         client = client_address(request.remote_ip, request.headers, self.proxy.trusted_networks)
-        self.record = AccessRecord(self.request_id, client, request.method or "GET", request.path, self.label)
+        self.record = AccessRecord(
+            self.request_id, client, request.method or "GET", bounded(request.path, PATH_LIMIT), self.label
+        )
         self.started = time.monotonic()
         self.generation = False  # a route that reports tokens: counted per model
         self._ended = False
@@ -129,7 +133,16 @@ class BaseHandler(RequestHandler):
         record.outcome = record.outcome or "ok"
         allowed = self.proxy.settings.log_headers
         headers = self.request.headers
-        logged = {name: _loggable(name, headers[name]) for name in allowed if name in headers} if allowed else None
+        secret = self.proxy.secret_headers
+        logged = (
+            {
+                name: "***" if name.lower() in secret else bounded(headers[name], HEADER_LIMIT)
+                for name in allowed
+                if name in headers
+            }
+            if allowed
+            else None
+        )
         account(self.proxy, record, logged, self.forwarded, self.generation)
 
 
@@ -176,15 +189,17 @@ class ProxyHandler(BaseHandler):
             self.answer_early(self._answer, Rejection(503, "the proxy is shutting down; retry", {"Retry-After": "1"}))
             return
         origin = cors.allowed_origin(request.headers.get("Origin"), settings.cors_origins)
-        if origin is not None and cors.is_preflight(request.headers):
+        preflight = cors.is_preflight(request.headers) and declared == 0
+        if origin is not None and preflight:
             self.answer_early(self._answer_preflight, origin)
             return
         if origin is not None:
             self.added_headers.update(cors.response_headers(origin))
         try:
             self.route, params = route, _ = self._match()
-            await self.authenticate(route.scope if route is not None else MANAGE)
-            method, target = self._plan(route, params, declared)
+            if not preflight:  # one the proxy does not grant goes to Ollama, whose answer it is
+                await self.authenticate(route.scope if route is not None else MANAGE)
+            method, target = self._plan(route, params, declared, preflight)
             await self._admit()
         except Rejection as rejection:
             self.answer_early(self._answer, rejection)
@@ -239,12 +254,16 @@ class ProxyHandler(BaseHandler):
         self.generation = matched[0].tokens
         return matched
 
-    def _plan(self, route: Route | None, params: dict[str, str], declared: int | None) -> tuple[str, str]:
+    def _plan(
+        self, route: Route | None, params: dict[str, str], declared: int | None, preflight: bool
+    ) -> tuple[str, str]:
         """The method and target to send upstream, or a `Rejection`."""
         request = self.request
         if route is None and self.proxy.settings.unmapped_paths == "reject":
             raise Rejection(404, f"{request.path} is not an Ollama endpoint this proxy knows")
-        method = decide_method(route, request.method or "GET", request.headers, declared != 0)
+        method = (
+            "OPTIONS" if preflight else decide_method(route, request.method or "GET", request.headers, declared != 0)
+        )
         limit = self.proxy.settings.max_body_size
         if limit is not None and declared is not None and declared > limit:
             raise Rejection(413, f"request body is larger than max_body_size ({limit} bytes)")
@@ -649,14 +668,6 @@ class ProxyNotFoundHandler(BaseHandler):
 
     def prepare(self) -> None:
         self.answer_error(Rejection(404, f"{self.request.path} is not an endpoint of this proxy"))
-
-
-def _loggable(name: str, value: str) -> str:
-    """A request header's value for the access log: never a credential."""
-    return "***" if name.lower() in _CREDENTIALS else value
-
-
-_CREDENTIALS = frozenset({"authorization", "x-api-key", "proxy-authorization", "cookie"})
 
 
 def _merge_body(body: bytes, route: Route) -> bytes:

@@ -25,6 +25,10 @@ ACCESS_LOGGER = "tornado_ollama_proxy.access"
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Headers whose values are never logged, whatever log_headers says (more come from
+# the settings and the authenticator: `Proxy.secret_headers`).
+CREDENTIALS = frozenset({"authorization", "x-api-key", "proxy-authorization", "cookie"})
 _URL_PASSWORD = re.compile(r"(?<=://)([^:/@\s]*):[^@/\s]*@")
 
 
@@ -40,6 +44,18 @@ class RequestIdFilter(logging.Filter):
         if getattr(record, "request_id", None) is None:
             record.request_id = request_id_var.get()
         return True
+
+
+def escaped(text: str) -> str:
+    """`text` with control characters (newline, escape…) written as escapes: a value
+    a client chose cannot start a line of its own or drive a terminal."""
+    return _CONTROL.sub(lambda found: repr(found.group())[1:-1], text)
+
+
+def bounded(text: str, limit: int) -> str:
+    """A client's `text` for a record: escaped, and cut to `limit` characters."""
+    text = escaped(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def masked(value: Any) -> Any:

@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 from .health import HealthCheck
+from .logs import CREDENTIALS
 from .metrics import Metrics
 from .routes import RouteTable
 from .settings import Settings
@@ -49,6 +50,14 @@ class Proxy:
         self.routes = routes
         self.limiter = limiter
         self.authenticator = authenticator
+        # Request headers never logged: credentials, the client key, what the authenticator consumes.
+        self.secret_headers = CREDENTIALS | {
+            name.lower()
+            for name in (
+                *((settings.client_key_header,) if settings.client_key_header else ()),
+                *getattr(authenticator, "removed_headers", ()),
+            )
+        }
         self.trusted_networks = settings.trusted_networks
         self.exempt_networks = settings.exempt_networks
         self.upstream = Upstream(settings)

@@ -13,7 +13,11 @@ import re
 from collections import deque
 from dataclasses import dataclass
 
+from .logs import bounded
+from .model_names import canonical
+
 REQUEST_COPY_LIMIT = 1024 * 1024  # a body larger than this is not read
+MODEL_LIMIT = 256  # characters of a model name kept for records and the status page
 ANSWER_TAIL = 64 * 1024  # the counters are read from at most this much of an answer's end
 OTHER = "other"  # the model label of every model past the bound, or that Ollama did not answer
 
@@ -41,7 +45,9 @@ def read_request(body: bytes | None) -> RequestInfo:
         return UNKNOWN
     model = data.get("model", data.get("name"))
     stream = data.get("stream")
-    return RequestInfo(model if isinstance(model, str) else None, stream if isinstance(stream, bool) else None)
+    return RequestInfo(
+        bounded(model, MODEL_LIMIT) if isinstance(model, str) else None, stream if isinstance(stream, bool) else None
+    )
 
 
 def answer_format(answer: str | None, stream: bool | None) -> str | None:
@@ -144,18 +150,21 @@ class AnswerTail:
 
 
 class ModelLabels:
-    """Model names as labels: only one Ollama answered with a 2xx becomes a label,
-    at most `limit` of them; every other request is `other`."""
+    """Model names as labels, spelled as Ollama compares them (`model_names.canonical`,
+    so that one model is one label however a client writes it): only one Ollama
+    answered with a 2xx becomes a label, at most `limit` of them; every other
+    request is `other`."""
 
     def __init__(self, limit: int):
         self.limit = limit
         self.known: set[str] = set()
 
     def label(self, model: str | None, answered: bool) -> str:
-        if model in self.known:
-            assert model is not None
-            return model
-        if model is None or not answered or len(self.known) >= self.limit:
+        name = canonical(model) if model is not None else None
+        if name in self.known:
+            assert name is not None
+            return name
+        if name is None or not answered or len(self.known) >= self.limit:
             return OTHER
-        self.known.add(model)
-        return model
+        self.known.add(name)
+        return name

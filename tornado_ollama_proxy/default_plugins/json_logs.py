@@ -6,6 +6,7 @@ import sys
 from pythonjsonlogger.json import JsonFormatter
 
 from tornado_ollama_proxy import hookimpl
+from tornado_ollama_proxy.logs import escaped
 from tornado_ollama_proxy.settings import Settings
 
 # Attributes every LogRecord has; anything else was passed as `extra`.
@@ -17,9 +18,9 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        line = escaped(super().format(record))
         extra = {key: value for key, value in vars(record).items() if key not in _STANDARD}
-        return " ".join([line, *(f"{key}={value}" for key, value in extra.items())])
+        return " ".join([line, *(f"{key}={escaped(str(value))}" for key, value in extra.items())])
 
 
 @hookimpl
