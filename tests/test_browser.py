@@ -10,6 +10,8 @@ from html import unescape
 import pytest
 from tornado.web import Application, RequestHandler
 
+from tornado_ollama_proxy.auth import parse_entries
+
 from .helpers import send_json, until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -80,6 +82,15 @@ async def test_the_status_page_shows_the_streams_in_flight(make_proxy, nginx, fa
     assert screenshot.read_bytes().startswith(b"\x89PNG") and screenshot.stat().st_size > 10_000
     for writer in streams:
         writer.close()
+
+
+async def test_without_a_key_the_page_asks_for_one_once_and_stops_polling(make_proxy, browse, http):
+    proxy = make_proxy(api_keys=parse_entries([{"name": "ops", "key": "o" * 43, "scopes": ["metrics"]}]))
+    dom = await browse(proxy + "/_proxy/", budget_ms=10_000)  # five polling periods
+    assert 'id="key" style="display: block;"' in dom
+    metrics = (await http.get(proxy + "/_proxy/metrics", headers={"X-API-Key": "o" * 43})).text
+    # One refused poll, and no favicon request: nothing a stranger's open tab would repeat.
+    assert 'ollama_proxy_auth_failures_total{reason="missing"} 1.0' in metrics
 
 
 CHAT_APP = """<!doctype html><meta charset="utf-8"><div id="out"></div><div id="state">waiting</div>

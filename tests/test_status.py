@@ -1,6 +1,8 @@
 """The status page and its figures: what is in flight, usage per model, totals."""
 
 import asyncio
+import base64
+import hashlib
 import os
 import re
 
@@ -97,6 +99,25 @@ async def test_the_page_is_one_self_contained_file(make_proxy, http):
     assert 'const STATUS_URL = "/_proxy/status";' in page.text
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page.text)  # nothing loaded from elsewhere
     assert '<meta name="viewport"' in page.text  # readable on a phone
+    policy = dict(directive.split(" ", 1) for directive in page.headers["content-security-policy"].split("; "))
+    [script] = re.findall(r"<script>(.*?)</script>", page.text, re.S)
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert policy["script-src"] == f"'sha256-{digest}'"  # that script and no other: nothing injected runs
+    assert "unsafe-inline" not in page.headers["content-security-policy"]
+    assert (policy["frame-ancestors"], policy["base-uri"], policy["form-action"]) == ("'none'",) * 3
+
+
+async def test_client_addresses_are_shown_to_this_machine_and_to_metrics_keys_only(make_proxy, http):
+    open_proxy = make_proxy(trusted_proxies=["127.0.0.1"])
+    reader, writer = await start_stream(open_proxy, "stall")
+    await reader.readuntil(b"\r\n\r\n")
+    [here] = (await http.get(open_proxy + "/_proxy/status")).json()["in_flight"]
+    assert here["client"] == "127.0.0.1"
+    # Through a tunnel or a front that names a remote client, no address is shown.
+    remote = await http.get(open_proxy + "/_proxy/status", headers={"X-Forwarded-For": "203.0.113.7"})
+    [there] = remote.json()["in_flight"]
+    assert there["client"] is None and there["route"] == "/api/chat"
+    writer.close()
 
 
 async def test_the_page_moves_or_is_turned_off(make_proxy, http):

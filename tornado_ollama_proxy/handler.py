@@ -27,7 +27,7 @@ from tornado.web import RequestHandler, stream_request_body
 from . import cors
 from .auth import MANAGE, METRICS
 from .body import ALIAS_BODY_LIMIT, SMALL_BODY, BodyPump
-from .clients import client_address, in_networks, parse_address
+from .clients import client_address, in_networks, is_loopback, parse_address
 from .codings import decodable
 from .ending import AccessRecord, Silence, account
 from .errors import Rejection, error_answer
@@ -630,11 +630,12 @@ class StatusHandler(OwnEndpointHandler):
     async def get(self) -> None:
         proxy = self.proxy
         _, upstream = await proxy.health.status()
-        status = {
-            **proxy.board.snapshot(),
-            "upstream": upstream,
-            "in_flight": sorted((h.status_row() for h in proxy.exchanges), key=lambda row: -row["age_s"]),
-        }
+        # Who uses the pod is for its operators: a key with the metrics scope, or this machine.
+        private = self.record.key is not None or is_loopback(self.record.client)
+        rows = sorted((h.status_row() for h in proxy.exchanges), key=lambda row: -row["age_s"])
+        if not private:
+            rows = [{**row, "client": None} for row in rows]
+        status = {**proxy.board.snapshot(), "upstream": upstream, "in_flight": rows}
         self.set_header("Content-Type", JSON_TYPE)
         self.set_header("Cache-Control", "no-store")
         self.finish(json.dumps(status))
@@ -647,18 +648,15 @@ class StatusPageHandler(BaseHandler):
 
     label = "status_page"
 
-    def initialize(self, page: bytes) -> None:
+    def initialize(self, page: bytes, policy: str) -> None:
         self.page = page
+        self.policy = policy
 
     def get(self) -> None:
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
-        self.set_header("Content-Security-Policy", PAGE_POLICY)
+        self.set_header("Content-Security-Policy", self.policy)
         self.finish(self.page)
-
-
-# Nothing from elsewhere: the page's own script and style, and its own origin to fetch from.
-PAGE_POLICY = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"
 
 
 class ProxyNotFoundHandler(BaseHandler):
