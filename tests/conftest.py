@@ -73,6 +73,15 @@ def scripted_upstreams_stopped(request):
         io_loop.run_sync(upstream.stop, timeout=10)
 
 
+@pytest.fixture(autouse=True)
+def state_home(tmp_path, monkeypatch):
+    """Where a generated key is kept: this test's own folder, so that a key an earlier run
+    left (CI runs as root, in one home) never makes a "first start" pass."""
+    state = tmp_path / "state"
+    monkeypatch.setenv("XDG_STATE_HOME", str(state))
+    return state
+
+
 @pytest.fixture
 def servers(io_loop):
     started = Servers()
@@ -111,7 +120,8 @@ def make_proxy(servers, upstream_url, tmp_path):
     """Start a proxy in front of the stand-in; keyword arguments override settings."""
 
     def start(**overrides):
-        options = {"upstream": upstream_url, "plugins_dir": str(tmp_path)}
+        # Served on loopback, as the settings say: a public host would require a generated key.
+        options = {"host": "127.0.0.1", "upstream": upstream_url, "plugins_dir": str(tmp_path)}
         options.update(overrides)
         app = make_app(Settings(**options))
         return servers.start(app)

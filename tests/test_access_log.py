@@ -188,7 +188,9 @@ async def test_a_plugin_authenticators_credential_header_is_masked(servers, upst
         def authenticate(self, settings):
             return TeamToken()
 
-    settings = Settings(upstream=upstream_url, plugins_dir=str(tmp_path), log_headers=("X-Team-Token",))
+    settings = Settings(
+        host="127.0.0.1", upstream=upstream_url, plugins_dir=str(tmp_path), log_headers=("X-Team-Token",)
+    )
     pm = make_plugin_manager(settings)
     pm.register(Plugin(), name="team")
     proxy = servers.start(make_app(settings, pm))

@@ -395,7 +395,9 @@ async def test_no_key_appears_in_any_log_line_of_a_run_that_used_it(launch, upst
 
 
 async def test_an_open_proxy_on_a_public_address_says_so_at_start_up(launch, upstream_url):
-    process = launch({"PORT": "0", "OLLAMA_PROXY_HOST": "0.0.0.0", "OLLAMA_PROXY_UPSTREAM": upstream_url})
+    process = launch(
+        {"PORT": "0", "OLLAMA_PROXY_HOST": "0.0.0.0", "OLLAMA_PROXY_UPSTREAM": upstream_url, "OLLAMA_PROXY_OPEN": "1"}
+    )
     warning = await read_log(process, "no access keys: anyone who can reach this port can use, pull and delete models")
     assert warning["level"] == "WARNING" and "api_keys" in warning["fix"]
     await read_log(process, "listening")  # up, so that it stops gracefully

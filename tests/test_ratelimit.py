@@ -144,7 +144,9 @@ async def test_the_global_cap_answers_503(make_proxy, fake, http):
 
 
 async def test_no_slot_leaks_after_a_thousand_aborted_streams(make_proxy, servers, fake, http, upstream_url, tmp_path):
-    app = make_app(Settings(upstream=upstream_url, plugins_dir=str(tmp_path), concurrency_per_client=1))
+    app = make_app(
+        Settings(host="127.0.0.1", upstream=upstream_url, plugins_dir=str(tmp_path), concurrency_per_client=1)
+    )
     proxy = servers.start(app)
     for _ in range(1000):
         reader, writer = await chat_held_open(proxy)
@@ -340,7 +342,7 @@ async def test_a_plugin_can_replace_the_limiter(servers, upstream_url, tmp_path,
         def rate_limiter(self, settings):
             return OnlyOllama3()
 
-    settings = Settings(upstream=upstream_url, plugins_dir=str(tmp_path))
+    settings = Settings(host="127.0.0.1", upstream=upstream_url, plugins_dir=str(tmp_path))
     pm = make_plugin_manager(settings)
     pm.register(Plugin(), name="quota")
     proxy = servers.start(make_app(settings, pm))
@@ -378,7 +380,7 @@ async def test_a_client_that_leaves_while_admission_waits_sends_nothing_and_keep
         def rate_limiter(self, settings):
             return Slow()
 
-    settings = Settings(upstream=upstream_url, plugins_dir=str(tmp_path))
+    settings = Settings(host="127.0.0.1", upstream=upstream_url, plugins_dir=str(tmp_path))
     pm = make_plugin_manager(settings)
     pm.register(Plugin(), name="slow")
     proxy = servers.start(make_app(settings, pm))

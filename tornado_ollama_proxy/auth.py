@@ -25,6 +25,7 @@ from .errors import Rejection
 from .storage import SharedStorage, StorageDown
 
 if TYPE_CHECKING:
+    from .generated_key import GeneratedKey
     from .settings import Settings
 
 INFERENCE, MANAGE, METRICS = "inference", "manage", "metrics"
@@ -194,8 +195,9 @@ class KeyAuthenticator:
 
     removed_headers = KEY_HEADERS  # never sent upstream
 
-    def __init__(self, keys: Iterable[ApiKey], settings: Settings):
+    def __init__(self, keys: Iterable[ApiKey], settings: Settings, generated: GeneratedKey | None = None):
         self.keys = tuple(keys)
+        self.generated = generated  # the key made for a public address, which start-up tells of
         self.public_paths = frozenset(settings.public_paths)
         self.failures = parse_many(settings.auth_failures)
         self.shared = SharedStorage(

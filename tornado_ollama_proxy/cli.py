@@ -7,6 +7,7 @@ import sys
 
 from .app import make_app
 from .clients import is_loopback
+from .generated_key import GeneratedKey
 from .logs import configure_logging, effective_configuration
 from .plugins import PluginError, make_plugin_manager
 from .server import loop_factory, serve
@@ -45,7 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     proxy = app.settings["proxy"]
     log = logging.getLogger(PROG)
-    if proxy.authenticator is None and not is_loopback(settings.host):
+    sockets = inherited_sockets()
+    worker = sockets is not None  # its parent said all this already
+    generated = getattr(proxy.authenticator, "generated", None)
+    if generated is not None and not worker:
+        tell_generated_key(log, generated)
+    elif proxy.authenticator is None and not is_loopback(settings.host):
         log.warning(
             "no access keys: anyone who can reach this port can use, pull and delete models",
             extra={"host": settings.host, "fix": "set api_keys, api_keys_file or OLLAMA_PROXY_API_KEYS (see README)"},
@@ -60,9 +66,28 @@ def main(argv: list[str] | None = None) -> int:
             "event_loop": "asyncio" if new_loop is None else "uvloop",
         },
     )
-    sockets = inherited_sockets()
-    if sockets is None and settings.worker_count > 1:
+    if not worker and settings.worker_count > 1:
         return Supervisor(settings, sys.argv[1:] if argv is None else argv).run()
     with asyncio.Runner(loop_factory=new_loop) as runner:
         runner.run(serve(app, sockets))
     return 0
+
+
+def tell_generated_key(log: logging.Logger, generated: GeneratedKey) -> None:
+    """Say that a generated key is required and where it is kept (never the key, in a log
+    line); on a terminal, show the key once, with how to use it."""
+    log.warning(
+        "access key required: none is configured and this address is public, so a generated key is used",
+        extra={
+            "key_file": str(generated.path),
+            "made_now": generated.created,
+            "fix": "set api_keys to choose keys, or open: true to serve anyone",
+        },
+    )
+    if sys.stdout.isatty():
+        print(
+            f"\n  Access key (kept in {generated.path}): {generated.key}\n"
+            f"  ollama Python client:  OLLAMA_API_KEY={generated.key}\n"
+            f"  anything else:         Authorization: Bearer {generated.key}\n",
+            flush=True,
+        )

@@ -195,6 +195,8 @@ class ProxyHandler(BaseHandler):
             return
         if origin is not None:
             self.added_headers.update(cors.response_headers(origin))
+        if self.proxy.authenticator is None:
+            self.proxy.notice_forwarding(request.headers)
         try:
             self.route, params = route, _ = self._match()
             if not preflight:  # one the proxy does not grant goes to Ollama, whose answer it is

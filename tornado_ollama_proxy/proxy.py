@@ -4,6 +4,8 @@ requests in flight."""
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Mapping
 from typing import Any
 
 from .health import HealthCheck
@@ -14,6 +16,10 @@ from .settings import Settings
 from .status import StatusBoard
 from .upstream import Upstream
 from .usage import ModelLabels
+
+log = logging.getLogger(__name__)
+# Headers a proxy in front adds: Cloudflare's, the de facto one, and RFC 7239's.
+FORWARDING_HEADERS = ("X-Forwarded-For", "Forwarded", "CF-Connecting-IP")
 
 
 class InFlight:
@@ -68,3 +74,17 @@ class Proxy:
         self.in_flight = InFlight()
         self.exchanges: set[Any] = set()  # the forwarded requests under way, for the status page
         self.draining = False  # set when a shutdown begins: new requests are turned away
+        self.forwarding_noticed = False
+
+    def notice_forwarding(self, headers: Mapping[str, str]) -> None:
+        """An open proxy reached through another proxy (a tunnel such as cloudflared or
+        ngrok, a web server on this host) is open to whoever reaches that one: say so, once."""
+        if self.forwarding_noticed:
+            return
+        found = next((name for name in FORWARDING_HEADERS if name in headers), None)
+        if found is not None:
+            self.forwarding_noticed = True
+            log.warning(
+                "no access keys, and requests arrive through another proxy: whoever reaches that one can use this one",
+                extra={"header": found, "fix": "set api_keys (see README), or keep the other proxy private"},
+            )

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from limits import parse_many
 
 from .auth import ApiKey, KeyEntryError, parse_entries
+from .clients import is_loopback
 from .routes import Route, RouteError, parse_routes
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -73,6 +74,17 @@ class Settings:
     api_keys_file: str | None = None
     public_paths: tuple[str, ...] = ("/_proxy/health",)
     auth_failures: str = "10/minute"
+    open: bool = False
+    generated_key_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.open and (self.api_keys or self.api_keys_file):
+            raise SettingsError("open: true opens the proxy to anyone, and cannot go with api_keys or api_keys_file")
+
+    @property
+    def closed_by_default(self) -> bool:
+        """No key is configured, and the proxy listens where others can reach it: it uses a generated key."""
+        return not (self.open or self.api_keys or self.api_keys_file or is_loopback(self.host))
 
     @property
     def worker_count(self) -> int:
@@ -315,6 +327,12 @@ def _limit_text(value: Any) -> str:
     return value
 
 
+def _flag(value: Any) -> bool:
+    if value not in (True, False):  # 1 and 0 too, as OLLAMA_PROXY_OPEN=1 gives
+        raise ValueError("true or false (1 or 0)")
+    return bool(value)
+
+
 def _routes(value: Any) -> tuple[Route, ...]:
     if not isinstance(value, list):
         raise ValueError("a list of route objects")
@@ -366,6 +384,8 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], bool]] = {
     "api_keys_file": (_path_or_null, False),
     "public_paths": (_paths, True),
     "auth_failures": (_limit_text, False),
+    "open": (_flag, True),
+    "generated_key_file": (_path_or_null, False),
 }
 SECRET = frozenset({"api_keys"})  # never echoed in an error message
 

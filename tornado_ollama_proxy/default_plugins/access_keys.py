@@ -1,10 +1,13 @@
-"""The built-in authenticator: the access keys of the settings and the key file."""
+"""The built-in authenticator: the access keys of the settings and the key file, or on a
+public address without any, a generated one."""
 
 import logging
+from pathlib import Path
 
 from tornado_ollama_proxy import hookimpl
-from tornado_ollama_proxy.auth import KeyAuthenticator, KeyEntryError, load_keys
+from tornado_ollama_proxy.auth import SCOPES, ApiKey, KeyAuthenticator, KeyEntryError, digest_of, load_keys, strength
 from tornado_ollama_proxy.clients import is_loopback
+from tornado_ollama_proxy.generated_key import NAME, GeneratedKey, GeneratedKeyError, default_path, load_or_create
 from tornado_ollama_proxy.settings import Settings, SettingsError
 
 log = logging.getLogger("tornado_ollama_proxy.auth")
@@ -16,9 +19,13 @@ def authenticate(settings: Settings) -> KeyAuthenticator | None:
         keys = load_keys(settings.api_keys, settings.api_keys_file)
     except KeyEntryError as error:
         raise SettingsError(f"api_keys_file: {error}") from None
+    generated = None
+    if settings.closed_by_default:
+        generated = _generated(settings)
+        keys = (ApiKey(NAME, digest_of(generated.key), frozenset(SCOPES), strength(generated.key)),)
     if not keys:
         return None
-    authenticator = KeyAuthenticator(keys, settings)
+    authenticator = KeyAuthenticator(keys, settings, generated)
     log.info("access keys required", extra={"keys": len(keys), "names": authenticator.names})
     for key in keys:
         if key.weak:
@@ -33,3 +40,11 @@ def authenticate(settings: Settings) -> KeyAuthenticator | None:
             extra={"fix": "set trusted_proxies to the networks the balancer reaches this pod from (see README)"},
         )
     return authenticator
+
+
+def _generated(settings: Settings) -> GeneratedKey:
+    path = Path(settings.generated_key_file) if settings.generated_key_file else default_path()
+    try:
+        return load_or_create(path)
+    except GeneratedKeyError as error:
+        raise SettingsError(str(error)) from None
