@@ -10,7 +10,7 @@ import pytest
 
 from tornado_ollama_proxy import status
 from tornado_ollama_proxy.auth import parse_entries
-from tornado_ollama_proxy.ending import AccessRecord
+from tornado_ollama_proxy.record import AccessRecord
 from tornado_ollama_proxy.status import BUCKET_SECONDS, CHART_SECONDS, StatusBoard
 
 from .helpers import send_json, until

@@ -9,8 +9,8 @@ from typing import Any
 
 from tornado.iostream import StreamClosedError
 
-from .ending import AccessRecord
 from .errors import Rejection
+from .record import AccessRecord
 from .usage import REQUEST_COPY_LIMIT, RequestInfo, read_request
 
 Write = Callable[[bytes], Awaitable[None]]

@@ -1,12 +1,11 @@
-"""The request handlers: the forwarding proxy and the proxy's own endpoints.
+"""The request handlers: the forwarding proxy's Tornado-facing shell, and the proxy's own endpoints.
 
-A forwarded request flows through three parts, each with one job:
-`body.BodyPump` takes the client's body upstream, `relay.AnswerRelay` takes
-the answer back to the client (with backpressure in `relay.ClientFlow`), and
-`ending` watches for silence and accounts for the request once. The handler
-below is the Tornado-facing shell that plans the request, admits it, starts
-the upstream exchange, and chooses how it ends: cleanly, with an error, or
-by cutting the connection.
+A forwarded request is planned and admitted here (`ProxyHandler.prepare`);
+from there its `journey.Journey` takes the body upstream (`body.BodyPump`),
+makes the attempt (`attempt.Attempt`), relays the answer (`relay.AnswerRelay`)
+through this handler, and chooses how it ends: cleanly, with an error, or by
+cutting the connection. Every request, forwarded or not, is accounted for
+once when it ends (`proxy.Proxy.account`).
 """
 
 from __future__ import annotations
@@ -15,10 +14,9 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterable
 from http.client import responses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import unquote
 
 from tornado import httputil
@@ -29,21 +27,17 @@ from .auth import MANAGE, METRICS
 from .body import ALIAS_BODY_LIMIT, SMALL_BODY, BodyPump
 from .clients import client_address, in_networks, is_loopback, parse_address
 from .codings import decodable
-from .ending import AccessRecord, Silence, account
 from .errors import Rejection, error_answer
-from .framing import LARGEST_BODY, Head, declared_body
+from .framing import LARGEST_BODY, declared_body
 from .headers import upstream_request_headers
+from .idle import Silence
+from .journey import Journey, Plan
 from .logs import REQUEST_ID_HEADER, accept_request_id, bounded, request_id_var
 from .proxy import Proxy
 from .ratelimit import Admission, RateLimited
-from .relay import AnswerRelay, ClientFlow, peer_closed
+from .record import AccessRecord
+from .relay import peer_closed
 from .routes import METHODS, Route, check_target, decide_method, is_reserved
-from .upstream import Abandoned, IdleTimeout
-from .upstream_client import AbortableRequest
-from .usage import AnswerTail, answer_format, read_counters
-
-if TYPE_CHECKING:
-    from tornado.http1connection import HTTP1Connection
 
 JSON_TYPE = "application/json; charset=utf-8"
 # A refusal waits for a body up to this size, read and dropped, so that the
@@ -143,33 +137,30 @@ class BaseHandler(RequestHandler):
             if allowed
             else None
         )
-        account(self.proxy, record, logged, self.forwarded, self.generation)
+        self.proxy.account(record, logged, self.forwarded, self.generation)
 
 
 @stream_request_body
 class ProxyHandler(BaseHandler):
+    """The Tornado-facing shell of a forwarded request: it plans the request (route,
+    key, method, admission) and answers refusals itself; the `Journey` does the rest,
+    writing the answer through this handler (`relay.Reply`)."""
+
     SUPPORTED_METHODS = METHODS
     forwarded = True
     label = "unmapped"  # until the route table names the route
 
     def initialize(self) -> None:
-        self.proxy.metrics.in_flight.inc()
-        self.proxy.exchanges.add(self)
-        self.watch: Silence | None = None
+        self.journey: Journey | None = None
         self.body: BodyPump | None = None
-        self.route: Route | None = None
-        self.relay: AnswerRelay | None = None
         # An answer decided before the body was read (a refusal, a preflight):
         # given once the body is in, so that the connection stays usable.
         self.early: Callable[[], None] | None = None
+        self.early_watch: Silence | None = None
         self.admission: Admission | None = None
         self.added_headers: dict[str, str] = {}  # CORS and rate-limit headers for every answer
-        self.upstream_request: AbortableRequest | None = None
-        self.fetching: asyncio.Future[Any] | None = None
-        self.fetched = False
         self.answered = False  # an answer is complete, or cut: nothing more to write
-        self.failure: Rejection | None = None  # what to tell the client about an upstream failure
-        self.pending: tuple[str, str, httputil.HTTPHeaders] | None = None  # waits for a held body
+        self.client_head = self.request.method == "HEAD"
 
     # -- request side -------------------------------------------------------
 
@@ -179,11 +170,10 @@ class ProxyHandler(BaseHandler):
         try:
             declared = declared_body(request.headers)
         except Rejection as rejection:
-            self.answer_closing(rejection)  # Tornado will refuse to read this body
+            self.refuse(rejection, closing=True)  # Tornado will refuse to read this body
             return
         settings = self.proxy.settings
         self.body = body = BodyPump(declared, settings.max_body_size, self.record)
-        self.watch = Silence(self.proxy.upstream.idle_timeout, self._progress, self._on_silence)
         if self.proxy.draining:
             self.set_header("Connection", "close")
             self.answer_early(self._answer, Rejection(503, "the proxy is shutting down; retry", {"Retry-After": "1"}))
@@ -198,7 +188,7 @@ class ProxyHandler(BaseHandler):
         if self.proxy.authenticator is None:
             self.proxy.notice_forwarding(request.headers)
         try:
-            self.route, params = route, _ = self._match()
+            route, params = self._match()
             if not preflight:  # one the proxy does not grant goes to Ollama, whose answer it is
                 await self.authenticate(route.scope if route is not None else MANAGE)
             method, target = self._plan(route, params, declared, preflight)
@@ -238,10 +228,17 @@ class ProxyHandler(BaseHandler):
             body.hold(SMALL_BODY)
         elif route is not None and (route.answer or route.tokens):
             body.keep_copy()  # what it asks for decides the answer's format, and is accounted
-        if body.held is not None:
-            self.pending = (method, target, headers)
-            return
-        self._start(method, target, headers, body_producer=body.produce if body.present else None)
+        self.journey = Journey(
+            self.proxy,
+            self,
+            self.request.connection,  # type: ignore[arg-type]
+            self.record,
+            route,
+            body,
+            method_in=request.method or "GET",
+            started=self.started,
+        )
+        self.journey.go(Plan(method, target, headers))
 
     def _match(self) -> tuple[Route | None, dict[str, str]]:
         """The route table's entry for the target (None outside it), or a `Rejection` for a bad target."""
@@ -296,134 +293,64 @@ class ProxyHandler(BaseHandler):
 
     async def data_received(self, chunk: bytes) -> None:
         # Tornado stops delivering the body once a response has been finished.
-        body = self.body
-        assert body is not None
         if self.early is not None:
             self.record.bytes_in += len(chunk)
             if self.record.bytes_in > DISCARD_LIMIT:
                 self._answer_early_now()  # too much to read for nothing
             return
+        journey = self.journey
+        assert journey is not None and self.body is not None
         try:
-            await body.feed(chunk)
+            await self.body.feed(chunk)
         except Rejection as rejection:
-            self._end_early(rejection)
+            journey.end_early(rejection)
 
     async def get(self) -> None:
         """Every method lands here once the client's body has been received."""
-        body = self.body
-        assert body is not None
-        body.arrived()
         if self.early is not None:
             self.early()
             return
-        if self.pending is not None:
-            method, target, headers = self.pending
-            content = body.whole()
-            route = self.route
-            if route is not None and route.body_defaults:
-                try:
-                    content = _merge_body(content, route)
-                except Rejection as rejection:
-                    self._answer(rejection)
-                    return
-            headers["Content-Length"] = str(len(content))
-            self._start(method, target, headers, body=content)
-        await self._exchange()
+        journey = self.journey
+        assert journey is not None
+        try:
+            journey.body_in()
+        except Rejection as rejection:
+            self.refuse(rejection, closing=False)
+            return
+        await journey.settle()
 
     head = post = put = patch = delete = options = get
 
-    # -- upstream exchange --------------------------------------------------
+    # -- the client's side of the answer (`relay.Reply`) ------------------------
 
-    def _start(self, method: str, target: str, headers: httputil.HTTPHeaders, **body: Any) -> None:
-        assert self.watch is not None and self.body is not None
-        self.record.method_out = method
-        if method != self.request.method:
-            self.proxy.metrics.corrections.labels(self.record.route, self.request.method, method).inc()
-        connection: HTTP1Connection = self.request.connection  # type: ignore[assignment]
-        route = self.route
-        self.relay = relay = AnswerRelay(
-            self,
-            ClientFlow(connection, self.watch, self.on_connection_close),
-            self.record,
-            started=self.started,
-            upstream_head=method == "HEAD",
-            added_headers=self.added_headers,
-            answer_format=self._answer_format,
-            heartbeat=self.proxy.settings.heartbeat_seconds if route is not None and route.answer else None,
-            usage=AnswerTail(self._format_now())
-            if self.generation
-            else None,  # the counters are in its last record either way
-        )
-        self.upstream_request = request = self.proxy.upstream.request(
-            method, target, headers, head_callback=self._on_head, streaming_callback=relay.on_piece, **body
-        )
-        self.fetching = fetching = self.proxy.upstream.fetch(request)
-        fetching.add_done_callback(self._on_fetched)
+    def take_head(self, code: int, reason: str | None, headers: Iterable[tuple[str, str]], *, relayed: bool) -> None:
+        self.set_status(code, reason)
+        self.clear_header("Content-Type")
+        if relayed:  # none invented: the upstream said what it had to say
+            self.clear_header("Server")
+            self.clear_header("Date")
+        for name, value in headers:
+            self.add_header(name, value)
+        self._add_headers()
 
-    def _format_now(self) -> str | None:
-        """The answer's format as far as the body tells it now (a body still arriving
-        gets the route's default)."""
-        assert self.route is not None and self.body is not None
-        return answer_format(self.route.answer, self.body.info().stream)
+    def _add_headers(self) -> None:
+        for name, value in self.added_headers.items():
+            self.add_header(name, value)  # so a browser app can read the answer, and see its limits
+        self.set_header(REQUEST_ID_HEADER, self.request_id)
 
-    def _answer_format(self) -> str | None:
-        """The answer's format, for heartbeats (only on routes whose `answer` is set);
-        None while an event-stream route's body cannot tell it yet (still arriving, or
-        too large to read): its default, one JSON document, would put a space before
-        the first event of a stream, and a field named " data" is no data to a client."""
-        assert self.route is not None and self.body is not None
-        if self.route.answer == "sse" and not self.body.readable:
-            return None
-        return self._format_now()
+    def send_head(self, first: bytes = b"") -> None:
+        if first:
+            self.write(first)
+        self.flush()
 
-    def _on_head(self, head: Head) -> None:
-        assert self.relay is not None
-        self.relay.on_head(head)
-        self.proxy.metrics.streams.inc()
+    def refuse(self, rejection: Rejection, closing: bool) -> None:
+        if closing:
+            self.set_header("Connection", "close")
+        self._answer(rejection)
 
-    def _on_fetched(self, fetching: asyncio.Future[Any]) -> None:
-        """The exchange ended: what is still to come of the body is dropped, and
-        what the end means is recorded (once, whoever learns of it first)."""
-        assert self.body is not None
-        if self.fetched:
-            return
-        self.fetched = True
-        self.body.stop()
-        error = fetching.exception()
-        if error is None:
-            # Every piece has been handed to the kernel: a client leaving now loses nothing.
-            self.record.outcome = self.record.outcome or "ok"
-            return
-        if isinstance(error, Abandoned):
-            return  # the proxy ended it, and the ending says why
-        kind, self.failure = self.proxy.upstream.failure(error)
-        self.proxy.metrics.upstream_errors.labels(kind).inc()
-        self.record.outcome = "timeout" if kind.endswith("timeout") else "upstream_error"
-
-    async def _exchange(self) -> None:
-        """Wait for the answer's end (the client's whole body is in), then end the request accordingly."""
-        assert self.fetching is not None and self.relay is not None
-        with suppress(Exception):  # _on_fetched reads it
-            await self.fetching
-        # An end that came before this wait began may not have been seen yet.
-        self._on_fetched(self.fetching)
-        if self.answered:
-            return
-        if self.failure is not None:
-            self._end_early(self.failure)
-            return
+    def cut(self) -> None:
         self.answered = True
-        if self.relay.error_body is not None:
-            self.relay.tell_in_band()  # after a heartbeat's head, Ollama's error goes in-band
-        self.finish()
-
-    def _progress(self) -> int:
-        """What has moved so far, in either direction (the idle watch compares it)."""
-        assert self.body is not None
-        moved = self.record.bytes_in + self.body.written
-        if self.relay is not None:
-            moved += self.relay.pieces + self.relay.flow.sent
-        return moved
+        self.request.connection.close()  # type: ignore[union-attr]
 
     # -- endings --------------------------------------------------------------
 
@@ -435,16 +362,15 @@ class ProxyHandler(BaseHandler):
         self.early = lambda: answer(argument)
         if body.declared is not None and body.declared > DISCARD_LIMIT:
             self._answer_early_now()
+        elif body.present:  # a client that stops sending it is answered anyway
+            self.early_watch = Silence(
+                self.proxy.upstream.idle_timeout, lambda: self.record.bytes_in, self._answer_early_now
+            )
 
     def _answer_early_now(self) -> None:
         assert self.early is not None
         self.set_header("Connection", "close")
         self.early()
-
-    def answer_closing(self, rejection: Rejection) -> None:
-        """Answer, and close the connection (the answer says so)."""
-        self.set_header("Connection", "close")
-        self._answer(rejection)
 
     def _answer(self, rejection: Rejection) -> None:
         self.answered = True
@@ -461,52 +387,13 @@ class ProxyHandler(BaseHandler):
             self.set_header(name, value)
         self.finish()
 
-    def _end_early(self, rejection: Rejection) -> None:
-        """Stop the exchange; answer the rejection if nothing has gone out yet, tell it
-        in-band after a heartbeat's head while none of the upstream's body has, else cut."""
-        self._abort_upstream(Abandoned())
-        relay = self.relay
-        if relay is not None and relay.own_format is not None and not relay.body_started:
-            self.answered = True
-            relay.tell_in_band(rejection.status, rejection.message)
-            self.finish()
-        elif relay is not None and (relay.head_sent or relay.head is not None):
-            self._cut()
-        elif self.body is not None and self.body.received.done():
-            self._answer(rejection)
-        else:
-            self.answer_closing(rejection)
-
-    def _on_silence(self) -> None:
-        """Nothing moved for idle_timeout: the client stopped sending its body, or the upstream went quiet."""
-        assert self.body is not None
-        if not self.body.client_turn:
-            self._abort_upstream(IdleTimeout())
-        elif self.early is not None:
-            self._answer_early_now()
-        elif self.failure is not None:
-            self._end_early(self.failure)  # the upstream failed, and the rest of the body is not coming
-        else:
-            self.record.outcome = "timeout"
-            self._end_early(Rejection(408, f"the client sent no body bytes for {self.proxy.upstream.idle_timeout:g} s"))
-
-    def _abort_upstream(self, error: Exception) -> None:
-        if self.upstream_request is not None:
-            self.upstream_request.abort(error)
-        if self.body is not None:
-            self.body.stop()
-
-    def _cut(self) -> None:
-        """End a response that has started without a clean end, so the client can tell."""
-        self.answered = True
-        self.request.connection.close()  # type: ignore[union-attr]
-
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         self.set_header("Connection", "close")  # a method it does not know, or worse: start afresh
         self.answered = True
         super().write_error(status_code, **kwargs)
 
     def finish(self, chunk: Any = None) -> asyncio.Future[None]:
+        self.answered = True
         finishing = super().finish(chunk)
         if self._headers.get("Connection") == "close":
             # Said, so done: once the answer is out (Tornado closes by itself only
@@ -516,70 +403,29 @@ class ProxyHandler(BaseHandler):
 
     def on_connection_close(self) -> None:
         self.answered = True
-        if self.relay is not None:
-            self.relay.stop()  # no heartbeat goes to nobody
+        if self.journey is not None:
+            self.journey.stop_beating()
         # The rest on the next loop turn: an upstream end that arrived together
-        # with the client's leaving is taken in first (by `_on_fetched`), so that
-        # an answer the client had whole is not recorded as left half-way.
+        # with the client's leaving is taken in first, so that an answer the
+        # client had whole is not recorded as left half-way.
         asyncio.get_running_loop().call_soon(self._client_left)
 
     def _client_left(self) -> None:
-        if self.record.outcome is None and self.relay is not None and self.relay.head is not None:
-            self.proxy.metrics.client_disconnects.inc()
-        self._abort_upstream(Abandoned())
-        if self.body is not None:
+        if self.journey is not None:
+            self.journey.client_left()
+        elif self.body is not None:
             self.body.arrived()
         super().on_connection_close()
 
-    def _read_usage(self) -> None:
-        """What the request asked for and what Ollama reported, into the record."""
-        body, relay, record = self.body, self.relay, self.record
-        if body is None:
-            return
-        info = body.info()
-        record.model, record.stream = info.model, info.stream
-        if relay is None or relay.usage is None or relay.head is None or not 200 <= relay.head.code < 300:
-            return
-        assert self.route is not None
-        if relay.first_body_at is not None and answer_format(self.route.answer, info.stream) in ("ndjson", "sse"):
-            record.ttft_ms = round((relay.first_body_at - self.started) * 1000, 3)
-        counters = read_counters(relay.usage.bytes())
-        record.prompt_tokens, record.completion_tokens = counters.prompt_tokens, counters.completion_tokens
-        record.tokens_per_s, record.load_ms = counters.tokens_per_s, counters.load_ms
-
-    def status_row(self) -> dict[str, Any]:
-        """This request as the status page lists it while it is under way."""
-        record, body = self.record, self.body
-        model = body.info().model if body is not None and body.received.done() else None
-        return {
-            "route": record.route,
-            "method": record.method_out or record.method_in,
-            "model": model,
-            "client": record.client,
-            "key": record.key,
-            "age_s": round(time.monotonic() - self.started, 1),
-            "bytes_in": record.bytes_in,
-            "bytes_out": record.bytes_out,
-            "chunks": record.chunks,
-        }
-
     def end(self) -> None:
         if not self._ended:
-            self.proxy.exchanges.discard(self)
-            self._read_usage()
-            self.proxy.metrics.in_flight.dec()
-            if self.relay is not None:
-                self.relay.stop()
-                if self.relay.head is not None:
-                    self.proxy.metrics.streams.dec()
+            if self.journey is not None:
+                self.journey.end()
             if self.admission is not None:
                 self.admission.release()
-            if self.watch is not None:
-                self.watch.stop()
+            if self.early_watch is not None:
+                self.early_watch.stop()
         super().end()
-        # Its callbacks are this handler's methods: without this cycle the
-        # handler is freed at once instead of at the next full collection.
-        self.upstream_request = None
 
 
 class OwnEndpointHandler(BaseHandler):
@@ -668,15 +514,3 @@ class ProxyNotFoundHandler(BaseHandler):
 
     def prepare(self) -> None:
         self.answer_error(Rejection(404, f"{self.request.path} is not an endpoint of this proxy"))
-
-
-def _merge_body(body: bytes, route: Route) -> bytes:
-    """Apply an alias's body defaults; the client's own values win."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        data = None
-    if not isinstance(data, dict):
-        raise Rejection(400, f'{route.path} needs a JSON object body, such as {{"model": "llama3.2"}}')
-    assert route.body_defaults is not None
-    return json.dumps({**route.body_defaults, **data}).encode()

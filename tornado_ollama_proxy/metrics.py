@@ -21,7 +21,7 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 
 if TYPE_CHECKING:
-    from .ending import AccessRecord
+    from .record import AccessRecord
 
 PREFIX = "ollama_proxy"
 # Token streams and pulls run for minutes: the buckets reach 30 minutes.

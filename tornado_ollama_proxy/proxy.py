@@ -9,8 +9,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from .health import HealthCheck
-from .logs import CREDENTIALS
+from .logs import ACCESS_LOGGER, CREDENTIALS, sampled
 from .metrics import Metrics
+from .record import AccessRecord, failed
 from .routes import RouteTable
 from .settings import Settings
 from .status import StatusBoard
@@ -45,6 +46,9 @@ class InFlight:
             waiter = asyncio.get_running_loop().create_future()
             self._idle.append(waiter)
             await waiter
+
+
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 
 class Proxy:
@@ -88,3 +92,24 @@ class Proxy:
                 "no access keys, and requests arrive through another proxy: whoever reaches that one can use this one",
                 extra={"header": found, "fix": "set api_keys (see README), or keep the other proxy private"},
             )
+
+    def account(self, record: AccessRecord, headers: dict[str, str] | None, forwarded: bool, generation: bool) -> None:
+        """Metrics, the status board, and the access log line for a request that has ended.
+        Only `forwarded` requests (not the proxy's own endpoints) are on the board; a
+        `generation` (a route that reports tokens) counts under its model's label."""
+        metrics = self.metrics
+        metrics.count_request(record)
+        label = None
+        if generation:
+            answered = record.upstream_status is not None and 200 <= record.upstream_status < 300
+            label = self.models.label(record.model, answered)
+            metrics.count_generation(
+                record, label, "error" if record.outcome == "ok" and failed(record) else record.outcome
+            )
+        if forwarded:
+            self.board.add(record, label)
+        if sampled(record.path, self.settings.access_log_sampling):
+            fields = record.fields()
+            if headers is not None:
+                fields = {**fields, "headers": headers}
+            access_log.info("request", extra=fields)

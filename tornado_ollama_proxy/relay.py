@@ -6,28 +6,53 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tornado.iostream import IOStream
 
 from .codings import Decoder, coding_of
-from .ending import AccessRecord, Silence
-from .errors import error_message, in_band_error
+from .errors import Rejection, error_message, in_band_error
 from .framing import Head
 from .headers import end_to_end
 from .heartbeat import BEATS, CONTENT_TYPES, ERROR_BODY_LIMIT, HEARTBEAT_HEADER, may_beat
-from .logs import REQUEST_ID_HEADER
+from .idle import Silence
+from .record import AccessRecord
 from .tornado_private import format_chunk
 from .usage import AnswerTail
 
 if TYPE_CHECKING:
     from tornado.http1connection import HTTP1Connection
 
-    from .handler import ProxyHandler
-
 # The answer's own framing is the relay's to decide.
 _FRAMING = frozenset({"content-length", "transfer-encoding"})
+
+
+class Reply(Protocol):
+    """The client's side of an answer, as the relay and the journey write it (the
+    Tornado handler is one): a head to take, bytes to send, and an ending."""
+
+    client_head: bool  # the client asked with HEAD: no body bytes go out
+    answered: bool  # the answer is complete, or cut: nothing more goes out
+
+    def take_head(self, code: int, reason: str | None, headers: Iterable[tuple[str, str]], *, relayed: bool) -> None:
+        """The answer's status and headers (with the proxy's own added); `relayed`: the
+        upstream's, which replace every default."""
+
+    def send_head(self, first: bytes = b"") -> None:
+        """Send the head, with the body's first piece when given (one write)."""
+
+    def finish(self) -> Any:
+        """End the answer cleanly."""
+
+    def refuse(self, rejection: Rejection, closing: bool) -> None:
+        """Answer an error with its status (nothing has gone out); `closing`: and close."""
+
+    def cut(self) -> None:
+        """End an answer that has started without a clean end, so the client can tell."""
+
+    def on_connection_close(self) -> None:
+        """The client has gone."""
 
 
 class ClientFlow:
@@ -67,7 +92,7 @@ class ClientFlow:
 
 
 class AnswerRelay:
-    """Relays the upstream's head and pieces through `handler`'s connection.
+    """Relays the upstream's head and pieces to the client, through `reply`.
 
     The head goes out with the first piece when that came in the same read
     (one write instead of two), else on the next loop turn, before a body
@@ -83,24 +108,22 @@ class AnswerRelay:
 
     def __init__(
         self,
-        handler: ProxyHandler,
+        reply: Reply,
         flow: ClientFlow,
         record: AccessRecord,
         *,
         started: float,
         upstream_head: bool,
-        added_headers: Mapping[str, str],
         answer_format: Callable[[], str | None],
         heartbeat: float | None,
         usage: AnswerTail | None = None,
     ):
-        self.handler = handler
+        self.reply = reply
         self.flow = flow
         self.record = record
         self.started = started
-        self.client_head = handler.request.method == "HEAD"  # no body bytes go out
+        self.client_head = reply.client_head  # no body bytes go out
         self.upstream_head = upstream_head  # no body bytes come
-        self.added_headers = added_headers
         self.answer_format = answer_format
         self.head: Head | None = None  # once the final answer's head has arrived
         self.head_sent = False
@@ -138,40 +161,29 @@ class AnswerRelay:
                 self.decoder = Decoder(coding)  # the proxy's head announced none
             return
         self.encoded = coding is not None
-        handler = self.handler
-        # Tornado sends its own phrase for an empty one (which it would not send).
-        handler.set_status(head.code, head.reason or None)
-        handler.clear_header("Content-Type")
-        handler.clear_header("Server")
-        handler.clear_header("Date")
-        for name, value in end_to_end(head.headers):
-            if name.lower() not in _FRAMING:
-                # Tornado refuses control characters in a header; llhttp lets through
-                # only the tab, which is whitespace like a space (RFC 9110 §5.5).
-                handler.add_header(name, value.replace("\t", " "))
+        # Tornado refuses control characters in a header; llhttp lets through only
+        # the tab, which is whitespace like a space (RFC 9110 §5.5).
+        headers = [
+            (name, value.replace("\t", " ")) for name, value in end_to_end(head.headers) if name.lower() not in _FRAMING
+        ]
         sized = head.length is not None and head.code != 204
         if sized and (self.client_head or not self.upstream_head):
             # As the upstream sized it (a GET turned HEAD gets no body: no length);
             # otherwise Tornado chunks it, or closes for an HTTP/1.0 client.
-            handler.set_header("Content-Length", str(head.length))
-        self._add_headers()
+            headers.append(("Content-Length", str(head.length)))
+        # Tornado sends its own phrase for an empty one (which it would not send).
+        self.reply.take_head(head.code, head.reason or None, headers, relayed=True)
         asyncio.get_running_loop().call_soon(self.send_head)
 
-    def _add_headers(self) -> None:
-        handler = self.handler
-        for name, value in self.added_headers.items():
-            handler.add_header(name, value)
-        handler.set_header(REQUEST_ID_HEADER, handler.request_id)
-
     def send_head(self) -> None:
-        if not self.head_sent and not self.handler.answered:
+        if not self.head_sent and not self.reply.answered:
             self.head_sent = True
-            self.handler.flush()
+            self.reply.send_head()
 
     def on_piece(self, data: bytes) -> asyncio.Future[None] | None:
         """Relay a piece of the answer; a pending result makes the upstream wait (backpressure)."""
         self.pieces += 1
-        if self.client_head or self.handler.answered:
+        if self.client_head or self.reply.answered:
             return None
         if self.error_body is not None:
             if self.error_size < ERROR_BODY_LIMIT:
@@ -194,8 +206,7 @@ class AnswerRelay:
             self.tail = data[-2:] if len(data) >= 2 else (self.tail + data)[-2:]
         if not self.head_sent:
             self.head_sent = True
-            self.handler.write(data)
-            self.handler.flush()
+            self.reply.send_head(data)
             return None
         return self.flow.send(data)
 
@@ -217,16 +228,16 @@ class AnswerRelay:
             self.record.heartbeats += 1
 
     def _send_own_head(self, answer_format: str) -> None:
-        handler = self.handler
-        handler.set_status(200)
-        handler.set_header("Content-Type", CONTENT_TYPES[answer_format])
-        handler.set_header("Cache-Control", "no-cache")
-        handler.set_header("X-Accel-Buffering", "no")  # for an nginx in front: pass every byte on
-        handler.set_header(HEARTBEAT_HEADER, "1")
-        self._add_headers()
+        headers = [
+            ("Content-Type", CONTENT_TYPES[answer_format]),
+            ("Cache-Control", "no-cache"),
+            ("X-Accel-Buffering", "no"),  # for an nginx in front: pass every byte on
+            (HEARTBEAT_HEADER, "1"),
+        ]
+        self.reply.take_head(200, None, headers, relayed=False)
         self.own_format = answer_format
         self.head_sent = True
-        handler.flush()
+        self.reply.send_head()
 
     def tell_in_band(self, status: int | None = None, message: str = "") -> None:
         """After the proxy's own head, an error in the client's format: the proxy's

@@ -15,7 +15,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from .ending import AccessRecord, failed
+from .record import AccessRecord, failed
 
 SAMPLES = 500  # per model, for its medians
 CHART_SECONDS = 600  # the tokens/s chart covers the last 10 minutes

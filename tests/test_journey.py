@@ -1,11 +1,9 @@
-"""How requests end: the idle watch, and one access record that says what happened."""
+"""How a forwarded request ends: one access record that says what happened, whichever way."""
 
 import asyncio
 import json
 
 import pytest
-
-from tornado_ollama_proxy.ending import Silence
 
 from .helpers import (
     ScriptedUpstream,
@@ -73,46 +71,6 @@ async def test_a_client_that_leaves_mid_stream_is_recorded_gone_not_as_an_upstre
         value(samples, "ollama_proxy_generations_total", model="stall:latest", route="/api/chat", outcome="client_gone")
         == 1
     )
-
-
-# -- silence, on its own ---------------------------------------------------------------
-
-
-async def test_silence_is_noticed_after_its_period_and_again_while_it_lasts(io_loop):
-    loop = asyncio.get_running_loop()
-    noticed = []
-    silence = Silence(0.2, lambda: 0, lambda: noticed.append(loop.time()))
-    started = loop.time()
-    await until(lambda: len(noticed) >= 2)
-    silence.stop()
-    assert 0.2 <= noticed[0] - started <= 0.35  # looked at four times a period
-    assert 0.15 <= noticed[1] - noticed[0] <= 0.35
-
-
-async def test_movement_puts_silence_off(io_loop):
-    loop = asyncio.get_running_loop()
-    moved, noticed = [0], []
-    silence = Silence(0.2, lambda: moved[0], lambda: noticed.append(loop.time()))
-    started = loop.time()
-    while loop.time() - started < 0.5:  # something moves all the while
-        moved[0] += 1
-        await asyncio.sleep(0.02)
-    assert noticed == []
-    quiet_from = loop.time()
-    await until(lambda: noticed)
-    silence.stop()
-    assert noticed[0] - quiet_from >= 0.15
-
-
-async def test_the_clock_stops_while_paused(io_loop):
-    noticed = []
-    silence = Silence(0.1, lambda: 0, lambda: noticed.append(True))
-    silence.paused = True  # a client slow to read
-    await asyncio.sleep(0.35)  # three periods: no event says nothing happened
-    assert noticed == []
-    silence.paused = False
-    await until(lambda: noticed)
-    silence.stop()
 
 
 @pytest.mark.parametrize("first", ["upstream", "client"])

@@ -1,0 +1,39 @@
+"""The idle watch: something to do when nothing has moved for a while."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+
+class Silence:
+    """Calls `on_silence` when `progress()` has not changed for `period` seconds,
+    and again every `period` while that lasts; the clock stops while `paused`
+    (a client slow to read is not a silent exchange).
+
+    `progress` is a counter of what has moved, looked at four times a period:
+    nothing is done per byte that moves.
+    """
+
+    def __init__(self, period: float, progress: Callable[[], int], on_silence: Callable[[], None]):
+        self.loop = asyncio.get_running_loop()
+        self.period = period
+        self.progress = progress
+        self.on_silence = on_silence
+        self.paused = False
+        self.seen = progress()
+        self.quiet_since = self.loop.time()
+        self._timer = self.loop.call_later(period / 4, self._look)
+
+    def stop(self) -> None:
+        self._timer.cancel()
+
+    def _look(self) -> None:
+        now = self.loop.time()
+        progress = self.progress()
+        self._timer = self.loop.call_later(self.period / 4, self._look)  # before on_silence, which may stop it
+        if progress != self.seen or self.paused:
+            self.seen, self.quiet_since = progress, now
+        elif now - self.quiet_since >= self.period:
+            self.quiet_since = now
+            self.on_silence()
