@@ -1,18 +1,20 @@
 """Benchmarks: the proxy against a direct connection (the limit) and nginx doing the same job.
 
-    python bench/run.py [--quick] [--repeats N]
+    python bench/run.py [--quick] [--repeats N] [--only 1,2,...]
 
 Every scenario runs against the three targets in the same invocation,
 interleaved (the order rotates each repeat), and prints medians and the
 proxy/nginx ratio. CPU is read from each server process's own accounting
 (/proc/<pid>/stat), steadier than wall time on a shared 2-core machine.
-Nothing is asserted: figures are printed.
+Scenario 6 drives one and two workers with wrk, a load generator in C, and
+counts the requests each worker served. Nothing is asserted: figures are printed.
 """
 
 import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -21,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from prometheus_client.multiprocess import MultiProcessCollector
 
 HERE = Path(__file__).resolve().parent
 TICK = os.sysconf("SC_CLK_TCK")
@@ -82,13 +86,14 @@ def start_server(script: str, port: int) -> subprocess.Popen:
     return process
 
 
-def start_nginx(port: int, upstream_port: int, folder: str) -> subprocess.Popen:
-    config = (HERE / "nginx.conf").read_text()
-    config = (
-        config.replace("@DIR@", folder).replace("@PORT@", str(port)).replace("@UPSTREAM@", f"127.0.0.1:{upstream_port}")
-    )
+def start_nginx(config: str, **values: object) -> subprocess.Popen:
+    """nginx on bench/`config`, each ``@NAME@`` in it replaced by values[NAME], in a folder of its own."""
+    folder = tempfile.mkdtemp()
+    text = (HERE / config).read_text()
+    for name, value in {"DIR": folder, **values}.items():
+        text = text.replace(f"@{name}@", str(value))
     path = Path(folder) / "nginx.conf"
-    path.write_text(config)
+    path.write_text(text)
     return subprocess.Popen(["nginx", "-c", str(path), "-p", folder])
 
 
@@ -112,6 +117,22 @@ def start_proxy(port: int, upstream_port: int, extra_env: dict | None = None) ->
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+async def wait_for_workers(port: int, count: int, limit: float = 10) -> list[int]:
+    """The pids of the `count` workers of a proxy, once each has answered on a new connection: each
+    then listens, so that connections opened next spread over all of them."""
+    await wait_for_port(port, limit)  # refused until a worker listens
+    seen: set[int] = set()
+    deadline = time.monotonic() + limit
+    while len(seen) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(seen)} of {count} workers answered")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /_proxy/status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        seen.add(json.loads((await reader.read()).partition(b"\r\n\r\n")[2])["worker"]["pid"])
+        writer.close()
+    return sorted(seen)
 
 
 # -- clients -----------------------------------------------------------------
@@ -272,28 +293,114 @@ async def startup_seconds(upstream_port: int) -> float:
     return elapsed
 
 
+# -- 6. one worker against two, with wrk --------------------------------------
+
+
+def wrk(port: int, seconds: float) -> float:
+    """Requests/s of wrk's 50 kept connections on /api/tags: one thread in C, so that
+    the client is not what limits the server."""
+    result = subprocess.run(
+        ["wrk", "-t1", "-c50", f"-d{seconds:g}s", f"http://127.0.0.1:{port}/api/tags"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for line in result.stdout.splitlines():
+        if "Non-2xx" in line or "Socket errors" in line:
+            print(f"wrk on port {port}: {line.strip()}")
+    found = re.search(r"Requests/sec:\s+([\d.]+)", result.stdout)
+    assert found, result.stdout
+    return float(found[1])
+
+
+def served(workers: list[int], metrics: str) -> list[float]:
+    """Requests each worker has counted so far, from its own file in the workers' metrics folder."""
+    return [
+        sum(
+            sample.value
+            for metric in MultiProcessCollector.merge([f"{metrics}/counter_{pid}.db"])
+            for sample in metric.samples
+            if sample.name == "ollama_proxy_requests_total"
+        )
+        for pid in workers
+    ]
+
+
+def wrk_spread(port: int, seconds: float, workers: list[int], metrics: str) -> tuple[float, str]:
+    """wrk on `port` (the workers, or a front before them), and the share of its requests each worker served."""
+    before = served(workers, metrics)
+    rate = wrk(port, seconds)
+    counts = [later - earlier for earlier, later in zip(before, served(workers, metrics), strict=True)]
+    return rate, " / ".join(f"{count / sum(counts):.0%}" for count in counts)
+
+
+async def scenario_workers(seconds: float, pairs: int) -> None:
+    """One worker and two in interleaved pairs, then two behind a front that keeps 16 idle
+    connections to them; upstream, nginx answering a constant."""
+    constant_port, one_port, two_port, front_port = (free_port() for _ in range(4))
+    metrics = tempfile.mkdtemp()
+    constant = start_nginx("constant.conf", PORT=constant_port)
+    one = start_proxy(one_port, constant_port)
+    two = start_proxy(two_port, constant_port, {"OLLAMA_PROXY_WORKERS": "2", "PROMETHEUS_MULTIPROC_DIR": metrics})
+    front = start_nginx("nginx.conf", PORT=front_port, UPSTREAM=f"127.0.0.1:{two_port}", KEEPALIVE=16)
+    try:
+        for port in (constant_port, one_port, front_port):
+            await wait_for_port(port)
+        workers = await wait_for_workers(two_port, 2)
+        print(f"\n## 6. wrk -t1 -c50 -d{seconds:g}s on /api/tags, constant nginx upstream: 1 worker against 2\n")
+        print("| pair | 1 worker (requests/s) | 2 workers (requests/s) | 2w / 1w | requests per worker (2w) |")
+        print("|---|---|---|---|---|")
+        ones: list[float] = []
+        twos: list[float] = []
+        for pair in range(pairs):
+            one_first = pair % 2 == 0  # the order alternates, so that a drift in the machine's load evens out
+            if one_first:
+                ones.append(wrk(one_port, seconds))
+            two_rate, share = wrk_spread(two_port, seconds, workers, metrics)
+            twos.append(two_rate)
+            if not one_first:
+                ones.append(wrk(one_port, seconds))
+            print(f"| {pair + 1} | {ones[-1]:.0f} | {two_rate:.0f} | {two_rate / ones[-1]:.2f}x | {share} |")
+        ratios = [two / one for one, two in zip(ones, twos, strict=True)]
+        print(
+            f"| median | {statistics.median(ones):.0f} | {statistics.median(twos):.0f} "
+            f"| {statistics.median(ratios):.2f}x | |"
+        )
+        print("\n2 workers behind nginx keeping 16 idle connections to them (`keepalive 16`):\n")
+        for _ in range(pairs):
+            rate, share = wrk_spread(front_port, seconds, workers, metrics)
+            print(f"- {rate:.0f} requests/s, requests per worker {share}")
+    finally:
+        for process in (front, two, one, constant):
+            process.terminate()
+            process.wait()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter runs, smaller bulk transfers")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", default="1,2,3,4,5", help="comma-separated scenario numbers to run (default: all)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per target, wrk pairs (at least 3)")
+    parser.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated scenario numbers to run (default: all)")
     args = parser.parse_args()
     only = set(args.only.split(","))
     seconds = 2.0 if args.quick else 5.0
     bulk = (256 if args.quick else 1024) * 1024 * 1024
-    if shutil.which("nginx") is None:
-        sys.exit("bench needs nginx (Debian package 'nginx')")
+    needed = ["nginx", *(["wrk"] if "6" in only else [])]
+    missing = [command for command in needed if shutil.which(command) is None]
+    if missing:
+        sys.exit(f"bench needs {', '.join(missing)} (Debian packages of those names)")
     upstream_port, nginx_port, proxy_port, workers_port, floor_port = (free_port() for _ in range(5))
-    folder = tempfile.mkdtemp()
-    upstream = start_server("upstream.py", upstream_port)
-    floor = start_server("floor.py", floor_port)
-    nginx = start_nginx(nginx_port, upstream_port, folder)
-    proxy = start_proxy(proxy_port, upstream_port)
-    workers = start_proxy(workers_port, upstream_port, {"OLLAMA_PROXY_WORKERS": "2"})
+    processes = [
+        upstream := start_server("upstream.py", upstream_port),
+        floor := start_server("floor.py", floor_port),
+        nginx := start_nginx("nginx.conf", PORT=nginx_port, UPSTREAM=f"127.0.0.1:{upstream_port}", KEEPALIVE=64),
+        proxy := start_proxy(proxy_port, upstream_port),
+        workers := start_proxy(workers_port, upstream_port, {"OLLAMA_PROXY_WORKERS": "2"}),
+    ]
     try:
         await wait_for_port(nginx_port)
         await wait_for_port(proxy_port)
-        await wait_for_port(workers_port)
+        await wait_for_workers(workers_port, 2)
         targets = [
             Target("direct", upstream_port, upstream.pid, corrects=False),
             Target("nginx", nginx_port, nginx_worker(nginx), corrects=True),
@@ -302,7 +409,7 @@ async def main() -> None:
         # Scenarios 1 and 2 also run against the proxy with two worker processes;
         # scenario 2 also against bare Tornado answering a constant (the floor).
         with_workers = [*targets, Target("proxy x2", workers_port, workers.pid, corrects=True, workers=True)]
-        with_floor = [*with_workers, Target("tornado floor", floor_port, floor.pid, corrects=False)]
+        small_targets = [*with_workers, Target("tornado floor", floor_port, floor.pid, corrects=False)]
         print(
             f"# tornado-ollama-proxy benchmarks ({os.cpu_count()} cores, {'quick' if args.quick else 'full'} run, "
             f"medians of {args.repeats}; direct CPU is the stand-in upstream's own)"
@@ -314,7 +421,7 @@ async def main() -> None:
             table(f"1. token streams: {streams} x 50 chunks/s", results)
         for path, method in (("/api/tags", "GET"), ("/api/show", "POST")) if "2" in only else ():
             results = await interleaved(
-                with_floor, args.repeats, lambda t, p=path, m=method: scenario_small(t, p, m, seconds)
+                small_targets, args.repeats, lambda t, p=path, m=method: scenario_small(t, p, m, seconds)
             )
             table(f"2. small requests: {path} ({method} upstream), 50 connections", results)
         if "3" in only:
@@ -329,8 +436,10 @@ async def main() -> None:
         if "5" in only:
             times = [await startup_seconds(upstream_port) for _ in range(args.repeats)]
             print(f"\n## 5. start-up to first answered request\n\nproxy: median {statistics.median(times):.3f} s")
+        if "6" in only:
+            await scenario_workers(3.0 if args.quick else 8.0, max(3, args.repeats))
     finally:
-        for process in (workers, proxy, nginx, floor, upstream):
+        for process in reversed(processes):
             process.terminate()
             process.wait()
 
