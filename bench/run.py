@@ -28,6 +28,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 HERE = Path(__file__).resolve().parent
 TICK = os.sysconf("SC_CLK_TCK")
+NODE_ORIGINAL = "ollama-proxy-fix"  # the seed's TypeScript original, from the npm registry
 
 
 def free_port() -> int:
@@ -119,6 +120,26 @@ def start_proxy(port: int, upstream_port: int, extra_env: dict | None = None) ->
     )
 
 
+def start_node_original(port: int, upstream_port: int) -> subprocess.Popen:
+    """The seed's original, installed into a temporary folder and started as ``npx ollama-proxy-fix``
+    starts it: its own bin script, so that the process measured is its node. Its README's
+    settings are environment variables: OLLAMA_PROXY_PORT, OLLAMA_HOST and OLLAMA_PORT."""
+    folder = tempfile.mkdtemp()
+    subprocess.run(
+        ["npm", "install", "--silent", "--prefix", folder, "--no-audit", "--no-fund", NODE_ORIGINAL], check=True
+    )
+    env = {
+        **os.environ,
+        "OLLAMA_PROXY_PORT": str(port),
+        "OLLAMA_HOST": "127.0.0.1",
+        "OLLAMA_PORT": str(upstream_port),
+    }
+    # It writes three lines per request to stdout: kept, as the proxy keeps its access log.
+    return subprocess.Popen(
+        [str(Path(folder) / "node_modules" / ".bin" / NODE_ORIGINAL)], env=env, cwd=folder, stdout=subprocess.DEVNULL
+    )
+
+
 async def wait_for_workers(port: int, count: int, limit: float = 10) -> list[int]:
     """The pids of the `count` workers of a proxy, once each has answered on a new connection: each
     then listens, so that connections opened next spread over all of them."""
@@ -141,10 +162,13 @@ async def wait_for_workers(port: int, count: int, limit: float = 10) -> list[int
 async def request(port: int, method: bytes, path: str, body: bytes = b"", keep=None):
     """Send one request (on `keep`, an open (reader, writer), if given) and read the whole answer."""
     reader, writer = keep or await asyncio.open_connection("127.0.0.1", port)
+    kind = b"Content-Type: application/json\r\n" if body else b""  # Express reads a body only when told it is JSON
     writer.write(
-        b"%s %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s" % (method, path.encode(), len(body), body)
+        b"%s %s HTTP/1.1\r\nHost: localhost\r\n%sContent-Length: %d\r\n\r\n%s"
+        % (method, path.encode(), kind, len(body), body)
     )
     head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 2"), head  # an error answered fast must not count as a fast answer
     length = next(
         (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0
     )
@@ -385,11 +409,11 @@ async def main() -> None:
     only = set(args.only.split(","))
     seconds = 2.0 if args.quick else 5.0
     bulk = (256 if args.quick else 1024) * 1024 * 1024
-    needed = ["nginx", *(["wrk"] if "6" in only else [])]
+    needed = ["nginx", *(["npm"] if "2" in only else []), *(["wrk"] if "6" in only else [])]
     missing = [command for command in needed if shutil.which(command) is None]
     if missing:
         sys.exit(f"bench needs {', '.join(missing)} (Debian packages of those names)")
-    upstream_port, nginx_port, proxy_port, workers_port, floor_port = (free_port() for _ in range(5))
+    upstream_port, nginx_port, proxy_port, workers_port, floor_port, node_port = (free_port() for _ in range(6))
     processes = [
         upstream := start_server("upstream.py", upstream_port),
         floor := start_server("floor.py", floor_port),
@@ -407,9 +431,14 @@ async def main() -> None:
             Target("proxy", proxy_port, proxy.pid, corrects=True),
         ]
         # Scenarios 1 and 2 also run against the proxy with two worker processes;
-        # scenario 2 also against bare Tornado answering a constant (the floor).
+        # scenario 2 also against the seed's Node original and bare Tornado
+        # answering a constant (the floor).
         with_workers = [*targets, Target("proxy x2", workers_port, workers.pid, corrects=True, workers=True)]
         small_targets = [*with_workers, Target("tornado floor", floor_port, floor.pid, corrects=False)]
+        if "2" in only:
+            processes.append(node := start_node_original(node_port, upstream_port))
+            await wait_for_port(node_port)
+            small_targets.append(Target("node original", node_port, node.pid, corrects=True))
         print(
             f"# tornado-ollama-proxy benchmarks ({os.cpu_count()} cores, {'quick' if args.quick else 'full'} run, "
             f"medians of {args.repeats}; direct CPU is the stand-in upstream's own)"
