@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import re
+import resource
 import shutil
 import socket
 import statistics
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -320,11 +322,11 @@ async def startup_seconds(upstream_port: int) -> float:
 # -- 6. one worker against two, with wrk --------------------------------------
 
 
-def wrk(port: int, seconds: float) -> float:
-    """Requests/s of wrk's 50 kept connections on /api/tags: one thread in C, so that
+def wrk(port: int, seconds: float, connections: int = 50) -> float:
+    """Requests/s of wrk's kept connections on /api/tags: one thread in C, so that
     the client is not what limits the server."""
     result = subprocess.run(
-        ["wrk", "-t1", "-c50", f"-d{seconds:g}s", f"http://127.0.0.1:{port}/api/tags"],
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", f"http://127.0.0.1:{port}/api/tags"],
         capture_output=True,
         text=True,
         check=True,
@@ -350,12 +352,37 @@ def served(workers: list[int], metrics: str) -> list[float]:
     ]
 
 
-def wrk_spread(port: int, seconds: float, workers: list[int], metrics: str) -> tuple[float, str]:
-    """wrk on `port` (the workers, or a front before them), and the share of its requests each worker served."""
-    before = served(workers, metrics)
-    rate = wrk(port, seconds)
+def machine_cpu() -> float:
+    """CPU seconds all the cores have been busy since boot (/proc/stat), stolen time included."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+        int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    )
+    return (user + nice + system + irq + softirq + steal) / TICK
+
+
+def own_cpu(pids: list[int]) -> float:
+    """CPU seconds of the servers `pids`, of this process and of its finished children (wrk)."""
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(cpu_seconds(pid) for pid in pids) + sum(use.ru_utime + use.ru_stime for use in usage)
+
+
+class WrkRun(NamedTuple):
+    rate: float  # requests/s
+    share: str  # of the requests, per worker
+    others: float  # cores that processes outside the benchmark kept busy
+
+
+def wrk_run(
+    port: int, seconds: float, own: list[int], workers: list[int], metrics: str, connections: int = 50
+) -> WrkRun:
+    """wrk on `port`, the share of its requests each of `workers` served, and the load from
+    outside the benchmark (whose servers are `own`) meanwhile: the machine is shared."""
+    machine, mine, before = machine_cpu(), own_cpu(own), served(workers, metrics)
+    started = time.monotonic()
+    rate = wrk(port, seconds, connections)
+    others = (machine_cpu() - machine - (own_cpu(own) - mine)) / (time.monotonic() - started)
     counts = [later - earlier for earlier, later in zip(before, served(workers, metrics), strict=True)]
-    return rate, " / ".join(f"{count / sum(counts):.0%}" for count in counts)
+    return WrkRun(rate, " / ".join(f"{count / sum(counts):.0%}" for count in counts), others)
 
 
 async def scenario_workers(seconds: float, pairs: int) -> None:
@@ -371,29 +398,36 @@ async def scenario_workers(seconds: float, pairs: int) -> None:
         for port in (constant_port, one_port, front_port):
             await wait_for_port(port)
         workers = await wait_for_workers(two_port, 2)
+        own = [one.pid, *workers, nginx_worker(constant), nginx_worker(front)]
         print(f"\n## 6. wrk -t1 -c50 -d{seconds:g}s on /api/tags, constant nginx upstream: 1 worker against 2\n")
-        print("| pair | 1 worker (requests/s) | 2 workers (requests/s) | 2w / 1w | requests per worker (2w) |")
-        print("|---|---|---|---|---|")
-        ones: list[float] = []
-        twos: list[float] = []
-        for pair in range(pairs):
-            one_first = pair % 2 == 0  # the order alternates, so that a drift in the machine's load evens out
-            if one_first:
-                ones.append(wrk(one_port, seconds))
-            two_rate, share = wrk_spread(two_port, seconds, workers, metrics)
-            twos.append(two_rate)
-            if not one_first:
-                ones.append(wrk(one_port, seconds))
-            print(f"| {pair + 1} | {ones[-1]:.0f} | {two_rate:.0f} | {two_rate / ones[-1]:.2f}x | {share} |")
-        ratios = [two / one for one, two in zip(ones, twos, strict=True)]
         print(
-            f"| median | {statistics.median(ones):.0f} | {statistics.median(twos):.0f} "
-            f"| {statistics.median(ratios):.2f}x | |"
+            "| pair | 1 worker (requests/s) | 2 workers (requests/s) | 2w / 1w | requests per worker (2w) "
+            "| other load (cores), 1w / 2w |"
         )
-        print("\n2 workers behind nginx keeping 16 idle connections to them (`keepalive 16`):\n")
-        for _ in range(pairs):
-            rate, share = wrk_spread(front_port, seconds, workers, metrics)
-            print(f"- {rate:.0f} requests/s, requests per worker {share}")
+        print("|---|---|---|---|---|---|")
+        alones, boths = [], []
+        for pair in range(pairs):
+            # The order alternates, so that a drift in the machine's load evens out.
+            order = (one_port, two_port) if pair % 2 == 0 else (two_port, one_port)
+            runs = {port: wrk_run(port, seconds, own, workers if port == two_port else [], metrics) for port in order}
+            alone, both = runs[one_port], runs[two_port]
+            alones.append(alone.rate)
+            boths.append(both.rate)
+            print(
+                f"| {pair + 1} | {alone.rate:.0f} | {both.rate:.0f} | {both.rate / alone.rate:.2f}x | {both.share} "
+                f"| {alone.others:.2f} / {both.others:.2f} |"
+            )
+        ratios = [both / alone for alone, both in zip(alones, boths, strict=True)]
+        print(
+            f"| median | {statistics.median(alones):.0f} | {statistics.median(boths):.0f} "
+            f"| {statistics.median(ratios):.2f}x | | |"
+        )
+        print("\n2 workers behind nginx keeping 16 idle connections to them (`keepalive 16`), requests per worker:\n")
+        print("| client connections | " + " | ".join(f"run {run + 1}" for run in range(pairs)) + " |")
+        print("|---|" + "---|" * pairs)
+        for connections in (4, 50):  # fewer than it keeps, and more
+            fronted = [wrk_run(front_port, seconds, own, workers, metrics, connections) for _ in range(pairs)]
+            print(f"| {connections} | " + " | ".join(f"{run.share} ({run.rate:.0f}/s)" for run in fronted) + " |")
     finally:
         for process in (front, two, one, constant):
             process.terminate()
