@@ -366,6 +366,9 @@ def own_cpu(pids: list[int]) -> float:
     return sum(cpu_seconds(pid) for pid in pids) + sum(use.ru_utime + use.ru_stime for use in usage)
 
 
+QUIET = 0.1  # cores of other load under which a wrk pair counts as measured on a quiet machine
+
+
 class WrkRun(NamedTuple):
     rate: float  # requests/s
     share: str  # of the requests, per worker
@@ -405,7 +408,7 @@ async def scenario_workers(seconds: float, pairs: int) -> None:
             "| other load (cores), 1w / 2w |"
         )
         print("|---|---|---|---|---|---|")
-        alones, boths = [], []
+        alones, boths, quiet = [], [], []
         for pair in range(pairs):
             # The order alternates, so that a drift in the machine's load evens out.
             order = (one_port, two_port) if pair % 2 == 0 else (two_port, one_port)
@@ -413,6 +416,8 @@ async def scenario_workers(seconds: float, pairs: int) -> None:
             alone, both = runs[one_port], runs[two_port]
             alones.append(alone.rate)
             boths.append(both.rate)
+            if max(alone.others, both.others) < QUIET:
+                quiet.append(both.rate / alone.rate)
             print(
                 f"| {pair + 1} | {alone.rate:.0f} | {both.rate:.0f} | {both.rate / alone.rate:.2f}x | {both.share} "
                 f"| {alone.others:.2f} / {both.others:.2f} |"
@@ -422,6 +427,11 @@ async def scenario_workers(seconds: float, pairs: int) -> None:
             f"| median | {statistics.median(alones):.0f} | {statistics.median(boths):.0f} "
             f"| {statistics.median(ratios):.2f}x | | |"
         )
+        if quiet:
+            print(
+                f"\nmedian 2w / 1w of the {len(quiet)} pairs with other load below {QUIET} core in both runs: "
+                f"{statistics.median(quiet):.2f}x"
+            )
         print("\n2 workers behind nginx keeping 16 idle connections to them (`keepalive 16`), requests per worker:\n")
         print("| client connections | " + " | ".join(f"run {run + 1}" for run in range(pairs)) + " |")
         print("|---|" + "---|" * pairs)
