@@ -1,18 +1,21 @@
 """Benchmarks: the proxy against a direct connection (the limit) and nginx doing the same job.
 
-    python bench/run.py [--quick] [--repeats N]
+    python bench/run.py [--quick] [--repeats N] [--only 1,2,...]
 
 Every scenario runs against the three targets in the same invocation,
 interleaved (the order rotates each repeat), and prints medians and the
 proxy/nginx ratio. CPU is read from each server process's own accounting
 (/proc/<pid>/stat), steadier than wall time on a shared 2-core machine.
-Nothing is asserted: figures are printed.
+Scenario 6 drives one and two workers with wrk, a load generator in C, and
+counts the requests each worker served. Nothing is asserted: figures are printed.
 """
 
 import argparse
 import asyncio
 import json
 import os
+import re
+import resource
 import shutil
 import socket
 import statistics
@@ -21,9 +24,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
+
+from prometheus_client.multiprocess import MultiProcessCollector
 
 HERE = Path(__file__).resolve().parent
 TICK = os.sysconf("SC_CLK_TCK")
+NODE_ORIGINAL = "ollama-proxy-fix"  # the seed's TypeScript original, from the npm registry
 
 
 def free_port() -> int:
@@ -82,13 +89,14 @@ def start_server(script: str, port: int) -> subprocess.Popen:
     return process
 
 
-def start_nginx(port: int, upstream_port: int, folder: str) -> subprocess.Popen:
-    config = (HERE / "nginx.conf").read_text()
-    config = (
-        config.replace("@DIR@", folder).replace("@PORT@", str(port)).replace("@UPSTREAM@", f"127.0.0.1:{upstream_port}")
-    )
+def start_nginx(config: str, **values: object) -> subprocess.Popen:
+    """nginx on bench/`config`, each ``@NAME@`` in it replaced by values[NAME], in a folder of its own."""
+    folder = tempfile.mkdtemp()
+    text = (HERE / config).read_text()
+    for name, value in {"DIR": folder, **values}.items():
+        text = text.replace(f"@{name}@", str(value))
     path = Path(folder) / "nginx.conf"
-    path.write_text(config)
+    path.write_text(text)
     return subprocess.Popen(["nginx", "-c", str(path), "-p", folder])
 
 
@@ -114,16 +122,55 @@ def start_proxy(port: int, upstream_port: int, extra_env: dict | None = None) ->
     )
 
 
+def start_node_original(port: int, upstream_port: int) -> subprocess.Popen:
+    """The seed's original, installed into a temporary folder and started as ``npx ollama-proxy-fix``
+    starts it: its own bin script, so that the process measured is its node. Its README's
+    settings are environment variables: OLLAMA_PROXY_PORT, OLLAMA_HOST and OLLAMA_PORT."""
+    folder = tempfile.mkdtemp()
+    subprocess.run(
+        ["npm", "install", "--silent", "--prefix", folder, "--no-audit", "--no-fund", NODE_ORIGINAL], check=True
+    )
+    env = {
+        **os.environ,
+        "OLLAMA_PROXY_PORT": str(port),
+        "OLLAMA_HOST": "127.0.0.1",
+        "OLLAMA_PORT": str(upstream_port),
+    }
+    # It writes three lines per request to stdout: kept, as the proxy keeps its access log.
+    return subprocess.Popen(
+        [str(Path(folder) / "node_modules" / ".bin" / NODE_ORIGINAL)], env=env, cwd=folder, stdout=subprocess.DEVNULL
+    )
+
+
+async def wait_for_workers(port: int, count: int, limit: float = 10) -> list[int]:
+    """The pids of the `count` workers of a proxy, once each has answered on a new connection: each
+    then listens, so that connections opened next spread over all of them."""
+    await wait_for_port(port, limit)  # refused until a worker listens
+    seen: set[int] = set()
+    deadline = time.monotonic() + limit
+    while len(seen) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(seen)} of {count} workers answered")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /_proxy/status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        seen.add(json.loads((await reader.read()).partition(b"\r\n\r\n")[2])["worker"]["pid"])
+        writer.close()
+    return sorted(seen)
+
+
 # -- clients -----------------------------------------------------------------
 
 
 async def request(port: int, method: bytes, path: str, body: bytes = b"", keep=None):
     """Send one request (on `keep`, an open (reader, writer), if given) and read the whole answer."""
     reader, writer = keep or await asyncio.open_connection("127.0.0.1", port)
+    kind = b"Content-Type: application/json\r\n" if body else b""  # Express reads a body only when told it is JSON
     writer.write(
-        b"%s %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s" % (method, path.encode(), len(body), body)
+        b"%s %s HTTP/1.1\r\nHost: localhost\r\n%sContent-Length: %d\r\n\r\n%s"
+        % (method, path.encode(), kind, len(body), body)
     )
     head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 2"), head  # an error answered fast must not count as a fast answer
     length = next(
         (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0
     )
@@ -272,37 +319,170 @@ async def startup_seconds(upstream_port: int) -> float:
     return elapsed
 
 
+# -- 6. one worker against two, with wrk --------------------------------------
+
+
+def wrk(port: int, seconds: float, connections: int = 50) -> float:
+    """Requests/s of wrk's kept connections on /api/tags: one thread in C, so that
+    the client is not what limits the server."""
+    result = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", f"http://127.0.0.1:{port}/api/tags"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for line in result.stdout.splitlines():
+        if "Non-2xx" in line or "Socket errors" in line:
+            print(f"wrk on port {port}: {line.strip()}")
+    found = re.search(r"Requests/sec:\s+([\d.]+)", result.stdout)
+    assert found, result.stdout
+    return float(found[1])
+
+
+def served(workers: list[int], metrics: str) -> list[float]:
+    """Requests each worker has counted so far, from its own file in the workers' metrics folder."""
+    return [
+        sum(
+            sample.value
+            for metric in MultiProcessCollector.merge([f"{metrics}/counter_{pid}.db"])
+            for sample in metric.samples
+            if sample.name == "ollama_proxy_requests_total"
+        )
+        for pid in workers
+    ]
+
+
+def machine_cpu() -> float:
+    """CPU seconds all the cores have been busy since boot (/proc/stat), stolen time included."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+        int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    )
+    return (user + nice + system + irq + softirq + steal) / TICK
+
+
+def own_cpu(pids: list[int]) -> float:
+    """CPU seconds of the servers `pids`, of this process and of its finished children (wrk)."""
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(cpu_seconds(pid) for pid in pids) + sum(use.ru_utime + use.ru_stime for use in usage)
+
+
+QUIET = 0.1  # cores of other load under which a wrk pair counts as measured on a quiet machine
+
+
+class WrkRun(NamedTuple):
+    rate: float  # requests/s
+    share: str  # of the requests, per worker
+    others: float  # cores that processes outside the benchmark kept busy
+
+
+def wrk_run(
+    port: int, seconds: float, own: list[int], workers: list[int], metrics: str, connections: int = 50
+) -> WrkRun:
+    """wrk on `port`, the share of its requests each of `workers` served, and the load from
+    outside the benchmark (whose servers are `own`) meanwhile: the machine is shared."""
+    machine, mine, before = machine_cpu(), own_cpu(own), served(workers, metrics)
+    started = time.monotonic()
+    rate = wrk(port, seconds, connections)
+    others = (machine_cpu() - machine - (own_cpu(own) - mine)) / (time.monotonic() - started)
+    counts = [later - earlier for earlier, later in zip(before, served(workers, metrics), strict=True)]
+    return WrkRun(rate, " / ".join(f"{count / sum(counts):.0%}" for count in counts), others)
+
+
+async def scenario_workers(seconds: float, pairs: int) -> None:
+    """One worker and two in interleaved pairs, then two behind a front that keeps 16 idle
+    connections to them; upstream, nginx answering a constant."""
+    constant_port, one_port, two_port, front_port = (free_port() for _ in range(4))
+    metrics = tempfile.mkdtemp()
+    constant = start_nginx("constant.conf", PORT=constant_port)
+    one = start_proxy(one_port, constant_port)
+    two = start_proxy(two_port, constant_port, {"OLLAMA_PROXY_WORKERS": "2", "PROMETHEUS_MULTIPROC_DIR": metrics})
+    front = start_nginx("nginx.conf", PORT=front_port, UPSTREAM=f"127.0.0.1:{two_port}", KEEPALIVE=16)
+    try:
+        for port in (constant_port, one_port, front_port):
+            await wait_for_port(port)
+        workers = await wait_for_workers(two_port, 2)
+        own = [one.pid, *workers, nginx_worker(constant), nginx_worker(front)]
+        print(f"\n## 6. wrk -t1 -c50 -d{seconds:g}s on /api/tags, constant nginx upstream: 1 worker against 2\n")
+        print(
+            "| pair | 1 worker (requests/s) | 2 workers (requests/s) | 2w / 1w | requests per worker (2w) "
+            "| other load (cores), 1w / 2w |"
+        )
+        print("|---|---|---|---|---|---|")
+        alones, boths, quiet = [], [], []
+        for pair in range(pairs):
+            # The order alternates, so that a drift in the machine's load evens out.
+            order = (one_port, two_port) if pair % 2 == 0 else (two_port, one_port)
+            runs = {port: wrk_run(port, seconds, own, workers if port == two_port else [], metrics) for port in order}
+            alone, both = runs[one_port], runs[two_port]
+            alones.append(alone.rate)
+            boths.append(both.rate)
+            if max(alone.others, both.others) < QUIET:
+                quiet.append(both.rate / alone.rate)
+            print(
+                f"| {pair + 1} | {alone.rate:.0f} | {both.rate:.0f} | {both.rate / alone.rate:.2f}x | {both.share} "
+                f"| {alone.others:.2f} / {both.others:.2f} |"
+            )
+        ratios = [both / alone for alone, both in zip(alones, boths, strict=True)]
+        print(
+            f"| median | {statistics.median(alones):.0f} | {statistics.median(boths):.0f} "
+            f"| {statistics.median(ratios):.2f}x | | |"
+        )
+        if quiet:
+            print(
+                f"\nmedian 2w / 1w of the {len(quiet)} pairs with other load below {QUIET} core in both runs: "
+                f"{statistics.median(quiet):.2f}x"
+            )
+        print("\n2 workers behind nginx keeping 16 idle connections to them (`keepalive 16`), requests per worker:\n")
+        print("| client connections | " + " | ".join(f"run {run + 1}" for run in range(pairs)) + " |")
+        print("|---|" + "---|" * pairs)
+        for connections in (4, 50):  # fewer than it keeps, and more
+            fronted = [wrk_run(front_port, seconds, own, workers, metrics, connections) for _ in range(pairs)]
+            print(f"| {connections} | " + " | ".join(f"{run.share} ({run.rate:.0f}/s)" for run in fronted) + " |")
+    finally:
+        for process in (front, two, one, constant):
+            process.terminate()
+            process.wait()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter runs, smaller bulk transfers")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", default="1,2,3,4,5", help="comma-separated scenario numbers to run (default: all)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per target, wrk pairs (at least 3)")
+    parser.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated scenario numbers to run (default: all)")
     args = parser.parse_args()
     only = set(args.only.split(","))
     seconds = 2.0 if args.quick else 5.0
     bulk = (256 if args.quick else 1024) * 1024 * 1024
-    if shutil.which("nginx") is None:
-        sys.exit("bench needs nginx (Debian package 'nginx')")
-    upstream_port, nginx_port, proxy_port, workers_port, floor_port = (free_port() for _ in range(5))
-    folder = tempfile.mkdtemp()
-    upstream = start_server("upstream.py", upstream_port)
-    floor = start_server("floor.py", floor_port)
-    nginx = start_nginx(nginx_port, upstream_port, folder)
-    proxy = start_proxy(proxy_port, upstream_port)
-    workers = start_proxy(workers_port, upstream_port, {"OLLAMA_PROXY_WORKERS": "2"})
+    needed = ["nginx", *(["npm"] if "2" in only else []), *(["wrk"] if "6" in only else [])]
+    missing = [command for command in needed if shutil.which(command) is None]
+    if missing:
+        sys.exit(f"bench needs {', '.join(missing)} (Debian packages of those names)")
+    upstream_port, nginx_port, proxy_port, workers_port, floor_port, node_port = (free_port() for _ in range(6))
+    processes = [
+        upstream := start_server("upstream.py", upstream_port),
+        floor := start_server("floor.py", floor_port),
+        nginx := start_nginx("nginx.conf", PORT=nginx_port, UPSTREAM=f"127.0.0.1:{upstream_port}", KEEPALIVE=64),
+        proxy := start_proxy(proxy_port, upstream_port),
+        workers := start_proxy(workers_port, upstream_port, {"OLLAMA_PROXY_WORKERS": "2"}),
+    ]
     try:
         await wait_for_port(nginx_port)
         await wait_for_port(proxy_port)
-        await wait_for_port(workers_port)
+        await wait_for_workers(workers_port, 2)
         targets = [
             Target("direct", upstream_port, upstream.pid, corrects=False),
             Target("nginx", nginx_port, nginx_worker(nginx), corrects=True),
             Target("proxy", proxy_port, proxy.pid, corrects=True),
         ]
         # Scenarios 1 and 2 also run against the proxy with two worker processes;
-        # scenario 2 also against bare Tornado answering a constant (the floor).
+        # scenario 2 also against the seed's Node original and bare Tornado
+        # answering a constant (the floor).
         with_workers = [*targets, Target("proxy x2", workers_port, workers.pid, corrects=True, workers=True)]
-        with_floor = [*with_workers, Target("tornado floor", floor_port, floor.pid, corrects=False)]
+        small_targets = [*with_workers, Target("tornado floor", floor_port, floor.pid, corrects=False)]
+        if "2" in only:
+            processes.append(node := start_node_original(node_port, upstream_port))
+            await wait_for_port(node_port)
+            small_targets.append(Target("node original", node_port, node.pid, corrects=True))
         print(
             f"# tornado-ollama-proxy benchmarks ({os.cpu_count()} cores, {'quick' if args.quick else 'full'} run, "
             f"medians of {args.repeats}; direct CPU is the stand-in upstream's own)"
@@ -314,7 +494,7 @@ async def main() -> None:
             table(f"1. token streams: {streams} x 50 chunks/s", results)
         for path, method in (("/api/tags", "GET"), ("/api/show", "POST")) if "2" in only else ():
             results = await interleaved(
-                with_floor, args.repeats, lambda t, p=path, m=method: scenario_small(t, p, m, seconds)
+                small_targets, args.repeats, lambda t, p=path, m=method: scenario_small(t, p, m, seconds)
             )
             table(f"2. small requests: {path} ({method} upstream), 50 connections", results)
         if "3" in only:
@@ -329,8 +509,10 @@ async def main() -> None:
         if "5" in only:
             times = [await startup_seconds(upstream_port) for _ in range(args.repeats)]
             print(f"\n## 5. start-up to first answered request\n\nproxy: median {statistics.median(times):.3f} s")
+        if "6" in only:
+            await scenario_workers(3.0 if args.quick else 8.0, max(3, args.repeats))
     finally:
-        for process in (workers, proxy, nginx, floor, upstream):
+        for process in reversed(processes):
             process.terminate()
             process.wait()
 
