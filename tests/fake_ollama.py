@@ -196,7 +196,7 @@ class OllamaHandler(OllamaBase):
             return None
         try:
             data = json.loads(self.request.body)
-        except ValueError:
+        except (ValueError, RecursionError):  # Go's decoder refuses nesting past 10,000 too
             self.error(400, "invalid character in request body")
             return None
         return data

@@ -966,3 +966,21 @@ async def test_a_length_no_body_can_have_is_refused_before_anything_goes_upstrea
     assert await reader.read() == b""
     assert fake.seen == []
     writer.close()
+
+
+async def test_a_body_nested_too_deep_to_parse_is_relayed_and_keeps_no_slot(make_proxy, fake, http, log_lines):
+    nested = b'{"model": "llama3.2", "a": ' + b"[" * 5000 + b"]" * 5000 + b"}"  # 10 KB, 5,000 levels
+    proxy = make_proxy(concurrency_total=1)
+    for _ in range(3):
+        relayed = await http.post(proxy + "/api/chat", content=nested)
+        assert relayed.status_code == 400  # Ollama's answer, as for any body it cannot read
+    alias = await http.post(proxy + "/api/stop", content=nested)
+    assert (alias.status_code, alias.json()) == (
+        400,
+        {"error": '/api/stop needs a JSON object body, such as {"model": "llama3.2"}'},
+    )
+    assert (await http.get(proxy + "/api/version")).status_code == 200  # the one slot is free
+    assert not [line for line in log_lines() if line["level"] == "ERROR"]
+    assert {line["model"] for line in log_lines() if line["message"] == "request" and line["route"] == "/api/chat"} == {
+        None
+    }

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote
 
+from .peer_json import json_object
+
 OLLAMA, OPENAI = "ollama", "openai"
 # Progress answers: a client reading one whole (`"stream": false`, the Python
 # client's default for pull) looks at its `status`, and would take an error
@@ -71,11 +73,8 @@ def in_band_error(answer_format: str, path: str, status: int, message: str) -> b
 def error_message(body: bytes, code: int) -> str:
     """The message of an upstream's error answer: Ollama's {"error": "…"}, OpenAI's
     {"error": {"message": "…"}}, else its text, else its status."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        data = None
-    error = data.get("error") if isinstance(data, dict) else None
+    data = json_object(body)
+    error = data.get("error") if data is not None else None
     if isinstance(error, dict):
         error = error.get("message")
     if isinstance(error, str) and error:

@@ -419,12 +419,14 @@ class ProxyHandler(BaseHandler):
 
     def end(self) -> None:
         if not self._ended:
-            if self.journey is not None:
-                self.journey.end()
-            if self.admission is not None:
-                self.admission.release()
-            if self.early_watch is not None:
-                self.early_watch.stop()
+            try:
+                if self.journey is not None:
+                    self.journey.end()
+            finally:  # whatever happens, nothing this request holds is kept
+                if self.admission is not None:
+                    self.admission.release()
+                if self.early_watch is not None:
+                    self.early_watch.stop()
         super().end()
 
 

@@ -6,11 +6,11 @@ nothing noticeable.
 """
 
 import asyncio
-import json
 from typing import Any
 
 from tornado.httputil import HTTPHeaders
 
+from .peer_json import json_object
 from .upstream import Upstream
 from .upstream_client import AnswerTimeout
 
@@ -49,8 +49,7 @@ class HealthCheck:
             return 503, {"error": upstream.failure(error)[1].message}
         if response.code != 200:
             return 503, {"error": f"upstream {upstream.base} answered {response.code}"}
-        try:
-            version = json.loads(response.body)["version"]
-        except (ValueError, TypeError, KeyError):
+        version = (json_object(response.body) or {}).get("version")
+        if not isinstance(version, str):
             return 503, {"error": f"upstream {upstream.base} does not answer like Ollama"}
         return 200, {"status": "ok", "upstream": upstream.base, "upstream_version": version}

@@ -24,6 +24,7 @@ from .body import BodyPump
 from .errors import Rejection
 from .framing import Head
 from .idle import Silence
+from .peer_json import json_object
 from .record import AccessRecord
 from .relay import AnswerRelay, ClientFlow, Reply
 from .routes import Route
@@ -211,16 +212,16 @@ class Journey:
         """Once, as the request ends: what it asked for and was told into the record, and
         everything it held given back."""
         self.proxy.exchanges.discard(self)
-        self._read_usage()
         self.proxy.metrics.in_flight.dec()
+        self.watch.stop()
         if self.relay is not None:
             self.relay.stop()
             if self.relay.head is not None:
                 self.proxy.metrics.streams.dec()
-        self.watch.stop()
         # Its callbacks are this journey's methods: without this cycle the journey
         # is freed at once instead of at the next full collection.
         self.attempt = None
+        self._read_usage()
 
     # -- what the idle watch and the heartbeats look at --------------------------------
 
@@ -282,11 +283,8 @@ class Journey:
 
 def _merge_body(body: bytes, route: Route) -> bytes:
     """Apply an alias's body defaults; the client's own values win."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        data = None
-    if not isinstance(data, dict):
+    data = json_object(body)
+    if data is None:
         raise Rejection(400, f'{route.path} needs a JSON object body, such as {{"model": "llama3.2"}}')
     assert route.body_defaults is not None
     return json.dumps({**route.body_defaults, **data}).encode()

@@ -8,13 +8,13 @@ its end, from at most its last 64 KiB: nothing is parsed per piece.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import deque
 from dataclasses import dataclass
 
 from .logs import bounded
 from .model_names import canonical
+from .peer_json import json_object
 
 REQUEST_COPY_LIMIT = 1024 * 1024  # a body larger than this is not read
 MODEL_LIMIT = 256  # characters of a model name kept for records and the status page
@@ -37,11 +37,8 @@ def read_request(body: bytes | None) -> RequestInfo:
     """`model` and `stream` of a JSON-object body; UNKNOWN for anything else."""
     if not body or len(body) > REQUEST_COPY_LIMIT:
         return UNKNOWN
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return UNKNOWN
-    if not isinstance(data, dict):
+    data = json_object(body)
+    if data is None:
         return UNKNOWN
     model = data.get("model", data.get("name"))
     stream = data.get("stream")
