@@ -2,6 +2,9 @@
 and frees what it held; an early answer never parks it."""
 
 import asyncio
+import contextlib
+
+from tornado_ollama_proxy import handler
 
 from .helpers import ScriptedUpstream, open_raw, raw_request, read_response, scrape, settled
 
@@ -123,4 +126,50 @@ async def test_a_refusal_waiting_for_a_body_that_stops_coming_is_answered_and_cl
     assert (status, headers["connection"]) == (429, ["close"])
     assert await reader.read() == b""
     assert fake.seen == []
+    writer.close()
+
+
+async def test_an_answer_before_a_large_body_is_whole_at_once_and_the_body_is_read_before_closing(make_proxy):
+    proxy = make_proxy(max_body_size=1024)
+    reader, writer = await open_raw(proxy)
+    size = 8 * 1024 * 1024
+    writer.write(b"POST " + BLOB + b" HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+    sending = asyncio.ensure_future(upload(writer, size, [0]))
+    status, headers, body = await read_response(reader)  # while the body is still on its way
+    assert (status, headers["connection"], headers["content-length"]) == (413, ["close"], [str(len(body))])
+    await sending  # all of it taken, none refused with a reset
+    assert await reader.read() == b""  # then a clean close
+    writer.close()
+
+
+async def test_a_body_that_stops_coming_after_the_answer_is_waited_for_briefly(make_proxy, monkeypatch):
+    monkeypatch.setattr(handler, "LINGER_QUIET", 0.3)
+    proxy = make_proxy(max_body_size=1024)
+    reader, writer = await open_raw(proxy)
+    writer.write(b"POST " + BLOB + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 100_000)
+    status, _, _ = await read_response(reader)
+    assert status == 413
+    started = asyncio.get_running_loop().time()
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed once the body fell quiet
+    assert 0.2 < asyncio.get_running_loop().time() - started < 3
+    writer.close()
+
+
+async def test_a_body_that_trickles_on_after_the_answer_is_waited_for_at_most_a_while(make_proxy, monkeypatch):
+    monkeypatch.setattr(handler, "LINGER_TOTAL", 0.5)
+    proxy = make_proxy(max_body_size=1024)
+    reader, writer = await open_raw(proxy)
+    writer.write(b"POST " + BLOB + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n")
+
+    async def trickle():
+        while True:
+            writer.write(b"x" * 1000)
+            await asyncio.sleep(0.05)  # never quiet for long
+
+    trickling = asyncio.ensure_future(trickle())
+    status, _, _ = await read_response(reader)
+    assert status == 413
+    with contextlib.suppress(ConnectionResetError):  # closed with the trickle's last bytes unread
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    trickling.cancel()
     writer.close()

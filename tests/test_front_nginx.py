@@ -5,6 +5,8 @@ import asyncio
 
 import httpx
 
+from tornado_ollama_proxy.auth import parse_entries
+
 ROUNDS = 150  # per client, several clients at once
 
 
@@ -35,3 +37,18 @@ async def test_a_rate_limited_client_costs_a_well_behaved_one_nothing(make_proxy
         await asyncio.gather(*(call() for _ in range(4) for call in (refused, served)))
     assert sorted(greedy) == [200] + [429] * (4 * ROUNDS - 1)
     assert polite == [200] * (4 * ROUNDS)  # never a 502
+
+
+async def test_a_large_body_refused_at_once_reaches_the_client_through_a_keep_alive_front(make_proxy, nginx):
+    """The proxy says no before the body is in, and lingers: it reads and drops the body
+    before it closes, so the front, still sending, takes the answer and not a reset."""
+    proxy = make_proxy(api_keys=parse_entries([{"name": "k", "key": "k" * 43}]))
+    front = nginx(proxy)
+    body = b"a" * (5 * 1024 * 1024)
+    async with httpx.AsyncClient(timeout=30) as http:
+        for _ in range(6):
+            refused = await http.post(front + "/api/chat", content=body)
+            assert (refused.status_code, refused.headers["content-type"]) == (401, "application/json; charset=utf-8")
+            assert refused.json()["error"].startswith("missing or invalid API key")
+        admitted = await http.get(front + "/api/version", headers={"Authorization": "Bearer " + "k" * 43})
+        assert admitted.status_code == 200

@@ -44,6 +44,13 @@ JSON_TYPE = "application/json; charset=utf-8"
 # connection stays usable (a keep-alive front shares it); past it, the answer
 # goes at once with Connection: close.
 DISCARD_LIMIT = 64 * 1024
+# An answer with Connection: close while the body still arrives is sent in full at
+# once, but the connection is closed only once the body has been read (or has
+# stopped coming for LINGER_QUIET, or after LINGER_TOTAL): nginx's lingering close.
+# Closing with unread bytes sends a reset, and a front still sending the body
+# (nginx with keepalive) drops the answer with it and tells its client 502.
+LINGER_QUIET = 5.0
+LINGER_TOTAL = 30.0
 HEADER_LIMIT = 1024  # characters of a request header's value an access record keeps (log_headers)
 PATH_LIMIT = 2048  # characters of a request path an access record keeps
 
@@ -157,6 +164,8 @@ class ProxyHandler(BaseHandler):
         # given once the body is in, so that the connection stays usable.
         self.early: Callable[[], None] | None = None
         self.early_watch: Silence | None = None
+        self.lingering: Silence | None = None  # the answer is out; the body is read and dropped
+        self.linger_deadline: asyncio.TimerHandle | None = None
         self.admission: Admission | None = None
         self.added_headers: dict[str, str] = {}  # CORS and rate-limit headers for every answer
         self.answered = False  # an answer is complete, or cut: nothing more to write
@@ -293,9 +302,9 @@ class ProxyHandler(BaseHandler):
 
     async def data_received(self, chunk: bytes) -> None:
         # Tornado stops delivering the body once a response has been finished.
-        if self.early is not None:
+        if self.early is not None or self.lingering is not None:  # answered, or to be: read and dropped
             self.record.bytes_in += len(chunk)
-            if self.record.bytes_in > DISCARD_LIMIT:
+            if self.lingering is None and self.record.bytes_in > DISCARD_LIMIT:
                 self._answer_early_now()  # too much to read for nothing
             return
         journey = self.journey
@@ -307,6 +316,9 @@ class ProxyHandler(BaseHandler):
 
     async def get(self) -> None:
         """Every method lands here once the client's body has been received."""
+        if self.lingering is not None:
+            self._stop_lingering()  # the answer is out, and now the body is in
+            return
         if self.early is not None:
             self.early()
             return
@@ -394,12 +406,37 @@ class ProxyHandler(BaseHandler):
 
     def finish(self, chunk: Any = None) -> asyncio.Future[None]:
         self.answered = True
+        if chunk is not None and self._headers.get("Connection") == "close" and self._body_arriving():
+            self.set_header("Content-Length", str(len(chunk)))  # whole now: the client need not wait
+            self.write(chunk)
+            self.flush()
+            self._linger()
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
         finishing = super().finish(chunk)
         if self._headers.get("Connection") == "close":
             # Said, so done: once the answer is out (Tornado closes by itself only
             # when the body was left unread).
             finishing.add_done_callback(lambda _: self.request.connection.close())  # type: ignore[union-attr]
         return finishing
+
+    def _body_arriving(self) -> bool:
+        return self.lingering is None and self.body is not None and self.body.present and not self.body.received.done()
+
+    def _linger(self) -> None:
+        self.lingering = Silence(LINGER_QUIET, lambda: self.record.bytes_in, self._stop_lingering)
+        self.linger_deadline = asyncio.get_running_loop().call_later(LINGER_TOTAL, self._stop_lingering)
+
+    def _stop_lingering(self) -> None:
+        """The body is in, or will not be: end the answer, and close."""
+        self._stop_linger_timers()
+        self.finish()
+
+    def _stop_linger_timers(self) -> None:
+        assert self.lingering is not None and self.linger_deadline is not None
+        self.lingering.stop()
+        self.linger_deadline.cancel()
 
     def on_connection_close(self) -> None:
         self.answered = True
@@ -427,6 +464,8 @@ class ProxyHandler(BaseHandler):
                     self.admission.release()
                 if self.early_watch is not None:
                     self.early_watch.stop()
+                if self.lingering is not None:
+                    self._stop_linger_timers()
         super().end()
 
 
