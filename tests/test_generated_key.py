@@ -101,8 +101,8 @@ def test_open_is_a_flag():
 
 def test_open_goes_with_no_keys(tmp_path):
     assert load_settings(None, environ={"OLLAMA_PROXY_OPEN": "1"}).open
-    assert not Settings(open=True).closed_by_default
-    assert not Settings(host="127.0.0.1").closed_by_default and Settings().closed_by_default
+    assert not Settings(open=True).public
+    assert not Settings(host="127.0.0.1").public and Settings().public
     with pytest.raises(SettingsError, match="open: true opens the proxy to anyone, and cannot go with api_keys"):
         load_settings(None, environ={"OLLAMA_PROXY_OPEN": "true", "OLLAMA_PROXY_API_KEYS": "k" * 43})
 
@@ -204,3 +204,14 @@ async def test_an_open_proxy_reached_through_another_proxy_says_so_once(make_pro
             "X-Forwarded-For",
         )
     ]
+
+
+async def test_a_key_file_of_comments_only_leaves_no_public_proxy_open(launch, upstream_url, tmp_path):
+    (tmp_path / "keys.txt").write_text("# everyone's keys, commented out for now\n# alice:k1\n")
+    process = launch(
+        {**PUBLIC, "OLLAMA_PROXY_UPSTREAM": upstream_url, "OLLAMA_PROXY_API_KEYS_FILE": str(tmp_path / "keys.txt")}
+    )
+    await read_log(process, REQUIRED)
+    address = (await read_log(process, "listening"))["address"].replace("0.0.0.0", "127.0.0.1")
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(address + "/api/tags")).status_code == 401

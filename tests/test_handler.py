@@ -984,3 +984,15 @@ async def test_a_body_nested_too_deep_to_parse_is_relayed_and_keeps_no_slot(make
     assert {line["model"] for line in log_lines() if line["message"] == "request" and line["route"] == "/api/chat"} == {
         None
     }
+
+
+@pytest.mark.parametrize("with_limiter", [False, True])
+async def test_a_client_that_closes_its_side_gets_no_answer_it_did_not_ask_for(make_proxy, fake, with_limiter):
+    proxy = make_proxy(rate_limit="100/minute" if with_limiter else None)
+    reader, writer = await open_raw(proxy)
+    body = json.dumps({**CHAT, "stream": False}).encode()
+    writer.write(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    writer.write_eof()  # half-closed, as Tornado takes leaving
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # no fake 200: nothing at all
+    assert fake.seen == []
+    writer.close()

@@ -214,6 +214,19 @@ async def test_a_hung_storage_is_bounded_by_the_storage_timeout(make_proxy, http
     assert "TimeoutError" in response.json()["error"]
 
 
+async def test_a_storage_hung_from_the_start_delays_each_request_by_the_timeout_only(make_proxy, http):
+    from .helpers import BlackHole
+
+    hole = BlackHole()
+    proxy = make_proxy(
+        rate_limit="100/minute", rate_limit_storage=hole.url.replace("http", "redis"), rate_limit_storage_timeout=0.5
+    )
+    # One at a time while cold would take 40 x 0.5 s; each waits its own timeout at most.
+    answers = await asyncio.wait_for(asyncio.gather(*(http.get(proxy + "/api/version") for _ in range(40))), 8)
+    hole.close()
+    assert {answer.status_code for answer in answers} == {200}  # failing open
+
+
 # -- exact limits under bursts ----------------------------------------------------------
 
 

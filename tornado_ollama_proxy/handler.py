@@ -207,11 +207,12 @@ class ProxyHandler(BaseHandler):
             return
         if peer_closed(self.request.connection.stream):  # type: ignore[union-attr]
             # The client left while the proxy waited (Tornado reads nothing during
-            # prepare, so it does not say yet): nothing goes upstream, whatever body
-            # is there is dropped, and what the request holds is given back as it ends.
-            self.answered = True
+            # prepare, so it does not say yet), or closed its side, which Tornado takes
+            # for leaving too: nothing goes upstream, nothing is answered, and what the
+            # request holds is given back as it ends.
             self.record.outcome = "client_gone"
-            self.early = lambda: None  # nobody to answer
+            self.early = lambda: None
+            self.cut()
             return
         authenticator = self.proxy.authenticator
         headers = upstream_request_headers(

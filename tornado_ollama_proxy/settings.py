@@ -82,9 +82,10 @@ class Settings:
             raise SettingsError("open: true opens the proxy to anyone, and cannot go with api_keys or api_keys_file")
 
     @property
-    def closed_by_default(self) -> bool:
-        """No key is configured, and the proxy listens where others can reach it: it uses a generated key."""
-        return not (self.open or self.api_keys or self.api_keys_file or is_loopback(self.host))
+    def public(self) -> bool:
+        """Listening where others can reach it, and not opened on purpose: without keys,
+        it uses a generated one."""
+        return not (self.open or is_loopback(self.host))
 
     @property
     def worker_count(self) -> int:

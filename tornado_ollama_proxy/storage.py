@@ -46,15 +46,11 @@ class SharedStorage:
 
     async def call(self, work: Callable[[], Awaitable[T]]) -> T:
         """The result of `work()`, a coroutine of calls to the storage; `StorageDown`
-        when it raises or outlasts the timeout."""
-        if self.warm:
-            return await self._call(work)
-        async with self.warming:
-            return await self._call(work)
-
-    async def _call(self, work: Callable[[], Awaitable[T]]) -> T:
+        when it raises or outlasts the timeout, time spent waiting for one's turn while
+        cold included (so that a storage that hangs from the start delays each request
+        by the timeout, not by the timeouts of every request before it)."""
         try:
-            result = await asyncio.wait_for(work(), self.timeout)
+            result = await asyncio.wait_for(work() if self.warm else self._in_turn(work), self.timeout)
         except Exception as error:
             reason = f"rate limit storage unavailable: {type(error).__name__}: {error}"
             self.outage.failed(reason)
@@ -62,6 +58,10 @@ class SharedStorage:
         self.outage.over()
         self.warm = True
         return result
+
+    async def _in_turn(self, work: Callable[[], Awaitable[T]]) -> T:
+        async with self.warming:
+            return await work()
 
 
 class OutageLog:

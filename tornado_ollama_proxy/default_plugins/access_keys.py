@@ -20,7 +20,7 @@ def authenticate(settings: Settings) -> KeyAuthenticator | None:
     except KeyEntryError as error:
         raise SettingsError(f"api_keys_file: {error}") from None
     generated = None
-    if settings.closed_by_default:
+    if not keys and settings.public:  # none configured, or a key file of comments only
         generated = _generated(settings)
         keys = (ApiKey(NAME, digest_of(generated.key), frozenset(SCOPES), strength(generated.key)),)
     if not keys:
