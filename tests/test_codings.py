@@ -60,3 +60,19 @@ def test_a_piece_that_would_expand_past_the_limit_is_malformed():
     bomb = zlib.compress(b"\0" * (EXPANSION_LIMIT * 2), wbits=31)
     with pytest.raises(MalformedAnswer, match="expands past"):
         Decoder("gzip").decode(bomb)
+
+
+def test_several_gzip_members_are_one_answer():
+    members = zlib.compress(b'{"a": ', wbits=31) + zlib.compress(b"1}", wbits=31)
+    decoder = Decoder("gzip")
+    assert decoder.decode(members[:7]) + decoder.decode(members[7:]) == b'{"a": 1}'
+    assert decoder.complete
+
+
+def test_an_encoded_answer_cut_short_is_not_complete():
+    encoded = zlib.compress(b"x" * 10_000, wbits=31)
+    decoder = Decoder("gzip")
+    decoder.decode(encoded[: len(encoded) // 2])
+    assert not decoder.complete
+    decoder.decode(encoded[len(encoded) // 2 :])
+    assert decoder.complete

@@ -12,7 +12,16 @@ import pytest
 from tornado_ollama_proxy.heartbeat import may_beat
 
 from .fake_ollama import NO_SPACE
-from .helpers import ScriptedUpstream, open_raw, read_body, read_response, send_json, split_response, until
+from .helpers import (
+    ScriptedUpstream,
+    open_raw,
+    read_body,
+    read_chunked_to_end,
+    read_response,
+    send_json,
+    split_response,
+    until,
+)
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 FRONT_TIMEOUT = 1  # seconds the front waits for a byte
@@ -465,6 +474,45 @@ async def test_a_coding_the_proxy_cannot_undo_after_a_heartbeats_head_is_an_erro
         "error": f"upstream {url} sent an answer this proxy cannot relay: "
         "the upstream's answer is encoded (br), which cannot follow a heartbeat"
     }
+    writer.close()
+    await upstream.stop()
+
+
+async def encoded_after_silence(make_proxy, status: bytes, encoded: bytes):
+    """A proxy before an upstream silent long enough for a heartbeat's head, which then
+    answers `status` gzip-encoded with `encoded`; the client's raw connection."""
+
+    async def script(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.5)
+        writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n")
+        writer.write(b"Content-Length: %d\r\n\r\n" % len(encoded) + encoded)
+        await reader.read()
+
+    upstream = ScriptedUpstream(script)
+    proxy = make_proxy(upstream=await upstream.start(), heartbeat_seconds=0.2)
+    reader, writer = await send_json(proxy, b"POST", b"/api/generate", {"model": "m", "stream": False})
+    return upstream, reader, writer
+
+
+async def test_an_encoded_error_after_a_heartbeats_head_is_told_by_its_message(make_proxy):
+    error = zlib.compress(b'{"error": "model \'m\' not found"}', wbits=31)
+    upstream, reader, writer = await encoded_after_silence(make_proxy, b"404 Not Found", error)
+    status, _, answer = await read_response(reader)
+    assert (status, json.loads(answer)) == (200, {"error": "model 'm' not found"})
+    writer.close()
+    await upstream.stop()
+
+
+async def test_an_encoded_answer_that_ends_before_its_coding_does_is_cut(make_proxy, log_lines):
+    text = "".join(f"tok{n} " for n in range(5000))  # half of it encoded decodes to some of it
+    whole = zlib.compress(json.dumps({"response": text, "done": True}).encode(), wbits=31)
+    upstream, reader, writer = await encoded_after_silence(make_proxy, b"200 OK", whole[: len(whole) // 2])
+    split_response(await reader.readuntil(b"\r\n\r\n"))
+    with pytest.raises(AssertionError, match="connection closed before the end of the body"):
+        await read_chunked_to_end(reader)  # no clean end: the client can tell
+    await until(lambda: records(log_lines))
+    assert records(log_lines)[0]["outcome"] == "upstream_error"
     writer.close()
     await upstream.stop()
 

@@ -32,19 +32,35 @@ def decodable(accept_encoding: str) -> str | None:
 
 
 class Decoder:
-    """Undoes gzip or zlib-wrapped deflate as the pieces come; `MalformedAnswer` for
-    anything else, a broken stream, or a piece that would expand past the limit."""
+    """Undoes gzip (one member or several, as gzip allows) or zlib-wrapped deflate as
+    the pieces come; `MalformedAnswer` for anything else, a broken stream, or a piece
+    that would expand past the limit. `complete` once the coding's own end was read: an
+    answer that ends before it was cut short."""
 
     def __init__(self, coding: str):
         if coding not in DECODABLE:
             raise MalformedAnswer(f"the upstream's answer is encoded ({coding[:40]}), which cannot follow a heartbeat")
-        self._stream = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib, by its header
+        self._stream = _decompressor()
 
     def decode(self, data: bytes) -> bytes:
-        try:
-            decoded = self._stream.decompress(data, EXPANSION_LIMIT)
-        except zlib.error as error:
-            raise MalformedAnswer(f"the upstream's encoded answer is broken: {error}") from None
-        if self._stream.unconsumed_tail:
-            raise MalformedAnswer(f"the upstream's encoded answer expands past {EXPANSION_LIMIT} bytes a piece")
-        return decoded
+        decoded = b""
+        while True:
+            room = EXPANSION_LIMIT - len(decoded)
+            try:
+                decoded += self._stream.decompress(data, room)
+            except zlib.error as error:
+                raise MalformedAnswer(f"the upstream's encoded answer is broken: {error}") from None
+            if self._stream.unconsumed_tail or len(decoded) >= EXPANSION_LIMIT:
+                raise MalformedAnswer(f"the upstream's encoded answer expands past {EXPANSION_LIMIT} bytes a piece")
+            if not (self._stream.eof and self._stream.unused_data):
+                return decoded
+            data = self._stream.unused_data  # the next gzip member
+            self._stream = _decompressor()
+
+    @property
+    def complete(self) -> bool:
+        return self._stream.eof
+
+
+def _decompressor() -> zlib._Decompress:
+    return zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib, by its header

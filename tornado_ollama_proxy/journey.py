@@ -22,7 +22,7 @@ from tornado.httputil import HTTPHeaders
 from .attempt import Attempt, Failure
 from .body import BodyPump
 from .errors import Rejection
-from .framing import Head
+from .framing import Head, MalformedAnswer
 from .idle import Silence
 from .peer_json import json_object
 from .record import AccessRecord
@@ -143,6 +143,11 @@ class Journey:
         self.settled = True
         self.body.stop()
         self.failure = failure = self.attempt.ended()
+        if failure is None and self.relay is not None and not self.relay.complete:
+            # The exchange ended cleanly, but the answer it decoded did not.
+            failure = self.failure = Failure(
+                *self.proxy.upstream.failure(MalformedAnswer("the encoded answer ended before its end"))
+            )
         if failure is not None:
             self.proxy.metrics.upstream_errors.labels(failure.kind).inc()
             self.record.outcome = "timeout" if failure.kind.endswith("timeout") else "upstream_error"

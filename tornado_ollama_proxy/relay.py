@@ -145,6 +145,11 @@ class AnswerRelay:
         if self.heartbeat is not None:
             self.heartbeat.stop()
 
+    @property
+    def complete(self) -> bool:
+        """Whether an answer decoded on its way reached its coding's end."""
+        return self.decoder is None or self.decoder.complete
+
     def on_head(self, head: Head) -> None:
         """Take on the upstream's status and headers (unless a heartbeat sent a head already)."""
         self.head = head
@@ -157,7 +162,7 @@ class AnswerRelay:
             self.head_sent = True  # its status and headers cannot go out any more
             if not 200 <= head.code < 300:
                 self.error_body = []  # told in-band at the end
-            elif coding is not None:
+            if coding is not None:
                 self.decoder = Decoder(coding)  # the proxy's head announced none
             return
         self.encoded = coding is not None
@@ -185,15 +190,15 @@ class AnswerRelay:
         self.pieces += 1
         if self.client_head or self.reply.answered:
             return None
+        if self.decoder is not None:
+            data = self.decoder.decode(data)
         if self.error_body is not None:
             if self.error_size < ERROR_BODY_LIMIT:
                 self.error_body.append(data)
                 self.error_size += len(data)
             return None
-        if self.decoder is not None:
-            data = self.decoder.decode(data)
-            if not data:
-                return None
+        if not data:
+            return None
         record = self.record
         record.chunks += 1
         record.bytes_out += len(data)
