@@ -31,14 +31,3 @@ async def test_movement_puts_silence_off(io_loop):
     await until(lambda: noticed)
     silence.stop()
     assert noticed[0] - quiet_from >= 0.15
-
-
-async def test_the_clock_stops_while_paused(io_loop):
-    noticed = []
-    silence = Silence(0.1, lambda: 0, lambda: noticed.append(True))
-    silence.paused = True  # a client slow to read
-    await asyncio.sleep(0.35)  # three periods: no event says nothing happened
-    assert noticed == []
-    silence.paused = False
-    await until(lambda: noticed)
-    silence.stop()

@@ -130,3 +130,18 @@ async def test_a_reset_during_a_body_that_ends_at_close_is_relayed_as_incomplete
     assert records(log_lines)[0]["outcome"] == "upstream_error"
     writer.close()
     await upstream.stop()
+
+
+async def test_a_client_that_takes_nothing_for_idle_timeout_is_cut(make_proxy, fake, log_lines):
+    """A slow reader is not silence while it takes bytes; one that takes none for
+    idle_timeout ends its exchange, as nginx's send_timeout does, and Ollama is let go."""
+    proxy = make_proxy(idle_timeout=1.0)
+    reader, writer = await open_raw(proxy, rcvbuf=4096)
+    body = json.dumps({**CHAT, "model": "flood", "options": {"num_predict": 64 * 1024}}).encode()  # 64 MiB
+    writer.write(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    await reader.readuntil(b"\r\n\r\n")  # then read nothing more
+    assert await asyncio.wait_for(fake.disconnected.get(), 10) == "/api/chat"
+    await until(lambda: records(log_lines))
+    [record] = records(log_lines)
+    assert record["outcome"] == "timeout" and 1.0 <= record["duration_ms"] / 1000 < 5
+    writer.close()

@@ -8,8 +8,7 @@ from collections.abc import Callable
 
 class Silence:
     """Calls `on_silence` when `progress()` has not changed for `period` seconds,
-    and again every `period` while that lasts; the clock stops while `paused`
-    (a client slow to read is not a silent exchange).
+    and again every `period` while that lasts.
 
     `progress` is a counter of what has moved, looked at four times a period:
     nothing is done per byte that moves.
@@ -20,7 +19,6 @@ class Silence:
         self.period = period
         self.progress = progress
         self.on_silence = on_silence
-        self.paused = False
         self.seen = progress()
         self.quiet_since = self.loop.time()
         self._timer = self.loop.call_later(period / 4, self._look)
@@ -32,7 +30,7 @@ class Silence:
         now = self.loop.time()
         progress = self.progress()
         self._timer = self.loop.call_later(self.period / 4, self._look)  # before on_silence, which may stop it
-        if progress != self.seen or self.paused:
+        if progress != self.seen:
             self.seen, self.quiet_since = progress, now
         elif now - self.quiet_since >= self.period:
             self.quiet_since = now

@@ -111,7 +111,7 @@ class Journey:
         route = self.route
         self.relay = relay = AnswerRelay(
             self.reply,
-            ClientFlow(self.connection, self.watch, self.reply.on_connection_close),
+            ClientFlow(self.connection, self.reply.on_connection_close),
             record,
             started=self.started,
             upstream_head=plan.method == "HEAD",
@@ -188,8 +188,13 @@ class Journey:
             self.reply.refuse(rejection, closing=not self.body.received.done())
 
     def _on_silence(self) -> None:
-        """Nothing moved for idle_timeout: the client stopped sending its body, or the upstream went quiet."""
-        if not self.body.client_turn:
+        """Nothing moved for idle_timeout: the client stopped reading the answer or
+        sending its body, or the upstream went quiet."""
+        if self.relay is not None and self.relay.flow.pending is not None:
+            self.record.outcome = "timeout"  # as nginx's send_timeout: the client took nothing
+            self._abort(Abandoned())
+            self.reply.cut()
+        elif not self.body.client_turn:
             self._abort(IdleTimeout())
         elif self.failure is not None:
             self.end_early(self.failure.rejection)  # the upstream failed, and the rest of the body is not coming
@@ -231,10 +236,11 @@ class Journey:
     # -- what the idle watch and the heartbeats look at --------------------------------
 
     def _progress(self) -> int:
-        """What has moved so far, in either direction (the idle watch compares it)."""
+        """What has moved so far, in either direction (the idle watch compares it): a
+        client slow to read moves too, as long as it takes bytes."""
         moved = self.record.bytes_in + self.body.written
         if self.relay is not None:
-            moved += self.relay.pieces + self.relay.flow.sent
+            moved += self.relay.pieces + self.relay.flow.taken
         return moved
 
     def _format_now(self) -> str | None:

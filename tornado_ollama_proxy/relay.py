@@ -18,7 +18,7 @@ from .headers import end_to_end
 from .heartbeat import BEATS, CONTENT_TYPES, ERROR_BODY_LIMIT, HEARTBEAT_HEADER, may_beat
 from .idle import Silence
 from .record import AccessRecord
-from .tornado_private import format_chunk
+from .tornado_private import format_chunk, written_bytes
 from .usage import AnswerTail
 
 if TYPE_CHECKING:
@@ -61,32 +61,30 @@ class ClientFlow:
     A piece goes straight to the socket when nothing is queued before it, so
     a client that keeps up costs no future and no event-loop turn. What the
     kernel does not take is queued on Tornado's stream; `send` then returns
-    the future the upstream reader waits for before reading more, and the
-    idle watch's clock stops meanwhile (a slow reader is not a silent
-    upstream). `sent` counts queued pieces the client took.
+    the future the upstream reader waits for before reading more (`pending`).
     """
 
-    def __init__(self, connection: HTTP1Connection, watch: Silence, on_lost: Callable[[], None]):
+    def __init__(self, connection: HTTP1Connection, on_lost: Callable[[], None]):
         self.connection = connection
         self.stream: IOStream = connection.stream
-        self.watch = watch
         self.on_lost = on_lost
         self.pending: asyncio.Future[None] | None = None
-        self.sent = 0
 
     def send(self, piece: bytes) -> asyncio.Future[None] | None:
         """Send a piece of the body, framed by Tornado's connection (chunked or sized)."""
         queued = send_now_or_queue(self.stream, format_chunk(self.connection, piece))
         if queued is not None:
             self.pending = queued
-            self.watch.paused = True
             queued.add_done_callback(self._on_sent)
         return queued
 
+    @property
+    def taken(self) -> int:
+        """Bytes of the queue the client has taken so far: the idle watch's measure of a slow reader."""
+        return written_bytes(self.stream)
+
     def _on_sent(self, sent: asyncio.Future[None]) -> None:
         self.pending = None  # the upstream read waits for it: no later piece is queued behind
-        self.watch.paused = False
-        self.sent += 1
         if sent.exception() is not None:
             self.on_lost()  # the client left before taking it all
 

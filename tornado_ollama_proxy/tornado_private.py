@@ -3,7 +3,8 @@
 The relay frames each body piece with the connection's own `_format_chunk`
 (so that Tornado's Content-Length accounting stays right) and writes it
 straight to the stream's socket; the keep-alive watch asks the stream how
-many bytes of a request it holds (`_read_buffer_size`). A Tornado without
+many bytes of a request it holds (`_read_buffer_size`), and the idle watch how
+many queued bytes a client has taken (`_total_write_done_index`). A Tornado without
 them fails at start-up with one clear line (`require`), not on every stream.
 """
 
@@ -16,6 +17,7 @@ MISSING = [
         ("HTTP1Connection._format_chunk", hasattr(HTTP1Connection, "_format_chunk")),
         ("BaseIOStream._read_buffer_size", "_read_buffer_size" in BaseIOStream.__init__.__code__.co_names),
         ("IOStream.socket", "socket" in IOStream.__init__.__code__.co_names),
+        ("BaseIOStream._total_write_done_index", "_total_write_done_index" in BaseIOStream.__init__.__code__.co_names),
     )
     if not present
 ]
@@ -43,3 +45,8 @@ def format_chunk(connection: HTTP1Connection, piece: bytes) -> bytes:
 def buffered_bytes(stream: BaseIOStream) -> int:
     """How many received bytes the stream holds unread."""
     return stream._read_buffer_size
+
+
+def written_bytes(stream: BaseIOStream) -> int:
+    """How many bytes queued on the stream the kernel has taken so far (a running count)."""
+    return stream._total_write_done_index
