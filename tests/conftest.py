@@ -19,7 +19,7 @@ from tornado.netutil import bind_sockets
 
 from tornado_ollama_proxy.app import make_app
 from tornado_ollama_proxy.default_plugins import json_logs
-from tornado_ollama_proxy.logs import RequestIdFilter
+from tornado_ollama_proxy.logs import MalformedInputFilter, RequestIdFilter
 from tornado_ollama_proxy.server import ProxyServer
 from tornado_ollama_proxy.settings import Settings
 
@@ -181,6 +181,7 @@ def log_lines():
     handler = json_logs.log_handler(Settings())
     handler.setStream(sink)
     handler.addFilter(RequestIdFilter())
+    handler.addFilter(MalformedInputFilter())
     root = logging.getLogger()
     saved = root.level
     root.addHandler(handler)

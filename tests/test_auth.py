@@ -25,7 +25,7 @@ from tornado_ollama_proxy.errors import Rejection
 from tornado_ollama_proxy.settings import Settings, load_settings
 
 from .get_only_front import make_front
-from .helpers import BlackHole, read_log
+from .helpers import BlackHole, open_raw, read_log
 
 READER_KEY = "r-" + "a" * 40  # inference only
 ADMIN_KEY = "m-" + "b" * 40  # every scope
@@ -441,3 +441,14 @@ def test_settings_name_no_key_at_start_up():
 
     configuration = effective_configuration(Settings(api_keys=parse_entries(KEYS)))
     assert configuration["api_keys"] == ["reader", "admin"]
+
+
+async def test_a_key_sent_with_a_byte_tornado_refuses_is_not_logged(make_proxy, log_lines):
+    proxy = make_proxy(api_keys=parse_entries(KEYS))
+    reader, writer = await open_raw(proxy)
+    writer.write(b"GET /api/tags HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + READER_KEY.encode() + b"\x7f\r\n\r\n")
+    assert (await reader.read()).startswith(b"HTTP/1.1 400 ")  # Tornado's own refusal
+    writer.close()
+    lines = log_lines()
+    assert any(line["message"] == "Malformed HTTP message from 127.0.0.1: Invalid header value" for line in lines)
+    assert READER_KEY not in json.dumps(lines)

@@ -63,6 +63,7 @@ def test_a_place_that_cannot_be_written_is_named():
 def test_a_process_that_made_the_key_first_wins(tmp_path, monkeypatch):
     path = tmp_path / "key"
     path.write_text("made-by-the-other-process\n")
+    path.chmod(0o600)
     real_read = generated_key._read
     calls = []
 
@@ -87,8 +88,31 @@ def test_a_file_in_the_way_is_named(tmp_path):
 @pytest.mark.parametrize("content", [b"", b"  \n", b"two words\n", b"\xff\xfe"])
 def test_a_key_file_without_one_key_is_refused(tmp_path, content):
     (tmp_path / "key").write_bytes(content)
+    (tmp_path / "key").chmod(0o600)
     with pytest.raises(GeneratedKeyError, match=r"generated_key_file: .*key"):
         load_or_create(tmp_path / "key")
+
+
+def test_a_key_file_must_be_this_users_own_file_that_others_cannot_read(tmp_path):
+    chosen = tmp_path / "chosen"
+    chosen.write_text("someone-elses-key\n")
+    chosen.chmod(0o600)
+    (tmp_path / "link").symlink_to(chosen)
+    with pytest.raises(GeneratedKeyError, match="link is a symbolic link"):
+        load_or_create(tmp_path / "link")
+    shared = tmp_path / "shared"
+    shared.write_text("guessme\n")
+    shared.chmod(0o644)
+    with pytest.raises(GeneratedKeyError, match=r"may be read or written by others \(mode 0644\): chmod 600 it"):
+        load_or_create(shared)
+
+
+def test_a_key_file_of_another_user_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "key"
+    load_or_create(path)
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(path).st_uid + 1)
+    with pytest.raises(GeneratedKeyError, match="belongs to another user"):
+        load_or_create(path)
 
 
 # -- settings -------------------------------------------------------------------------------

@@ -41,3 +41,12 @@ async def test_head_probes_get_the_status_without_a_body(make_proxy, http):
     assert up.headers["content-type"] == "application/json; charset=utf-8"
     down = await http.head(make_proxy(upstream=unused_url()) + "/_proxy/health")
     assert (down.status_code, down.content) == (503, b"")
+
+
+async def test_the_proxys_own_endpoints_answer_head_and_name_their_methods(proxy_url, http):
+    for path in ("/_proxy/health", "/_proxy/metrics", "/_proxy/status", "/_proxy/"):
+        got, head = await http.get(proxy_url + path), await http.head(proxy_url + path)
+        assert (head.status_code, head.content, "server" in head.headers) == (got.status_code, b"", False)
+        refused = await http.post(proxy_url + path)
+        assert (refused.status_code, refused.headers["allow"]) == (405, "GET, HEAD")
+        assert refused.json() == {"error": "method not allowed"}

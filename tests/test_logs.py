@@ -7,6 +7,7 @@ import pytest
 from tornado_ollama_proxy import hookimpl
 from tornado_ollama_proxy.default_plugins import json_logs
 from tornado_ollama_proxy.logs import (
+    MalformedInputFilter,
     RequestIdFilter,
     accept_request_id,
     bounded,
@@ -81,11 +82,41 @@ def test_text_format_is_one_readable_line():
     assert " INFO tornado_ollama_proxy.access request request_id=r status=200" in line
 
 
+def test_text_format_cannot_be_made_to_forge_a_field():
+    handler = json_logs.log_handler(Settings(log_format="text"))
+    line = handler.format(record(model="llama3.2 outcome=ok key=alice", client='a"b', status=404, stream=None))
+    assert 'model="llama3.2 outcome=ok key=alice"' in line and 'client="a\\"b"' in line
+    assert line.endswith("status=404 stream=None")
+
+
+def test_text_and_json_lines_survive_a_lone_surrogate():
+    for log_format in ("text", "json"):
+        handler = json_logs.log_handler(Settings(log_format=log_format))
+        handler.format(record(model="\ud800x")).encode("utf-8")  # written out, not lost
+
+
+def test_tornados_line_about_a_request_it_cannot_parse_keeps_no_header_value():
+    item = logging.LogRecord(
+        "tornado.general",
+        logging.INFO,
+        __file__,
+        1,
+        "Malformed HTTP message from %s: %s",
+        ("127.0.0.1", "Invalid header value 'Bearer s3cret\\x7f'"),
+        None,
+    )
+    MalformedInputFilter().filter(item)
+    assert item.getMessage() == "Malformed HTTP message from 127.0.0.1: Invalid header value"
+    plain = record()
+    MalformedInputFilter().filter(plain)
+    assert plain.getMessage() == "request"
+
+
 def test_text_format_cannot_be_made_to_forge_a_line():
     handler = json_logs.log_handler(Settings(log_format="text"))
     line = handler.format(record(model="llama\nINFO tornado_ollama_proxy.access request outcome=ok", key="\x1b[31mred"))
     assert "\n" not in line and "\x1b" not in line
-    assert "model=llama\\nINFO tornado_ollama_proxy.access request outcome=ok" in line
+    assert 'model="llama\\nINFO tornado_ollama_proxy.access request outcome=ok"' in line
     assert "key=\\x1b[31mred" in line
 
 

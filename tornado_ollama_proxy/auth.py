@@ -4,7 +4,9 @@ A key is kept only as its SHA-256 digest, compared in constant time; its
 name is what logs, metrics and the rate limiter see. Routes carry a scope
 (`inference`, `manage`, `metrics`), and a key allows the scopes it lists.
 Wrong keys are counted per client address through the rate limits'
-storage, so guessing keys is slow.
+storage; past the limit they are refused with 429. A valid key is always
+admitted (compared first), so the limit slows scripts but does not stop the
+guessing of a short key: keys must be long (start-up warns of short ones).
 """
 
 from __future__ import annotations

@@ -9,8 +9,10 @@ starting at once agree on one key.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,7 @@ BITS = 256
 FIX = "set generated_key_file to a path this user may write, or set api_keys"
 
 
-class GeneratedKeyError(OSError):
+class GeneratedKeyError(Exception):
     """The key file cannot be made or read; the message names it and what to do."""
 
 
@@ -63,12 +65,27 @@ def load_or_create(path: Path) -> GeneratedKey:
 
 
 def _read(path: Path) -> str:
+    """The key in `path`, which must be this user's own file that no one else may read:
+    never a link (to a file someone else chose) nor a file others could have written."""
     try:
-        key = path.read_text(encoding="ascii").strip()
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
         raise
     except OSError as error:
-        raise GeneratedKeyError(f"generated_key_file: {path} cannot be read: {error.strerror}; {FIX}") from None
+        reason = "is a symbolic link" if error.errno == errno.ELOOP else f"cannot be read: {error.strerror}"
+        raise GeneratedKeyError(f"generated_key_file: {path} {reason}; {FIX}") from None
+    with os.fdopen(descriptor, "rb") as file:
+        status = os.fstat(file.fileno())
+        if status.st_uid != os.getuid():
+            raise GeneratedKeyError(f"generated_key_file: {path} belongs to another user; {FIX}")
+        if status.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise GeneratedKeyError(
+                f"generated_key_file: {path} may be read or written by others "
+                f"(mode {stat.S_IMODE(status.st_mode):04o}): chmod 600 it, or remove it to have a new one made"
+            )
+        content = file.read(1024)
+    try:
+        key = content.decode("ascii").strip()
     except UnicodeDecodeError:
         key = ""
     if not key or len(key.split()) != 1:

@@ -62,6 +62,7 @@ class BaseHandler(RequestHandler):
     forwarded = False  # meant for Ollama (on the status board), not for the proxy itself
     # The route label of its metrics: fixed per handler, never the path a client chose.
     label: str
+    allowed: tuple[str, ...] = ("GET", "HEAD")  # what a 405 names in its Allow header
 
     def __init__(self, application: Any, request: httputil.HTTPServerRequest, **kwargs: Any) -> None:
         # Set before Tornado starts the handler's task, so the task and every
@@ -80,13 +81,15 @@ class BaseHandler(RequestHandler):
         super().__init__(application, request, **kwargs)
 
     def set_default_headers(self) -> None:
+        self.clear_header("Server")  # what runs the proxy is nobody's business
         self.set_header(REQUEST_ID_HEADER, self.request_id)  # also after an error's reset
 
     def compute_etag(self) -> None:
         return None  # relayed answers carry the upstream's headers, none invented
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        self.answer_error(Rejection(status_code, responses.get(status_code, "error").lower()))
+        headers = {"Allow": ", ".join(self.allowed)} if status_code == 405 else {}
+        self.answer_error(Rejection(status_code, responses.get(status_code, "error").lower(), headers))
 
     def answer_error(self, rejection: Rejection) -> None:
         """Answer `{"error": message}` with the rejection's status and headers."""
@@ -156,6 +159,7 @@ class ProxyHandler(BaseHandler):
     SUPPORTED_METHODS = METHODS
     forwarded = True
     label = "unmapped"  # until the route table names the route
+    allowed = METHODS
 
     def initialize(self) -> None:
         self.journey: Journey | None = None
@@ -511,6 +515,8 @@ class MetricsHandler(OwnEndpointHandler):
         self.set_header("Content-Type", content_type)
         self.finish(text)
 
+    head = get
+
 
 class StatusHandler(OwnEndpointHandler):
     """The status page's figures: what is in flight, per-model usage, totals, the upstream's health."""
@@ -530,6 +536,8 @@ class StatusHandler(OwnEndpointHandler):
         self.set_header("Cache-Control", "no-store")
         self.finish(json.dumps(status))
 
+    head = get
+
 
 class StatusPageHandler(BaseHandler):
     """The status page: one self-contained HTML file (it works on a pod without internet)
@@ -547,6 +555,8 @@ class StatusPageHandler(BaseHandler):
         self.set_header("Cache-Control", "no-cache")
         self.set_header("Content-Security-Policy", self.policy)
         self.finish(self.page)
+
+    head = get
 
 
 class ProxyNotFoundHandler(BaseHandler):

@@ -47,15 +47,31 @@ class RequestIdFilter(logging.Filter):
 
 
 def escaped(text: str) -> str:
-    """`text` with control characters (newline, escape…) written as escapes: a value
-    a client chose cannot start a line of its own or drive a terminal."""
-    return _CONTROL.sub(lambda found: repr(found.group())[1:-1], text)
+    """`text` with control characters (newline, escape…) and lone surrogates written as
+    escapes: a value a client chose cannot start a line of its own, drive a terminal,
+    or fail the line's encoding."""
+    text = _CONTROL.sub(lambda found: repr(found.group())[1:-1], text)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def bounded(text: str, limit: int) -> str:
     """A client's `text` for a record: escaped, and cut to `limit` characters."""
     text = escaped(text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class MalformedInputFilter(logging.Filter):
+    """Tornado logs a request it cannot parse with the offending text, which may be a
+    header carrying a key ("Invalid header value 'Bearer …'"): only what is wrong stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "tornado.general" and record.msg == _MALFORMED and isinstance(record.args, tuple):
+            peer, error = record.args
+            record.args = (peer, re.split("[\"']", str(error), maxsplit=1)[0].rstrip(" :"))
+        return True
+
+
+_MALFORMED = "Malformed HTTP message from %s: %s"
 
 
 def masked(value: Any) -> Any:
@@ -86,6 +102,7 @@ def configure_logging(pm: pluggy.PluginManager, settings: Settings) -> None:
     """Send every record through the handler the plugins supply, tagged with the request id."""
     handler = pm.hook.log_handler(settings=settings)
     handler.addFilter(RequestIdFilter())
+    handler.addFilter(MalformedInputFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())

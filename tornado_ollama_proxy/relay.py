@@ -4,7 +4,10 @@ it arrives, with backpressure in one place (`ClientFlow`)."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import socket
+import struct
+import termios
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -80,8 +83,12 @@ class ClientFlow:
 
     @property
     def taken(self) -> int:
-        """Bytes of the queue the client has taken so far: the idle watch's measure of a slow reader."""
-        return written_bytes(self.stream)
+        """Bytes the client has taken so far (give or take a constant): the idle watch's
+        measure of a slow reader. What Tornado handed the kernel, less what the kernel
+        still holds unacknowledged: a client reading a little at a time frees the
+        kernel's queue long before Tornado may write to it again."""
+        stream = self.stream
+        return written_bytes(stream) - (0 if stream.closed() else unacknowledged(stream.socket))
 
     def _on_sent(self, sent: asyncio.Future[None]) -> None:
         self.pending = None  # the upstream read waits for it: no later piece is queued behind
@@ -288,3 +295,9 @@ def peer_closed(stream: IOStream) -> bool:
         return False
     except OSError:  # reset
         return True
+
+
+def unacknowledged(sock: socket.socket) -> int:
+    """Bytes in a TCP socket's send queue the peer has not acknowledged (Linux's SIOCOUTQ)."""
+    queued: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    return queued

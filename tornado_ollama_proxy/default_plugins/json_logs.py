@@ -20,7 +20,15 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = escaped(super().format(record))
         extra = {key: value for key, value in vars(record).items() if key not in _STANDARD}
-        return " ".join([line, *(f"{key}={escaped(str(value))}" for key, value in extra.items())])
+        return " ".join([line, *(f"{key}={_value(value)}" for key, value in extra.items())])
+
+
+def _value(value: object) -> str:
+    """A field's value, quoted when a space, `=` or quote in it could pass for another field."""
+    text = escaped(str(value))
+    if text and not any(character in text for character in ' ="'):
+        return text
+    return '"' + text.replace('"', '\\"') + '"'
 
 
 @hookimpl
