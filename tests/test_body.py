@@ -101,7 +101,11 @@ async def test_an_early_answer_while_the_upstream_is_full_does_not_park_the_requ
     await settled(lambda: sent[0])  # every buffer on the way is full
     answer_now.set()
     await asyncio.wait_for(sending, 10)  # the proxy read and dropped the rest
-    assert await read_response(reader) == (413, {"x-request-id": [ANY], "content-length": ["2"]}, b"{}")
+    assert await read_response(reader) == (
+        413,
+        {"x-request-id": [ANY], "x-ollama-upstream": ["default"], "content-length": ["2"]},
+        b"{}",
+    )
     writer.write(b"POST /api/show HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
     assert (await read_response(reader))[0] == 413  # the slot is free, the connection usable ...
     assert upstream.connections == 2  # ... and the next request had its own upstream connection

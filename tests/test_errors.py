@@ -65,7 +65,7 @@ def test_an_upstream_error_answer_is_told_by_its_message():
 async def test_the_proxys_own_errors_reach_both_sdks_as_their_errors(make_proxy):
     down = unused_url()
     proxy = make_proxy(upstream=down)
-    message = f"upstream {down} refused the connection"
+    message = "upstream 'default' refused the connection"
     async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="unused", max_retries=0) as sdk:
         with pytest.raises(openai.InternalServerError) as raised:
             await sdk.chat.completions.create(model="llama3.2", messages=[{"role": "user", "content": "hi"}])

@@ -247,7 +247,11 @@ async def test_answers_that_are_not_json_never_get_heartbeats(make_proxy):
     proxy = make_proxy(upstream=await upstream.start(), heartbeat_seconds=0.2)
     reader, writer = await open_raw(proxy)
     writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert await read_response(reader) == (200, {"x-request-id": [ANY], "content-length": ["17"]}, b"Ollama is running")
+    assert await read_response(reader) == (
+        200,
+        {"x-request-id": [ANY], "x-ollama-upstream": ["default"], "content-length": ["17"]},
+        b"Ollama is running",
+    )
     writer.close()
     await upstream.stop()
 
@@ -471,7 +475,7 @@ async def test_a_coding_the_proxy_cannot_undo_after_a_heartbeats_head_is_an_erro
     status, _, answer = await read_response(reader)
     assert status == 200
     assert json.loads(answer) == {
-        "error": f"upstream {url} sent an answer this proxy cannot relay: "
+        "error": "upstream 'default' sent an answer this proxy cannot relay: "
         "the upstream's answer is encoded (br), which cannot follow a heartbeat"
     }
     writer.close()

@@ -33,7 +33,8 @@ def test_shipped_settings_file_is_valid_and_matches_the_defaults():
             assert getattr(shipped, key) == getattr(defaults, key), key
     assert shipped.plugins_dir == "plugins"
     with open("settings.json") as file:
-        assert set(json.load(file)) == set(Settings.__dataclass_fields__)
+        # Every key but upstreams: one source names the pool by upstream or by upstreams.
+        assert set(json.load(file)) == set(Settings.__dataclass_fields__) - {"upstreams"}
 
 
 def test_settings_json_in_the_working_directory_is_read_by_default(tmp_path, monkeypatch):
@@ -49,8 +50,8 @@ def test_precedence_is_defaults_file_environment_flags(write_settings):
     assert settings.port == 9002
     assert settings.idle_timeout == 45.5
     assert settings.upstream == "https://ollama.example:443/base/"
-    assert settings.upstream_base == "https://ollama.example:443/base"
-    assert settings.upstream_host == "ollama.example:443"
+    [pod] = settings.pods
+    assert (pod.name, pod.base, pod.host) == ("default", "https://ollama.example:443/base", "ollama.example:443")
     assert settings.connect_timeout == 10.0
 
 

@@ -31,6 +31,7 @@ def make_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> Appl
         build_route_table(pm),
         pm.hook.rate_limiter(settings=settings),
         pm.hook.authenticate(settings=settings),
+        pm.hook.choose_upstream(settings=settings),
     )
     endpoints: list[Any] = [
         (re.escape(path), handler)

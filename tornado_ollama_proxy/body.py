@@ -101,6 +101,11 @@ class BodyPump:
         assert self.held is not None
         return b"".join(self.held)
 
+    def replace(self, content: bytes) -> None:
+        """Hold `content` instead of what arrived (an alias's defaults merged in)."""
+        self.held = [content]
+        self._info = None
+
     def info(self) -> RequestInfo:
         """The `model` and `stream` the body names (once the whole body is in)."""
         if self._info is not None:

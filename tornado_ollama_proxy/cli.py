@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         "starting",
         extra={
             "settings": effective_configuration(settings),
-            "upstream": settings.upstream_base,
+            "upstreams": [pod.name for pod in proxy.pool.pods],
             "plugins": [name for name, _ in pm.list_name_plugin()],
             "routes": len(proxy.routes),
             "event_loop": "asyncio" if new_loop is None else "uvloop",

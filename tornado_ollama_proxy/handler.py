@@ -23,7 +23,7 @@ from tornado import httputil
 from tornado.web import RequestHandler, stream_request_body
 
 from . import cors
-from .auth import MANAGE, METRICS
+from .auth import INFERENCE, MANAGE, METRICS
 from .body import ALIAS_BODY_LIMIT, SMALL_BODY, BodyPump
 from .clients import client_address, in_networks, is_loopback, parse_address
 from .codings import decodable
@@ -36,7 +36,7 @@ from .logs import REQUEST_ID_HEADER, accept_request_id, bounded, request_id_var
 from .proxy import Proxy
 from .ratelimit import Admission, RateLimited
 from .record import AccessRecord
-from .relay import peer_closed
+from .relay import UPSTREAM_HEADER, peer_closed
 from .routes import METHODS, Route, check_target, decide_method, is_reserved
 
 JSON_TYPE = "application/json; charset=utf-8"
@@ -204,6 +204,7 @@ class ProxyHandler(BaseHandler):
             route, params = self._match()
             if not preflight:  # one the proxy does not grant goes to Ollama, whose answer it is
                 await self.authenticate(route.scope if route is not None else MANAGE)
+            targets = await self._targets(route)
             method, target = self._plan(route, params, declared, preflight)
             await self._admit()
         except Rejection as rejection:
@@ -221,11 +222,10 @@ class ProxyHandler(BaseHandler):
         authenticator = self.proxy.authenticator
         headers = upstream_request_headers(
             request.headers,
-            upstream_host=self.proxy.upstream.host,
             client_ip=request.remote_ip,
             scheme=request.protocol,
             trusted_peer=in_networks(parse_address(request.remote_ip), self.proxy.trusted_networks),
-            removed=authenticator.removed_headers if authenticator is not None else (),
+            removed=(UPSTREAM_HEADER, *(authenticator.removed_headers if authenticator is not None else ())),
         )
         if origin is not None:
             del headers["Origin"]  # granted here; Ollama would refuse it
@@ -236,10 +236,14 @@ class ProxyHandler(BaseHandler):
             if offered is not None:
                 headers["Accept-Encoding"] = offered
         headers[REQUEST_ID_HEADER] = self.request_id
+        pooled = not self.proxy.pool.single and route is not None and route.scope == INFERENCE
         if route is not None and route.body_defaults and body.present:
             body.hold(ALIAS_BODY_LIMIT)
         elif declared is not None and 0 < declared <= SMALL_BODY:
             body.hold(SMALL_BODY)
+        elif pooled and body.present and (declared is None or declared <= settings.hold_body_max):
+            # Its model chooses the pod, and a held body may go again: read it first.
+            body.hold(settings.hold_body_max)
         elif route is not None and (route.answer or route.tokens):
             body.keep_copy()  # what it asks for decides the answer's format, and is accounted
         self.journey = Journey(
@@ -252,7 +256,10 @@ class ProxyHandler(BaseHandler):
             method_in=request.method or "GET",
             started=self.started,
         )
-        self.journey.go(Plan(method, target, headers))
+        try:
+            self.journey.go(Plan(method, target, headers, targets))
+        except Rejection as rejection:  # no pod can take it
+            self.answer_early(self._answer, rejection)
 
     def _match(self) -> tuple[Route | None, dict[str, str]]:
         """The route table's entry for the target (None outside it), or a `Rejection` for a bad target."""
@@ -266,6 +273,27 @@ class ProxyHandler(BaseHandler):
         self.record.route = matched[0].path
         self.generation = matched[0].tokens
         return matched
+
+    async def _targets(self, route: Route | None) -> list[str] | None:
+        """The pods `X-Ollama-Upstream` names (all of them for "all"), which only a key
+        with the manage scope may choose; None without the header."""
+        value = self.request.headers.get(UPSTREAM_HEADER)
+        if value is None:
+            return None
+        if route is None or route.scope != MANAGE:
+            await self.authenticate(MANAGE)
+        pool = self.proxy.pool
+        names = [name.strip() for name in value.split(",") if name.strip()]
+        if names == ["all"]:
+            return [pod.name for pod in pool.pods]
+        unknown = next((name for name in names if name not in pool.by_name), None)
+        if unknown is not None or not names:
+            raise Rejection(
+                400,
+                f"{UPSTREAM_HEADER}: {bounded(unknown or value, 64)!r} names no pod of this proxy; "
+                f"they are: all, {', '.join(pool.by_name)}",
+            )
+        return names
 
     def _plan(
         self, route: Route | None, params: dict[str, str], declared: int | None, preflight: bool
@@ -380,9 +408,7 @@ class ProxyHandler(BaseHandler):
         if body.declared is not None and body.declared > DISCARD_LIMIT:
             self._answer_early_now()
         elif body.present:  # a client that stops sending it is answered anyway
-            self.early_watch = Silence(
-                self.proxy.upstream.idle_timeout, lambda: self.record.bytes_in, self._answer_early_now
-            )
+            self.early_watch = Silence(self.proxy.idle_timeout, lambda: self.record.bytes_in, self._answer_early_now)
 
     def _answer_early_now(self) -> None:
         assert self.early is not None

@@ -46,16 +46,15 @@ _FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-hos
 def upstream_request_headers(
     incoming: HTTPHeaders,
     *,
-    upstream_host: str,
     client_ip: str | None,
     scheme: str,
     trusted_peer: bool,
     removed: Iterable[str] = (),
 ) -> HTTPHeaders:
-    """Headers for the upstream request.
+    """Headers for the upstream request, but for Host, which each pod sets to its own
+    host:port (Ollama on loopback answers 403 to any other).
 
-    Host is the upstream's host:port because Ollama on loopback answers 403 to
-    any other; the X-Forwarded-* trio records what the proxy replaced. What a
+    The X-Forwarded-* trio records what the proxy replaced. What a
     trusted proxy in front said is kept (the chain is extended); from anyone
     else, X-Forwarded-Proto and X-Forwarded-Host are the proxy's own view.
     `removed` names more headers the proxy consumed (access keys).
@@ -67,7 +66,6 @@ def upstream_request_headers(
     for name, value in end_to_end(incoming.get_all()):
         if name.lower() not in dropped:
             headers.add(name, value)
-    headers["Host"] = upstream_host
     headers["X-Forwarded-For"] = ", ".join([*incoming.get_list("X-Forwarded-For"), client_ip or "unknown"])
     headers.setdefault("X-Forwarded-Proto", scheme)
     if "Host" in incoming:

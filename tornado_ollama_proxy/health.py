@@ -1,30 +1,33 @@
-"""A cheap, cached look at the upstream for ``/_proxy/health``.
+"""A cheap look at the upstream for ``/_proxy/health``.
 
-At most one ``GET /api/version`` every ``health_cache_seconds``, shared by
-every caller meanwhile, so a platform probing every second costs Ollama
-nothing noticeable.
+With one pod: at most one ``GET /api/version`` every ``health_cache_seconds``,
+shared by every caller meanwhile, so a platform probing every second costs
+Ollama nothing noticeable. With several: the pool probes them anyway, and the
+check reads what it found: 200 while one pod is healthy.
 """
 
 import asyncio
 from typing import Any
 
-from tornado.httputil import HTTPHeaders
-
-from .peer_json import json_object
-from .upstream import Upstream
-from .upstream_client import AnswerTimeout
+from .pool import Pool
 
 
 class HealthCheck:
-    def __init__(self, upstream: Upstream, ttl: float):
-        self.upstream = upstream
+    def __init__(self, pool: Pool, ttl: float):
+        self.pool = pool
         self.ttl = ttl
         self._result: tuple[int, dict[str, Any]] | None = None
         self._fresh_until = 0.0
         self._pending: asyncio.Future[tuple[int, dict[str, Any]]] | None = None
 
     async def status(self) -> tuple[int, dict[str, Any]]:
-        """(HTTP status, JSON body): 200 when the upstream answers like Ollama, else 503 and why."""
+        """(HTTP status, JSON body): 200 when Ollama answers, else 503 and why."""
+        pool = self.pool
+        if not pool.single:
+            upstreams = pool.snapshot()
+            if pool.healthy:
+                return 200, {"status": "ok", "upstreams": upstreams}
+            return 503, {"error": pool.unavailable().message, "upstreams": upstreams}
         loop = asyncio.get_running_loop()
         if self._result is not None and loop.time() < self._fresh_until:
             return self._result
@@ -33,23 +36,11 @@ class HealthCheck:
         return await asyncio.shield(self._pending)
 
     async def _check(self) -> tuple[int, dict[str, Any]]:
-        self._result = await self._ask_upstream()
+        [member] = self.pool.members
+        version, failure = await self.pool.probe(member)
+        if version is None:
+            self._result = 503, {"error": failure}
+        else:
+            self._result = 200, {"status": "ok", "upstream": member.pod.name, "upstream_version": version}
         self._fresh_until = asyncio.get_running_loop().time() + self.ttl
         return self._result
-
-    async def _ask_upstream(self) -> tuple[int, dict[str, Any]]:
-        upstream = self.upstream
-        request = upstream.request("GET", "/api/version", HTTPHeaders({"Host": upstream.host}))
-        request.request_timeout = upstream.connect_timeout
-        try:
-            response = await upstream.fetch(request)
-        except AnswerTimeout:
-            return 503, {"error": f"upstream {upstream.base} did not answer within {upstream.connect_timeout:g} s"}
-        except Exception as error:
-            return 503, {"error": upstream.failure(error)[1].message}
-        if response.code != 200:
-            return 503, {"error": f"upstream {upstream.base} answered {response.code}"}
-        version = (json_object(response.body) or {}).get("version")
-        if not isinstance(version, str):
-            return 503, {"error": f"upstream {upstream.base} does not answer like Ollama"}
-        return 200, {"status": "ok", "upstream": upstream.base, "upstream_version": version}

@@ -64,3 +64,16 @@ def authenticate(settings: Settings) -> Any:
     (``inference``, ``manage``, ``metrics``) and ``client`` the address the
     rate limiter sees. The built-in one checks access keys (`auth`).
     """
+
+
+@hookspec(firstresult=True)
+def choose_upstream(settings: Settings) -> Any:
+    """Return the policy that orders the pods a request may go to, best first.
+
+    It is called with a sequence of `balancer.PodView` (the pods that are up, with their
+    slots, load, and whether they list and have loaded the request's model) and a
+    `balancer.Wanted` (the request's model and conversation), and returns the pods that
+    may take the request, best first; the first that may be tried is. The built-in one
+    is `balancer.order`: free slots, then the loaded model, then the conversation's
+    pod, then the least loaded (see `default_plugins/balancing.py`).
+    """

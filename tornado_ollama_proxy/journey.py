@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,13 +21,17 @@ from typing import TYPE_CHECKING, Any
 from tornado.httputil import HTTPHeaders
 
 from .attempt import Attempt, Failure
+from .auth import INFERENCE
+from .balancer import Wanted, affinity_key
 from .body import BodyPump
 from .errors import Rejection
 from .framing import Head, MalformedAnswer
 from .idle import Silence
+from .model_names import canonical
 from .peer_json import json_object
 from .record import AccessRecord
 from .relay import AnswerRelay, ClientFlow, Reply
+from .retry import Cause, may_go_again
 from .routes import Route
 from .upstream import Abandoned, IdleTimeout
 from .usage import AnswerTail, answer_format, read_counters
@@ -34,16 +39,22 @@ from .usage import AnswerTail, answer_format, read_counters
 if TYPE_CHECKING:
     from tornado.http1connection import HTTP1Connection
 
+    from .pool import Member
     from .proxy import Proxy
+
+SESSION_HEADER = "X-Ollama-Session"  # a client's own name for its conversation: its pod
 
 
 @dataclass(slots=True)
 class Plan:
-    """What goes upstream: the method, the target (path and query as on the wire), the headers."""
+    """What goes upstream: the method, the target (path and query as on the wire), the
+    headers (the client's, with the proxy's changes; each pod adds its own Host), and
+    the pods it may go to (`X-Ollama-Upstream`; None for any)."""
 
     method: str
     target: str
     headers: HTTPHeaders
+    targets: list[str] | None = None
 
 
 class Journey:
@@ -62,6 +73,7 @@ class Journey:
         started: float,
     ):
         self.proxy = proxy
+        self.pool = proxy.pool
         self.reply = reply
         self.connection = connection
         self.record = record
@@ -72,105 +84,199 @@ class Journey:
         self.generation = route is not None and route.tokens  # counted per model
         self.plan: Plan | None = None
         self.attempt: Attempt | None = None
+        self.tried: list[str] = []  # pods an attempt went to, in order
         self.relay: AnswerRelay | None = None
-        self.failure: Failure | None = None  # what the attempt's end means, once it has ended
+        self.failure: Failure | None = None  # what the last attempt's end means, once it has ended
         self.settled = False
-        self.watch = Silence(proxy.upstream.idle_timeout, self._progress, self._on_silence)
+        self.watch = Silence(proxy.idle_timeout, self._progress, self._on_silence)
         proxy.metrics.in_flight.inc()
         proxy.exchanges.add(self)
 
     # -- the way there ---------------------------------------------------------------
 
     def go(self, plan: Plan) -> None:
-        """Start at once with a streamed body (or none); a held body waits for `body_in`."""
+        """Start at once with a streamed body (or none held), to a pod chosen without
+        knowing the model; a held body waits for `settle`, which reads it first."""
         self.plan = plan
+        self.relay = self._relay(plan)
+        self.pool.budget.request(int(time.monotonic()))
         if self.body.held is None:
-            self._attempt(body_producer=self.body.produce if self.body.present else None)
+            member = self.pool.pick(self.pool.choose(Wanted(), plan.targets))
+            if member is None:
+                raise self.pool.unavailable()
+            self._attempt(member, body_producer=self.body.produce if self.body.present else None)
 
-    def body_in(self) -> None:
-        """The client's whole body is in: a held one goes now (an alias's defaults merged in,
-        or `Rejection` 400)."""
-        self.body.arrived()
-        if self.body.held is None or self.attempt is not None:
-            return
-        assert self.plan is not None
-        content = self.body.whole()
+    def _relay(self, plan: Plan) -> AnswerRelay:
         route = self.route
-        if route is not None and route.body_defaults:
-            content = _merge_body(content, route)
-        self.plan.headers["Content-Length"] = str(len(content))
-        self._attempt(body=content)
-
-    def _attempt(self, **body: Any) -> None:
-        plan = self.plan
-        assert plan is not None
-        record = self.record
-        record.method_out = plan.method
-        if plan.method != self.method_in:
-            self.proxy.metrics.corrections.labels(record.route, self.method_in, plan.method).inc()
-        route = self.route
-        self.relay = relay = AnswerRelay(
+        return AnswerRelay(
             self.reply,
             ClientFlow(self.connection, self.reply.on_connection_close),
-            record,
+            self.record,
             started=self.started,
             upstream_head=plan.method == "HEAD",
             answer_format=self._answer_format,
             heartbeat=self.proxy.settings.heartbeat_seconds if route is not None and route.answer else None,
             usage=AnswerTail(self._format_now()) if self.generation else None,
         )
+
+    def body_in(self) -> None:
+        """The client's whole body is in: a held one gets an alias's defaults merged in
+        (or `Rejection` 400)."""
+        self.body.arrived()
+        if self.body.held is None or self.attempt is not None:
+            return
+        route = self.route
+        if route is not None and route.body_defaults:
+            self.body.replace(_merge_body(self.body.whole(), route))
+
+    def _attempt(self, member: Member, **body: Any) -> None:
+        plan = self.plan
+        assert plan is not None and self.relay is not None
+        record = self.record
+        record.method_out = plan.method
+        if not self.tried and plan.method != self.method_in:
+            self.proxy.metrics.corrections.labels(record.route, self.method_in, plan.method).inc()
+        self.tried.append(member.pod.name)
+        record.upstream, record.attempts = member.pod.name, len(self.tried)
+        headers = plan.headers if self.pool.single else plan.headers.copy()  # a pod adds its own
+        self.settled, self.failure = False, None
         self.attempt = Attempt(
-            self.proxy.upstream,
+            self.pool,
+            member,
             plan.method,
             plan.target,
-            plan.headers,
+            headers,
+            generation=self.generation,
+            hold=self._hold,
             on_head=self._on_head,
-            on_piece=relay.on_piece,
+            on_piece=self._on_piece,
             **body,
         )
         self.attempt.fetching.add_done_callback(self._on_fetched)
 
+    def _hold(self, head: Head) -> bool:
+        """Whether to keep an answer back, to send the request again if it says so: a 503
+        ("server busy") or a 404 ("model not found") while the request may still go again."""
+        return head.code in (503, 404) and self._may_go_again()
+
     def _on_head(self, head: Head) -> None:
-        assert self.relay is not None
-        self.relay.on_head(head)
+        assert self.relay is not None and self.attempt is not None
+        self.relay.on_head(head, self.attempt.member.pod.name)
         self.proxy.metrics.streams.inc()
+
+    def _on_piece(self, data: bytes) -> Any:
+        assert self.relay is not None
+        return self.relay.on_piece(data)
 
     def _on_fetched(self, _: asyncio.Future[Any]) -> None:
         """The exchange ended: what is still to come of the body is dropped, and what
         the end means is recorded (once, whoever learns of it first)."""
-        if self.settled or self.attempt is None:
+        attempt = self.attempt
+        if self.settled or attempt is None:
             return
         self.settled = True
         self.body.stop()
-        self.failure = failure = self.attempt.ended()
+        attempt.report()
+        self.failure = failure = attempt.ended()
         if failure is None and self.relay is not None and not self.relay.complete:
             # The exchange ended cleanly, but the answer it decoded did not.
-            failure = self.failure = Failure(
-                *self.proxy.upstream.failure(MalformedAnswer("the encoded answer ended before its end"))
-            )
-        if failure is not None:
+            kind, rejection = attempt.member.pod.failure(MalformedAnswer("the encoded answer ended before its end"))
+            failure = self.failure = Failure(kind, rejection)
+        if failure is not None and failure.cause is not Cause.BUSY and failure.cause is not Cause.NOT_FOUND:
             self.proxy.metrics.upstream_errors.labels(failure.kind).inc()
             self.record.outcome = "timeout" if failure.kind.endswith("timeout") else "upstream_error"
-        elif self.attempt.fetching.exception() is None:
+        elif failure is None and attempt.fetching.exception() is None:
             # Every piece has been handed to the kernel: a client leaving now loses nothing.
             self.record.outcome = self.record.outcome or "ok"
 
     async def settle(self) -> None:
-        """Wait for the answer's end (the client's whole body is in), then end the request accordingly."""
-        attempt = self.attempt
-        assert attempt is not None and self.relay is not None
-        with suppress(Exception):  # _on_fetched reads it
-            await attempt.fetching
-        # An end that came before this wait began may not have been seen yet.
-        self._on_fetched(attempt.fetching)
-        if self.reply.answered:
+        """With the client's whole body in: choose the pod (a held body names its model),
+        and wait for the answer's end; send the request again while it may; then end it."""
+        if self.attempt is None and not await self._first():
             return
+        while True:
+            attempt = self.attempt
+            assert attempt is not None and self.relay is not None
+            with suppress(Exception):  # _on_fetched reads it
+                await attempt.fetching
+            # An end that came before this wait began may not have been seen yet.
+            self._on_fetched(attempt.fetching)
+            if self.reply.answered:
+                return
+            failure = self.failure
+            if failure is None or failure.cause is None or not await self._again(failure.cause):
+                break
+        if attempt.held is not None and (failure is None or failure.cause in (Cause.BUSY, Cause.NOT_FOUND)):
+            attempt.release()  # the pod's own answer, after all
+            self.failure = None
         if self.failure is not None:
             self.end_early(self.failure.rejection)
             return
         if self.relay.error_body is not None:
             self.relay.tell_in_band()  # after a heartbeat's head, Ollama's error goes in-band
         self.reply.finish()
+
+    async def _first(self) -> bool:
+        """The first attempt of a held body, at the pod its model and conversation want;
+        False when none can take it (the client has been answered)."""
+        member = self.pool.pick(await self._choose())
+        if member is None:
+            self.end_early(self._nowhere())
+            return False
+        self._attempt(member, body=self.body.whole() if self.body.present else None)
+        return True
+
+    async def _again(self, cause: Cause) -> bool:
+        """Send the request again after `cause`, where the rules, the retries left and the
+        pool's budget allow, and a pod can take it: another than those tried, or the same
+        one when it only met a kept connection it had closed."""
+        attempt = self.attempt
+        assert attempt is not None and self.plan is not None
+        if not self._may_go_again(cause) or not self.pool.budget.allow(int(time.monotonic())):
+            return False
+        if cause is Cause.NOT_FOUND:
+            self.pool.refresh(attempt.member)  # its list is behind
+        avoid = () if attempt.stale else self.tried
+        member = self.pool.pick(await self._choose(avoid))
+        if member is None:
+            return False
+        self.proxy.metrics.retries.labels(attempt.member.pod.name, cause.value).inc()
+        self._attempt(member, body=self.body.whole() if self.body.present else None)
+        return True
+
+    def _may_go_again(self, cause: Cause | None = None) -> bool:
+        plan = self.plan
+        assert plan is not None and self.relay is not None
+        route = self.route
+        return len(self.tried) <= self.proxy.settings.pool_retries and may_go_again(
+            cause or Cause.BUSY,
+            method=plan.method,
+            inference=route is not None and route.scope == INFERENCE,
+            body_held=self.body.held is not None or not self.body.present,
+            answer_seen=self.relay.head is not None,
+        )
+
+    async def _choose(self, avoid: Sequence[str] = ()) -> list[Member]:
+        """The pods for this request, best first, by its model and conversation; a model no
+        pod lists makes the pool read its pods' lists once more first."""
+        assert self.plan is not None
+        info = self.body.info()
+        model = canonical(info.model) if info.model is not None else None
+        session = self.plan.headers.get(SESSION_HEADER)
+        wanted = Wanted(model, affinity_key(session, self.record.key, model, info.opening))
+        members = self.pool.choose(wanted, self.plan.targets, avoid)
+        if not members and model is not None and not avoid and self.pool.lists_nowhere(model):
+            await self.pool.refresh_all()
+            members = self.pool.choose(wanted, self.plan.targets, avoid)
+        return members
+
+    def _nowhere(self) -> Rejection:
+        """Why no pod takes the request: its model is on none (as Ollama says it), or none is up."""
+        info = self.body.info()
+        model = canonical(info.model) if info.model is not None else None
+        if model is not None and self.pool.lists_nowhere(model):
+            return Rejection(404, f"model '{info.model}' not found")
+        return self.pool.unavailable()
 
     # -- endings ---------------------------------------------------------------------
 
@@ -200,7 +306,7 @@ class Journey:
             self.end_early(self.failure.rejection)  # the upstream failed, and the rest of the body is not coming
         else:
             self.record.outcome = "timeout"
-            self.end_early(Rejection(408, f"the client sent no body bytes for {self.proxy.upstream.idle_timeout:g} s"))
+            self.end_early(Rejection(408, f"the client sent no body bytes for {self.proxy.idle_timeout:g} s"))
 
     def client_left(self) -> None:
         """The client has gone: nothing more is relayed, and the upstream is let go."""
@@ -239,8 +345,10 @@ class Journey:
         """What has moved so far, in either direction (the idle watch compares it): a
         client slow to read moves too, as long as it takes bytes."""
         moved = self.record.bytes_in + self.body.written
+        if self.attempt is not None:
+            moved += self.attempt.received
         if self.relay is not None:
-            moved += self.relay.pieces + self.relay.flow.taken
+            moved += self.relay.flow.taken
         return moved
 
     def _format_now(self) -> str | None:

@@ -89,6 +89,8 @@ def effective_configuration(settings: Settings) -> dict[str, Any]:
     """The settings as start-up logs them: passwords in URLs masked, keys by name only."""
     configuration: dict[str, Any] = masked(asdict(settings))
     configuration["api_keys"] = [key.name for key in settings.api_keys]
+    for pod in configuration["upstreams"]:  # a pod's headers may carry its key
+        pod["headers"] = [(name, "***") for name, _ in pod["headers"]]
     return configuration
 
 

@@ -128,6 +128,45 @@ class Metrics:
             buckets=TTFB_BUCKETS,
             registry=r,
         )
+        # Per pod of the pool; label values are the pods' configured names only.
+        self.upstream_requests = Counter(
+            f"{PREFIX}_upstream_requests",
+            "Forwarded requests by the pod that answered last, and outcome.",
+            ["upstream", "outcome"],
+            registry=r,
+        )
+        self.upstream_in_flight = Gauge(
+            f"{PREFIX}_upstream_in_flight",
+            "Requests this process has in flight at each pod.",
+            ["upstream"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.upstream_healthy = Gauge(
+            f"{PREFIX}_upstream_healthy",
+            "1 while a pod takes requests, 0 while it is ejected.",
+            ["upstream"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.upstream_ejections = Counter(
+            f"{PREFIX}_upstream_ejections",
+            "Times a pod was taken out of the pool after failures.",
+            ["upstream"],
+            registry=r,
+        )
+        self.retries = Counter(
+            f"{PREFIX}_retries",
+            "Requests sent again, by the pod they left and why (not_received, closed, busy, not_found).",
+            ["upstream", "cause"],
+            registry=r,
+        )
+        self.digest_conflicts = Gauge(
+            f"{PREFIX}_digest_conflicts",
+            "Model names two pods list with different digests.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.client_disconnects = Counter(
             f"{PREFIX}_client_disconnects",
             "Clients that left while their answer was being relayed.",

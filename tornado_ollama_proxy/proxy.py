@@ -8,14 +8,15 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from .balancer import default_chooser
 from .health import HealthCheck
 from .logs import ACCESS_LOGGER, CREDENTIALS, sampled
 from .metrics import Metrics
+from .pool import Chooser, Pool
 from .record import AccessRecord, failed
 from .routes import RouteTable
 from .settings import Settings
 from .status import StatusBoard
-from .upstream import Upstream
 from .usage import ModelLabels
 
 log = logging.getLogger(__name__)
@@ -52,10 +53,17 @@ access_log = logging.getLogger(ACCESS_LOGGER)
 
 
 class Proxy:
-    """Everything a handler needs: settings, routes, limiter, authenticator, upstream, health,
-    metrics, the status board, what is in flight."""
+    """Everything a handler needs: settings, routes, limiter, authenticator, the pool of
+    upstreams, health, metrics, the status board, what is in flight."""
 
-    def __init__(self, settings: Settings, routes: RouteTable, limiter: Any = None, authenticator: Any = None):
+    def __init__(
+        self,
+        settings: Settings,
+        routes: RouteTable,
+        limiter: Any = None,
+        authenticator: Any = None,
+        chooser: Chooser | None = None,
+    ):
         self.settings = settings
         self.routes = routes
         self.limiter = limiter
@@ -70,9 +78,10 @@ class Proxy:
         }
         self.trusted_networks = settings.trusted_networks
         self.exempt_networks = settings.exempt_networks
-        self.upstream = Upstream(settings)
-        self.health = HealthCheck(self.upstream, settings.health_cache_seconds)
+        self.idle_timeout = settings.idle_timeout
         self.metrics = Metrics()
+        self.pool = Pool(settings, chooser or default_chooser(), self.metrics)
+        self.health = HealthCheck(self.pool, settings.health_cache_seconds)
         self.models = ModelLabels(settings.metrics_max_models)
         self.board = StatusBoard(settings.worker_count)
         self.in_flight = InFlight()
@@ -99,6 +108,8 @@ class Proxy:
         `generation` (a route that reports tokens) counts under its model's label."""
         metrics = self.metrics
         metrics.count_request(record)
+        if record.upstream is not None:
+            metrics.upstream_requests.labels(record.upstream, record.outcome).inc()
         label = None
         if generation:
             answered = record.upstream_status is not None and 200 <= record.upstream_status < 300

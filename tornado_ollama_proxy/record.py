@@ -22,6 +22,8 @@ class AccessRecord:
         self.route = route  # the route table's entry, "unmapped" outside it, fixed names for the proxy's own
         self.model: str | None = None  # what the body asks for, when it says
         self.stream: bool | None = None
+        self.upstream: str | None = None  # the pod the last attempt went to, by name
+        self.attempts = 0  # how many pods (or times) the request went to
         self.upstream_status: int | None = None
         self.status = 0  # as sent; for an error told in-band after a heartbeat's 200, the error's
         self.in_band = False  # an error was told in-band, after the proxy's own head

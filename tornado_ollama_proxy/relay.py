@@ -27,8 +27,9 @@ from .usage import AnswerTail
 if TYPE_CHECKING:
     from tornado.http1connection import HTTP1Connection
 
-# The answer's own framing is the relay's to decide.
-_FRAMING = frozenset({"content-length", "transfer-encoding"})
+UPSTREAM_HEADER = "X-Ollama-Upstream"  # which pod answered (and, in a request, which may)
+# The answer's own framing is the relay's to decide, and which pod answered its to say.
+_OURS = frozenset({"content-length", "transfer-encoding", UPSTREAM_HEADER.lower()})
 
 
 class Reply(Protocol):
@@ -155,8 +156,9 @@ class AnswerRelay:
         """Whether an answer decoded on its way reached its coding's end."""
         return self.decoder is None or self.decoder.complete
 
-    def on_head(self, head: Head) -> None:
-        """Take on the upstream's status and headers (unless a heartbeat sent a head already)."""
+    def on_head(self, head: Head, upstream: str) -> None:
+        """Take on the upstream's status and headers (unless a heartbeat sent a head already),
+        saying which pod answered (`upstream`, its name)."""
         self.head = head
         self.pieces += 1
         record = self.record
@@ -174,8 +176,9 @@ class AnswerRelay:
         # Tornado refuses control characters in a header; llhttp lets through only
         # the tab, which is whitespace like a space (RFC 9110 §5.5).
         headers = [
-            (name, value.replace("\t", " ")) for name, value in end_to_end(head.headers) if name.lower() not in _FRAMING
+            (name, value.replace("\t", " ")) for name, value in end_to_end(head.headers) if name.lower() not in _OURS
         ]
+        headers.append((UPSTREAM_HEADER, upstream))
         sized = head.length is not None and head.code != 204
         if sized and (self.client_head or not self.upstream_head):
             # As the upstream sized it (a GET turned HEAD gets no body: no length);

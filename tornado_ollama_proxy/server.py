@@ -232,11 +232,12 @@ class ProxyServer:
         sockets = sockets or bind_sockets(settings.port, settings.host)
         self.port = sockets[0].getsockname()[1]
         self.http.add_sockets(sockets)
+        self.proxy.pool.start()
         log.info(
             "listening",
             extra={
                 "address": f"http://{settings.host}:{self.port}",
-                "upstream": settings.upstream_base,
+                "upstreams": [pod.name for pod in self.proxy.pool.pods],
                 "routes": len(self.proxy.routes),
                 "pid": os.getpid(),
             },
@@ -265,7 +266,7 @@ class ProxyServer:
         except TimeoutError:
             log.warning("grace period over, closing", extra={"in_flight": self.proxy.in_flight.count})
         await self.http.close_all_connections()
-        self.proxy.upstream.close()
+        self.proxy.pool.close()
         log.info("stopped")
 
 

@@ -23,6 +23,7 @@ from .routes import Route, RouteError, parse_routes
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_FILE = "settings.json"
+DEFAULT_POD = "default"  # the name of the pool of one that `upstream` makes
 ENV_PREFIX = "OLLAMA_PROXY_"
 
 
@@ -31,10 +32,40 @@ class SettingsError(ValueError):
 
 
 @dataclass(frozen=True)
+class PodConfig:
+    """One Ollama server of the pool, as configured. `name` is what users and logs see,
+    never `url` (which may hold a secret); `slots` is how many generations it runs at
+    once (its OLLAMA_NUM_PARALLEL; None for unknown); `headers` go with every request
+    to it (such as the key of a remote pod that runs this proxy itself)."""
+
+    name: str
+    url: str
+    weight: float = 1.0
+    slots: int | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def base(self) -> str:
+        """The URL without a trailing slash, to which request paths are appended."""
+        return self.url.rstrip("/")
+
+    @property
+    def host(self) -> str:
+        """host:port for the Host header: Ollama answers 403 to a non-local one."""
+        return urlsplit(self.url).netloc
+
+
+@dataclass(frozen=True)
 class Settings:
     host: str = "0.0.0.0"
     port: int = 8000
     upstream: str = "http://127.0.0.1:11434"
+    upstreams: tuple[PodConfig, ...] = ()
+    hold_body_max: int = 8 * 1024 * 1024
+    pool_health_seconds: float = 5.0
+    pool_max_fails: int = 3
+    pool_eject_seconds: float = 10.0
+    pool_retries: int = 2
     connect_timeout: float = 10.0
     idle_timeout: float = 600.0
     header_timeout: float = 60.0
@@ -101,14 +132,9 @@ class Settings:
         return tuple(ipaddress.ip_network(text, strict=False) for text in self.rate_limit_exempt)
 
     @property
-    def upstream_base(self) -> str:
-        """The upstream URL without a trailing slash, to which request paths are appended."""
-        return self.upstream.rstrip("/")
-
-    @property
-    def upstream_host(self) -> str:
-        """host:port for the Host header: Ollama answers 403 to a non-local one."""
-        return urlsplit(self.upstream).netloc
+    def pods(self) -> tuple[PodConfig, ...]:
+        """The pool: `upstreams`, or `upstream` as a pool of one named "default"."""
+        return self.upstreams or (PodConfig(DEFAULT_POD, self.upstream),)
 
 
 def _text(value: Any) -> str:
@@ -165,6 +191,24 @@ def _seconds_or_off(value: Any) -> float | None:
         return _seconds(False)(value)
     except ValueError:
         raise ValueError("a number of seconds > 0, or null or 0 for none") from None
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("a whole number of bytes >= 0")
+    return value
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("a whole number >= 1")
+    return value
+
+
+def _retries(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("a whole number >= 0 (0: never move a request to another pod)")
+    return value
 
 
 def _size_or_null(value: Any) -> int | None:
@@ -334,6 +378,62 @@ def _flag(value: Any) -> bool:
     return bool(value)
 
 
+def _upstreams(value: Any) -> tuple[PodConfig, ...]:
+    if isinstance(value, str):  # the short form, name=url,name=url
+        value = [dict(zip(("name", "url"), item.strip().split("=", 1), strict=False)) for item in value.split(",")]
+    if not isinstance(value, list) or not value:
+        raise ValueError(
+            'a list of pods such as [{"name": "a", "url": "http://10.0.0.2:11434", "slots": 4}], or name=url,name=url'
+        )
+    pods = []
+    for index, entry in enumerate(value, start=1):
+        try:
+            pods.append(_pod(entry))
+        except ValueError as error:
+            raise ValueError(f"entry {index}: {error}") from None
+    names = [pod.name for pod in pods]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"entry names must differ: {twice[0]!r} is given twice")
+    return tuple(pods)
+
+
+_POD_KEYS = ("name", "url", "weight", "slots", "headers")
+_FORBIDDEN_POD_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "te", "upgrade"})
+
+
+def _pod(entry: Any) -> PodConfig:
+    if not isinstance(entry, dict):
+        raise ValueError("an object with name and url (and weight, slots, headers)")
+    unknown = sorted(set(entry) - set(_POD_KEYS))
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0]!r}; allowed: {', '.join(_POD_KEYS)}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
+        raise ValueError("name: 1 to 64 of A-Z a-z 0-9 . _ -")
+    try:
+        url = _url(entry.get("url"))
+    except ValueError as error:
+        raise ValueError(f"url: {error}") from None
+    weight = entry.get("weight", 1)
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
+        raise ValueError("weight: a number > 0")
+    slots = entry.get("slots")
+    if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
+        raise ValueError("slots: a whole number >= 1 (the pod's OLLAMA_NUM_PARALLEL), or null for unknown")
+    headers = entry.get("headers", {})
+    if not isinstance(headers, dict) or not all(
+        isinstance(key, str)
+        and re.fullmatch(r"[A-Za-z0-9-]+", key)
+        and key.lower() not in _FORBIDDEN_POD_HEADERS
+        and isinstance(value, str)
+        and not re.search(r"[\x00-\x1f\x7f]", value)
+        for key, value in headers.items()
+    ):
+        raise ValueError('headers: an object of header name -> value, such as {"Authorization": "Bearer …"}')
+    return PodConfig(name, url, float(weight), slots, tuple(headers.items()))
+
+
 def _routes(value: Any) -> tuple[Route, ...]:
     if not isinstance(value, list):
         raise ValueError("a list of route objects")
@@ -348,6 +448,12 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], bool]] = {
     "host": (_text, False),
     "port": (_port, True),
     "upstream": (_url, False),
+    "upstreams": (_upstreams, True),
+    "hold_body_max": (_size, True),
+    "pool_health_seconds": (_seconds(False), True),
+    "pool_max_fails": (_count, True),
+    "pool_eject_seconds": (_seconds(False), True),
+    "pool_retries": (_retries, True),
     "connect_timeout": (_seconds(False), True),
     "idle_timeout": (_seconds(False), True),
     "header_timeout": (_seconds(False), True),
@@ -388,7 +494,10 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], bool]] = {
     "open": (_flag, True),
     "generated_key_file": (_path_or_null, False),
 }
-SECRET = frozenset({"api_keys"})  # never echoed in an error message
+SECRET = frozenset({"api_keys", "upstreams"})  # never echoed in an error message (keys, pods' headers)
+# Two ways to name the pool: a source that names one replaces what an earlier source named
+# with the other, and may not name both.
+POOL_KEYS = ("upstream", "upstreams")
 
 
 def _validate(source: str, key: str, value: Any) -> Any:
@@ -450,8 +559,20 @@ def load_settings(
     """Merge and validate every source; `path` None means ./settings.json if present."""
     if path is None and os.path.exists(DEFAULT_FILE):
         path = DEFAULT_FILE
-    values = read_file(path) if path is not None else {}
-    values.update(read_environment(os.environ if environ is None else environ))
-    for key, text in (flags or {}).items():
-        values[key] = _from_text(f"--{key.replace('_', '-')}", key, text)
+    values: dict[str, Any] = {}
+    sources = [
+        (path or "", read_file(path) if path is not None else {}),
+        ("the environment", read_environment(os.environ if environ is None else environ)),
+        (
+            "the command line",
+            {key: _from_text(f"--{key.replace('_', '-')}", key, text) for key, text in (flags or {}).items()},
+        ),
+    ]
+    for source, given in sources:
+        named = [key for key in POOL_KEYS if key in given]
+        if len(named) == 2:
+            raise SettingsError(f"{source}: upstream and upstreams: give one (upstream is a pool of one)")
+        if named:
+            values.pop(POOL_KEYS[1 - POOL_KEYS.index(named[0])], None)
+        values.update(given)
     return Settings(**values)

@@ -1,23 +1,22 @@
-"""The connection to Ollama: where it is, how a request to it is built, and
-what to tell a client when it cannot be reached.
+"""One Ollama server of the pool: where it is, how a request to it is built, and what
+to tell a client when it cannot be reached.
 
-Requests go through `PooledHTTPClient` (see `upstream_client`): kept-alive
-connections, no concurrency ceiling, no body cap, no total timeout (the
-handler's idle watch guards silence), and abortable when the client leaves.
+Requests go through the pool's `PooledHTTPClient` (see `upstream_client`):
+kept-alive connections, no concurrency ceiling, no body cap, no total timeout
+(the journey's idle watch guards silence), and abortable when the client leaves.
+Errors name the pod by its name, never its URL, which may hold a secret.
 """
 
-from asyncio import Future
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
-from tornado.httpclient import HTTPResponse
 from tornado.httputil import HTTPHeaders
 from tornado.iostream import StreamClosedError
 
 from .errors import Rejection
 from .framing import Head, IncompleteAnswer, MalformedAnswer
-from .settings import Settings
-from .upstream_client import AbortableRequest, ConnectTimeout, PooledHTTPClient
+from .settings import PodConfig, Settings
+from .upstream_client import AbortableRequest, ConnectTimeout
 
 
 class IdleTimeout(Exception):
@@ -32,28 +31,20 @@ class Abandoned(Exception):
 BodyProducer = Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]]
 
 
-class Upstream:
-    """The configured Ollama server and how to reach and describe it."""
+class Pod:
+    """A configured Ollama server: its name, weight and slots, and how to address it."""
 
-    def __init__(self, settings: Settings):
-        self.base = settings.upstream_base
-        self.host = settings.upstream_host
+    def __init__(self, config: PodConfig, settings: Settings):
+        self.config = config
+        self.name = config.name
+        self.weight = config.weight
+        self.slots = config.slots
+        self.base = config.base
+        self.host = config.host
         self.prefix = urlsplit(self.base).path  # a path the upstream is mounted under
+        self.headers = config.headers
         self.connect_timeout = settings.connect_timeout
         self.idle_timeout = settings.idle_timeout
-        self._client: PooledHTTPClient | None = None
-
-    @property
-    def client(self) -> PooledHTTPClient:
-        # Created on first use, inside the running event loop.
-        if self._client is None:
-            self._client = PooledHTTPClient(force_instance=True)
-        return self._client
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
 
     def request(
         self,
@@ -66,7 +57,11 @@ class Upstream:
         head_callback: Callable[[Head], None] | None = None,
         streaming_callback: Callable[[bytes], Awaitable[None] | None] | None = None,
     ) -> AbortableRequest:
-        """A request for `target` (path and query as they go on the wire, never re-encoded)."""
+        """A request for `target` (path and query as they go on the wire, never re-encoded),
+        with this pod's Host and its own headers."""
+        headers["Host"] = self.host
+        for name, value in self.headers:
+            headers[name] = value
         return AbortableRequest(
             self.base,
             target=self.prefix + target,
@@ -83,13 +78,9 @@ class Upstream:
             allow_nonstandard_methods=True,  # DELETE with a body, POST without one
         )
 
-    def fetch(self, request: AbortableRequest) -> "Future[HTTPResponse]":
-        """Start `request` now (it is abortable from this moment)."""
-        return self.client.start(request)
-
     def failure(self, error: BaseException) -> tuple[str, Rejection]:
         """The kind of a failure before any response byte, and what to tell the client."""
-        where = f"upstream {self.base}"
+        where = f"upstream {self.name!r}"
         if isinstance(error, IdleTimeout):
             return "idle_timeout", Rejection(504, f"{where} sent nothing for {self.idle_timeout:g} s")
         if isinstance(error, ConnectTimeout):

@@ -74,6 +74,8 @@ class AbortableRequest(HTTPRequest):
     """
 
     exchange: Exchange | None = None  # while the fetch runs
+    sent = False  # its head went to the upstream (which may then have acted on it)
+    reused = False  # on a connection that had carried an earlier exchange
 
     def __init__(
         self,
@@ -339,6 +341,9 @@ class Exchange:
     def send(self, connection: UpstreamConnection) -> None:
         self.connection = connection
         connection.exchange = self
+        original = getattr(self.request, "request", self.request)  # Tornado's proxy around the caller's request
+        if isinstance(original, AbortableRequest):
+            original.sent, original.reused = True, connection.reused
         request = self.request
         headers = request.headers
         if "Host" not in headers:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from .logs import bounded
 from .model_names import canonical
@@ -18,16 +19,19 @@ from .peer_json import json_object
 
 REQUEST_COPY_LIMIT = 1024 * 1024  # a body larger than this is not read
 MODEL_LIMIT = 256  # characters of a model name kept for records and the status page
+OPENING_LIMIT = 1024  # characters of a conversation's opening that key its pod
 ANSWER_TAIL = 64 * 1024  # the counters are read from at most this much of an answer's end
 OTHER = "other"  # the model label of every model past the bound, or that Ollama did not answer
 
 
 @dataclass(frozen=True, slots=True)
 class RequestInfo:
-    """The model a request names and its "stream" flag, when its body says so."""
+    """The model a request names and its "stream" flag, when its body says so, and the
+    opening of its conversation (what every later turn repeats: see `opening`)."""
 
     model: str | None = None
     stream: bool | None = None
+    opening: str | None = None
 
 
 UNKNOWN = RequestInfo()
@@ -43,8 +47,36 @@ def read_request(body: bytes | None) -> RequestInfo:
     model = data.get("model", data.get("name"))
     stream = data.get("stream")
     return RequestInfo(
-        bounded(model, MODEL_LIMIT) if isinstance(model, str) else None, stream if isinstance(stream, bool) else None
+        bounded(model, MODEL_LIMIT) if isinstance(model, str) else None,
+        stream if isinstance(stream, bool) else None,
+        opening(data),
     )
+
+
+def opening(data: dict[str, Any]) -> str | None:
+    """What every turn of a conversation repeats, at most OPENING_LIMIT characters: its
+    system message and first user message (chat), else its prompt (or input): the key
+    that sends a conversation back to the pod that holds its prompt cache."""
+    messages = data.get("messages")
+    if isinstance(messages, list):
+        dicts = [message for message in messages if isinstance(message, dict)]
+        system = next((message for message in dicts if message.get("role") == "system"), None)
+        user = next((message for message in dicts if message.get("role") == "user"), None)
+        text = "\0".join(_text(message.get("content")) for message in (system, user) if message is not None)
+    else:
+        text = _text(data.get("prompt", data.get("input")))
+    return text[:OPENING_LIMIT] or None
+
+
+def _text(content: Any) -> str:
+    """A message's text: a string, or the text parts of a list of parts (OpenAI's form)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part.get("text", "") for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return ""
 
 
 def answer_format(answer: str | None, stream: bool | None) -> str | None:

@@ -5,4 +5,5 @@ DEFAULT_PLUGINS = (
     "tornado_ollama_proxy.default_plugins.json_logs",
     "tornado_ollama_proxy.default_plugins.rate_limits",
     "tornado_ollama_proxy.default_plugins.access_keys",
+    "tornado_ollama_proxy.default_plugins.balancing",
 )
