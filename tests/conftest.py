@@ -21,7 +21,8 @@ from tornado_ollama_proxy.app import make_app
 from tornado_ollama_proxy.default_plugins import json_logs
 from tornado_ollama_proxy.logs import MalformedInputFilter, RequestIdFilter
 from tornado_ollama_proxy.server import ProxyServer
-from tornado_ollama_proxy.settings import Settings
+from tornado_ollama_proxy.proxy import Proxy
+from tornado_ollama_proxy.settings import SCHEMA, Settings
 
 from .fake_ollama import FakeState, make_fake_ollama
 from .get_only_front import make_front
@@ -117,16 +118,64 @@ def upstream_url(servers, fake):
     return servers.start(make_fake_ollama(fake))
 
 
+class ProxyURL(str):
+    """A started proxy's URL, which also holds the proxy itself (its pool, metrics…)."""
+
+    proxy: Proxy
+
+
 @pytest.fixture
 def make_proxy(servers, upstream_url, tmp_path):
-    """Start a proxy in front of the stand-in; keyword arguments override settings."""
+    """Start a proxy in front of the stand-in; keyword arguments override settings
+    (`upstreams` as in a settings file: a list of {"name", "url", …})."""
 
     def start(**overrides):
         # Served on loopback, as the settings say: a public host would require a generated key.
         options = {"host": "127.0.0.1", "upstream": upstream_url, "plugins_dir": str(tmp_path)}
         options.update(overrides)
+        if isinstance(options.get("upstreams"), list):
+            validate, _ = SCHEMA["upstreams"]
+            options["upstreams"] = validate(options["upstreams"])
         app = make_app(Settings(**options))
-        return servers.start(app)
+        url = ProxyURL(servers.start(app))
+        url.proxy = app.settings["proxy"]
+        return url
+
+    return start
+
+
+class StandIn:
+    """A stand-in pod of a pool: its state, its URL, and a way to kill it."""
+
+    def __init__(self, state: FakeState, url: str, server: HTTPServer):
+        self.state, self.url, self.server = state, url, server
+
+    def __iter__(self):  # state, url = pod
+        return iter((self.state, self.url))
+
+    def __getitem__(self, index):
+        return (self.state, self.url)[index]
+
+    async def kill(self):
+        """Stop listening and drop every connection, as a pod that dies."""
+        self.server.stop()
+        await self.server.close_all_connections()
+
+
+@pytest.fixture
+def pods(servers):
+    """Start stand-in pods of a pool, each its own stand-in Ollama with `knobs` (FakeState's
+    fields, a callable for a fresh value each)."""
+
+    def start(count, **knobs):
+        started = []
+        for _ in range(count):
+            state = FakeState(**{name: value() if callable(value) else value for name, value in knobs.items()})
+            servers.start(make_fake_ollama(state))
+            server, _ = servers.running[-1]
+            port = next(iter(server._sockets.values())).getsockname()[1]
+            started.append(StandIn(state, f"http://127.0.0.1:{port}", server))
+        return started
 
     return start
 

@@ -16,6 +16,7 @@ answering (a cold load), ``gap`` pauses that long between its first two lines,
 """
 
 import asyncio
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -84,6 +85,34 @@ class FakeState:
     open_streams: int = 0
     streams_wanted: int = 0
     streams_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    # As a pod of a pool: what it answers to /api/version and /api/ps, how it runs generations.
+    version: str = "0.32.0"
+    loaded: set = field(default_factory=set)  # models in memory, as /api/ps lists them
+    load_delay: float = 0.0  # how long loading a model that is not loaded takes (silent)
+    slots: int | None = None  # generations at once (OLLAMA_NUM_PARALLEL); the rest wait, first come first served
+    busy: bool = False  # answer generations "503 server busy", as a full queue does
+    token_delay: float = 0.0  # time per generated token
+    running: int = 0  # generations running now
+    most_running: int = 0
+    digests: dict = field(default_factory=dict)  # model -> digest, where it is not the default
+    modified: dict = field(default_factory=dict)  # model -> modified_at, where it is not the default
+    _slots: asyncio.Semaphore | None = None
+
+    def slot(self):
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.slots or 1_000_000)
+        return self._slots
+
+    def listing(self, model):
+        digest = self.digests.get(model, hashlib.sha256(model.encode()).hexdigest())
+        return {
+            "name": model,
+            "model": model,
+            "modified_at": self.modified.get(model, "2026-11-01T10:00:00Z"),
+            "size": 1000,
+            "digest": digest,
+            "details": {"format": "gguf", "family": "llama"},
+        }
 
     def resolve(self, name):
         """The model a request names, as Ollama finds it: the default registry,
@@ -215,16 +244,20 @@ class OllamaHandler(OllamaBase):
         self.finish("Ollama is running")
 
     async def do_api_version(self):
-        self.json({"version": "0.32.0"})
+        self.json({"version": self.state.version})
 
     async def do_api_status(self):
         self.json({"status": "ok"})
 
     async def do_api_tags(self):
-        self.json({"models": [{"name": m, "model": m, "size": 1} for m in sorted(self.state.models)]})
+        self.json({"models": [self.state.listing(m) for m in sorted(self.state.models)]})
 
     async def do_api_ps(self):
-        self.json({"models": []})
+        loaded = [
+            {**self.state.listing(m), "expires_at": "2026-12-31T00:00:00Z", "size_vram": 1000}
+            for m in sorted(self.state.loaded)
+        ]
+        self.json({"models": loaded})
 
     async def do_api_show(self):
         data = self.body()
@@ -270,7 +303,7 @@ class OllamaHandler(OllamaBase):
     async def do_api_delete(self):
         data = self.body()
         if data is not None and await self.model_or_404(data):
-            self.state.models.discard(data.get("model") or data.get("name"))
+            self.state.models.discard(self.state.resolve(data.get("model") or data.get("name")))
             self.finish()
 
     async def do_v1_models(self):
@@ -286,6 +319,29 @@ class OllamaHandler(OllamaBase):
         data = self.body()
         if data is None or not await self.model_or_404(data):
             return
+        if self.state.busy:
+            self.error(503, "server busy, please try again.  maximum pending requests exceeded")
+            return
+        async with self.working(data["model"]):
+            await self.generate(kind, data)
+
+    @contextlib.asynccontextmanager
+    async def working(self, model):
+        """A slot of the pod's for the generation, the model loaded first if it is not."""
+        state = self.state
+        async with state.slot():
+            state.running += 1
+            state.most_running = max(state.most_running, state.running)
+            try:
+                resolved = state.resolve(model)
+                if resolved not in state.loaded:
+                    await asyncio.sleep(state.load_delay)
+                    state.loaded.add(resolved)
+                yield
+            finally:
+                state.running -= 1
+
+    async def generate(self, kind, data):
         model = data["model"]
         empty = not data.get("prompt") if kind == "response" else not data.get("messages")
         if empty:
@@ -295,6 +351,7 @@ class OllamaHandler(OllamaBase):
             return
         count = int(data.get("options", {}).get("num_predict", 3))
         if not data.get("stream", True):
+            await asyncio.sleep(self.state.token_delay * count)
             text = "".join(f"tok{i} " for i in range(count))
             final = {"model": model, kind: self.piece(kind, text), "done": True, "done_reason": "stop"}
             self.json({**final, **counters(data, count)})
@@ -306,6 +363,7 @@ class OllamaHandler(OllamaBase):
             await self.flood(count)
             return
         for i in range(count):
+            await asyncio.sleep(self.state.token_delay)
             await self.send_line({"model": model, kind: self.piece(kind, f"tok{i} "), "done": False})
             if model == "gap" and i == 0:
                 await asyncio.sleep(self.state.silence)
@@ -357,6 +415,8 @@ class OllamaHandler(OllamaBase):
             {"status": "success"},
         ]
         failing = data.get("model") == "nospace"  # a pull that fails after a while, as a full disk makes it
+        if not failing and self.request.path == "/api/pull":
+            self.state.models.add(data.get("model"))  # what a pull brings
         if not data.get("stream", True):
             if failing:
                 await asyncio.sleep(self.state.silence)

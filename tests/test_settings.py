@@ -247,3 +247,104 @@ def test_missing_explicit_file_is_an_error(tmp_path):
 
 def test_the_schema_has_one_entry_per_setting_in_order():
     assert list(SCHEMA) == [field.name for field in fields(Settings)]
+
+
+# -- the pool ---------------------------------------------------------------------------
+
+
+def test_upstreams_name_the_pods_and_upstream_is_a_pool_of_one():
+    assert [(pod.name, pod.url) for pod in Settings().pods] == [("default", "http://127.0.0.1:11434")]
+    settings = load_settings(
+        None,
+        environ={
+            "OLLAMA_PROXY_UPSTREAMS": json.dumps(
+                [
+                    {"name": "big", "url": "http://10.0.0.2:11434/", "weight": 2, "slots": 4},
+                    {
+                        "name": "remote",
+                        "url": "https://p-8000.proxy.runpod.net",
+                        "headers": {"Authorization": "Bearer k"},
+                    },
+                ]
+            )
+        },
+    )
+    big, remote = settings.pods
+    assert (big.name, big.base, big.host, big.weight, big.slots) == (
+        "big",
+        "http://10.0.0.2:11434",
+        "10.0.0.2:11434",
+        2.0,
+        4,
+    )
+    assert (remote.slots, remote.weight, remote.headers) == (None, 1.0, (("Authorization", "Bearer k"),))
+
+
+def test_upstreams_in_the_short_form():
+    settings = load_settings(
+        None, environ={"OLLAMA_PROXY_UPSTREAMS": "a=http://10.0.0.2:11434, b=http://10.0.0.3:11434"}
+    )
+    assert [(pod.name, pod.url) for pod in settings.pods] == [
+        ("a", "http://10.0.0.2:11434"),
+        ("b", "http://10.0.0.3:11434"),
+    ]
+
+
+def test_a_later_sources_pool_replaces_an_earlier_ones(write_settings):
+    path = write_settings({"upstream": "http://10.0.0.5:11434"})  # as the shipped file does
+    pooled = load_settings(path, environ={"OLLAMA_PROXY_UPSTREAMS": "a=http://10.0.0.2:1,b=http://10.0.0.3:1"})
+    assert [pod.name for pod in pooled.pods] == ["a", "b"]
+    single = load_settings(path, environ={"OLLAMA_PROXY_UPSTREAMS": "a=http://x:1"}, flags={"upstream": "http://y:2"})
+    assert [(pod.name, pod.url) for pod in single.pods] == [("default", "http://y:2")]
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        {"file": {"upstream": "http://x:1", "upstreams": [{"name": "a", "url": "http://y:1"}]}},
+        {"environ": {"OLLAMA_PROXY_UPSTREAM": "http://x:1", "OLLAMA_PROXY_UPSTREAMS": "a=http://y:1"}},
+    ],
+)
+def test_upstream_and_upstreams_in_one_source_is_a_settings_error(write_settings, source):
+    path = write_settings(source["file"]) if "file" in source else None
+    with pytest.raises(SettingsError, match="upstream and upstreams: give one"):
+        load_settings(path, environ=source.get("environ", {}))
+
+
+@pytest.mark.parametrize(
+    "upstreams, message",
+    [
+        ([], "upstreams: a list of pods"),
+        ("a", "entry 1: url: an http:// or https:// URL"),
+        ([{"name": "a"}], "entry 1: url: an http:// or https:// URL"),
+        ([{"name": "a b", "url": "http://x:1"}], "entry 1: name: 1 to 64 of"),
+        ([{"name": "a", "url": "http://x:1", "color": "red"}], "entry 1: unknown field 'color'"),
+        ([{"name": "a", "url": "http://x:1", "weight": 0}], "entry 1: weight: a number > 0"),
+        ([{"name": "a", "url": "http://x:1", "slots": 0}], "entry 1: slots: a whole number >= 1"),
+        ([{"name": "a", "url": "http://x:1", "headers": {"Host": "y"}}], "entry 1: headers: an object"),
+        ([{"name": "a", "url": "http://x:1", "headers": {"X-K": "s3cr3t\nb"}}], "entry 1: headers: an object"),
+        (["http://x:1"], "entry 1: an object with name and url"),
+        ([{"name": "a", "url": "http://x:1"}, {"name": "a", "url": "http://y:1"}], "'a' is given twice"),
+    ],
+)
+def test_bad_upstreams_are_named_without_echoing_them(upstreams, message):
+    with pytest.raises(SettingsError) as refused:
+        load_settings(
+            None,
+            environ={"OLLAMA_PROXY_UPSTREAMS": json.dumps(upstreams) if not isinstance(upstreams, str) else upstreams},
+        )
+    assert message in str(refused.value) and "s3cr3t" not in str(refused.value)
+
+
+def test_the_start_up_log_shows_no_pods_headers():
+    from tornado_ollama_proxy.logs import effective_configuration
+
+    settings = load_settings(
+        None,
+        environ={
+            "OLLAMA_PROXY_UPSTREAMS": json.dumps(
+                [{"name": "r", "url": "http://x:1", "headers": {"Authorization": "Bearer k"}}]
+            )
+        },
+    )
+    assert effective_configuration(settings)["upstreams"][0]["headers"] == [("Authorization", "***")]

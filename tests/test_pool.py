@@ -1,0 +1,211 @@
+"""Several pods behind one proxy: generations spread by free slots, loaded model and
+conversation; failures move requests and eject pods; every route works as against one."""
+
+import asyncio
+import itertools
+import json
+
+import ollama
+import pytest
+
+from tornado_ollama_proxy.balancer import PodView, rendezvous
+
+from .helpers import open_raw, read_response, scrape, send_json, split_response, until, value
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def pool_of(started, **common):
+    """The `upstreams` setting for stand-in pods a, b, c…"""
+    return [{"name": "abcdefgh"[n], "url": url, **common} for n, (_, url) in enumerate(started)]
+
+
+async def ready(proxy):
+    """The pool has read every pod's models (as its first look does within seconds)."""
+    await proxy.proxy.pool.refresh_all()
+
+
+def chat(n, **more):
+    """A chat of its own (its opening differs from every other's), not streamed."""
+    return {"model": "llama3.2", "messages": [{"role": "user", "content": f"question {n}"}], "stream": False, **more}
+
+
+def served(started):
+    """How many generations each stand-in pod saw."""
+    return [sum(1 for seen in state.seen if seen.path in ("/api/chat", "/api/generate")) for state, _ in started]
+
+
+# -- spreading generations ------------------------------------------------------------------
+
+
+async def test_thirty_streams_on_three_ten_slot_pods_go_ten_ten_ten(pods, make_proxy, nginx):
+    started = pods(3, slots=10, token_delay=0.2)
+    proxy = make_proxy(upstreams=pool_of(started, slots=10))
+    await ready(proxy)
+    client = ollama.AsyncClient(host=nginx(proxy, as_get=True))  # through the GET-converting front
+
+    async def chat():
+        return [part async for part in await client.chat(model="llama3.2", messages=MESSAGES, stream=True)]
+
+    answers = await asyncio.gather(*(chat() for _ in range(30)))
+    assert all("".join(part.message.content for part in parts) == "tok0 tok1 tok2 " for parts in answers)
+    assert served(started) == [10, 10, 10]
+    assert [state.most_running for state, _ in started] == [10, 10, 10]
+    await client.close()
+
+
+async def test_a_pod_with_the_model_loaded_wins_over_one_that_would_load_it(pods, make_proxy, http):
+    started = pods(2, load_delay=1.0)
+    started[1][0].loaded.add("llama3.2")
+    proxy = make_proxy(upstreams=pool_of(started))
+    await ready(proxy)
+    for _ in range(5):
+        answer = await http.post(proxy + "/api/chat", json={"model": "llama3.2", "messages": MESSAGES, "stream": False})
+        assert answer.headers["x-ollama-upstream"] == "b"
+    assert served(started) == [0, 5]
+
+
+async def test_a_conversation_returns_to_its_pod_while_it_has_room_and_moves_when_full(pods, make_proxy, http):
+    started = pods(3, slots=1)
+    proxy = make_proxy(upstreams=pool_of(started, slots=1))
+    await ready(proxy)
+    conversation = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a fruit."}]
+    turns = []
+    for turn in range(4):
+        messages = (
+            conversation + [{"role": "assistant", "content": "Apple."}, {"role": "user", "content": "Another."}] * turn
+        )
+        answer = await http.post(proxy + "/api/chat", json={"model": "llama3.2", "messages": messages, "stream": False})
+        turns.append(answer.headers["x-ollama-upstream"])
+    assert len(set(turns)) == 1  # the pod that holds its prompt cache
+    home = turns[0]
+    # Another conversation, whose own key hashes to the same pod, fills its one slot.
+    views = [PodView(name, 1.0, 1, 0, 0, True, False) for name in "abc"]
+    session = next(f"s{n}" for n in itertools.count() if rendezvous(views, f"session\0s{n}").name == home)
+    other = {"model": "stall", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    reader, writer = await send_json(proxy, b"POST", b"/api/chat", other, f"X-Ollama-Session: {session}\r\n".encode())
+    status, headers, _ = split_response(await reader.readuntil(b"\r\n\r\n"))
+    assert headers["x-ollama-upstream"] == [home]
+    # The conversation's next turn moves: its pod has no free slot.
+    answer = await http.post(proxy + "/api/chat", json={"model": "llama3.2", "messages": conversation, "stream": False})
+    assert answer.headers["x-ollama-upstream"] != home
+    writer.close()
+
+
+# -- failures -------------------------------------------------------------------------------
+
+
+async def test_a_pod_killed_amid_two_hundred_requests_costs_no_client_an_error(pods, make_proxy, http):
+    started = pods(3, token_delay=0.02)
+    proxy = make_proxy(upstreams=pool_of(started))
+    await ready(proxy)
+    answers = []
+
+    async def batch():
+        return await asyncio.gather(*(http.post(proxy + "/api/chat", json=chat(len(answers) + n)) for n in range(50)))
+
+    answers += await batch()
+    killing = asyncio.ensure_future(started[1].kill())
+    answers += await batch()  # amid it: answers held by the dying pod go to another
+    await killing
+    answers += await batch()
+    answers += await batch()
+    assert [answer.status_code for answer in answers] == [200] * 200
+    assert {answer.headers["x-ollama-upstream"] for answer in answers[150:]} == {"a", "c"}
+    samples = await scrape(http, proxy)
+    assert value(samples, "ollama_proxy_upstream_healthy", upstream="b") == 0
+    assert value(samples, "ollama_proxy_upstream_ejections_total", upstream="b") == 1
+
+
+async def test_a_pod_answering_503_gets_no_work_until_it_recovers(pods, make_proxy, http, log_lines):
+    started = pods(2)
+    busy, _ = started[1]
+    busy.busy = True
+    proxy = make_proxy(upstreams=pool_of(started), pool_eject_seconds=0.5, pool_max_fails=3)
+    await ready(proxy)
+    for n in range(20):
+        answer = await http.post(proxy + "/api/chat", json=chat(n))
+        assert (answer.status_code, answer.headers["x-ollama-upstream"]) == (200, "a")  # moved, never seen as 503
+    assert served(started)[1] == 3  # ejected after three: no more work
+    records = [line for line in log_lines() if line["message"] == "request"]
+    assert sorted((r["upstream"], r["attempts"]) for r in records) == [("a", 1)] * 17 + [("a", 2)] * 3
+    busy.busy = False
+    await asyncio.sleep(0.6)  # the ejection runs out
+    answers = [await http.post(proxy + "/api/chat", json=chat(n)) for n in range(6)]
+    assert {answer.headers["x-ollama-upstream"] for answer in answers} == {"a", "b"}  # back in the pool
+    samples = await scrape(http, proxy)
+    assert value(samples, "ollama_proxy_retries_total", upstream="b", cause="busy") == 3
+
+
+async def test_with_every_pod_down_the_answer_is_a_502_at_once_naming_each(pods, make_proxy, http):
+    started = pods(2)
+    proxy = make_proxy(upstreams=pool_of(started), pool_max_fails=1, pool_eject_seconds=60)
+    await ready(proxy)
+    for pod in started:
+        await pod.kill()
+    first = await http.post(proxy + "/api/chat", json={"model": "llama3.2", "messages": MESSAGES, "stream": False})
+    assert first.status_code == 502
+    answer = await asyncio.wait_for(http.post(proxy + "/api/show", json={"model": "llama3.2"}), 1)
+    assert answer.status_code == 502
+    message = answer.json()["error"]
+    assert message.startswith("no upstream can take the request: 'a': upstream 'a' refused the connection (")
+    assert "; 'b': upstream 'b' refused the connection (" in message
+    health = await http.get(proxy + "/_proxy/health")
+    assert health.status_code == 503 and [pod["state"] for pod in health.json()["upstreams"]] == ["ejected"] * 2
+
+
+async def test_a_model_goes_to_the_pods_that_have_it_and_one_none_has_is_ollamas_404(pods, make_proxy, http):
+    started = pods(2)
+    started[1][0].models.add("only-b")
+    proxy = make_proxy(upstreams=pool_of(started))
+    await ready(proxy)
+    for _ in range(3):
+        answer = await http.post(proxy + "/api/chat", json={"model": "only-b", "messages": MESSAGES, "stream": False})
+        assert (answer.status_code, answer.headers["x-ollama-upstream"]) == (200, "b")
+    def tags_reads():
+        return [sum(1 for seen in state.seen if seen.path == "/api/tags") for state, _ in started]
+
+    before = tags_reads()
+    missing = await http.post(proxy + "/api/chat", json={"model": "nowhere", "messages": MESSAGES, "stream": False})
+    assert (missing.status_code, missing.json()) == (404, {"error": "model 'nowhere' not found"})
+    assert tags_reads() == [reads + 1 for reads in before]  # read once more before saying so
+    # A model pulled onto a pod behind the proxy's back is found by that second look.
+    started[0][0].models.add("new-on-a")
+    found = await http.post(proxy + "/api/chat", json={"model": "new-on-a", "messages": MESSAGES, "stream": False})
+    assert (found.status_code, found.headers["x-ollama-upstream"]) == (200, "a")
+
+
+async def test_a_pod_that_says_not_found_while_another_lists_the_model_sends_it_there(pods, make_proxy, http):
+    started = pods(2)
+    proxy = make_proxy(upstreams=pool_of(started))
+    await ready(proxy)
+    started[0][0].models.discard("llama3.2")  # deleted on a behind the proxy's back
+    for _ in range(4):
+        answer = await http.post(proxy + "/api/generate", json={"model": "llama3.2", "prompt": "x", "stream": False})
+        assert (answer.status_code, answer.headers["x-ollama-upstream"]) == (200, "b")
+    await until(lambda: proxy.proxy.pool.by_name["a"].models.has("llama3.2:latest") is False)  # a's list read again
+
+
+async def test_x_ollama_upstream_names_the_pods_a_request_may_go_to(pods, make_proxy, http):
+    from tornado_ollama_proxy.auth import parse_entries
+
+    started = pods(3)
+    keys = [{"name": "ops", "key": "o" * 43}, {"name": "chat", "key": "c" * 43, "scopes": ["inference"]}]
+    proxy = make_proxy(upstreams=pool_of(started), api_keys=parse_entries(keys))
+    await ready(proxy)
+    ops = {"Authorization": "Bearer " + "o" * 43}
+    for _ in range(3):
+        pinned = await http.post(
+            proxy + "/api/show", json={"model": "llama3.2"}, headers={**ops, "X-Ollama-Upstream": "c"}
+        )
+        assert pinned.headers["x-ollama-upstream"] == "c"
+    assert "X-Ollama-Upstream" not in started[2][0].seen[-1].headers  # the proxy's, not Ollama's
+    unknown = await http.get(proxy + "/api/version", headers={**ops, "X-Ollama-Upstream": "z"})
+    assert (unknown.status_code, unknown.json()["error"]) == (
+        400,
+        "X-Ollama-Upstream: 'z' names no pod of this proxy; they are: all, a, b, c",
+    )
+    forbidden = await http.get(
+        proxy + "/api/version", headers={"Authorization": "Bearer " + "c" * 43, "X-Ollama-Upstream": "a"}
+    )
+    assert forbidden.status_code == 403
