@@ -20,8 +20,8 @@ from tornado.netutil import bind_sockets
 from tornado_ollama_proxy.app import make_app
 from tornado_ollama_proxy.default_plugins import json_logs
 from tornado_ollama_proxy.logs import MalformedInputFilter, RequestIdFilter
-from tornado_ollama_proxy.server import ProxyServer
 from tornado_ollama_proxy.proxy import Proxy
+from tornado_ollama_proxy.server import ProxyServer
 from tornado_ollama_proxy.settings import SCHEMA, Settings
 
 from .fake_ollama import FakeState, make_fake_ollama

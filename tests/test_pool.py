@@ -3,14 +3,12 @@ conversation; failures move requests and eject pods; every route works as agains
 
 import asyncio
 import itertools
-import json
 
 import ollama
-import pytest
 
 from tornado_ollama_proxy.balancer import PodView, rendezvous
 
-from .helpers import open_raw, read_response, scrape, send_json, split_response, until, value
+from .helpers import scrape, send_json, split_response, until, value
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -162,6 +160,7 @@ async def test_a_model_goes_to_the_pods_that_have_it_and_one_none_has_is_ollamas
     for _ in range(3):
         answer = await http.post(proxy + "/api/chat", json={"model": "only-b", "messages": MESSAGES, "stream": False})
         assert (answer.status_code, answer.headers["x-ollama-upstream"]) == (200, "b")
+
     def tags_reads():
         return [sum(1 for seen in state.seen if seen.path == "/api/tags") for state, _ in started]
 
