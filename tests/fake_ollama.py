@@ -415,8 +415,8 @@ class OllamaHandler(OllamaBase):
             {"status": "success"},
         ]
         failing = data.get("model") == "nospace"  # a pull that fails after a while, as a full disk makes it
-        if not failing and self.request.path == "/api/pull":
-            self.state.models.add(data.get("model"))  # what a pull brings
+        if not failing and self.request.path in ("/api/pull", "/api/create"):
+            self.state.models.add(data.get("model"))  # what a pull or a create brings
         if not data.get("stream", True):
             if failing:
                 await asyncio.sleep(self.state.silence)

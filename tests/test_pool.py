@@ -3,12 +3,14 @@ conversation; failures move requests and eject pods; every route works as agains
 
 import asyncio
 import itertools
+import json
 
 import ollama
+import pytest
 
 from tornado_ollama_proxy.balancer import PodView, rendezvous
 
-from .helpers import scrape, send_json, split_response, until, value
+from .helpers import read_response, scrape, send_json, split_response, until, value
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -208,3 +210,120 @@ async def test_x_ollama_upstream_names_the_pods_a_request_may_go_to(pods, make_p
         proxy + "/api/version", headers={"Authorization": "Bearer " + "c" * 43, "X-Ollama-Upstream": "a"}
     )
     assert forbidden.status_code == 403
+
+
+# -- one API: lists merged, management calls to every pod they concern ------------------------
+
+
+async def test_lists_are_every_pods_merged_in_ollamas_schema(pods, make_proxy, nginx):
+    import openai
+
+    started = pods(3)
+    (a, _), (b, _), (c, _) = started
+    a.models.add("only-a")
+    b.digests["llama3.2"], b.modified["llama3.2"] = "newer", "2026-11-30T00:00:00Z"
+    a.loaded.add("llama3.2")
+    c.loaded.add("llama3.2")  # loaded on two pods: listed once
+    a.version, b.version, c.version = "0.32.0", "0.9.10", "0.12.1"
+    proxy = make_proxy(upstreams=pool_of(started))
+    await ready(proxy)
+    front = nginx(proxy, as_get=True)
+    client = ollama.AsyncClient(host=front)
+    listed = (await client.list()).models
+    names = [model.model for model in listed]
+    assert len(names) == len(set(names)) and "only-a" in names and "llama3.2" in names
+    [llama] = [model for model in listed if model.model == "llama3.2"]
+    assert llama.digest == "newer"  # the newest of two digests, which requests go to
+    assert [model.model for model in (await client.ps()).models] == ["llama3.2"]
+    async with openai.AsyncOpenAI(base_url=front + "/v1", api_key="unused") as sdk:
+        ids = [model.id async for model in sdk.models.list()]
+    assert sorted(ids) == sorted(set(ids)) and "only-a" in ids
+    assert (await client._request_raw("GET", "/api/version")).json() == {"version": "0.9.10"}
+    await client.close()
+
+
+async def test_a_pull_shows_one_progress_to_the_end_and_every_pod_then_has_the_model(pods, make_proxy, nginx):
+    started = pods(3)
+    proxy = make_proxy(upstreams=pool_of(started))
+    await ready(proxy)
+    client = ollama.AsyncClient(host=nginx(proxy, as_get=True))
+    parts = [part async for part in await client.pull("newmodel", stream=True)]
+    layer = [part for part in parts if part.digest]
+    assert layer[-1].completed == layer[-1].total == 3 * 10  # one bar, every pod's bytes
+    assert [part.status for part in parts].count("pulling manifest") == 1
+    assert parts[-1].status == "success" and [part.status for part in parts].count("success") == 1
+    assert all("newmodel" in state.models for state, _ in started)
+    await until(lambda: proxy.proxy.pool.owners("newmodel:latest") == {"a": True, "b": True, "c": True})
+    whole = await client.pull("another")  # "stream": false, the client's default
+    assert whole.status == "success" and all("another" in state.models for state, _ in started)
+    await client.close()
+
+
+async def test_a_pull_that_fails_on_one_pod_says_which(pods, make_proxy, http):
+    started = pods(2)
+    proxy = make_proxy(upstreams=pool_of(started))
+    await ready(proxy)
+    await started[1].kill()
+    reader, writer = await send_json(proxy, b"POST", b"/api/pull", {"model": "newmodel"})
+    status, headers, body = await read_response(reader)
+    lines = [json.loads(line) for line in body.splitlines()]
+    assert (status, headers["content-type"]) == (200, ["application/x-ndjson"])
+    assert lines[-1] == {"error": "b: upstream 'b' refused the connection"}
+    whole = await http.post(proxy + "/api/pull", json={"model": "other", "stream": False})
+    assert (whole.status_code, whole.json()) == (502, {"error": "b: upstream 'b' refused the connection"})
+    writer.close()
+
+
+async def test_a_delete_removes_the_model_from_every_pod_that_has_it(pods, make_proxy, nginx):
+    started = pods(3)
+    started[2][0].models.discard("llama3.2")
+    proxy = make_proxy(upstreams=pool_of(started))
+    await ready(proxy)
+    client = ollama.AsyncClient(host=nginx(proxy, as_get=True))
+    assert (await client.delete("llama3.2")).status == "success"
+    assert not any("llama3.2" in state.models for state, _ in started)
+    deletes = [[seen.method for seen in state.seen if seen.path == "/api/delete"] for state, _ in started]
+    assert deletes == [["DELETE"], ["DELETE"], []]  # only where it was
+    with pytest.raises(ollama.ResponseError) as missing:
+        await client.delete("llama3.2")
+    assert (missing.value.status_code, missing.value.error) == (404, "model 'llama3.2' not found")
+    assert (await client.copy("gap", "gap-copy")).status == "success"
+    assert all("gap-copy" in state.models for state, _ in started)
+    await client.close()
+
+
+async def test_a_blob_goes_to_every_pod_and_a_create_then_works_on_each(pods, make_proxy, nginx, tmp_path):
+    started = pods(2)
+    proxy = make_proxy(upstreams=pool_of(started))
+    await ready(proxy)
+    client = ollama.AsyncClient(host=nginx(proxy, as_get=True))
+    content = b"GGUF" + bytes(range(256)) * 4096
+    path = tmp_path / "model.gguf"
+    path.write_bytes(content)
+    digest = await client.create_blob(path)
+    assert all(digest.replace(":", "-") in state.blobs or digest in state.blobs for state, _ in started)
+    assert all(state.blob_received == len(content) for state, _ in started)
+    response = await client.create(model="mine", files={"model.gguf": digest})
+    assert response.status == "success" and all("mine" in state.models for state, _ in started)
+    await client.close()
+
+
+async def test_a_blob_is_there_only_if_every_pod_has_it(pods, make_proxy, http):
+    started = pods(2)
+    digest = "sha256:" + "7" * 64
+    started[0][0].blobs.add(digest)
+    proxy = make_proxy(upstreams=pool_of(started))
+    await ready(proxy)
+    assert (await http.head(proxy + "/api/blobs/" + digest)).status_code == 404
+    started[1][0].blobs.add(digest)
+    assert (await http.head(proxy + "/api/blobs/" + digest)).status_code == 200
+
+
+async def test_show_and_a_models_details_come_from_a_pod_that_has_the_model(pods, make_proxy, http):
+    started = pods(2)
+    started[1][0].models.add("only-b")
+    proxy = make_proxy(upstreams=pool_of(started))
+    await ready(proxy)
+    for _ in range(3):
+        shown = await http.post(proxy + "/api/show", json={"model": "only-b"})
+        assert (shown.status_code, shown.headers["x-ollama-upstream"]) == (200, "b")

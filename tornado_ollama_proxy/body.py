@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import Any
@@ -52,6 +53,7 @@ class BodyPump:
         # gone), and the whole body passed on (or dropped).
         self._writer: asyncio.Future[Write | None] | None = loop.create_future() if self.present else None
         self._passed: asyncio.Future[None] | None = loop.create_future() if self.present else None
+        self._tee: list[asyncio.Future[Write | None]] | None = None  # one write function per upstream
 
     @property
     def present(self) -> bool:
@@ -81,13 +83,19 @@ class BodyPump:
             self.copy.append(piece)
             if record.bytes_in > REQUEST_COPY_LIMIT:
                 self.copy = None  # too large to be read: the route's defaults apply
-        assert self._writer is not None
-        write = await self._writer
-        if write is None:
-            return  # the upstream has gone: the rest is dropped
+        if self._tee is not None:
+            writes = [write for write in [await slot for slot in self._tee] if write is not None]
+        else:
+            assert self._writer is not None
+            write = await self._writer
+            writes = [write] if write is not None else []
+        if not writes:
+            return  # every upstream has gone: the rest is dropped
         self.client_turn = False
-        with suppress(StreamClosedError):  # the fetch reports what happened upstream
-            await write(piece)
+        if len(writes) == 1:
+            await _write(writes[0], piece)
+        else:
+            await asyncio.gather(*(_write(write, piece) for write in writes))  # as fast as the slowest
         self.written += 1
         self.client_turn = not self.received.done()
 
@@ -122,6 +130,26 @@ class BodyPump:
         _resolve(self._writer, write)
         await self._passed
 
+    def tee(self, count: int) -> list[Callable[[Write], Awaitable[None]]]:
+        """Producers for `count` upstreams that each take the whole body; one whose
+        upstream ends is let go (`let_go`) and the others go on."""
+        loop = asyncio.get_running_loop()
+        self._tee = [loop.create_future() for _ in range(count)]
+        return [functools.partial(self._produce_into, slot) for slot in self._tee]
+
+    async def _produce_into(self, slot: asyncio.Future[Write | None], write: Write) -> None:
+        assert self._passed is not None
+        _resolve(slot, write)
+        await self._passed
+
+    def let_go(self, index: int) -> None:
+        """The `index`th upstream of a tee has ended: it takes no more."""
+        assert self._tee is not None
+        _resolve(self._tee[index], None)
+        gone: asyncio.Future[Write | None] = asyncio.get_running_loop().create_future()
+        gone.set_result(None)
+        self._tee[index] = gone
+
     def arrived(self) -> None:
         """The client's whole body is in (or the client left)."""
         self.client_turn = False
@@ -130,11 +158,17 @@ class BodyPump:
             _resolve(self._passed, None)
 
     def stop(self) -> None:
-        """The upstream has gone: what is still to come is dropped."""
+        """The upstream has gone (every one of a tee): what is still to come is dropped."""
         if self._writer is not None:
             assert self._passed is not None
-            _resolve(self._writer, None)
+            for slot in [self._writer, *(self._tee or ())]:
+                _resolve(slot, None)
             _resolve(self._passed, None)
+
+
+async def _write(write: Write, piece: bytes) -> None:
+    with suppress(StreamClosedError):  # the fetch reports what happened upstream
+        await write(piece)
 
 
 def _resolve(future: asyncio.Future[Any], value: Any) -> None:

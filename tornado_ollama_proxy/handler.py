@@ -11,6 +11,7 @@ once when it ends (`proxy.Proxy.account`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import time
@@ -28,6 +29,7 @@ from .body import ALIAS_BODY_LIMIT, SMALL_BODY, BodyPump
 from .clients import client_address, in_networks, is_loopback, parse_address
 from .codings import decodable
 from .errors import Rejection, error_answer
+from .fanout import FanOut, kind_of
 from .framing import LARGEST_BODY, declared_body
 from .headers import upstream_request_headers
 from .idle import Silence
@@ -246,7 +248,9 @@ class ProxyHandler(BaseHandler):
             body.hold(settings.hold_body_max)
         elif route is not None and (route.answer or route.tokens):
             body.keep_copy()  # what it asks for decides the answer's format, and is accounted
-        self.journey = Journey(
+        kind = None if self.proxy.pool.single else kind_of(method, target.partition("?")[0])
+        way = Journey if kind is None else functools.partial(FanOut, kind=kind)
+        self.journey = way(
             self.proxy,
             self,
             self.request.connection,  # type: ignore[arg-type]

@@ -108,7 +108,7 @@ class Proxy:
         `generation` (a route that reports tokens) counts under its model's label."""
         metrics = self.metrics
         metrics.count_request(record)
-        if record.upstream is not None:
+        if record.upstream in self.pool.by_name:  # one pod's name: a request that went to several counts there
             metrics.upstream_requests.labels(record.upstream, record.outcome).inc()
         label = None
         if generation:

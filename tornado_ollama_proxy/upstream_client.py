@@ -176,6 +176,12 @@ class PooledHTTPClient(AsyncHTTPClient):
         if oldest is not None:
             self._sweep = loop.call_at(oldest + IDLE_SECONDS, self._close_expired)
 
+    def drop_idle(self, address: Address) -> None:
+        """Close every idle connection to `address`: one turned out closed by the
+        upstream (it restarted, or died), so the others most likely are too."""
+        for connection in list(self._idle.get(address, ())):
+            connection.close()
+
     def forget(self, connection: UpstreamConnection) -> None:
         """Take a closing connection out of the idle ones, if it is there."""
         connections = self._idle.get(connection.address, [])
@@ -399,6 +405,8 @@ class Exchange:
     def on_eof(self, reset: bool = False) -> None:
         """The upstream closed (`reset`: the connection dropped): end the answer, retry, or fail."""
         connection = self.connection
+        if not self.reader.started and connection is not None and connection.reused:
+            self.client.drop_idle(self.address)
         try:
             if (
                 not self.reader.started
