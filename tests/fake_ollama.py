@@ -24,6 +24,7 @@ import re
 import socket
 import time
 from dataclasses import dataclass, field
+from urllib.parse import unquote
 
 from tornado.iostream import StreamClosedError
 from tornado.web import Application, RequestHandler, stream_request_body
@@ -49,6 +50,7 @@ ROUTES = {
     "/v1/chat/completions": ("POST",),
     "/v1/models": ("GET",),
 }
+V1_MODEL = re.compile(r"/v1/models/(.+)")
 BLOB_PATH = re.compile(r"/api/blobs/(sha256[:-][0-9a-f]{64})")
 JSON = "application/json; charset=utf-8"
 NDJSON = "application/x-ndjson"
@@ -202,6 +204,17 @@ class OllamaHandler(OllamaBase):
 
     def prepare(self):
         path = self.request.path
+        if V1_MODEL.fullmatch(path):
+            self.allowed = ("GET",)
+            super().prepare()
+            if not self._finished:
+                self.state.seen.append(Seen(self.request.method, path, dict(self.request.headers), b""))
+                name = unquote(V1_MODEL.fullmatch(path).group(1))
+                if self.state.resolve(name) is None:
+                    self.json({"error": {"message": f"model '{name}' not found", "type": "api_error"}}, 404)
+                else:
+                    self.json({"id": name, "object": "model", "created": 1, "owned_by": "library"})
+            return
         if path not in ROUTES:
             self.set_status(404)
             self.set_header("Content-Type", "text/plain")

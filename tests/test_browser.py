@@ -147,3 +147,23 @@ async def test_a_browser_chat_app_on_another_origin_streams_through_the_front(se
     dom = await browse(page)
     assert 'id="state">done 200' in dom
     assert re.search(r'<div id="out">(.*?)</div>', dom).group(1) == "tok0 |tok1 |tok2 |tok3 ||"
+
+
+async def test_the_status_page_shows_the_pods_their_state_and_conflicts(pods, make_proxy, browse, http):
+    started = pods(2)
+    started[0][0].loaded.add("llama3.2")
+    started[1][0].digests["llama3.2"] = "other"
+    upstreams = [{"name": "gpu-a", "url": started[0][1], "slots": 4}, {"name": "gpu-b", "url": started[1][1]}]
+    proxy = make_proxy(upstreams=upstreams, pool_max_fails=1, pool_eject_seconds=600)
+    await proxy.proxy.pool.refresh_all()
+    await started[1].kill()
+    await http.get(proxy + "/api/version", headers={"X-Ollama-Upstream": "gpu-b"})  # fails: ejected
+    figures = (await http.get(proxy + "/_proxy/status")).json()
+    assert [(pod["name"], pod["state"]) for pod in figures["upstreams"]] == [("gpu-a", "healthy"), ("gpu-b", "ejected")]
+    assert figures["conflicts"] == {"llama3.2:latest": ["gpu-a", "gpu-b"]}
+    dom = await browse(proxy + "/_proxy/")
+    rows = cells(dom, "pods")
+    assert [row[:2] for row in rows] == [["gpu-a", "healthy"], ["gpu-b", rows[1][1]]]
+    assert rows[1][1].startswith("ejected for ") and rows[0][3] == "0 / 4" and rows[0][4] == "llama3.2:latest"
+    assert "refused the connection" in rows[1][7]
+    assert "different digests under one name, requests go to the newest: llama3.2:latest (gpu-a, gpu-b)" in dom

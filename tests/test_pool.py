@@ -10,6 +10,7 @@ import pytest
 
 from tornado_ollama_proxy.balancer import PodView, rendezvous
 
+from .conftest import RedisServer
 from .helpers import read_response, scrape, send_json, split_response, until, value
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -327,3 +328,59 @@ async def test_show_and_a_models_details_come_from_a_pod_that_has_the_model(pods
     for _ in range(3):
         shown = await http.post(proxy + "/api/show", json={"model": "only-b"})
         assert (shown.status_code, shown.headers["x-ollama-upstream"]) == (200, "b")
+
+
+async def test_a_models_details_come_from_a_pod_that_has_it_and_a_missing_one_is_404(pods, make_proxy, http):
+    started = pods(2)
+    started[1][0].models.add("only-b")
+    proxy = make_proxy(upstreams=pool_of(started))
+    await ready(proxy)
+    for path in ("/v1/models/only-b", "/v1/models/library%2Fonly-b"):
+        detail = await http.get(proxy + path)
+        assert detail.headers["x-ollama-upstream"] == "b"
+    missing = await http.get(proxy + "/v1/models/nowhere")
+    assert (missing.status_code, missing.json()["error"]["message"]) == (404, "model 'nowhere' not found")
+    assert missing.json()["error"]["type"] == "invalid_request_error"  # the OpenAI shape on /v1
+
+
+# -- beyond one proxy -------------------------------------------------------------------------
+
+
+async def test_proxies_sharing_redis_see_each_others_load_on_the_pods(pods, make_proxy, redis_server, http, log_lines):
+    started = pods(2, slots=2)
+    upstreams = pool_of(started, slots=2)
+    one = make_proxy(upstreams=upstreams, rate_limit_storage=redis_server.url)
+    other = make_proxy(upstreams=upstreams, rate_limit_storage=redis_server.url)
+    for proxy in (one, other):
+        await ready(proxy)
+    # Through the first proxy, a conversation keyed to pod a fills a's two slots.
+    views = [PodView(name, 1.0, 2, 0, 0, True, False) for name in "ab"]
+    session = next(f"s{n}" for n in itertools.count() if rendezvous(views, f"session\0s{n}").name == "a")
+    writers = []
+    for _ in range(2):
+        reader, writer = await send_json(
+            one,
+            b"POST",
+            b"/api/chat",
+            {"model": "stall", "messages": MESSAGES},
+            f"X-Ollama-Session: {session}\r\n".encode(),
+        )
+        assert split_response(await reader.readuntil(b"\r\n\r\n"))[1]["x-ollama-upstream"] == ["a"]
+        writers.append(writer)
+    # The second proxy learns of it (within a second) and sends the same conversation to b.
+    await until(lambda: other.proxy.pool.by_name["a"].others_busy == 2)
+    answer = await http.post(
+        other + "/api/chat",
+        json={"model": "llama3.2", "messages": MESSAGES, "stream": False},
+        headers={"X-Ollama-Session": session},
+    )
+    assert answer.headers["x-ollama-upstream"] == "b"
+    for writer in writers:
+        writer.close()
+    await until(lambda: other.proxy.pool.by_name["a"].others_busy == 0)  # and of their end
+    redis_server.stop()  # an outage: each balances on its own counts, and says so once
+    await until(lambda: any(line["message"].startswith("shared load unavailable") for line in log_lines()))
+    assert other.proxy.pool.by_name["a"].others_busy == 0
+    back = RedisServer(port=redis_server.port)
+    await until(lambda: any(line["message"] == "shared load available again" for line in log_lines()))
+    back.stop()

@@ -261,7 +261,9 @@ class ProxyHandler(BaseHandler):
             started=self.started,
         )
         try:
-            self.journey.go(Plan(method, target, headers, targets))
+            self.journey.go(
+                Plan(method, target, headers, targets, unquote(params["model"]) if "model" in params else None)
+            )
         except Rejection as rejection:  # no pod can take it
             self.answer_early(self._answer, rejection)
 
@@ -561,7 +563,13 @@ class StatusHandler(OwnEndpointHandler):
         rows = sorted((h.status_row() for h in proxy.exchanges), key=lambda row: -row["age_s"])
         if not private:
             rows = [{**row, "client": None} for row in rows]
-        status = {**proxy.board.snapshot(), "upstream": upstream, "in_flight": rows}
+        status = {
+            **proxy.board.snapshot(),
+            "upstream": upstream,
+            "upstreams": proxy.pool.snapshot(),
+            "conflicts": proxy.pool.conflicts(),
+            "in_flight": rows,
+        }
         self.set_header("Content-Type", JSON_TYPE)
         self.set_header("Cache-Control", "no-store")
         self.finish(json.dumps(status))

@@ -55,6 +55,7 @@ class Plan:
     target: str
     headers: HTTPHeaders
     targets: list[str] | None = None
+    model: str | None = None  # the model its path names (/v1/models/{model}), decoded
 
 
 class Journey:
@@ -100,7 +101,7 @@ class Journey:
         self.plan = plan
         self.relay = self._relay(plan)
         self.pool.budget.request(int(time.monotonic()))
-        if self.body.held is None:
+        if self.body.held is None and plan.model is None:
             member = self.pool.pick(self.pool.choose(Wanted(), plan.targets))
             if member is None:
                 raise self.pool.unavailable()
@@ -190,8 +191,8 @@ class Journey:
             self.record.outcome = self.record.outcome or "ok"
 
     async def settle(self) -> None:
-        """With the client's whole body in: choose the pod (a held body names its model),
-        and wait for the answer's end; send the request again while it may; then end it."""
+        """With the client's whole body in: choose the pod (a held body, or the path, names
+        its model), and wait for the answer's end; send the request again while it may; then end it."""
         if self.attempt is None and not await self._first():
             return
         while True:
@@ -261,7 +262,8 @@ class Journey:
         pod lists makes the pool read its pods' lists once more first."""
         assert self.plan is not None
         info = self.body.info()
-        model = canonical(info.model) if info.model is not None else None
+        named = info.model or self.plan.model
+        model = canonical(named) if named is not None else None
         session = self.plan.headers.get(SESSION_HEADER)
         wanted = Wanted(model, affinity_key(session, self.record.key, model, info.opening))
         members = self.pool.choose(wanted, self.plan.targets, avoid)
@@ -272,10 +274,11 @@ class Journey:
 
     def _nowhere(self) -> Rejection:
         """Why no pod takes the request: its model is on none (as Ollama says it), or none is up."""
-        info = self.body.info()
-        model = canonical(info.model) if info.model is not None else None
+        assert self.plan is not None
+        named = self.body.info().model or self.plan.model
+        model = canonical(named) if named is not None else None
         if model is not None and self.pool.lists_nowhere(model):
-            return Rejection(404, f"model '{info.model}' not found")
+            return Rejection(404, f"model '{named}' not found")
         return self.pool.unavailable()
 
     # -- endings ---------------------------------------------------------------------
@@ -393,6 +396,7 @@ class Journey:
             "model": model,
             "client": record.client,
             "key": record.key,
+            "upstream": record.upstream,
             "age_s": round(time.monotonic() - self.started, 1),
             "bytes_in": record.bytes_in,
             "bytes_out": record.bytes_out,

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from tornado.httpclient import HTTPResponse
 from tornado.httputil import HTTPHeaders
@@ -26,6 +27,7 @@ from .outlier import EJECTED, HEALTHY, PodHealth
 from .registry import PodModels, parse_models, parse_version
 from .retry import RetryBudget
 from .settings import Settings
+from .shared_load import SharedLoad
 from .upstream import Pod
 from .upstream_client import AbortableRequest, AnswerTimeout, PooledHTTPClient
 
@@ -44,12 +46,15 @@ class Member:
         self.models = PodModels()
         self.in_flight = 0  # this process's requests there
         self.busy = 0  # this process's generations there (against its slots)
+        self.others_in_flight = 0  # other processes' (shared_load: a second old at most)
+        self.others_busy = 0
         self.refreshing: asyncio.Task[None] | None = None
 
     def view(self, wanted: Wanted, has_model: bool | None) -> PodView:
         pod = self.pod
         loaded = wanted.model is not None and self.models.is_loaded(wanted.model)
-        return PodView(pod.name, pod.weight, pod.slots, self.busy, self.in_flight, has_model, loaded)
+        busy, in_flight = self.busy + self.others_busy, self.in_flight + self.others_in_flight
+        return PodView(pod.name, pod.weight, pod.slots, busy, in_flight, has_model, loaded)
 
 
 class Pool:
@@ -68,6 +73,7 @@ class Pool:
             metrics.upstream_healthy.labels(member.pod.name).set(1)
         self._client: PooledHTTPClient | None = None
         self._watching: asyncio.Task[None] | None = None
+        self._sharing: asyncio.Task[None] | None = None
 
     @property
     def pods(self) -> list[Pod]:
@@ -87,8 +93,9 @@ class Pool:
         return self.client.start(request)
 
     def close(self) -> None:
-        if self._watching is not None:
-            self._watching.cancel()
+        for task in (self._watching, self._sharing):
+            if task is not None:
+                task.cancel()
         for member in self.members:
             if member.refreshing is not None:
                 member.refreshing.cancel()
@@ -199,9 +206,14 @@ class Pool:
 
     def start(self) -> None:
         """With several pods, watch them: a probe (and `/api/ps`) every pool_health_seconds,
-        `/api/tags` every 30 s."""
-        if not self.single and self._watching is None:
-            self._watching = asyncio.ensure_future(self._watch())
+        `/api/tags` every 30 s; and with Redis as the storage, share the load with every
+        other process that uses it."""
+        if self.single or self._watching is not None:
+            return
+        self._watching = asyncio.ensure_future(self._watch())
+        storage = self.settings.rate_limit_storage
+        if urlsplit(storage).scheme in ("redis", "rediss"):
+            self._sharing = asyncio.ensure_future(SharedLoad(storage, self).run())
 
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -276,8 +288,8 @@ class Pool:
                     "name": pod.name,
                     "state": health.state,
                     "until_s": round(health.ejected_until - now, 1) if health.state == EJECTED else None,
-                    "in_flight": member.in_flight,
-                    "busy": member.busy,
+                    "in_flight": member.in_flight + member.others_in_flight,
+                    "busy": member.busy + member.others_busy,
                     "slots": pod.slots,
                     "loaded": sorted(member.models.loaded),
                     "models": None if member.models.listed is None else len(member.models.listed),
