@@ -333,6 +333,7 @@ class OllamaHandler(OllamaBase):
         if data is None or not await self.model_or_404(data):
             return
         if self.state.busy:
+            await asyncio.sleep(self.state.silence)  # a busy pod may be slow to say so, too
             self.error(503, "server busy, please try again.  maximum pending requests exceeded")
             return
         async with self.working(data["model"]):

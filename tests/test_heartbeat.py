@@ -9,7 +9,7 @@ import ollama
 import openai
 import pytest
 
-from tornado_ollama_proxy.heartbeat import may_beat
+from tornado_ollama_proxy.heartbeat import may_beat, strip_beats, told_error
 
 from .fake_ollama import NO_SPACE
 from .helpers import (
@@ -541,3 +541,37 @@ async def test_no_head_of_the_proxys_own_while_an_event_streams_format_is_unknow
     events = [event for event in answer.split(b"\n\n") if event.startswith(b"data: {")]
     assert json.loads(events[0][len(b"data: ") :])["choices"][0]["delta"]["content"] == "Hel"
     writer.close()
+
+
+@pytest.mark.parametrize(
+    "data, content, pending",
+    [
+        (b"   ", b"", b""),
+        (b'  {"a": 1}\n', b'{"a": 1}\n', b""),
+        (b": heartbeat\n\n: heartbeat\n\ndata: x\n\n", b"data: x\n\n", b""),
+        (b": heartbeat\n\n: heart", b"", b": heart"),
+        (b"\n\n  \r\n", b"", b""),
+    ],
+)
+def test_what_follows_another_proxys_heartbeats(data, content, pending):
+    assert strip_beats(data) == (content, pending)
+
+
+@pytest.mark.parametrize(
+    "content, told",
+    [
+        (b'{"error": "server busy, please try again."}\n', (503, "server busy, please try again.")),
+        (b'{"error": "model \'x\' not found"}\n', (404, "model 'x' not found")),
+        (b'{"error": "upstream \'a\' refused the connection"}\n', (502, "upstream 'a' refused the connection")),
+        (
+            b'data: {"error": {"message": "slow down", "type": "invalid_request_error", "code": 429}}\n\n',
+            (429, "slow down"),
+        ),
+        (b'data: {"error": {"message": "it is busy", "code": 9999}}\n\n', (503, "it is busy")),
+        (b'{"model": "m", "response": "hi"}\n', None),
+        (b'{"error": 5}\n', None),
+        (b"data: [DONE]\n\n", None),
+    ],
+)
+def test_an_error_told_where_content_begins(content, told):
+    assert told_error(content) == told

@@ -384,3 +384,43 @@ async def test_proxies_sharing_redis_see_each_others_load_on_the_pods(pods, make
     back = RedisServer(port=redis_server.port)
     await until(lambda: any(line["message"] == "shared load available again" for line in log_lines()))
     back.stop()
+
+
+# -- a pod that is this proxy too -------------------------------------------------------------
+
+
+async def remote_pool(pods, make_proxy, inner_state_knobs):
+    """A pod behind another instance of this proxy (which heartbeats while its own pod is
+    silent), and a plain pod b; the outer proxy's session key that prefers the remote."""
+    [inner_pod, pod_b] = pods(2)
+    for name, knob in inner_state_knobs.items():
+        setattr(inner_pod.state, name, knob)
+    remote = make_proxy(upstream=inner_pod.url, heartbeat_seconds=0.2)
+    outer = make_proxy(upstreams=[{"name": "remote", "url": remote}, {"name": "b", "url": pod_b.url}])
+    await ready(outer)
+    views = [PodView(name, 1.0, None, 0, 0, True, False) for name in ("remote", "b")]
+    session = next(f"s{n}" for n in itertools.count() if rendezvous(views, f"session\0s{n}").name == "remote")
+    return outer, session, inner_pod, pod_b
+
+
+async def test_a_remote_proxys_heartbeats_are_not_content_and_its_in_band_busy_moves_the_request(
+    pods, make_proxy, http, log_lines
+):
+    outer, session, inner_pod, pod_b = await remote_pool(pods, make_proxy, {"busy": True, "silence": 1.0})
+    answer = await http.post(outer + "/api/chat", json=chat(1), headers={"X-Ollama-Session": session})
+    assert (answer.status_code, answer.headers["x-ollama-upstream"]) == (200, "b")
+    assert answer.json()["message"]["content"] == "tok0 tok1 tok2 "
+    moved = [line for line in log_lines() if line["message"] == "request" and line["attempts"] == 2]
+    assert [(record["upstream"], record["status"]) for record in moved] == [("b", 200)]
+    assert outer.proxy.pool.by_name["remote"].health.last_failure.reason == "answered 503"  # its in-band status
+
+
+async def test_content_after_a_remote_proxys_heartbeats_comes_without_them(pods, make_proxy, http):
+    outer, session, inner_pod, pod_b = await remote_pool(pods, make_proxy, {"silence": 1.0})
+    answer = await http.post(
+        outer + "/api/chat", json={**chat(1), "model": "slow"}, headers={"X-Ollama-Session": session}
+    )
+    assert (answer.status_code, answer.headers["x-ollama-upstream"]) == (200, "remote")
+    assert answer.headers["x-ollama-proxy-heartbeat"] == "1"  # its head was the remote proxy's own
+    assert answer.content.startswith(b"{")  # the remote's heartbeats were not content
+    assert answer.json()["done"] is True

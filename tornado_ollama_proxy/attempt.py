@@ -11,7 +11,7 @@ from tornado.httputil import HTTPHeaders
 
 from .errors import Rejection, error_message
 from .framing import Head
-from .heartbeat import ERROR_BODY_LIMIT
+from .heartbeat import ERROR_BODY_LIMIT, HEARTBEAT_HEADER, strip_beats, told_error
 from .retry import Cause
 from .upstream import Abandoned
 
@@ -63,6 +63,11 @@ class Attempt:
         self.held: list[bytes] | None = None  # the body of a held answer
         self.held_size = 0
         self.received = 0  # its head and pieces, held or not: the pod's activity
+        # A pod that is this proxy too says a head is its own heartbeat's: its first bytes
+        # may be heartbeats (not content), and an error it then tells counts as its status.
+        self.beating = False
+        self.beats = b""  # an unfinished heartbeat line
+        self.told: tuple[int, str] | None = None  # such an error: its status and message
         self.request = member.pod.request(
             method,
             target,
@@ -79,19 +84,37 @@ class Attempt:
     def _on_head(self, head: Head) -> None:
         self.head = head
         self.received += 1
-        if self.hold(head):
+        self.beating = any(name.lower() == HEARTBEAT_HEADER.lower() for name, _ in head.headers)
+        if self.beating or self.hold(head):
             self.held = []
         else:
             self.relay_head(head)
 
     def _on_piece(self, data: bytes) -> Awaitable[None] | None:
         self.received += 1
+        if self.beating:
+            data, self.beats = strip_beats(self.beats + data)
+            if not data:
+                return None
+            self.beating = False
+            self.told = told_error(data)
+            if self.told is None:  # content: the answer is the client's
+                assert self.head is not None
+                self.held = None
+                self.relay_head(self.head)
         if self.held is None:
             return self.relay_piece(data)
         if self.held_size < ERROR_BODY_LIMIT:
             self.held.append(data)
             self.held_size += len(data)
         return None
+
+    @property
+    def status(self) -> int | None:
+        """The answer's status: its head's, or the one an error told in-band stands for."""
+        if self.told is not None:
+            return self.told[0]
+        return None if self.head is None else self.head.code
 
     def release(self) -> None:
         """Send a held answer on to the client after all."""
@@ -129,13 +152,13 @@ class Attempt:
 
     def _answered(self) -> Failure | None:
         """A held answer that is worth another pod: "server busy", or "model not found"."""
-        head = self.head
-        if self.held is None or head is None:
+        status = self.status
+        if self.held is None or status is None:
             return None
-        message = error_message(b"".join(self.held), head.code)
-        if head.code == 503:
+        message = self.told[1] if self.told is not None else error_message(b"".join(self.held), status)
+        if status == 503:
             return Failure("busy", Rejection(503, message), Cause.BUSY)
-        if head.code == 404 and "not found" in message:
+        if status == 404 and "not found" in message:
             return Failure("not_found", Rejection(404, message), Cause.NOT_FOUND)
         return None
 
@@ -147,6 +170,6 @@ class Attempt:
         failure = None
         if error is not None and not isinstance(error, Abandoned):
             failure = self.member.pod.failure(error)[1].message
-        elif self.head is not None and self.head.code in SICK_STATUSES:
-            failure = f"answered {self.head.code}"
+        elif self.status in SICK_STATUSES:
+            failure = f"answered {self.status}"
         self.pool.report(self.member, failure, learned=not isinstance(error, Abandoned))

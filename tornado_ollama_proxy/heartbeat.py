@@ -12,6 +12,8 @@ the client is reading.
 
 from __future__ import annotations
 
+from .peer_json import json_object
+
 # What a heartbeat is, per answer format.
 BEATS = {"json": b" ", "ndjson": b" ", "sse": b": heartbeat\n\n"}
 CONTENT_TYPES = {"json": "application/json", "ndjson": "application/x-ndjson", "sse": "text/event-stream"}
@@ -29,3 +31,39 @@ def may_beat(answer_format: str, body_started: bool, tail: bytes) -> bool:
     if answer_format == "sse":
         return tail.endswith(b"\n\n")
     return False  # a JSON document has begun
+
+
+# -- an answer another instance of this proxy started with heartbeats -------------------------
+
+
+def strip_beats(data: bytes) -> tuple[bytes, bytes]:
+    """What follows the heartbeats at the start of `data` (spaces and newlines, SSE comment
+    lines), and an unfinished comment line to wait for: (content, pending)."""
+    while True:
+        data = data.lstrip(b" \r\n")
+        if not data.startswith(b":"):
+            return data, b""
+        end = data.find(b"\n")
+        if end < 0:
+            return b"", data
+        data = data[end + 1 :]
+
+
+def told_error(content: bytes) -> tuple[int, str] | None:
+    """An error told in-band where the content should begin (a line `{"error": …}`, or an
+    event `data: {"error": …}`): the status it stands for, and its message; None for
+    content. The status is OpenAI's `code` when it has one, else what its message says:
+    busy is 503, not found 404, anything else 502 (the pod failed)."""
+    line = content.split(b"\n", 1)[0].strip()
+    data = json_object(line.removeprefix(b"data:"))
+    error = data.get("error") if data is not None else None
+    if isinstance(error, dict):
+        code, message = error.get("code"), str(error.get("message", ""))
+        if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600:
+            return code, message
+    elif isinstance(error, str):
+        message = error
+    else:
+        return None
+    lowered = message.lower()
+    return (503 if "busy" in lowered else 404 if "not found" in lowered else 502), message
