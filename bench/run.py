@@ -5,7 +5,8 @@
 Every scenario runs against the three targets in the same invocation,
 interleaved (the order rotates each repeat), and prints medians and the
 proxy/nginx ratio. CPU is read from each server process's own accounting
-(/proc/<pid>/stat), steadier than wall time on a shared 2-core machine.
+(/proc/<pid>/stat), steadier than wall time on a shared 2-core machine; the
+load that other processes put on the machine meanwhile is printed too.
 Scenario 6 drives one and two workers with wrk, a load generator in C, and
 counts the requests each worker served. Nothing is asserted: figures are printed.
 """
@@ -49,6 +50,27 @@ def memory_kib(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise KeyError(field)
+
+
+def machine_cpu() -> float:
+    """CPU seconds all the cores have been busy since boot (/proc/stat), stolen time included."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+        int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    )
+    return (user + nice + system + irq + softirq + steal) / TICK
+
+
+def own_cpu(pids: list[int]) -> float:
+    """CPU seconds of the servers `pids`, of this process and of its finished children (wrk)."""
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(cpu_seconds(pid) for pid in pids) + sum(use.ru_utime + use.ru_stime for use in usage)
+
+
+def outside(own: list[int]):
+    """A watch on the load from outside the benchmark (whose servers are `own`): the machine is
+    shared. Called, it gives the cores that other processes kept busy since it was made."""
+    machine, mine, started = machine_cpu(), own_cpu(own), time.monotonic()
+    return lambda: (machine_cpu() - machine - (own_cpu(own) - mine)) / (time.monotonic() - started)
 
 
 class Target:
@@ -352,20 +374,6 @@ def served(workers: list[int], metrics: str) -> list[float]:
     ]
 
 
-def machine_cpu() -> float:
-    """CPU seconds all the cores have been busy since boot (/proc/stat), stolen time included."""
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(
-        int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
-    )
-    return (user + nice + system + irq + softirq + steal) / TICK
-
-
-def own_cpu(pids: list[int]) -> float:
-    """CPU seconds of the servers `pids`, of this process and of its finished children (wrk)."""
-    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    return sum(cpu_seconds(pid) for pid in pids) + sum(use.ru_utime + use.ru_stime for use in usage)
-
-
 QUIET = 0.1  # cores of other load under which a wrk pair counts as measured on a quiet machine
 
 
@@ -380,12 +388,10 @@ def wrk_run(
 ) -> WrkRun:
     """wrk on `port`, the share of its requests each of `workers` served, and the load from
     outside the benchmark (whose servers are `own`) meanwhile: the machine is shared."""
-    machine, mine, before = machine_cpu(), own_cpu(own), served(workers, metrics)
-    started = time.monotonic()
+    others, before = outside(own), served(workers, metrics)
     rate = wrk(port, seconds, connections)
-    others = (machine_cpu() - machine - (own_cpu(own) - mine)) / (time.monotonic() - started)
     counts = [later - earlier for earlier, later in zip(before, served(workers, metrics), strict=True)]
-    return WrkRun(rate, " / ".join(f"{count / sum(counts):.0%}" for count in counts), others)
+    return WrkRun(rate, " / ".join(f"{count / sum(counts):.0%}" for count in counts), others())
 
 
 async def scenario_workers(seconds: float, pairs: int) -> None:
@@ -468,7 +474,8 @@ async def main() -> None:
     try:
         await wait_for_port(nginx_port)
         await wait_for_port(proxy_port)
-        await wait_for_workers(workers_port, 2)
+        worker_pids = await wait_for_workers(workers_port, 2)
+        own = [upstream.pid, floor.pid, nginx_worker(nginx), proxy.pid, *worker_pids]
         targets = [
             Target("direct", upstream_port, upstream.pid, corrects=False),
             Target("nginx", nginx_port, nginx_worker(nginx), corrects=True),
@@ -483,29 +490,52 @@ async def main() -> None:
             processes.append(node := start_node_original(node_port, upstream_port))
             await wait_for_port(node_port)
             small_targets.append(Target("node original", node_port, node.pid, corrects=True))
+            own.append(node.pid)
+
+        async def compare(title: str, targets: list[Target], repeats: int, run) -> None:
+            others = outside(own)
+            table(title, await interleaved(targets, repeats, run))
+            print(f"\nOther load meanwhile: {others():.2f} cores.")
+
         print(
             f"# tornado-ollama-proxy benchmarks ({os.cpu_count()} cores, {'quick' if args.quick else 'full'} run, "
             f"medians of {args.repeats}; direct CPU is the stand-in upstream's own)"
         )
         for streams in (1, 100, 500) if "1" in only else ():
-            results = await interleaved(
-                with_workers, args.repeats, lambda t, s=streams: scenario_streams(t, s, seconds)
+            await compare(
+                f"1. token streams: {streams} x 50 chunks/s",
+                with_workers,
+                args.repeats,
+                lambda t, s=streams: scenario_streams(t, s, seconds),
             )
-            table(f"1. token streams: {streams} x 50 chunks/s", results)
         for path, method in (("/api/tags", "GET"), ("/api/show", "POST")) if "2" in only else ():
-            results = await interleaved(
-                small_targets, args.repeats, lambda t, p=path, m=method: scenario_small(t, p, m, seconds)
+            await compare(
+                f"2. small requests: {path} ({method} upstream), 50 connections",
+                small_targets,
+                args.repeats,
+                lambda t, p=path, m=method: scenario_small(t, p, m, seconds),
             )
-            table(f"2. small requests: {path} ({method} upstream), 50 connections", results)
         if "3" in only:
-            results = await interleaved(targets, args.repeats, lambda t: scenario_upload(t, bulk))
-            table(f"3a. bulk upload of {bulk >> 20} MiB to /api/blobs", results)
-            results = await interleaved(targets, args.repeats, lambda t: scenario_download(t, bulk))
-            table(f"3b. bulk streamed download of {bulk >> 20} MiB", results)
+            await compare(
+                f"3a. bulk upload of {bulk >> 20} MiB to /api/blobs",
+                targets,
+                args.repeats,
+                lambda t: scenario_upload(t, bulk),
+            )
+            await compare(
+                f"3b. bulk streamed download of {bulk >> 20} MiB",
+                targets,
+                args.repeats,
+                lambda t: scenario_download(t, bulk),
+            )
             print(f"\nproxy peak RSS after bulk transfers: {memory_kib(proxy.pid, 'VmHWM') / 1024:.1f} MB")
         if "4" in only:
-            results = await interleaved(targets[1:], 1, lambda t: scenario_idle(t, 1000))
-            table("4. 1,000 idle streams (one chunk per second): server RSS", results)
+            await compare(
+                "4. 1,000 idle streams (one chunk per second): server RSS",
+                targets[1:],
+                1,
+                lambda t: scenario_idle(t, 1000),
+            )
         if "5" in only:
             times = [await startup_seconds(upstream_port) for _ in range(args.repeats)]
             print(f"\n## 5. start-up to first answered request\n\nproxy: median {statistics.median(times):.3f} s")
