@@ -1,18 +1,23 @@
 """Benchmarks: the proxy against a direct connection (the limit) and nginx doing the same job.
 
-    python bench/run.py [--quick] [--repeats N] [--only 1,2,...]
+    python bench/run.py [--quick] [--repeats N] [--only 1,2,...] [--baseline REV]
 
 Every scenario runs against the three targets in the same invocation,
 interleaved (the order rotates each repeat), and prints medians and the
 proxy/nginx ratio. CPU is read from each server process's own accounting
 (/proc/<pid>/stat), steadier than wall time on a shared 2-core machine; the
 load that other processes put on the machine meanwhile is printed too.
+With --baseline, scenarios 1 and 2 also run the proxy as it was at REV
+(checked out into a temporary git worktree) and print proxy/baseline ratios,
+repeat by repeat: their median and range.
 Scenario 6 drives one and two workers with wrk, a load generator in C, and
-counts the requests each worker served. Nothing is asserted: figures are printed.
+counts the requests each worker served.
+Nothing is asserted: figures are printed.
 """
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -126,22 +131,67 @@ def nginx_worker(master: subprocess.Popen) -> int:
     return children(master.pid)[0]
 
 
-def start_proxy(port: int, upstream_port: int, extra_env: dict | None = None) -> subprocess.Popen:
-    env = {
+def upstream(port: int) -> dict[str, str]:
+    """One pod, as every version of the proxy is told it."""
+    return {"OLLAMA_PROXY_UPSTREAM": f"http://127.0.0.1:{port}"}
+
+
+def proxy_env(settings: dict[str, str], source: Path | None) -> dict[str, str]:
+    """The proxy's environment: `settings` on loopback, nothing written to the home folder (a
+    generated key would be), and its package from `source` when given, else the installed one."""
+    return {
         **os.environ,
         "OLLAMA_PROXY_HOST": "127.0.0.1",
-        "OLLAMA_PROXY_PORT": str(port),
-        "OLLAMA_PROXY_UPSTREAM": f"http://127.0.0.1:{upstream_port}",
         "OLLAMA_PROXY_PLUGINS_DIR": tempfile.mkdtemp(),
-        **(extra_env or {}),
+        "XDG_STATE_HOME": tempfile.mkdtemp(),
+        **({"PYTHONPATH": str(source)} if source else {}),
+        **settings,
     }
+
+
+def start_proxy(port: int, settings: dict[str, str], source: Path | None = None) -> subprocess.Popen:
+    # From a folder of its own, where no other tornado_ollama_proxy shadows the one meant.
     return subprocess.Popen(
         [sys.executable, "-m", "tornado_ollama_proxy"],
-        env=env,
+        env=proxy_env({"OLLAMA_PROXY_PORT": str(port), **settings}, source),
         cwd=tempfile.mkdtemp(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+def imported(source: Path | None) -> Path:
+    """The package `start_proxy` runs with `source`: imported by the same interpreter, from the
+    same kind of folder, with the same environment."""
+    result = subprocess.run(
+        [sys.executable, "-c", "import tornado_ollama_proxy as p; print(p.__file__)"],
+        env=proxy_env({}, source),
+        cwd=tempfile.mkdtemp(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return Path(result.stdout.strip()).parent
+
+
+@contextlib.contextmanager
+def worktree(revision: str | None):
+    """`revision` of this repository checked out in a temporary git worktree, removed at
+    the end (None without a revision)."""
+    if revision is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory() as parent:
+        folder = Path(parent) / "baseline"
+        git("worktree", "add", "--detach", "--quiet", str(folder), revision)
+        try:
+            yield folder
+        finally:
+            git("worktree", "remove", "--force", str(folder))
+
+
+def git(*args: str, cwd: Path = HERE.parent) -> str:
+    return subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def start_node_original(port: int, upstream_port: int) -> subprocess.Popen:
@@ -318,6 +368,18 @@ def table(title: str, results: dict[str, list[dict]]) -> None:
     for name in (name for name in medians if name.startswith("proxy") and "nginx" in medians):
         ratios = [medians[name][m] / medians["nginx"][m] if medians["nginx"][m] else float("nan") for m in metrics]
         print(f"| {name} / nginx | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
+    if "baseline" in results:
+        # Repeat by repeat: single runs on a shared machine differ more than the changes worth seeing.
+        pairs = list(zip(results["proxy"], results["baseline"], strict=True))
+        cells = (spread([run[m] / base[m] for run, base in pairs if base[m]]) for m in metrics)
+        print("| proxy / baseline, each run's: median (min to max) | " + " | ".join(cells) + " |")
+
+
+def spread(ratios: list[float]) -> str:
+    """The median of `ratios` and their range."""
+    if not ratios:
+        return "-"
+    return f"{statistics.median(ratios):.3f}x ({min(ratios):.3f} to {max(ratios):.3f})"
 
 
 async def interleaved(targets: list[Target], repeats: int, run) -> dict[str, list[dict]]:
@@ -332,7 +394,7 @@ async def interleaved(targets: list[Target], repeats: int, run) -> dict[str, lis
 async def startup_seconds(upstream_port: int) -> float:
     port = free_port()
     started = time.monotonic()
-    process = start_proxy(port, upstream_port)
+    process = start_proxy(port, upstream(upstream_port))
     await wait_for_port(port)
     await request(port, b"GET", "/api/tags")
     elapsed = time.monotonic() - started
@@ -400,8 +462,10 @@ async def scenario_workers(seconds: float, pairs: int) -> None:
     constant_port, one_port, two_port, front_port = (free_port() for _ in range(4))
     metrics = tempfile.mkdtemp()
     constant = start_nginx("constant.conf", PORT=constant_port)
-    one = start_proxy(one_port, constant_port)
-    two = start_proxy(two_port, constant_port, {"OLLAMA_PROXY_WORKERS": "2", "PROMETHEUS_MULTIPROC_DIR": metrics})
+    one = start_proxy(one_port, upstream(constant_port))
+    two = start_proxy(
+        two_port, {**upstream(constant_port), "OLLAMA_PROXY_WORKERS": "2", "PROMETHEUS_MULTIPROC_DIR": metrics}
+    )
     front = start_nginx("nginx.conf", PORT=front_port, UPSTREAM=f"127.0.0.1:{two_port}", KEEPALIVE=16)
     try:
         for port in (constant_port, one_port, front_port):
@@ -453,9 +517,21 @@ async def scenario_workers(seconds: float, pairs: int) -> None:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter runs, smaller bulk transfers")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per target, wrk pairs (at least 3)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs per target, wrk pairs (at least 3; 5 or more with --baseline)"
+    )
     parser.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated scenario numbers to run (default: all)")
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="a git revision of this repository to run too, as the target 'baseline', in scenarios 1 and 2",
+    )
     args = parser.parse_args()
+    with worktree(args.baseline) as source:
+        await suite(args, source)
+
+
+async def suite(args: argparse.Namespace, source: Path | None) -> None:
     only = set(args.only.split(","))
     seconds = 2.0 if args.quick else 5.0
     bulk = (256 if args.quick else 1024) * 1024 * 1024
@@ -463,28 +539,42 @@ async def main() -> None:
     missing = [command for command in needed if shutil.which(command) is None]
     if missing:
         sys.exit(f"bench needs {', '.join(missing)} (Debian packages of those names)")
-    upstream_port, nginx_port, proxy_port, workers_port, floor_port, node_port = (free_port() for _ in range(6))
+    print(f"proxy: the package in {imported(None)}")
+    if source:
+        package = imported(source)
+        assert package.is_relative_to(source), package  # else the baseline would be the proxy itself
+        print(
+            f"baseline: {args.baseline} ({git('rev-parse', '--short', 'HEAD', cwd=source)}), the package in {package}"
+        )
+    upstream_port, nginx_port, proxy_port, workers_port, floor_port, node_port, baseline_port = (
+        free_port() for _ in range(7)
+    )
     processes = [
-        upstream := start_server("upstream.py", upstream_port),
+        upstream_process := start_server("upstream.py", upstream_port),
         floor := start_server("floor.py", floor_port),
         nginx := start_nginx("nginx.conf", PORT=nginx_port, UPSTREAM=f"127.0.0.1:{upstream_port}", KEEPALIVE=64),
-        proxy := start_proxy(proxy_port, upstream_port),
-        workers := start_proxy(workers_port, upstream_port, {"OLLAMA_PROXY_WORKERS": "2"}),
+        proxy := start_proxy(proxy_port, upstream(upstream_port)),
+        workers := start_proxy(workers_port, {**upstream(upstream_port), "OLLAMA_PROXY_WORKERS": "2"}),
     ]
     try:
         await wait_for_port(nginx_port)
         await wait_for_port(proxy_port)
         worker_pids = await wait_for_workers(workers_port, 2)
-        own = [upstream.pid, floor.pid, nginx_worker(nginx), proxy.pid, *worker_pids]
+        own = [upstream_process.pid, floor.pid, nginx_worker(nginx), proxy.pid, *worker_pids]
         targets = [
-            Target("direct", upstream_port, upstream.pid, corrects=False),
+            Target("direct", upstream_port, upstream_process.pid, corrects=False),
             Target("nginx", nginx_port, nginx_worker(nginx), corrects=True),
             Target("proxy", proxy_port, proxy.pid, corrects=True),
         ]
-        # Scenarios 1 and 2 also run against the proxy with two worker processes;
-        # scenario 2 also against the seed's Node original and bare Tornado
-        # answering a constant (the floor).
+        # Scenarios 1 and 2 also run against the proxy with two worker processes, and the
+        # baseline when given; scenario 2 also against the seed's Node original and bare
+        # Tornado answering a constant (the floor).
         with_workers = [*targets, Target("proxy x2", workers_port, workers.pid, corrects=True, workers=True)]
+        if source:
+            processes.append(baseline := start_proxy(baseline_port, upstream(upstream_port), source))
+            await wait_for_port(baseline_port)
+            with_workers.append(Target("baseline", baseline_port, baseline.pid, corrects=True))
+            own.append(baseline.pid)
         small_targets = [*with_workers, Target("tornado floor", floor_port, floor.pid, corrects=False)]
         if "2" in only:
             processes.append(node := start_node_original(node_port, upstream_port))
