@@ -11,13 +11,15 @@ With --baseline, scenarios 1 and 2 also run the proxy as it was at REV
 (checked out into a temporary git worktree) and print proxy/baseline ratios,
 repeat by repeat: their median and range.
 Scenario 6 drives one and two workers with wrk, a load generator in C, and
-counts the requests each worker served.
+counts the requests each worker served. Scenario 7 compares the proxy in front
+of four one-slot stand-in pods with the proxy in front of one.
 Nothing is asserted: figures are printed.
 """
 
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -110,8 +112,10 @@ async def wait_for_port(port: int, limit: float = 10) -> None:
             await asyncio.sleep(0.02)
 
 
-def start_server(script: str, port: int) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, str(HERE / script), str(port)], stdout=subprocess.PIPE, text=True)
+def start_server(script: str, port: int, *args: str) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, str(HERE / script), str(port), *args], stdout=subprocess.PIPE, text=True
+    )
     assert process.stdout.readline().strip() == "ready"
     return process
 
@@ -134,6 +138,12 @@ def nginx_worker(master: subprocess.Popen) -> int:
 def upstream(port: int) -> dict[str, str]:
     """One pod, as every version of the proxy is told it."""
     return {"OLLAMA_PROXY_UPSTREAM": f"http://127.0.0.1:{port}"}
+
+
+def one_slot_pods(ports: list[int]) -> dict[str, str]:
+    """A pool of one-slot pods, in the `upstreams` setting's JSON form."""
+    pods = [{"name": f"pod{n}", "url": f"http://127.0.0.1:{port}", "slots": 1} for n, port in enumerate(ports, 1)]
+    return {"OLLAMA_PROXY_UPSTREAMS": json.dumps(pods)}
 
 
 def proxy_env(settings: dict[str, str], source: Path | None) -> dict[str, str]:
@@ -214,6 +224,15 @@ def start_node_original(port: int, upstream_port: int) -> subprocess.Popen:
     )
 
 
+async def get_json(port: int, path: str) -> tuple[bytes, dict]:
+    """GET `path` on a new connection: the answer's status line and its JSON body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n" % path.encode())
+    head, _, body = (await reader.read()).partition(b"\r\n\r\n")
+    writer.close()
+    return head.split(b"\r\n")[0], json.loads(body)
+
+
 async def wait_for_workers(port: int, count: int, limit: float = 10) -> list[int]:
     """The pids of the `count` workers of a proxy, once each has answered on a new connection: each
     then listens, so that connections opened next spread over all of them."""
@@ -223,11 +242,21 @@ async def wait_for_workers(port: int, count: int, limit: float = 10) -> list[int
     while len(seen) < count:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{len(seen)} of {count} workers answered")
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /_proxy/status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        seen.add(json.loads((await reader.read()).partition(b"\r\n\r\n")[2])["worker"]["pid"])
-        writer.close()
+        seen.add((await get_json(port, "/_proxy/status"))[1]["worker"]["pid"])
     return sorted(seen)
+
+
+async def wait_for_pool(port: int, limit: float = 10) -> None:
+    """Until the proxy is healthy and has read every pod's models (it balances on them)."""
+    await wait_for_port(port, limit)
+    deadline = time.monotonic() + limit
+    while True:
+        status, health = await get_json(port, "/_proxy/health")
+        if b" 200 " in status and all(pod["models"] and pod["loaded"] for pod in health.get("upstreams", [])):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the pool is not ready: {health}")
+        await asyncio.sleep(0.05)
 
 
 # -- clients -----------------------------------------------------------------
@@ -514,13 +543,110 @@ async def scenario_workers(seconds: float, pairs: int) -> None:
             process.wait()
 
 
+# -- 7. a pool of one-slot pods ---------------------------------------------------
+
+GENERATION = 0.2  # seconds each stand-in pod takes per generation, one at a time
+CLIENTS = 16  # each sends its next generation when its last is answered
+
+
+class PoolRun(NamedTuple):
+    rate: float  # generations/s
+    cpu_us: float  # the proxy's CPU per generation
+    answered: int
+    served: list[int]  # generations each pod served
+    most_generating: list[int]  # per pod, at once: 1 if it served one at a time
+    most_waiting: list[int]
+
+
+async def generations(target: Target, pods: list[int], seconds: float) -> PoolRun:
+    """CLIENTS clients sending generations for `seconds`, each with a prompt never sent before, so
+    that no two share a conversation (whose pod the proxy would prefer). The rate counts up to
+    the last answer; the pods count what they served."""
+    sent, answered = itertools.count(), 0
+    deadline = time.monotonic() + seconds
+
+    async def client() -> None:
+        nonlocal answered
+        keep = None
+        while time.monotonic() < deadline:
+            prompt = f"generation {next(sent)}"
+            body = json.dumps({"model": "llama3.2", "prompt": prompt, "stream": False}).encode()
+            keep = await request(target.port, target.method("POST"), "/api/generate", body, keep)
+            answered += 1
+        keep[1].close()
+
+    before = [(await get_json(pod, "/bench/stats"))[1] for pod in pods]  # this also starts the pods' most-at-once
+    cpu, started = target.cpu(), time.monotonic()
+    await asyncio.gather(*(client() for _ in range(CLIENTS)))
+    elapsed, cpu = time.monotonic() - started, target.cpu() - cpu
+    after = [(await get_json(pod, "/bench/stats"))[1] for pod in pods]
+    return PoolRun(
+        answered / elapsed,
+        cpu * 1e6 / answered,
+        answered,
+        [later["served"] - earlier["served"] for earlier, later in zip(before, after, strict=True)],
+        [later["most_generating"] for later in after],
+        [later["most_waiting"] for later in after],
+    )
+
+
+async def scenario_pool(seconds: float, repeats: int) -> None:
+    """The proxy in front of four one-slot pods against in front of one of them, in interleaved
+    runs: four should give four times the generations/s, if it spreads them evenly."""
+    pods = [free_port() for _ in range(4)]
+    one_port, four_port = free_port(), free_port()
+    processes = [start_server("upstream.py", port, str(GENERATION)) for port in pods]
+    processes += [start_proxy(one_port, one_slot_pods(pods[:1])), start_proxy(four_port, one_slot_pods(pods))]
+    try:
+        for port in (one_port, four_port):
+            await wait_for_pool(port)
+        one, four = (
+            Target("1 pod", one_port, processes[-2].pid, corrects=True),
+            Target("4 pods", four_port, processes[-1].pid, corrects=True),
+        )
+        results = await interleaved([one, four], repeats, lambda t: generations(t, pods, seconds))
+        print(
+            f"\n## 7. a pool: {CLIENTS} clients for {seconds:g} s, one-slot pods of {GENERATION:g} s per generation, "
+            "1 pod against 4\n"
+        )
+        print(
+            "| run | 1 pod (generations/s) | 4 pods (generations/s) | 4 / 1 | generations per pod (4 pods) "
+            "| most waiting at once per pod (4 pods) | proxy CPU per generation (µs), 1 / 4 |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for run, (alone, pool) in enumerate(zip(results[one.name], results[four.name], strict=True), 1):
+            print(
+                f"| {run} | {alone.rate:.2f} | {pool.rate:.2f} | {pool.rate / alone.rate:.2f}x "
+                f"| {' / '.join(map(str, pool.served))} | {' / '.join(map(str, pool.most_waiting))} "
+                f"| {alone.cpu_us:.0f} / {pool.cpu_us:.0f} |"
+            )
+        rates = {name: [run.rate for run in runs] for name, runs in results.items()}
+        ratios = [pool / alone for alone, pool in zip(rates[one.name], rates[four.name], strict=True)]
+        print(
+            f"| median | {statistics.median(rates[one.name]):.2f} | {statistics.median(rates[four.name]):.2f} "
+            f"| {spread(ratios)} | | | |"
+        )
+        runs = [run for runs in results.values() for run in runs]
+        print(
+            f"\nMost generating at once on any pod in any run: {max(max(run.most_generating) for run in runs)}; "
+            f"generations answered {sum(run.answered for run in runs)}, served by the pods "
+            f"{sum(sum(run.served) for run in runs)}."
+        )
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+            process.wait()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter runs, smaller bulk transfers")
     parser.add_argument(
         "--repeats", type=int, default=3, help="runs per target, wrk pairs (at least 3; 5 or more with --baseline)"
     )
-    parser.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated scenario numbers to run (default: all)")
+    parser.add_argument(
+        "--only", default="1,2,3,4,5,6,7", help="comma-separated scenario numbers to run (default: all)"
+    )
     parser.add_argument(
         "--baseline",
         metavar="REV",
@@ -631,6 +757,8 @@ async def suite(args: argparse.Namespace, source: Path | None) -> None:
             print(f"\n## 5. start-up to first answered request\n\nproxy: median {statistics.median(times):.3f} s")
         if "6" in only:
             await scenario_workers(3.0 if args.quick else 8.0, max(3, args.repeats))
+        if "7" in only:
+            await scenario_pool(4.0 if args.quick else 10.0, args.repeats)
     finally:
         for process in reversed(processes):
             process.terminate()

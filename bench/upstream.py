@@ -4,18 +4,30 @@ Each streamed line carries the monotonic time it was sent (``"t"``, ns), so a
 client on the same machine measures every chunk's latency.
 
     POST /api/chat       {"n": lines, "rate": lines per second}  -> NDJSON stream
-    GET  /api/tags                                               -> small JSON
+    POST /api/generate   any body                                -> one JSON answer, after SECONDS
+    GET  /api/tags, /api/ps, /api/version                        -> small JSON
     POST /api/show       any body                                -> small JSON
     POST /api/pull       {"size": bytes}                         -> that many bytes, chunked
     POST /api/blobs/...  any body                                -> 201, body discarded
+    GET  /bench/stats                                            -> generations counted (below)
+
+    python bench/upstream.py PORT [SECONDS]
+
+A generation takes SECONDS (0.2 by default) and runs one at a time, the others
+waiting in turn, as Ollama with OLLAMA_NUM_PARALLEL=1 runs them: a one-slot pod
+whose throughput is fixed, so that a pool's is what its balancing makes of it.
+/bench/stats counts them, and the most generating and waiting at once (each
+since the last time it was read), to show that the pod served one at a time.
 """
 
 import asyncio
+import functools
 import json
 import sys
 import time
 
-TAGS = json.dumps({"models": [{"name": "llama3.2:latest", "size": 2019393189}]}).encode()
+MODELS = json.dumps({"models": [{"name": "llama3.2:latest", "size": 2019393189}]}).encode()
+VERSION = b'{"version": "0.12.0"}'
 SHOW = json.dumps({"modelfile": "FROM llama3.2", "parameters": "stop <|eot_id|>"}).encode()
 PAD = "x" * 60  # lines about the size of Ollama's token lines
 
@@ -70,7 +82,34 @@ async def stream_bytes(writer, size: int):
     writer.write(b"0\r\n\r\n")
 
 
-async def serve(reader, writer):
+class Slot:
+    """One generation at a time; the others wait their turn (asyncio's lock is first come, first served)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.lock = asyncio.Lock()
+        self.generating = self.waiting = 0
+        self.served = self.most_generating = self.most_waiting = 0
+
+    async def generate(self) -> bytes:
+        self.waiting += 1
+        self.most_waiting = max(self.most_waiting, self.waiting)
+        async with self.lock:
+            self.waiting -= 1
+            self.generating += 1
+            self.most_generating = max(self.most_generating, self.generating)
+            await asyncio.sleep(self.seconds)
+            self.generating -= 1
+            self.served += 1
+        return b'{"model":"llama3.2","response":"%s","done":true}' % PAD.encode()
+
+    def stats(self) -> bytes:
+        figures = {"served": self.served, "most_generating": self.most_generating, "most_waiting": self.most_waiting}
+        self.most_generating, self.most_waiting = self.generating, self.waiting
+        return json.dumps(figures).encode()
+
+
+async def serve(slot: Slot, reader, writer):
     try:
         while True:
             line = await reader.readline()
@@ -85,10 +124,16 @@ async def serve(reader, writer):
             if path == "/api/chat" and method == "POST":
                 options = json.loads(body)
                 await stream_lines(writer, options["n"], options["rate"])
+            elif path == "/api/generate" and method == "POST":
+                answer(writer, "200 OK", await slot.generate())
             elif path == "/api/pull" and method == "POST":
                 await stream_bytes(writer, json.loads(body)["size"])
-            elif path == "/api/tags" and method in ("GET", "HEAD"):
-                answer(writer, "200 OK", TAGS)
+            elif path in ("/api/tags", "/api/ps") and method in ("GET", "HEAD"):
+                answer(writer, "200 OK", MODELS)
+            elif path == "/api/version" and method == "GET":
+                answer(writer, "200 OK", VERSION)
+            elif path == "/bench/stats" and method == "GET":
+                answer(writer, "200 OK", slot.stats())
             elif path == "/api/show" and method == "POST":
                 answer(writer, "200 OK", SHOW)
             elif path.startswith("/api/blobs/") and method == "POST":
@@ -104,12 +149,12 @@ async def serve(reader, writer):
         writer.close()
 
 
-async def main(port: int):
-    server = await asyncio.start_server(serve, "127.0.0.1", port, backlog=4096)
+async def main(port: int, seconds: float):
+    server = await asyncio.start_server(functools.partial(serve, Slot(seconds)), "127.0.0.1", port, backlog=4096)
     print("ready", flush=True)
     async with server:
         await server.serve_forever()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1])))
+    asyncio.run(main(int(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else 0.2))
