@@ -12,7 +12,8 @@ goes quiet, ``die`` sends two lines and drops the connection, ``flood`` streams
 Ollama can be: ``slow`` says nothing for ``state.silence`` seconds before
 answering (a cold load), ``gap`` pauses that long between its first two lines,
 ``late404`` takes that long to answer that it does not exist, pulling
-``nospace`` takes that long to fail.
+``nospace`` takes that long to fail; pulling ``unfinished`` ends its progress without
+a word of success or failure, as no Ollama should.
 """
 
 import asyncio
@@ -245,6 +246,9 @@ class OllamaHandler(OllamaBase):
 
     async def model_or_404(self, data):
         name = data.get("model") or data.get("name")
+        if not name:
+            self.error(400, "model is required")
+            return None
         if name in ("slow", "late404"):
             await asyncio.sleep(self.state.silence)
         if self.state.resolve(name) is None:
@@ -439,6 +443,8 @@ class OllamaHandler(OllamaBase):
             self.json({"status": "success"}, content_type="application/json")
             return
         self.set_header("Content-Type", NDJSON)
+        if data.get("model") == "unfinished":
+            steps.pop()
         for step in steps:
             if failing and step["status"] == "success":
                 await asyncio.sleep(self.state.silence)

@@ -252,3 +252,13 @@ async def scrape(http, proxy) -> dict:
 
 def value(samples, name, **labels):
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def pool_of(started, **common):
+    """The `upstreams` setting for stand-in pods a, b, c…"""
+    return [{"name": "abcdefgh"[n], "url": url, **common} for n, (_, url) in enumerate(started)]
+
+
+async def ready(proxy):
+    """The pool has read every pod's models (as its first look does within seconds)."""
+    await proxy.proxy.pool.refresh_all()

@@ -4,6 +4,7 @@ conversation; failures move requests and eject pods; every route works as agains
 import asyncio
 import itertools
 import json
+import time
 
 import ollama
 import pytest
@@ -11,19 +12,9 @@ import pytest
 from tornado_ollama_proxy.balancer import PodView, rendezvous
 
 from .conftest import RedisServer
-from .helpers import read_response, scrape, send_json, split_response, until, value
+from .helpers import pool_of, read_response, ready, scrape, send_json, split_response, until, value
 
 MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-def pool_of(started, **common):
-    """The `upstreams` setting for stand-in pods a, b, c…"""
-    return [{"name": "abcdefgh"[n], "url": url, **common} for n, (_, url) in enumerate(started)]
-
-
-async def ready(proxy):
-    """The pool has read every pod's models (as its first look does within seconds)."""
-    await proxy.proxy.pool.refresh_all()
 
 
 def chat(n, **more):
@@ -211,6 +202,117 @@ async def test_x_ollama_upstream_names_the_pods_a_request_may_go_to(pods, make_p
         proxy + "/api/version", headers={"Authorization": "Bearer " + "c" * 43, "X-Ollama-Upstream": "a"}
     )
     assert forbidden.status_code == 403
+
+
+async def test_a_large_body_is_held_to_choose_by_its_model_and_a_larger_one_streams_anywhere(pods, make_proxy, http):
+    started = pods(2)
+    started[1][0].models.add("only-b")
+    proxy = make_proxy(upstreams=pool_of(started), hold_body_max=200_000, pool_max_fails=1, pool_eject_seconds=60)
+    await ready(proxy)
+    image = "A" * 150_000  # a vision request's base64 image: past the small-body bound, held
+    held = {"model": "only-b", "messages": [{"role": "user", "content": "x", "images": [image]}], "stream": False}
+    for _ in range(3):
+        answer = await http.post(proxy + "/api/chat", json=held)
+        assert (answer.status_code, answer.headers["x-ollama-upstream"]) == (200, "b")
+    assert json.loads(started[1][0].seen[-1].body) == held
+    # Past hold_body_max: streamed as it comes to the pod with fewest in flight, model unread.
+    larger = {**chat(1), "messages": [{"role": "user", "content": "y", "images": ["B" * 250_000]}]}
+    answer = await http.post(proxy + "/api/chat", json=larger)
+    assert answer.status_code == 200 and answer.headers["x-ollama-upstream"] in ("a", "b")
+    for pod in started:
+        await pod.kill()
+    await http.get(proxy + "/api/tags")  # each pod refuses it: both ejected
+    down = await http.post(proxy + "/api/chat", json=larger)
+    assert down.status_code == 502 and down.json()["error"].startswith("no upstream can take the request")
+
+
+async def test_a_pull_goes_to_the_pods_x_ollama_upstream_names(pods, make_proxy, http):
+    started = pods(3)
+    proxy = make_proxy(upstreams=pool_of(started))
+    await ready(proxy)
+    one = await http.post(
+        proxy + "/api/pull", json={"model": "m1", "stream": False}, headers={"X-Ollama-Upstream": "b"}
+    )
+    assert one.json() == {"status": "success"}
+    assert ["m1" in state.models for state, _ in started] == [False, True, False]
+    every = await http.post(
+        proxy + "/api/pull", json={"model": "m2", "stream": False}, headers={"X-Ollama-Upstream": "all"}
+    )
+    assert every.json() == {"status": "success"}
+    assert ["m2" in state.models for state, _ in started] == [True, True, True]
+
+
+async def test_a_probing_request_whose_client_leaves_leaves_the_probe_to_the_next(pods, make_proxy, http):
+    started = pods(2)
+    (_, _), (b, _) = started
+    b.busy = True
+    proxy = make_proxy(upstreams=pool_of(started), pool_max_fails=1, pool_eject_seconds=0.2)
+    await ready(proxy)
+    pinned = {"X-Ollama-Upstream": "b"}
+    first = await http.post(proxy + "/api/chat", json=chat(1), headers=pinned)
+    assert first.status_code == 503  # pinned there: nowhere else to go
+    health = proxy.proxy.pool.by_name["b"].health
+    assert health.state == "ejected"
+    b.busy = False
+    await until(lambda: health.available(time.monotonic()))
+    reader, writer = await send_json(
+        proxy, b"POST", b"/api/chat", {"model": "stall", "messages": MESSAGES}, b"X-Ollama-Upstream: b\r\n"
+    )
+    await reader.readuntil(b"\r\n\r\n")
+    assert health.state == "probing"
+    writer.close()
+    await until(lambda: health.state != "probing")
+    assert health.state == "ejected"  # its client left: the pod told nothing, the next request probes
+    second = await http.post(proxy + "/api/chat", json=chat(2), headers=pinned)
+    assert second.status_code == 200 and health.state == "healthy"
+
+
+async def test_the_watch_probes_often_reads_lists_seldom_and_ejects_a_silent_pod(pods, make_proxy):
+    started = pods(2)
+    proxy = make_proxy(upstreams=pool_of(started), pool_health_seconds=0.05, pool_max_fails=2)
+    proxy.proxy.pool.start()
+
+    def reads(state, path):
+        return sum(1 for seen in state.seen if seen.path == path)
+
+    a, b = (state for state, _ in started)
+    await until(lambda: reads(a, "/api/version") >= 4)
+    assert reads(a, "/api/ps") >= 3 and reads(a, "/api/tags") == 1  # the list every 30 s
+    await started[1].kill()
+    health = proxy.proxy.pool.by_name["b"].health
+    await until(lambda: health.state == "ejected")
+    assert health.last_failure.reason.startswith("upstream 'b' refused the connection")
+
+
+async def test_a_probe_answered_while_ejected_does_not_bring_a_pod_back(pods, make_proxy, http):
+    started = pods(2)
+    (_, _), (b, _) = started
+    b.busy = True  # 503 to work, 200 to probes
+    proxy = make_proxy(upstreams=pool_of(started), pool_max_fails=1, pool_eject_seconds=60, pool_health_seconds=0.05)
+    await ready(proxy)
+    await http.post(proxy + "/api/chat", json=chat(1), headers={"X-Ollama-Upstream": "b"})
+    health = proxy.proxy.pool.by_name["b"].health
+    assert health.state == "ejected"
+    proxy.proxy.pool.start()
+    probes = sum(1 for seen in b.seen if seen.path == "/api/version")
+    await until(lambda: sum(1 for seen in b.seen if seen.path == "/api/version") >= probes + 3)
+    assert health.state == "ejected"
+
+
+async def test_a_pod_that_lists_unlike_ollama_is_taken_as_having_listed_nothing_yet(servers, make_proxy, pods):
+    from tornado.web import Application, RequestHandler
+
+    class NotQuiteOllama(RequestHandler):
+        def get(self, path):
+            self.write({"version": "0.9.0"} if path == "version" else {"models": "none"})
+
+    url = servers.start(Application([(r"/api/(\w+)", NotQuiteOllama)]))
+    [pod] = pods(1)
+    proxy = make_proxy(upstreams=[{"name": "odd", "url": url}, {"name": "a", "url": pod.url}])
+    await ready(proxy)
+    odd = proxy.proxy.pool.by_name["odd"]
+    assert (odd.models.version, odd.models.listed, odd.models.loaded) == ("0.9.0", None, {})
+    assert odd.health.state == "healthy"
 
 
 # -- one API: lists merged, management calls to every pod they concern ------------------------

@@ -79,7 +79,9 @@ class Attempt:
         )
         pool.enter(member, generation)
         self.fetching: asyncio.Future[Any] = pool.fetch(self.request)
-        self.fetching.add_done_callback(lambda _: pool.leave(member, generation))
+        # First of its ends' callbacks, and whether or not anyone still waits for it (a
+        # request whose client left has ended before its exchange does).
+        self.fetching.add_done_callback(self._ended)
 
     def _on_head(self, head: Head) -> None:
         self.head = head
@@ -162,10 +164,11 @@ class Attempt:
             return Failure("not_found", Rejection(404, message), Cause.NOT_FOUND)
         return None
 
-    def report(self) -> None:
-        """Tell the pool what this exchange says of its pod: a failure to reach it or to
-        get an answer, or an answer of 502, 503 or 504, counts against it; any other
-        answer for it; a client that left first, nothing."""
+    def _ended(self, _: asyncio.Future[Any]) -> None:
+        """Tell the pool the exchange is over, and what it says of its pod: a failure to
+        reach it or to get an answer, or an answer of 502, 503 or 504, counts against it;
+        any other answer for it; a client that left first, nothing."""
+        self.pool.leave(self.member, self.generation)
         error = self.fetching.exception()
         failure = None
         if error is not None and not isinstance(error, Abandoned):

@@ -23,7 +23,7 @@ from .attempt import Attempt
 from .balancer import Wanted
 from .errors import Rejection, error_message
 from .framing import Head
-from .journey import Journey, Plan
+from .journey import Journey
 from .merge import Progress, models, tags, version
 from .model_names import canonical
 from .peer_json import json_object
@@ -57,9 +57,10 @@ def kind_of(method: str, path: str) -> str | None:
 class Share:
     """One pod's part of a fanned-out request: its attempt, its answer's head and body."""
 
+    attempt: Attempt  # given at once by `FanOut._start`, whose callbacks need the share first
+
     def __init__(self, member: Member) -> None:
         self.member = member
-        self.attempt: Attempt | None = None
         self.head: Head | None = None
         self.body: list[bytes] = []
         self.size = 0
@@ -78,13 +79,11 @@ class Share:
 
     def failure(self) -> str | None:
         """What went wrong at this pod, or None."""
-        assert self.attempt is not None
         ended = self.attempt.ended()
         if ended is not None:
             return ended.rejection.message
         head = self.head
-        if head is None:
-            return "no answer"
+        assert head is not None  # an exchange that ended for the client has its answer's head
         if not 200 <= head.code < 300:
             return error_message(self.whole, head.code)
         return self.told
@@ -104,11 +103,9 @@ class FanOut(Journey):
         """A progress stream, passed on as it comes (unless the body asks for one answer)."""
         return self.kind == PROGRESS and self.body.info().stream is not False
 
-    def go(self, plan: Plan) -> None:
+    def go(self) -> None:
         """A body held whole waits for `settle`; else every target starts now (a blob upload
         goes to them all at once)."""
-        self.plan = plan
-        self.relay = self._relay(plan)
         if self.body.held is None:
             members = self._everyone()
             if not members:
@@ -119,16 +116,14 @@ class FanOut(Journey):
                 return
             for index, (member, producer) in enumerate(zip(members, self.body.tee(len(members)), strict=True)):
                 self._start(member, body_producer=producer)
-                self._attempt_of(index).fetching.add_done_callback(functools.partial(self._let_go, index))
+                self.shares[index].attempt.fetching.add_done_callback(functools.partial(self._let_go, index))
 
     def _everyone(self) -> list[Member]:
-        assert self.plan is not None
         return [member for member in self.pool.choose(Wanted(), self.plan.targets) if self.pool.claim(member)]
 
     async def _targets(self) -> list[Member]:
         """Who takes a held body: every pod that is up, or, for a copy or a delete, every
         pod that has the model (after one more look at their lists, if none seems to)."""
-        assert self.plan is not None
         if self.kind != STATUS or self.plan.targets is not None:
             return self._everyone()
         data = json_object(self.body.whole()) or {}
@@ -143,7 +138,6 @@ class FanOut(Journey):
 
     def _start(self, member: Member, **body: Any) -> None:
         plan = self.plan
-        assert plan is not None
         share = Share(member)
         self.shares.append(share)
         self.tried.append(member.pod.name)
@@ -166,11 +160,6 @@ class FanOut(Journey):
     def _let_go(self, index: int, _: object) -> None:
         self.body.let_go(index)
 
-    def _attempt_of(self, index: int) -> Attempt:
-        attempt = self.shares[index].attempt
-        assert attempt is not None
-        return attempt
-
     def _take(self, share: Share, data: bytes) -> Awaitable[None] | None:
         head = share.head
         if not self.streamed or head is None or not 200 <= head.code < 300:
@@ -184,7 +173,6 @@ class FanOut(Journey):
         return pending
 
     def _on_line(self, share: Share, line: dict[str, Any]) -> Awaitable[None] | None:
-        assert self.relay is not None
         if isinstance(line.get("error"), str):
             share.told = line["error"]
             return None
@@ -194,7 +182,6 @@ class FanOut(Journey):
 
     async def settle(self) -> None:
         """Start every target of a held body, wait for them all, and answer as one."""
-        assert self.plan is not None and self.relay is not None
         if not self.shares:
             members = await self._targets()
             if not members:
@@ -205,10 +192,8 @@ class FanOut(Journey):
             for member in members:
                 self._start(member, body=self.body.whole() if self.body.present else None)
         for share in self.shares:
-            assert share.attempt is not None
             with suppress(Exception):  # each share reads its own end
                 await share.attempt.fetching
-            share.attempt.report()
         self.body.stop()
         if self.reply.answered:
             return
@@ -248,7 +233,7 @@ class FanOut(Journey):
             self._list(failures)
         elif failed:
             status = next((share.head.code for share in failed if share.head is not None), 502)
-            if self.kind == BLOB and self.plan is not None and self.plan.method == "HEAD":
+            if self.kind == BLOB and self.plan.method == "HEAD":
                 self._head(404 if status == 404 else status, None, 0)
             else:
                 self._error(status, reasons)
@@ -259,7 +244,6 @@ class FanOut(Journey):
             self._head(201 if created else 200, None, 0)
 
     def _list(self, failures: dict[str, str | None]) -> None:
-        assert self.plan is not None
         answers = [json_object(share.whole) for share in self.shares if failures[share.member.pod.name] is None]
         merged = [answer for answer in answers if answer is not None]
         if not merged:
@@ -276,27 +260,22 @@ class FanOut(Journey):
         self._piece(body)
 
     def _head(self, status: int, content_type: str | None, length: int | None) -> None:
-        assert self.relay is not None
         headers = [("Content-Type", content_type)] if content_type is not None else []
         self.relay.on_head(Head("HTTP/1.1", status, "", headers, length), ",".join(self.tried))
         self.proxy.metrics.streams.inc()
 
     def _piece(self, data: bytes) -> None:
-        assert self.relay is not None
-        if data:
-            self.relay.on_piece(data)
+        self.relay.on_piece(data)
 
     def _abort(self, error: Exception) -> None:
         for share in self.shares:
-            if share.attempt is not None:
-                share.attempt.abort(error)
+            share.attempt.abort(error)
         self.body.stop()
 
     def _progress(self) -> int:
         moved = self.record.bytes_in + self.body.written
-        moved += sum(share.attempt.received for share in self.shares if share.attempt is not None)
-        if self.relay is not None:
-            moved += self.relay.flow.taken
+        moved += sum(share.attempt.received for share in self.shares)
+        moved += self.relay.flow.taken
         return moved
 
     def end(self) -> None:

@@ -257,13 +257,12 @@ class ProxyHandler(BaseHandler):
             self.record,
             route,
             body,
+            Plan(method, target, headers, targets, unquote(params["model"]) if "model" in params else None),
             method_in=request.method or "GET",
             started=self.started,
         )
         try:
-            self.journey.go(
-                Plan(method, target, headers, targets, unquote(params["model"]) if "model" in params else None)
-            )
+            self.journey.go()
         except Rejection as rejection:  # no pod can take it
             self.answer_early(self._answer, rejection)
 

@@ -69,6 +69,7 @@ class Journey:
         record: AccessRecord,
         route: Route | None,
         body: BodyPump,
+        plan: Plan,
         *,
         method_in: str,
         started: float,
@@ -83,10 +84,10 @@ class Journey:
         self.method_in = method_in
         self.started = started
         self.generation = route is not None and route.tokens  # counted per model
-        self.plan: Plan | None = None
+        self.plan = plan
         self.attempt: Attempt | None = None
         self.tried: list[str] = []  # pods an attempt went to, in order
-        self.relay: AnswerRelay | None = None
+        self.relay = self._relay(plan)
         self.failure: Failure | None = None  # what the last attempt's end means, once it has ended
         self.settled = False
         self.watch = Silence(proxy.idle_timeout, self._progress, self._on_silence)
@@ -95,11 +96,10 @@ class Journey:
 
     # -- the way there ---------------------------------------------------------------
 
-    def go(self, plan: Plan) -> None:
+    def go(self) -> None:
         """Start at once with a streamed body (or none held), to a pod chosen without
         knowing the model; a held body waits for `settle`, which reads it first."""
-        self.plan = plan
-        self.relay = self._relay(plan)
+        plan = self.plan
         self.pool.budget.request(int(time.monotonic()))
         if self.body.held is None and plan.model is None:
             member = self.pool.pick(self.pool.choose(Wanted(), plan.targets))
@@ -132,7 +132,6 @@ class Journey:
 
     def _attempt(self, member: Member, **body: Any) -> None:
         plan = self.plan
-        assert plan is not None and self.relay is not None
         record = self.record
         record.method_out = plan.method
         if not self.tried and plan.method != self.method_in:
@@ -161,12 +160,11 @@ class Journey:
         return head.code in (503, 404) and self._may_go_again()
 
     def _on_head(self, head: Head) -> None:
-        assert self.relay is not None and self.attempt is not None
+        assert self.attempt is not None
         self.relay.on_head(head, self.attempt.member.pod.name)
         self.proxy.metrics.streams.inc()
 
     def _on_piece(self, data: bytes) -> Any:
-        assert self.relay is not None
         return self.relay.on_piece(data)
 
     def _on_fetched(self, _: asyncio.Future[Any]) -> None:
@@ -177,9 +175,8 @@ class Journey:
             return
         self.settled = True
         self.body.stop()
-        attempt.report()
         self.failure = failure = attempt.ended()
-        if failure is None and self.relay is not None and not self.relay.complete:
+        if failure is None and not self.relay.complete:
             # The exchange ended cleanly, but the answer it decoded did not.
             kind, rejection = attempt.member.pod.failure(MalformedAnswer("the encoded answer ended before its end"))
             failure = self.failure = Failure(kind, rejection)
@@ -197,7 +194,7 @@ class Journey:
             return
         while True:
             attempt = self.attempt
-            assert attempt is not None and self.relay is not None
+            assert attempt is not None
             with suppress(Exception):  # _on_fetched reads it
                 await attempt.fetching
             # An end that came before this wait began may not have been seen yet.
@@ -232,7 +229,7 @@ class Journey:
         pool's budget allow, and a pod can take it: another than those tried, or the same
         one when it only met a kept connection it had closed."""
         attempt = self.attempt
-        assert attempt is not None and self.plan is not None
+        assert attempt is not None
         if not self._may_go_again(cause) or not self.pool.budget.allow(int(time.monotonic())):
             return False
         if cause is Cause.NOT_FOUND:
@@ -247,7 +244,6 @@ class Journey:
 
     def _may_go_again(self, cause: Cause | None = None) -> bool:
         plan = self.plan
-        assert plan is not None and self.relay is not None
         route = self.route
         return len(self.tried) <= self.proxy.settings.pool_retries and may_go_again(
             cause or Cause.BUSY,
@@ -260,7 +256,6 @@ class Journey:
     async def _choose(self, avoid: Sequence[str] = ()) -> list[Member]:
         """The pods for this request, best first, by its model and conversation; a model no
         pod lists makes the pool read its pods' lists once more first."""
-        assert self.plan is not None
         info = self.body.info()
         named = info.model or self.plan.model
         model = canonical(named) if named is not None else None
@@ -274,7 +269,6 @@ class Journey:
 
     def _nowhere(self) -> Rejection:
         """Why no pod takes the request: its model is on none (as Ollama says it), or none is up."""
-        assert self.plan is not None
         named = self.body.info().model or self.plan.model
         model = canonical(named) if named is not None else None
         if model is not None and self.pool.lists_nowhere(model):
@@ -288,10 +282,10 @@ class Journey:
         in-band after a heartbeat's head while none of the upstream's body has, else cut."""
         self._abort(Abandoned())
         relay = self.relay
-        if relay is not None and relay.own_format is not None and not relay.body_started:
+        if relay.own_format is not None and not relay.body_started:
             relay.tell_in_band(rejection.status, rejection.message)
             self.reply.finish()
-        elif relay is not None and (relay.head_sent or relay.head is not None):
+        elif relay.head_sent or relay.head is not None:
             self.reply.cut()
         else:
             self.reply.refuse(rejection, closing=not self.body.received.done())
@@ -299,7 +293,7 @@ class Journey:
     def _on_silence(self) -> None:
         """Nothing moved for idle_timeout: the client stopped reading the answer or
         sending its body, or the upstream went quiet."""
-        if self.relay is not None and self.relay.flow.pending is not None:
+        if self.relay.flow.pending is not None:
             self.record.outcome = "timeout"  # as nginx's send_timeout: the client took nothing
             self._abort(Abandoned())
             self.reply.cut()
@@ -313,14 +307,13 @@ class Journey:
 
     def client_left(self) -> None:
         """The client has gone: nothing more is relayed, and the upstream is let go."""
-        if self.record.outcome is None and self.relay is not None and self.relay.head is not None:
+        if self.record.outcome is None and self.relay.head is not None:
             self.proxy.metrics.client_disconnects.inc()
         self._abort(Abandoned())
         self.body.arrived()
 
     def stop_beating(self) -> None:
-        if self.relay is not None:
-            self.relay.stop()  # no heartbeat goes to nobody
+        self.relay.stop()  # no heartbeat goes to nobody
 
     def _abort(self, error: Exception) -> None:
         if self.attempt is not None:
@@ -333,10 +326,9 @@ class Journey:
         self.proxy.exchanges.discard(self)
         self.proxy.metrics.in_flight.dec()
         self.watch.stop()
-        if self.relay is not None:
-            self.relay.stop()
-            if self.relay.head is not None:
-                self.proxy.metrics.streams.dec()
+        self.relay.stop()
+        if self.relay.head is not None:
+            self.proxy.metrics.streams.dec()
         # Its callbacks are this journey's methods: without this cycle the journey
         # is freed at once instead of at the next full collection.
         self.attempt = None
@@ -350,8 +342,7 @@ class Journey:
         moved = self.record.bytes_in + self.body.written
         if self.attempt is not None:
             moved += self.attempt.received
-        if self.relay is not None:
-            moved += self.relay.flow.taken
+        moved += self.relay.flow.taken
         return moved
 
     def _format_now(self) -> str | None:
@@ -377,7 +368,7 @@ class Journey:
         body, relay, record = self.body, self.relay, self.record
         info = body.info()
         record.model, record.stream = info.model, info.stream
-        if relay is None or relay.usage is None or relay.head is None or not 200 <= relay.head.code < 300:
+        if relay.usage is None or relay.head is None or not 200 <= relay.head.code < 300:
             return
         assert self.route is not None
         if relay.first_body_at is not None and answer_format(self.route.answer, info.stream) in ("ndjson", "sse"):
