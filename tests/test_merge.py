@@ -37,6 +37,8 @@ def test_progress_sums_each_layer_over_pods_and_says_each_status_once():
     assert progress.add("a", {**layer, "completed": 4}) == {**layer, "total": 10, "completed": 4}
     assert progress.add("b", {**layer, "completed": 1}) == {**layer, "total": 20, "completed": 5}
     assert progress.add("a", {**layer, "completed": 10}) == {**layer, "total": 20, "completed": 11}
+    # A count that is not a number (no Ollama sends one) leaves the pod's last one.
+    assert progress.add("b", {**layer, "completed": "many"}) == {**layer, "total": 20, "completed": 11}
     assert progress.add("a", {"status": "success"}) is None and progress.add("a", {"no": "status"}) is None
     assert progress.end({"a": None, "b": None}) == {"status": "success"}
     assert progress.end({"a": None, "b": "no space", "c": "refused"}) == {"error": "b: no space; c: refused"}

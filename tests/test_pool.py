@@ -315,6 +315,22 @@ async def test_a_pod_that_lists_unlike_ollama_is_taken_as_having_listed_nothing_
     assert odd.health.state == "healthy"
 
 
+async def test_a_pods_own_headers_go_with_every_request_and_probe_to_it(pods, make_proxy, http):
+    started = pods(2)
+    upstreams = pool_of(started)
+    upstreams[1]["headers"] = {"Authorization": "Bearer remote-key", "X-Team": "ml"}
+    proxy = make_proxy(upstreams=upstreams)
+    await ready(proxy)
+    answer = await http.post(proxy + "/api/show", json={"model": "llama3.2"}, headers={"X-Ollama-Upstream": "b"})
+    assert answer.status_code == 200
+    (a, _), (b, _) = started
+    assert {seen.path for seen in b.seen} >= {"/api/tags", "/api/ps", "/api/show"}
+    assert all(
+        (seen.headers["Authorization"], seen.headers["X-Team"]) == ("Bearer remote-key", "ml") for seen in b.seen
+    )
+    assert not any("Authorization" in seen.headers or "X-Team" in seen.headers for seen in a.seen)
+
+
 # -- one API: lists merged, management calls to every pod they concern ------------------------
 
 
