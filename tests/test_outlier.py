@@ -26,6 +26,13 @@ def test_an_ejected_pod_takes_no_request_until_its_time_then_one_probe():
     assert (health.state, health.fails) == (HEALTHY, 0) and health.available(10.5)
 
 
+def test_an_answer_to_a_request_sent_before_the_ejection_does_not_end_it():
+    health = PodHealth(max_fails=1, eject_seconds=10)
+    health.failed("refused", 0.0)
+    health.succeeded(1.0)
+    assert (health.state, health.fails) == (EJECTED, 1) and not health.available(9.9)
+
+
 def test_ejections_double_up_to_the_cap_while_probes_fail():
     health = PodHealth(max_fails=1, eject_seconds=10)
     now, lengths = 0.0, []

@@ -52,6 +52,10 @@ class PodHealth:
         return False
 
     def succeeded(self, now: float) -> None:
+        """An answer from the pod. While it is ejected, the answer is to a request sent
+        before (requests under way when a pod fails may still end well): the ejection stands."""
+        if self.state == EJECTED:
+            return
         if self.state != HEALTHY or (self.last_failure and now - self.last_failure.at >= FORGIVE_AFTER):
             if self.state == HEALTHY:
                 self.ejections = 0  # healthy long enough: the next ejection is short again
