@@ -229,7 +229,7 @@ def redis_server():
 def log_lines():
     """Every record, formatted by the built-in JSON handler, parsed back."""
     sink = io.StringIO()
-    handler = json_logs.log_handler(Settings())
+    handler = json_logs.log_handler(Settings(log_format="json"))
     handler.setStream(sink)
     handler.addFilter(RequestIdFilter())
     handler.addFilter(MalformedInputFilter())

@@ -226,13 +226,20 @@ async def until(condition, *, limit: float = 10.0) -> None:
 
 async def read_log(process, message):
     """Read a process's JSON log lines until one has `message`; return it."""
+    return (await read_logs(process, message))[-1]
+
+
+async def read_logs(process, message):
+    """Read a process's log lines, each of which must be JSON, until one has `message`;
+    return them all, parsed."""
     loop = asyncio.get_running_loop()
+    records = []
     while True:
         line = await asyncio.wait_for(loop.run_in_executor(None, process.stdout.readline), 30)
         assert line, process.stderr.read()
-        record = json.loads(line)
-        if record["message"] == message:
-            return record
+        records.append(json.loads(line))
+        if records[-1]["message"] == message:
+            return records
 
 
 def parse_metrics(text: str) -> dict:

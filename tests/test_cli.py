@@ -1,17 +1,22 @@
 import asyncio
+import importlib.util
 import json
 import os
+import pty
 import resource
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
+from tornado_ollama_proxy import __version__
 from tornado_ollama_proxy.cli import main
 
-from .helpers import parse_metrics, read_log, value
+from .helpers import parse_metrics, read_log, read_logs, value
 
 
 def test_invalid_settings_exit_2_with_one_line_naming_the_key(tmp_path, capsys):
@@ -61,7 +66,12 @@ def low_soft_file_limit():
 
 
 async def test_console_script_serves_on_paas_port_and_drains_on_sigterm(launch, upstream_url):
-    env = {"PORT": "0", "OLLAMA_PROXY_HOST": "127.0.0.1", "OLLAMA_PROXY_UPSTREAM": upstream_url}
+    env = {
+        "PORT": "0",
+        "OLLAMA_PROXY_HOST": "127.0.0.1",
+        "OLLAMA_PROXY_UPSTREAM": upstream_url,
+        "OLLAMA_PROXY_LOG_LEVEL": "debug",  # the full settings and the files limit are details
+    }
     process = launch(env, preexec_fn=low_soft_file_limit)
     starting = await read_log(process, "starting")
     assert "tornado_ollama_proxy.default_plugins.ollama_routes" in starting["plugins"]
@@ -87,6 +97,7 @@ async def test_metrics_add_up_across_processes_in_multiprocess_mode(launch, upst
         "OLLAMA_PROXY_HOST": "127.0.0.1",
         "OLLAMA_PROXY_UPSTREAM": upstream_url,
         "PROMETHEUS_MULTIPROC_DIR": str(folder),
+        "OLLAMA_PROXY_LOG_LEVEL": "debug",
     }
     addresses = []
     for event_loop in ("auto", "asyncio"):  # one on uvloop, one on asyncio's own loop
@@ -163,3 +174,154 @@ def test_an_incompatible_tornado_stops_start_up_with_one_line(monkeypatch, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "lacks HTTP1Connection._format_chunk, which this proxy relies on" in err
+
+
+def test_version_prints_the_version_and_exits_0(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"tornado-ollama-proxy {__version__}\n"
+
+
+def run_check(tmp_path, *args, **env):
+    """`tornado-ollama-proxy check`, as a deploy script runs it: its exit code and output."""
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("tornado-ollama-proxy")), "check", *args],
+        cwd=tmp_path,
+        env={**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return result.returncode, result.stdout, result.stderr
+
+
+async def test_check_exits_0_when_an_upstream_answers_and_says_what_would_be_served(tmp_path, pods):
+    (a, url), _ = pods(2)
+    loop = asyncio.get_running_loop()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    settings = tmp_path / "settings.json"
+    settings.write_text(
+        json.dumps(
+            {
+                "host": "0.0.0.0",
+                "port": 8123,
+                "upstreams": [{"name": "gpu", "url": url}, {"name": "off", "url": closed}],
+                "rate_limit": "120/minute",
+            }
+        )
+    )
+    code, out, _ = await loop.run_in_executor(None, run_check, tmp_path, "--settings", str(settings))
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == f"tornado-ollama-proxy {__version__}: the settings are valid"
+    assert "Address:      http://127.0.0.1:8123" in lines
+    assert any(line.startswith("Routes:       34: /, /api/version,") for line in lines)
+    models = ", ".join(sorted(f"{model}:latest" for model in a.models))
+    assert (
+        f"Upstream:     gpu at {url.removeprefix('http://')}: Ollama 0.32.0, {len(a.models)} models: {models}" in lines
+    )
+    host = closed.removeprefix("http://")
+    assert f"Upstream:     off at {host}: upstream 'off' refused the connection — is Ollama running at {host}?" in lines
+    key = tmp_path / "state" / "tornado-ollama-proxy" / "key"
+    assert f"Access keys:  on, one generated key (to be made at the first start in {key})" in lines
+    assert not key.exists()  # check makes nothing
+    assert "Limits:       rate_limit 120/minute" in lines and lines[-1] == "Upstreams:    1 of 2 answer"
+
+
+def test_check_exits_1_when_no_upstream_answers_and_2_on_a_settings_error(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    code, out, _ = run_check(tmp_path, "--upstream", closed, OLLAMA_PROXY_HOST="127.0.0.1", OLLAMA_PROXY_PORT="0")
+    assert code == 1
+    lines = out.splitlines()
+    assert "Address:      127.0.0.1, on a free port picked at start" in lines
+    assert "Access keys:  off: anyone who can reach the port can use it" in lines
+    assert "Limits:       none" in lines and lines[-1] == "Upstreams:    0 of 1 answer"
+    (tmp_path / "settings.json").write_text('{"pool_retries": -1}')
+    code, out, err = run_check(tmp_path)
+    assert (code, out) == (2, "")
+    assert err == (
+        "tornado-ollama-proxy: settings.json: pool_retries: expected a whole number >= 0 "
+        "(0: never move a request to another pod), got -1\n"
+    )
+    (tmp_path / "settings.json").write_text(json.dumps({"api_keys_file": str(tmp_path / "keys")}))
+    (tmp_path / "keys").write_text("alice only-a-name-and-no-key=\n")
+    assert run_check(tmp_path)[0] == 2
+
+
+def test_check_names_the_keys_and_never_a_key():
+    from tornado_ollama_proxy.auth import parse_entries
+    from tornado_ollama_proxy.check import access_keys
+    from tornado_ollama_proxy.settings import Settings
+
+    keys = parse_entries([{"name": "alice", "key": "a" * 43}, {"name": "bob", "key": "b" * 43}])
+    assert access_keys(Settings(api_keys=keys)) == "on, 2 keys: alice, bob"
+    one = access_keys(Settings(api_keys=keys[:1]))
+    assert one == "on, 1 key: alice" and "a" * 43 not in one
+
+
+async def test_on_a_terminal_the_first_run_is_readable_lines_with_the_summary(tmp_path, upstream_url, fake):
+    primary, secondary = pty.openpty()
+    env = {
+        **os.environ,
+        "PORT": "0",
+        "OLLAMA_PROXY_HOST": "127.0.0.1",
+        "OLLAMA_PROXY_UPSTREAM": upstream_url,
+        "TERM": "xterm-256color",
+        "XDG_STATE_HOME": str(tmp_path / "state"),
+    }
+    env.pop("NO_COLOR", None)
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("tornado-ollama-proxy"))],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=secondary,
+        stderr=secondary,
+    )
+    os.close(secondary)
+    loop = asyncio.get_running_loop()
+    text = ""
+    try:
+        while "Workers:" not in text:
+            chunk = await asyncio.wait_for(loop.run_in_executor(None, os.read, primary, 65536), 30)
+            assert chunk, text
+            text += chunk.decode()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await loop.run_in_executor(None, process.wait, 30)
+        os.close(primary)
+    lines = text.replace("\r\n", "\n").splitlines()
+    assert not any(line.startswith("{") for line in lines)  # not JSON
+    [ready] = [n for n, line in enumerate(lines) if line.endswith(f"tornado-ollama-proxy {__version__} is ready")]
+    assert "\x1b[32mINFO\x1b[0m" in lines[ready]  # coloured, for a terminal that shows it
+    address = next(line.split()[1] for line in lines[ready + 1 :] if line.strip().startswith("Address:"))
+    assert lines[ready + 1 :] == [
+        f"    Address:      {address}",
+        f"    Status page:  {address}/_proxy/",
+        f"    Upstream:     default at {upstream_url[7:]}: Ollama 0.32.0, {len(fake.models)} models",
+        "    Access keys:  off: anyone who can reach the port can use it",
+        f"    Workers:      1, event loop {'uvloop' if importlib.util.find_spec('uvloop') else 'asyncio'}",
+    ]
+    assert sum("listening" in line and "address=http://127.0.0.1:" in line for line in lines) == 1
+
+
+async def test_piped_every_line_is_json_and_a_missing_ollama_is_a_warning_that_says_so(launch, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        host = f"127.0.0.1:{probe.getsockname()[1]}"
+    env = {"PORT": "0", "OLLAMA_PROXY_HOST": "127.0.0.1", "OLLAMA_PROXY_UPSTREAM": "http://" + host}
+    process = launch(env)
+    records = await read_logs(process, f"tornado-ollama-proxy {__version__} is ready")  # each line parsed
+    [warning] = [record for record in records if record["level"] == "WARNING"]
+    assert warning["message"] == f"upstream 'default' refused the connection — is Ollama running at {host}?"
+    assert not any(record["message"] in ("starting", "open files limit") for record in records)  # DEBUG now
+    async with httpx.AsyncClient() as http:  # serving all along
+        answer = await http.get(records[-1]["address"] + "/api/tags")
+    assert answer.status_code == 502
+    process.send_signal(signal.SIGTERM)
+    await read_log(process, "stopped")

@@ -154,7 +154,7 @@ def test_relative_plugins_dir_is_relative_to_the_settings_file(write_settings, t
         ({"unmapped_paths": "drop"}, "unmapped_paths: expected 'forward' or 'reject', got 'drop'"),
         ({"log_level": "loud"}, "log_level: expected 'debug' or 'info' or 'warning' or 'error'"),
         ({"routes": {}}, "routes: expected a list of route objects"),
-        ({"log_format": "xml"}, "log_format: expected 'json' or 'text'"),
+        ({"log_format": "xml"}, "log_format: expected 'auto' or 'json' or 'text', got 'xml'"),
         ({"log_headers": ["User Agent"]}, 'log_headers: expected a list of header names such as ["User-Agent"]'),
         ({"log_headers": "User-Agent"}, "log_headers: expected a list of header names"),
         ({"access_log_sampling": {"/x": 2}}, "access_log_sampling: expected an object of path -> rate from 0"),

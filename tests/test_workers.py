@@ -12,10 +12,11 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from tornado_ollama_proxy import __version__
 from tornado_ollama_proxy.workers import WORKER_FDS, bound, inherited_sockets, reserve
 
 from .helpers import address as host_port
-from .helpers import read_log, read_response
+from .helpers import read_log, read_logs, read_response
 
 REQUESTS = ("ollama_proxy_requests_total", (("method_out", "GET"), ("route", "/api/tags"), ("status", "200")))
 SILENT = json.dumps({"model": "silent", "messages": [{"role": "user", "content": "x"}]}).encode()
@@ -115,6 +116,18 @@ async def test_workers_share_the_port_are_restarted_and_drain_on_sigterm(launch,
     async with httpx.AsyncClient() as http:
         assert (await http.get(address + "/api/tags")).status_code == 200
     await stop(parent)
+
+
+async def test_only_the_parent_tells_the_start_up_summary(launch, upstream_url):
+    ready = f"tornado-ollama-proxy {__version__} is ready"
+    parent = launch(workers_env(upstream_url))
+    records = await read_logs(parent, ready)
+    while sum(record["message"] == "listening" for record in records) < 2:
+        records += await read_logs(parent, "listening")
+    parent.send_signal(signal.SIGTERM)
+    records += await read_logs(parent, "workers stopped")
+    [summary] = [record for record in records if record["message"] == ready]
+    assert (summary["workers"], summary["upstreams"][0]["reachable"]) == (2, True)
 
 
 async def test_a_dead_workers_gauges_stop_counting(launch, upstream_url, fake):

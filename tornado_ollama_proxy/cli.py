@@ -1,17 +1,22 @@
-"""The command line: ``tornado-ollama-proxy [--settings FILE] [--host H] [--port N] [--upstream URL] [--workers N]``."""
+"""The command line: ``tornado-ollama-proxy [check] [--settings FILE] [--host H] [--port N]
+[--upstream URL] [--workers N]``, and ``--version``."""
 
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
+from . import __version__
 from .app import make_app
+from .check import check
 from .clients import is_loopback
 from .generated_key import GeneratedKey
 from .logs import configure_logging, effective_configuration
 from .plugins import PluginError, make_plugin_manager
 from .server import loop_factory, serve
 from .settings import DEFAULT_FILE, SettingsError, load_settings
+from .startup import announce
 from .tornado_private import IncompatibleTornado, require
 from .workers import Supervisor, inherited_sockets
 
@@ -22,6 +27,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Streaming reverse proxy that restores the HTTP methods of Ollama's API.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=["serve", "check"],
+        default="serve",
+        help="serve (the default), or check: validate the settings, reach every upstream, say what would be "
+        "served; exit 0 when an upstream answers, 1 when none does, 2 on a settings error",
     )
     parser.add_argument("--settings", metavar="FILE", help=f"settings file (default: ./{DEFAULT_FILE} when present)")
     parser.add_argument("--host", help="address to listen on (default 0.0.0.0)")
@@ -34,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     flags = {key: getattr(args, key) for key in ("host", "port", "upstream", "workers") if getattr(args, key)}
+    if args.command == "check":
+        return check(args.settings, flags)
     try:
         require()
         settings = load_settings(args.settings, flags=flags)
@@ -46,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     proxy = app.settings["proxy"]
     log = logging.getLogger(PROG)
+    event_loop = "asyncio" if new_loop is None else "uvloop"
     sockets = inherited_sockets()
     worker = sockets is not None  # its parent said all this already
     generated = getattr(proxy.authenticator, "generated", None)
@@ -56,20 +73,24 @@ def main(argv: list[str] | None = None) -> int:
             "no access keys: anyone who can reach this port can use, pull and delete models",
             extra={"host": settings.host, "fix": "set api_keys, api_keys_file or OLLAMA_PROXY_API_KEYS (see README)"},
         )
-    log.info(
+    log.debug(
         "starting",
         extra={
             "settings": effective_configuration(settings),
             "upstreams": [pod.name for pod in proxy.pool.pods],
             "plugins": [name for name, _ in pm.list_name_plugin()],
             "routes": len(proxy.routes),
-            "event_loop": "asyncio" if new_loop is None else "uvloop",
+            "event_loop": event_loop,
         },
     )
+
+    async def tell(port: int) -> None:
+        await announce(proxy, port, event_loop, os.environ)
+
     if not worker and settings.worker_count > 1:
-        return Supervisor(settings, sys.argv[1:] if argv is None else argv).run()
+        return Supervisor(settings, sys.argv[1:] if argv is None else argv, tell).run()
     with asyncio.Runner(loop_factory=new_loop) as runner:
-        runner.run(serve(app, sockets))
+        runner.run(serve(app, sockets, announce=None if worker else tell))
     return 0
 
 

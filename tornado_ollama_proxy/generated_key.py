@@ -25,6 +25,11 @@ class GeneratedKeyError(Exception):
     """The key file cannot be made or read; the message names it and what to do."""
 
 
+def key_path(setting: str | None) -> Path:
+    """Where the generated key is kept: `generated_key_file`, or the default place."""
+    return Path(setting) if setting else default_path()
+
+
 def default_path() -> Path:
     """``$XDG_STATE_HOME/tornado-ollama-proxy/key``, by default under ``~/.local/state``."""
     state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")

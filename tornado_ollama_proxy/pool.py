@@ -245,30 +245,32 @@ class Pool:
             if version is None:
                 return
             models.version = version
-        loaded, _ = await self._get(member, "/api/ps", parse_models)
+        loaded, _ = await self.ask(member, "/api/ps", parse_models)
         if loaded is not None:
             models.loaded = loaded
         if tags:
-            listed, _ = await self._get(member, "/api/tags", parse_models)
+            listed, _ = await self.ask(member, "/api/tags", parse_models)
             if listed is not None:
                 models.listed = listed
                 self.metrics.digest_conflicts.set(len(self.conflicts()))
 
     async def probe(self, member: Member) -> tuple[str | None, str | None]:
         """Ask the pod its version: the version, or None and what went wrong."""
-        version, failure = await self._get(member, "/api/version", parse_version)
+        version, failure = await self.ask(member, "/api/version", parse_version)
         return version, failure
 
-    async def _get(self, member: Member, path: str, parse: Callable[[bytes], Any]) -> tuple[Any, str | None]:
-        """GET `path` from the pod, bounded by connect_timeout: its parsed answer, or None
-        and what went wrong."""
+    async def ask(
+        self, member: Member, path: str, parse: Callable[[bytes], Any], within: float | None = None
+    ) -> tuple[Any, str | None]:
+        """GET `path` from the pod, bounded by `within` seconds (connect_timeout by default):
+        its parsed answer, or None and what went wrong."""
         pod = member.pod
         request = pod.request("GET", path, HTTPHeaders())
-        request.request_timeout = pod.connect_timeout
+        request.request_timeout = bound = pod.connect_timeout if within is None else within
         try:
             response = await self.fetch(request)
         except AnswerTimeout:
-            return None, f"upstream {pod.name!r} did not answer within {pod.connect_timeout:g} s"
+            return None, f"upstream {pod.name!r} did not answer within {bound:g} s"
         except Exception as error:
             return None, pod.failure(error)[1].message
         if response.code != 200:

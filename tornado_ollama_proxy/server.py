@@ -10,7 +10,7 @@ import os
 import resource
 import signal
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from contextlib import suppress
 from typing import Any
 
@@ -270,10 +270,18 @@ class ProxyServer:
         log.info("stopped")
 
 
-async def serve(app: Application, sockets: list[socket.socket] | None = None) -> None:
-    """Run until SIGTERM or SIGINT, then drain."""
-    log.info("open files limit", extra={"max_open_files": raise_open_files_limit()})
+async def serve(
+    app: Application,
+    sockets: list[socket.socket] | None = None,
+    announce: Callable[[int], Coroutine[Any, Any, None]] | None = None,
+) -> None:
+    """Run until SIGTERM or SIGINT, then drain. Once listening, `announce` tells the port
+    (while requests are served already)."""
+    log.debug("open files limit", extra={"max_open_files": raise_open_files_limit()})
     server = ProxyServer(app)
     server.listen(sockets)
+    telling = None if announce is None else asyncio.ensure_future(announce(server.port or 0))
     await server.wait_for_stop_signal()
+    if telling is not None:
+        telling.cancel()
     await server.drain()

@@ -77,7 +77,7 @@ class Settings:
     plugins_dir: str = "plugins"
     shutdown_grace: float = 30.0
     log_level: str = "info"
-    log_format: str = "json"
+    log_format: str = "auto"
     log_headers: tuple[str, ...] = ()
     access_log_sampling: Mapping[str, float] = field(
         default_factory=lambda: {"/_proxy/health": 0.0, "/_proxy/metrics": 0.0, "/_proxy/status": 0.0}
@@ -465,7 +465,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], bool]] = {
     "plugins_dir": (_text, False),
     "shutdown_grace": (_seconds(True), True),
     "log_level": (_choice("debug", "info", "warning", "error"), False),
-    "log_format": (_choice("json", "text"), False),
+    "log_format": (_choice("auto", "json", "text"), False),
     "log_headers": (_header_names, True),
     "access_log_sampling": (_sampling, True),
     "health_path": (_endpoint_path, True),

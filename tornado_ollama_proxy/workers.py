@@ -20,6 +20,7 @@ once; then the parent exits 0. Workers are fresh interpreters, so nothing
 touches an event loop before they start.
 """
 
+import asyncio
 import logging
 import os
 import shutil
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from prometheus_client.multiprocess import mark_process_dead
@@ -86,9 +88,12 @@ def bound(family: socket.AddressFamily, address: tuple[Any, ...]) -> socket.sock
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, argv: list[str]):
+    def __init__(
+        self, settings: Settings, argv: list[str], announce: Callable[[int], Coroutine[Any, Any, None]] | None = None
+    ):
         self.settings = settings
         self.argv = argv
+        self.announce = announce  # tells the port once the workers serve it (only here, not in each)
         self.children: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
         self.stopping = False
         self.reserved: list[socket.socket] = []
@@ -123,6 +128,8 @@ class Supervisor:
         )
         for _ in range(count):
             self._spawn(env)
+        if self.announce is not None:
+            asyncio.run(self.announce(self.reserved[0].getsockname()[1]))
         while self.children:
             pid, status = os.wait()
             # A stop signal arriving while a worker is replaced waits until the

@@ -2,12 +2,11 @@
 public address without any, a generated one."""
 
 import logging
-from pathlib import Path
 
 from tornado_ollama_proxy import hookimpl
 from tornado_ollama_proxy.auth import SCOPES, ApiKey, KeyAuthenticator, KeyEntryError, digest_of, load_keys, strength
 from tornado_ollama_proxy.clients import is_loopback
-from tornado_ollama_proxy.generated_key import NAME, GeneratedKey, GeneratedKeyError, default_path, load_or_create
+from tornado_ollama_proxy.generated_key import NAME, GeneratedKey, GeneratedKeyError, key_path, load_or_create
 from tornado_ollama_proxy.settings import Settings, SettingsError
 
 log = logging.getLogger("tornado_ollama_proxy.auth")
@@ -15,10 +14,7 @@ log = logging.getLogger("tornado_ollama_proxy.auth")
 
 @hookimpl
 def authenticate(settings: Settings) -> KeyAuthenticator | None:
-    try:
-        keys = load_keys(settings.api_keys, settings.api_keys_file)
-    except KeyEntryError as error:
-        raise SettingsError(f"api_keys_file: {error}") from None
+    keys = configured_keys(settings)
     generated = None
     if not keys and settings.public:  # none configured, or a key file of comments only
         generated = _generated(settings)
@@ -42,9 +38,16 @@ def authenticate(settings: Settings) -> KeyAuthenticator | None:
     return authenticator
 
 
-def _generated(settings: Settings) -> GeneratedKey:
-    path = Path(settings.generated_key_file) if settings.generated_key_file else default_path()
+def configured_keys(settings: Settings) -> tuple[ApiKey, ...]:
+    """The keys the settings give, in them and in the key file (`SettingsError` for a bad file)."""
     try:
-        return load_or_create(path)
+        return load_keys(settings.api_keys, settings.api_keys_file)
+    except KeyEntryError as error:
+        raise SettingsError(f"api_keys_file: {error}") from None
+
+
+def _generated(settings: Settings) -> GeneratedKey:
+    try:
+        return load_or_create(key_path(settings.generated_key_file))
     except GeneratedKeyError as error:
         raise SettingsError(str(error)) from None

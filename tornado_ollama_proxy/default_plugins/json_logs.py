@@ -1,8 +1,12 @@
-"""Log records as one JSON object per line on stdout (or key=value text for a terminal)."""
+"""Log records on stdout: one JSON object per line for a log pipeline (a PaaS, a file, a
+pipe), readable lines for a person at a terminal (`log_format` "auto" tells them apart)."""
 
 import logging
+import os
 import sys
+from typing import TextIO
 
+from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
 from tornado_ollama_proxy import hookimpl
@@ -11,15 +15,32 @@ from tornado_ollama_proxy.settings import Settings
 
 # Attributes every LogRecord has; anything else was passed as `extra`.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+# A record's `lines`: the same as its fields, written for a person (the start-up summary).
+LINES = "lines"
+_COLOURS = {"DEBUG": "2", "INFO": "32", "WARNING": "33", "ERROR": "31", "CRITICAL": "1;31"}
 
 
 class TextFormatter(logging.Formatter):
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+    """Time, level, message, then `key=value` for each field; a record's `lines` below it.
+    Every value is escaped: a client's text cannot start a line or drive the terminal."""
+
+    def __init__(self, colour: bool = False) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(message)s")
+        self.colour = colour
 
     def format(self, record: logging.LogRecord) -> str:
         line = escaped(super().format(record))
-        extra = {key: value for key, value in vars(record).items() if key not in _STANDARD}
+        if self.colour:
+            level = record.levelname
+            line = line.replace(f" {level} ", f" \x1b[{_COLOURS.get(level, '0')}m{level}\x1b[0m ", 1)
+        lines = getattr(record, LINES, None)
+        extra = {
+            key: value
+            for key, value in vars(record).items()
+            if key not in _STANDARD and key != LINES and not (key == "request_id" and value is None)
+        }
+        if isinstance(lines, list):  # the fields, said again for a person: not repeated
+            return "\n    ".join([line, *(escaped(str(text)) for text in lines)])
         return " ".join([line, *(f"{key}={_value(value)}" for key, value in extra.items())])
 
 
@@ -31,17 +52,28 @@ def _value(value: object) -> str:
     return '"' + text.replace('"', '\\"') + '"'
 
 
+def readable(log_format: str, stream: TextIO) -> bool:
+    """Whether lines go to a person: "text", or "auto" on a terminal."""
+    return log_format == "text" or (log_format == "auto" and stream.isatty())
+
+
+def coloured(stream: TextIO) -> bool:
+    """Colour only for a terminal that shows it, unless NO_COLOR says otherwise (no-color.org)."""
+    return stream.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM", "") not in ("", "dumb")
+
+
 @hookimpl
 def log_handler(settings: Settings) -> logging.Handler:
     handler = logging.StreamHandler(sys.stdout)
-    if settings.log_format == "text":
-        handler.setFormatter(TextFormatter())
+    if readable(settings.log_format, sys.stdout):
+        handler.setFormatter(TextFormatter(colour=coloured(sys.stdout)))
     else:
         handler.setFormatter(
             JsonFormatter(
                 "{asctime}{levelname}{name}{message}",
                 style="{",
                 rename_fields={"asctime": "time", "levelname": "level"},
+                reserved_attrs=[*RESERVED_ATTRS, LINES],
             )
         )
     return handler
