@@ -150,6 +150,7 @@ class OllamaBase(RequestHandler):
 
     def initialize(self, state: FakeState) -> None:
         self.state = state
+        self.gone = asyncio.Event()  # the client left
 
     def compute_etag(self):
         return None
@@ -197,6 +198,7 @@ class OllamaBase(RequestHandler):
 
     def on_connection_close(self):
         super().on_connection_close()
+        self.gone.set()
         self.state.disconnected.put_nowait(self.request.path)
 
 
@@ -376,7 +378,8 @@ class OllamaHandler(OllamaBase):
             return
         self.set_header("Content-Type", NDJSON)
         if model == "silent":
-            await asyncio.Event().wait()  # ended by the client leaving
+            await self.gone.wait()  # until the client leaves, as Ollama stops a generation then
+            return
         if model == "flood":
             await self.flood(count)
             return
@@ -386,7 +389,8 @@ class OllamaHandler(OllamaBase):
             if model == "gap" and i == 0:
                 await asyncio.sleep(self.state.silence)
             if model == "stall":
-                await asyncio.Event().wait()
+                await self.gone.wait()
+                return
             if model == "die" and i == 1:
                 await asyncio.sleep(0.1)  # a crash some time after the last token
                 self.request.connection.stream.close()

@@ -54,6 +54,8 @@ class ApiKey:
     digest: bytes
     scopes: frozenset[str]
     bits: float | None = None
+    weight: float = 1.0  # its share of a busy pod, against other keys' (the fair queue)
+    shared: bool = False  # used by several people: each address gets its own line
 
     @property
     def weak(self) -> bool:
@@ -82,9 +84,9 @@ def _entry(entry: Any, index: int) -> ApiKey:
         return ApiKey(f"key-{index}", _plain(entry), frozenset(SCOPES), strength(entry))
     if not isinstance(entry, Mapping):
         raise KeyEntryError("a key string or an object with name and key or key_sha256")
-    unknown = sorted(set(entry) - {"name", "key", "key_sha256", "scopes"})
+    unknown = sorted(set(entry) - {"name", "key", "key_sha256", "scopes", "weight", "shared"})
     if unknown:
-        raise KeyEntryError(f"unknown field {unknown[0]!r}; allowed: name, key, key_sha256, scopes")
+        raise KeyEntryError(f"unknown field {unknown[0]!r}; allowed: name, key, key_sha256, scopes, weight, shared")
     if ("key" in entry) == ("key_sha256" in entry):
         raise KeyEntryError("needs exactly one of key and key_sha256")
     plain = "key" in entry
@@ -92,7 +94,14 @@ def _entry(entry: Any, index: int) -> ApiKey:
     scopes = entry.get("scopes", list(SCOPES))
     if not isinstance(scopes, list):
         raise KeyEntryError(f"scopes must be a list of {', '.join(SCOPES)}")
-    return ApiKey(_name(entry.get("name")), digest, _scopes(scopes), strength(entry["key"]) if plain else None)
+    weight = entry.get("weight", 1)
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight <= 1000:
+        raise KeyEntryError("weight must be a number above 0, up to 1000")
+    shared = entry.get("shared", False)
+    if not isinstance(shared, bool):
+        raise KeyEntryError("shared must be true or false")
+    bits = strength(entry["key"]) if plain else None
+    return ApiKey(_name(entry.get("name")), digest, _scopes(scopes), bits, float(weight), shared)
 
 
 def parse_key_file(text: str, source: str) -> tuple[ApiKey, ...]:

@@ -238,13 +238,15 @@ class ProxyHandler(BaseHandler):
             if offered is not None:
                 headers["Accept-Encoding"] = offered
         headers[REQUEST_ID_HEADER] = self.request_id
-        pooled = not self.proxy.pool.single and route is not None and route.scope == INFERENCE
+        several = not self.proxy.pool.single or self.proxy.queue is not None
+        pooled = several and route is not None and route.scope == INFERENCE
         if route is not None and route.body_defaults and body.present:
             body.hold(ALIAS_BODY_LIMIT)
         elif declared is not None and 0 < declared <= SMALL_BODY:
             body.hold(SMALL_BODY)
         elif pooled and body.present and (declared is None or declared <= settings.hold_body_max):
-            # Its model chooses the pod, and a held body may go again: read it first.
+            # Its model chooses the pod, its size its place in the fair queue, and a held
+            # body may go again: read it first.
             body.hold(settings.hold_body_max)
         elif route is not None and (route.answer or route.tokens):
             body.keep_copy()  # what it asks for decides the answer's format, and is accounted
@@ -567,6 +569,7 @@ class StatusHandler(OwnEndpointHandler):
             "upstream": upstream,
             "upstreams": proxy.pool.snapshot(),
             "conflicts": proxy.pool.conflicts(),
+            "queues": proxy.queue.snapshot(private) if proxy.queue is not None else [],
             "in_flight": rows,
         }
         self.set_header("Content-Type", JSON_TYPE)

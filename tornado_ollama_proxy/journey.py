@@ -25,6 +25,8 @@ from .auth import INFERENCE
 from .balancer import Wanted, affinity_key
 from .body import BodyPump
 from .errors import Rejection
+from .fair_queue import Abandoned as QueueLeft
+from .fair_queue import FairQueue, Share, Waiter, estimate, requester_of
 from .framing import Head, MalformedAnswer
 from .idle import Silence
 from .model_names import canonical
@@ -90,6 +92,10 @@ class Journey:
         self.relay = self._relay(plan)
         self.failure: Failure | None = None  # what the last attempt's end means, once it has ended
         self.settled = False
+        self.share: Share | None = None  # a generation's place in the fair queue
+        self.waiter: Waiter | None = None  # while it waits there
+        self.went = False  # it left the queue for a pod: the queue counts it until it ends
+        self.queued_since: float | None = None
         self.watch = Silence(proxy.idle_timeout, self._progress, self._on_silence)
         proxy.metrics.in_flight.inc()
         proxy.exchanges.add(self)
@@ -175,6 +181,7 @@ class Journey:
             return
         self.settled = True
         self.body.stop()
+        self._leave_queue()
         self.failure = failure = attempt.ended()
         if failure is None and not self.relay.complete:
             # The exchange ended cleanly, but the answer it decoded did not.
@@ -215,14 +222,57 @@ class Journey:
         self.reply.finish()
 
     async def _first(self) -> bool:
-        """The first attempt of a held body, at the pod its model and conversation want;
+        """The first attempt of a held body, at the pod its model and conversation want
+        (a generation, when it has a free slot: else after its turn in the fair queue);
         False when none can take it (the client has been answered)."""
-        member = self.pool.pick(await self._choose())
+        members = await self._choose()
+        queue = self.proxy.queue
+        if queue is not None and self.generation and members:
+            return await self._queued(queue)
+        member = self.pool.pick(members)
         if member is None:
             self.end_early(self._nowhere())
             return False
-        self._attempt(member, body=self.body.whole() if self.body.present else None)
+        self._go_to(member)
         return True
+
+    async def _queued(self, queue: FairQueue) -> bool:
+        record, settings = self.record, self.proxy.settings
+        key = self.proxy.key_entries.get(record.key) if record.key is not None else None
+        data = json_object(self.body.whole()) if self.body.present else None
+        self.share = Share(
+            requester_of(record.key, record.client, key is not None and key.shared),
+            key.weight if key is not None else 1.0,
+            estimate(data, settings.queue_default_output_tokens),
+        )
+        wanted, targets = self._wanted(), self.plan.targets
+        since = self.queued_since = time.monotonic()
+        try:
+            started = await queue.admit(
+                self.share, lambda: self.pool.choose(wanted, targets), self._went_to, self._waiting
+            )
+        except Rejection as rejection:
+            self.end_early(rejection)
+            return False
+        except QueueLeft:
+            return False  # its client left: nothing to answer
+        finally:
+            self.waiter = None
+            record.queued_ms = round((time.monotonic() - since) * 1000, 3)
+        if not started:
+            self.end_early(self._nowhere())
+        return started
+
+    def _waiting(self, waiter: Waiter) -> None:
+        self.waiter = waiter
+
+    def _went_to(self, member: Member) -> None:
+        """Its turn, at `member`: from now on the queue counts what it uses."""
+        self.went = True
+        self._go_to(member)
+
+    def _go_to(self, member: Member) -> None:
+        self._attempt(member, body=self.body.whole() if self.body.present else None)
 
     async def _again(self, cause: Cause) -> bool:
         """Send the request again after `cause`, where the rules, the retries left and the
@@ -239,7 +289,7 @@ class Journey:
         if member is None:
             return False
         self.proxy.metrics.retries.labels(attempt.member.pod.name, cause.value).inc()
-        self._attempt(member, body=self.body.whole() if self.body.present else None)
+        self._go_to(member)
         return True
 
     def _may_go_again(self, cause: Cause | None = None) -> bool:
@@ -256,16 +306,20 @@ class Journey:
     async def _choose(self, avoid: Sequence[str] = ()) -> list[Member]:
         """The pods for this request, best first, by its model and conversation; a model no
         pod lists makes the pool read its pods' lists once more first."""
+        wanted = self._wanted()
+        members = self.pool.choose(wanted, self.plan.targets, avoid)
+        if not members and wanted.model is not None and not avoid and self.pool.lists_nowhere(wanted.model):
+            await self.pool.refresh_all()
+            members = self.pool.choose(wanted, self.plan.targets, avoid)
+        return members
+
+    def _wanted(self) -> Wanted:
+        """What the pool chooses by: the model (as Ollama names it) and the conversation."""
         info = self.body.info()
         named = info.model or self.plan.model
         model = canonical(named) if named is not None else None
         session = self.plan.headers.get(SESSION_HEADER)
-        wanted = Wanted(model, affinity_key(session, self.record.key, model, info.opening))
-        members = self.pool.choose(wanted, self.plan.targets, avoid)
-        if not members and model is not None and not avoid and self.pool.lists_nowhere(model):
-            await self.pool.refresh_all()
-            members = self.pool.choose(wanted, self.plan.targets, avoid)
-        return members
+        return Wanted(model, affinity_key(session, self.record.key, model, info.opening))
 
     def _nowhere(self) -> Rejection:
         """Why no pod takes the request: its model is on none (as Ollama says it), or none is up."""
@@ -306,7 +360,11 @@ class Journey:
             self.end_early(Rejection(408, f"the client sent no body bytes for {self.proxy.idle_timeout:g} s"))
 
     def client_left(self) -> None:
-        """The client has gone: nothing more is relayed, and the upstream is let go."""
+        """The client has gone: nothing more is relayed, the upstream is let go, and a
+        request still in the queue leaves it (no pod ever sees it)."""
+        if self.waiter is not None:
+            assert self.proxy.queue is not None
+            self.proxy.queue.abandon(self.waiter)
         if self.record.outcome is None and self.relay.head is not None:
             self.proxy.metrics.client_disconnects.inc()
         self._abort(Abandoned())
@@ -333,6 +391,24 @@ class Journey:
         # is freed at once instead of at the next full collection.
         self.attempt = None
         self._read_usage()
+        self._leave_queue()
+        if self.queued_since is not None and self.record.queued_ms is None:  # it left while queued
+            self.record.queued_ms = round((time.monotonic() - self.queued_since) * 1000, 3)
+
+    def _leave_queue(self) -> None:
+        """A generation that went from the queue has ended at its pod: the queue learns what
+        it used (Ollama's counts, or its estimate when they are missing), before it chooses
+        who takes the slot next."""
+        if not self.went:
+            return
+        self.went = False
+        assert self.proxy.queue is not None and self.share is not None
+        relay = self.relay
+        counters = read_counters(relay.usage.bytes()) if relay.usage is not None else None
+        used = None
+        if counters is not None and counters.prompt_tokens is not None and counters.completion_tokens is not None:
+            used = counters.prompt_tokens + counters.completion_tokens
+        self.proxy.queue.ended(self.share, used)
 
     # -- what the idle watch and the heartbeats look at --------------------------------
 

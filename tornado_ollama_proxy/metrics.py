@@ -172,6 +172,24 @@ class Metrics:
             "Clients that left while their answer was being relayed.",
             registry=r,
         )
+        self.queue_depth = Gauge(
+            f"{PREFIX}_queue_depth",
+            "Generations waiting for a free slot.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.queue_wait = Histogram(
+            f"{PREFIX}_queue_wait_seconds",
+            "Time generations waited for a free slot before they went (0 for those that did not wait).",
+            buckets=TTFB_BUCKETS,
+            registry=r,
+        )
+        self.queue_refused = Counter(
+            f"{PREFIX}_queue_refused",
+            "Generations refused a place in line or dropped from it, by reason (full, full_per_key, timeout).",
+            ["reason"],
+            registry=r,
+        )
 
     def count_request(self, record: AccessRecord) -> None:
         """Any request that ended. Runs for every request: each label set's children are

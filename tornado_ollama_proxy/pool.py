@@ -72,6 +72,7 @@ class Pool:
         for member in self.members:
             metrics.upstream_healthy.labels(member.pod.name).set(1)
         self._client: PooledHTTPClient | None = None
+        self.slot_freed: Callable[[], None] | None = None  # the fair queue's, when pods have slots
         self._watching: asyncio.Task[None] | None = None
         self._sharing: asyncio.Task[None] | None = None
 
@@ -170,9 +171,13 @@ class Pool:
 
     def leave(self, member: Member, generation: bool) -> None:
         member.in_flight -= 1
+        self.metrics.upstream_in_flight.labels(member.pod.name).dec()
         if generation:
             member.busy -= 1
-        self.metrics.upstream_in_flight.labels(member.pod.name).dec()
+            if self.slot_freed is not None:
+                # After the exchange's other callbacks: its journey tells the queue what it
+                # used before the queue chooses who goes next.
+                asyncio.get_running_loop().call_soon(self.slot_freed)
 
     def pick(self, members: Sequence[Member]) -> Member | None:
         """The first of `members` that may take a request now (see `claim`)."""

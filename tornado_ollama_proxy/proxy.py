@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .balancer import default_chooser
+from .fair_queue import FairQueue
 from .health import HealthCheck
 from .logs import ACCESS_LOGGER, CREDENTIALS, sampled
 from .metrics import Metrics
@@ -81,6 +82,10 @@ class Proxy:
         self.idle_timeout = settings.idle_timeout
         self.metrics = Metrics()
         self.pool = Pool(settings, chooser or default_chooser(), self.metrics)
+        # Generations wait in the proxy only for pods whose slots are known.
+        queued = any(pod.slots is not None for pod in self.pool.pods)
+        self.queue = FairQueue(self.pool, settings, self.metrics) if queued else None
+        self.key_entries = {key.name: key for key in getattr(authenticator, "keys", ())}
         self.health = HealthCheck(self.pool, settings.health_cache_seconds)
         self.models = ModelLabels(settings.metrics_max_models)
         self.board = StatusBoard(settings.worker_count)

@@ -24,6 +24,7 @@ class AccessRecord:
         self.stream: bool | None = None
         self.upstream: str | None = None  # the pod the last attempt went to, by name
         self.attempts = 0  # how many pods (or times) the request went to
+        self.queued_ms: float | None = None  # a generation's wait for a free slot, where pods have slots
         self.upstream_status: int | None = None
         self.status = 0  # as sent; for an error told in-band after a heartbeat's 200, the error's
         self.in_band = False  # an error was told in-band, after the proxy's own head

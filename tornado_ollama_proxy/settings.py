@@ -66,6 +66,10 @@ class Settings:
     pool_max_fails: int = 3
     pool_eject_seconds: float = 10.0
     pool_retries: int = 2
+    queue_max: int = 1000
+    queue_max_per_key: int = 100
+    queue_timeout: float = 300.0
+    queue_default_output_tokens: int = 256
     connect_timeout: float = 10.0
     idle_timeout: float = 600.0
     header_timeout: float = 60.0
@@ -454,6 +458,10 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], bool]] = {
     "pool_max_fails": (_count, True),
     "pool_eject_seconds": (_seconds(False), True),
     "pool_retries": (_retries, True),
+    "queue_max": (_count, True),
+    "queue_max_per_key": (_count, True),
+    "queue_timeout": (_seconds(False), True),
+    "queue_default_output_tokens": (_count, True),
     "connect_timeout": (_seconds(False), True),
     "idle_timeout": (_seconds(False), True),
     "header_timeout": (_seconds(False), True),

@@ -18,7 +18,8 @@ def authenticate(settings: Settings) -> KeyAuthenticator | None:
     generated = None
     if not keys and settings.public:  # none configured, or a key file of comments only
         generated = _generated(settings)
-        keys = (ApiKey(NAME, digest_of(generated.key), frozenset(SCOPES), strength(generated.key)),)
+        # One key for everyone who was given it: shared, so each address waits in its own line.
+        keys = (ApiKey(NAME, digest_of(generated.key), frozenset(SCOPES), strength(generated.key), shared=True),)
     if not keys:
         return None
     authenticator = KeyAuthenticator(keys, settings, generated)

@@ -1,0 +1,274 @@
+"""Busy pods shared fairly: generations wait in the proxy for a free slot, each requester
+in its own line, served by tokens and weight; bounded lines with clear answers; a wait
+that is not silence."""
+
+import asyncio
+import json
+
+import ollama
+import pytest
+
+from tornado_ollama_proxy.auth import parse_entries
+from tornado_ollama_proxy.fair_queue import estimate, requester_of
+
+from .helpers import parse_metrics, read_response, ready, scrape, send_json, until, value
+
+KEYS = {name: name[0] * 43 for name in ("alice", "bob", "carol")}
+CAROL = f"Authorization: Bearer {KEYS['carol']}\r\n".encode()
+
+
+def keys(**weights):
+    return parse_entries(
+        [
+            {"name": name, "key": key, **({"weight": weights[name]} if name in weights else {})}
+            for name, key in KEYS.items()
+        ]
+    )
+
+
+def client(front, name):
+    return ollama.AsyncClient(host=front, headers={"Authorization": f"Bearer {KEYS[name]}"})
+
+
+def order(state):
+    """Who each generation the stand-in ran was for, in the order they arrived there."""
+    bodies = [json.loads(seen.body) for seen in state.seen if seen.path == "/api/chat"]
+    return [body["messages"][0]["content"].split()[0] for body in bodies if body["model"] != "stall"]
+
+
+def chat(who, n, words=1, **more):
+    return {"model": "llama3.2", "messages": [{"role": "user", "content": f"{who} {n} " + "x " * words}], **more}
+
+
+async def queued(proxy, count):
+    try:
+        await until(lambda: proxy.proxy.queue.size == count)
+    except AssertionError:
+        raise AssertionError(proxy.proxy.queue.size, len(proxy.proxy.exchanges)) from None
+
+
+# -- the estimate and the lines, alone ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data, tokens",
+    [
+        (None, 256),
+        ({"prompt": "x" * 400}, 100 + 256),
+        ({"prompt": "x" * 400, "options": {"num_predict": 10}}, 110),
+        ({"messages": [{"role": "user", "content": "x" * 40}, "odd"], "max_tokens": 5}, 15),
+        ({"messages": [{"content": [{"type": "text", "text": "x" * 80}, {"type": "image_url"}]}]}, 20 + 256),
+        ({"input": ["x" * 40, "y" * 40], "max_completion_tokens": 1}, 21),
+        ({"instructions": "x" * 8, "input": "y" * 8, "max_output_tokens": 2}, 6),
+        ({"system": "x" * 4, "prompt": "y" * 4, "options": {"num_predict": -1}}, 2 + 256),
+        ({"prompt": "x", "options": {"num_predict": True}}, 256),
+        ({"prompt": 5, "messages": "no", "options": "no"}, 256),
+    ],
+)
+def test_a_generation_is_estimated_by_its_prompt_and_the_output_it_asks_for(data, tokens):
+    assert estimate(data, 256) == tokens
+
+
+def test_each_requester_has_its_own_line():
+    assert requester_of("alice", "10.0.0.1", False) == "key:alice"
+    assert requester_of("generated", "10.0.0.1", True) == "key:generated@10.0.0.1"
+    assert requester_of(None, "10.0.0.1", False) == "address:10.0.0.1"
+
+
+# -- through the front, with the official client ----------------------------------------------
+
+
+async def test_a_second_key_waits_for_at_most_one_of_the_firsts_twenty(pods, make_proxy, nginx):
+    [pod] = pods(1, slots=1, token_delay=0.02)
+    proxy = make_proxy(upstreams=[{"name": "a", "url": pod.url, "slots": 1}], api_keys=keys())
+    await ready(proxy)
+    front = nginx(proxy, as_get=True)
+    alice, bob = client(front, "alice"), client(front, "bob")
+    flood = [asyncio.ensure_future(alice.chat(**chat("alice", n))) for n in range(20)]
+    await queued(proxy, 19)
+    late = [asyncio.ensure_future(bob.chat(**chat("bob", n))) for n in range(2)]
+    await asyncio.gather(*flood, *late)
+    ran = order(pod.state)
+    assert ran.index("bob") <= 2  # alice's first was running; at most one more of hers went first
+    assert pod.state.most_running == 1  # the pod never ran two at once: the rest waited in the proxy
+    await alice.close()
+    await bob.close()
+
+
+async def test_weights_share_a_busy_pod_by_tokens(pods, make_proxy, nginx):
+    [pod] = pods(1, slots=1)
+    proxy = make_proxy(upstreams=[{"name": "a", "url": pod.url, "slots": 1}], api_keys=keys(alice=3))
+    await ready(proxy)
+    front = nginx(proxy, as_get=True)
+    alice, bob = client(front, "alice"), client(front, "bob")
+    gate = await hold_the_slot(proxy, CAROL)
+    waiting = [asyncio.ensure_future(alice.chat(**chat("alice", n))) for n in range(30)]
+    waiting += [asyncio.ensure_future(bob.chat(**chat("bob", n))) for n in range(30)]
+    await queued(proxy, 60)
+    gate.close()
+    await asyncio.gather(*waiting)
+    first = order(pod.state)[:40]
+    assert 28 <= first.count("alice") <= 32  # 3:1, within 10 %
+    await alice.close()
+    await bob.close()
+
+
+async def test_a_key_sending_prompts_ten_times_longer_gets_a_tenth_of_the_requests(pods, make_proxy, nginx):
+    [pod] = pods(1, slots=1)
+    proxy = make_proxy(upstreams=[{"name": "a", "url": pod.url, "slots": 1}], api_keys=keys())
+    await ready(proxy)
+    front = nginx(proxy, as_get=True)
+    alice, bob = client(front, "alice"), client(front, "bob")
+    gate = await hold_the_slot(proxy, CAROL)
+    options = {"num_predict": 1}
+    waiting = [asyncio.ensure_future(alice.chat(**chat("alice", n, 1000), options=options)) for n in range(10)]
+    waiting += [asyncio.ensure_future(bob.chat(**chat("bob", n, 100), options=options)) for n in range(30)]
+    await queued(proxy, 40)
+    gate.close()
+    await asyncio.gather(*waiting)
+    first = order(pod.state)[:22]
+    assert first.count("alice") in (2, 3)  # about one in eleven
+    await alice.close()
+    await bob.close()
+
+
+async def hold_the_slot(proxy, headers=b""):
+    """A generation that takes the one slot until its connection is closed."""
+    holder = {"model": "stall", "messages": [{"role": "user", "content": "holder"}]}
+    reader, writer = await send_json(proxy, b"POST", b"/api/chat", holder, headers)
+    await reader.readuntil(b"\r\n\r\n")
+    return writer
+
+
+async def test_a_request_for_a_free_model_waits_for_no_request_for_a_busy_one(pods, make_proxy, http):
+    a, b = pods(2, slots=1)
+    a.state.models = {"stall", "llama3.2"}
+    b.state.models = {"qwen"}
+    proxy = make_proxy(upstreams=[{"name": "a", "url": a.url, "slots": 1}, {"name": "b", "url": b.url, "slots": 1}])
+    await ready(proxy)
+    gate = await hold_the_slot(proxy)
+    waiting = [
+        asyncio.ensure_future(http.post(proxy + "/api/chat", json=chat("me", n, stream=False))) for n in range(3)
+    ]
+    await queued(proxy, 3)
+    other = await http.post(proxy + "/api/chat", json={**chat("me", 9, stream=False), "model": "qwen"})
+    assert (other.status_code, other.headers["x-ollama-upstream"]) == (200, "b")  # past its own three, at once
+    gate.close()
+    assert [answer.status_code for answer in await asyncio.gather(*waiting)] == [200] * 3
+
+
+async def test_full_lines_are_answered_at_once_in_the_clients_shape(pods, make_proxy, http):
+    [pod] = pods(1, slots=1)
+    proxy = make_proxy(
+        upstreams=[{"name": "a", "url": pod.url, "slots": 1}], api_keys=keys(), queue_max=3, queue_max_per_key=2
+    )
+    await ready(proxy)
+    bearer = {name: {"Authorization": f"Bearer {key}"} for name, key in KEYS.items()}
+    gate = await hold_the_slot(proxy, CAROL)
+    alices = [
+        asyncio.ensure_future(http.post(proxy + "/api/chat", json=chat("alice", n), headers=bearer["alice"]))
+        for n in range(2)
+    ]
+    await queued(proxy, 2)
+    mine = await http.post(proxy + "/api/chat", json=chat("alice", 3), headers=bearer["alice"])
+    assert (mine.status_code, mine.headers["retry-after"]) == (429, "5")
+    assert mine.json() == {"error": "2 of your requests wait for a free slot already (queue_max_per_key)"}
+    bobs = asyncio.ensure_future(http.post(proxy + "/api/chat", json=chat("bob", 1), headers=bearer["bob"]))
+    await queued(proxy, 3)
+    full = await http.post(
+        proxy + "/v1/chat/completions",
+        json={"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]},
+        headers=bearer["carol"],
+    )
+    assert (full.status_code, full.headers["retry-after"]) == (503, "10")
+    error = full.json()["error"]
+    assert (error["message"], error["type"]) == ("3 requests wait for a free slot already (queue_max)", "api_error")
+    gate.close()
+    assert [answer.status_code for answer in await asyncio.gather(*alices, bobs)] == [200] * 3
+    samples = parse_metrics((await http.get(proxy + "/_proxy/metrics", headers=bearer["carol"])).text)
+    assert value(samples, "ollama_proxy_queue_refused_total", reason="full_per_key") == 1
+    assert value(samples, "ollama_proxy_queue_refused_total", reason="full") == 1
+    assert value(samples, "ollama_proxy_queue_depth") == 0
+
+
+async def test_a_client_that_leaves_while_queued_never_reaches_the_pod(pods, make_proxy, log_lines):
+    [pod] = pods(1, slots=1)
+    proxy = make_proxy(upstreams=[{"name": "a", "url": pod.url, "slots": 1}])
+    await ready(proxy)
+    gate = await hold_the_slot(proxy)
+    _, writer = await send_json(proxy, b"POST", b"/api/chat", chat("gone", 1))
+    await queued(proxy, 1)
+    writer.close()
+    await queued(proxy, 0)  # out of line at once
+    gate.close()
+    reader, writer = await send_json(proxy, b"POST", b"/api/chat", chat("next", 1, stream=False))
+    status, _, _ = await read_response(reader)
+    assert status == 200 and order(pod.state) == ["next"]  # "gone" never came
+    records = [line for line in log_lines() if line["message"] == "request" and line["route"] == "/api/chat"]
+    [left] = [record for record in records if record["outcome"] == "client_gone" and record["upstream"] is None]
+    assert left["queued_ms"] > 0 and left["attempts"] == 0
+    writer.close()
+
+
+async def test_a_wait_longer_than_the_fronts_patience_is_bridged_by_heartbeats(pods, make_proxy, nginx, log_lines):
+    [pod] = pods(1, slots=1)
+    proxy = make_proxy(upstreams=[{"name": "a", "url": pod.url, "slots": 1}], heartbeat_seconds=0.25)
+    await ready(proxy)
+    front = nginx(proxy, as_get=True, read_timeout=1)  # gives up after 1 s without a byte
+    gate = await hold_the_slot(proxy)
+    asker = ollama.AsyncClient(host=front)
+    waiting = asyncio.ensure_future(asker.chat(**chat("patient", 1)))
+    await queued(proxy, 1)
+    await asyncio.sleep(2.5)  # queued for more than twice the front's patience
+    gate.close()
+    answer = await waiting
+    assert answer.message.content == "tok0 tok1 tok2 "
+    [record] = [line for line in log_lines() if line["message"] == "request" and line["model"] == "llama3.2"]
+    assert record["status"] == 200 and record["heartbeats"] > 0 and record["queued_ms"] >= 2500
+    await asker.close()
+
+
+async def test_a_wait_past_queue_timeout_is_503_or_in_band_after_a_heartbeat(pods, make_proxy):
+    [pod] = pods(1, slots=1)
+    upstreams = [{"name": "a", "url": pod.url, "slots": 1}]
+    quiet = make_proxy(upstreams=upstreams, queue_timeout=0.3, heartbeat_seconds=None)
+    await ready(quiet)
+    gate = await hold_the_slot(quiet)
+    reader, writer = await send_json(quiet, b"POST", b"/api/chat", chat("late", 1))
+    status, headers, body = await read_response(reader)
+    assert (status, headers["retry-after"]) == (503, ["10"])
+    assert json.loads(body) == {"error": "no slot came free within 0.3 s (queue_timeout): the pods are busy"}
+    gate.close()
+    writer.close()
+    beating = make_proxy(upstreams=upstreams, queue_timeout=0.5, heartbeat_seconds=0.1)
+    await ready(beating)
+    gate = await hold_the_slot(beating)
+    reader, writer = await send_json(beating, b"POST", b"/api/chat", chat("late", 2))
+    status, _, body = await read_response(reader)
+    assert status == 200  # the heartbeat's head
+    message = "no slot came free within 0.5 s (queue_timeout): the pods are busy"
+    assert json.loads(body.strip().splitlines()[-1]) == {"error": message}
+    gate.close()
+    writer.close()
+
+
+async def test_the_queue_is_visible_in_the_status_and_the_metrics(pods, make_proxy, http):
+    [pod] = pods(1, slots=1)
+    proxy = make_proxy(upstreams=[{"name": "a", "url": pod.url, "slots": 1}])
+    await ready(proxy)
+    gate = await hold_the_slot(proxy)
+    waiting = [
+        asyncio.ensure_future(http.post(proxy + "/api/chat", json=chat("me", n, stream=False))) for n in range(2)
+    ]
+    await queued(proxy, 2)
+    status = (await http.get(proxy + "/_proxy/status")).json()
+    [line] = status["queues"]
+    assert (line["requester"], line["waiting"]) == ("address:127.0.0.1", 2) and line["longest_wait_s"] >= 0
+    samples = await scrape(http, proxy)
+    assert value(samples, "ollama_proxy_queue_depth") == 2
+    gate.close()
+    await asyncio.gather(*waiting)
+    samples = await scrape(http, proxy)
+    assert value(samples, "ollama_proxy_queue_wait_seconds_count") == 3  # the slot's holder too, at 0
+    assert (await http.get(proxy + "/_proxy/status")).json()["queues"] == []
+    assert proxy.proxy.queue.finish == {} and proxy.proxy.queue.running == {}  # nothing kept of who asked
