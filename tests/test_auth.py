@@ -52,6 +52,13 @@ def test_entries_take_a_bare_key_a_key_or_its_digest():
     assert (hashed.name, hashed.digest) == ("bob", digest_of("k3"))
 
 
+def test_an_entry_may_carry_its_share_of_a_busy_pod_and_say_it_is_shared():
+    plain, weighted = parse_entries(
+        [{"name": "a", "key": "x"}, {"name": "b", "key": "y", "weight": 2.5, "shared": True}]
+    )
+    assert (plain.weight, plain.shared, weighted.weight, weighted.shared) == (1.0, False, 2.5, True)
+
+
 @pytest.mark.parametrize(
     "entries, message",
     [
@@ -66,6 +73,11 @@ def test_entries_take_a_bare_key_a_key_or_its_digest():
         ([{"key": "x"}], "name None must be"),
         ([{"name": "a", "key": " x"}], "without surrounding spaces"),
         ([{"name": "a", "key": "x", "role": "admin"}], "unknown field 'role'"),
+        ([{"name": "a", "key": "x", "weight": 0}], "weight must be a number above 0, up to 1000"),
+        ([{"name": "a", "key": "x", "weight": 1001}], "weight must be a number above 0"),
+        ([{"name": "a", "key": "x", "weight": "3"}], "weight must be a number above 0"),
+        ([{"name": "a", "key": "x", "weight": True}], "weight must be a number above 0"),
+        ([{"name": "a", "key": "x", "shared": "yes"}], "shared must be true or false"),
         ([42], "entry 1: a key string or an object"),
     ],
 )

@@ -167,3 +167,20 @@ async def test_the_status_page_shows_the_pods_their_state_and_conflicts(pods, ma
     assert rows[1][1].startswith("ejected for ") and rows[0][3] == "0 / 4" and rows[0][4] == "llama3.2:latest"
     assert "refused the connection" in rows[1][7]
     assert "different digests under one name, requests go to the newest: llama3.2:latest (gpu-a, gpu-b)" in dom
+
+
+async def test_the_status_page_shows_who_waits_for_a_slot(pods, make_proxy, browse, http):
+    [pod] = pods(1)
+    proxy = make_proxy(upstreams=[{"name": "gpu", "url": pod.url, "slots": 1}])
+    await proxy.proxy.pool.refresh_all()
+    holder = {"model": "stall", "messages": [{"role": "user", "content": "holder"}]}
+    reader, writer = await send_json(proxy, b"POST", b"/api/chat", holder)
+    await reader.readuntil(b"\r\n\r\n")
+    chat = {"model": "llama3.2", "messages": MESSAGES, "stream": False}
+    waiting = [asyncio.ensure_future(http.post(proxy + "/api/chat", json=chat)) for _ in range(2)]
+    await until(lambda: proxy.proxy.queue.size == 2)
+    dom = await browse(proxy + "/_proxy/")
+    [row] = cells(dom, "queues")
+    assert row[:2] == ["address:127.0.0.1", "2"] and row[2].endswith("s")
+    writer.close()
+    assert [answer.status_code for answer in await asyncio.gather(*waiting)] == [200, 200]

@@ -272,3 +272,28 @@ async def test_the_queue_is_visible_in_the_status_and_the_metrics(pods, make_pro
     assert value(samples, "ollama_proxy_queue_wait_seconds_count") == 3  # the slot's holder too, at 0
     assert (await http.get(proxy + "/_proxy/status")).json()["queues"] == []
     assert proxy.proxy.queue.finish == {} and proxy.proxy.queue.running == {}  # nothing kept of who asked
+
+
+async def test_a_request_that_fails_to_start_in_its_turn_is_answered_and_the_line_goes_on(
+    pods, make_proxy, http, monkeypatch
+):
+    from tornado_ollama_proxy.journey import Journey
+
+    [pod] = pods(1)
+    proxy = make_proxy(upstreams=[{"name": "a", "url": pod.url, "slots": 1}])
+    await ready(proxy)
+    gate = await hold_the_slot(proxy)
+    broken = asyncio.ensure_future(http.post(proxy + "/api/chat", json=chat("broken", 1, stream=False)))
+    await queued(proxy, 1)
+    fine = asyncio.ensure_future(http.post(proxy + "/api/chat", json=chat("fine", 1, stream=False)))
+    await queued(proxy, 2)
+    go_to = Journey._go_to
+
+    def fails_once(journey, member):
+        monkeypatch.setattr(Journey, "_go_to", go_to)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Journey, "_go_to", fails_once)
+    gate.close()
+    assert (await broken).status_code == 500
+    assert (await fine).status_code == 200 and order(pod.state) == ["fine"]

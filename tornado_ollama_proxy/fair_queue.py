@@ -130,18 +130,17 @@ class FairQueue:
         self._join(waiter)
         waiting(waiter)
         try:
-            await asyncio.wait_for(asyncio.shield(waiter.started), self.settings.queue_timeout)
-        except TimeoutError:
-            if not waiter.started.done():
-                self.metrics.queue_refused.labels("timeout").inc()
-                raise Rejection(
-                    503,
-                    f"no slot came free within {self.settings.queue_timeout:g} s (queue_timeout): the pods are busy",
-                    {"Retry-After": "10"},
-                ) from None
-            waiter.started.result()  # it started as the wait ran out
+            await asyncio.wait([waiter.started], timeout=self.settings.queue_timeout)
         finally:
             self._leave(waiter)
+        if not waiter.started.done():
+            self.metrics.queue_refused.labels("timeout").inc()
+            raise Rejection(
+                503,
+                f"no slot came free within {self.settings.queue_timeout:g} s (queue_timeout): the pods are busy",
+                {"Retry-After": "10"},
+            )
+        waiter.started.result()  # its start's error, or Abandoned
         return True
 
     def abandon(self, waiter: Waiter) -> None:
