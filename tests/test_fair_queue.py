@@ -287,13 +287,13 @@ async def test_a_request_that_fails_to_start_in_its_turn_is_answered_and_the_lin
     await queued(proxy, 1)
     fine = asyncio.ensure_future(http.post(proxy + "/api/chat", json=chat("fine", 1, stream=False)))
     await queued(proxy, 2)
-    go_to = Journey._go_to
+    attempt = Journey._attempt
 
-    def fails_once(journey, member):
-        monkeypatch.setattr(Journey, "_go_to", go_to)
+    def fails_once(journey, member, **body):
+        monkeypatch.setattr(Journey, "_attempt", attempt)
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(Journey, "_go_to", fails_once)
+    monkeypatch.setattr(Journey, "_attempt", fails_once)
     gate.close()
     assert (await broken).status_code == 500
     assert (await fine).status_code == 200 and order(pod.state) == ["fine"]

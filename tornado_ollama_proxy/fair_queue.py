@@ -56,6 +56,45 @@ class Waiter:
     started: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
+class Ticket:
+    """One generation's place in the queue, from joining it to its end at a pod."""
+
+    def __init__(self, queue: FairQueue, share: Share):
+        self.queue = queue
+        self.share = share
+        self.since = time.monotonic()
+        self.went_at: float | None = None  # when it left the queue for a pod
+        self.running = False  # at a pod: the queue counts it until it ends
+        self.waiter: Waiter | None = None
+
+    async def admit(self, candidates: Callable[[], Sequence[Member]], start: Callable[[Member], None]) -> bool:
+        """See `FairQueue.admit`."""
+
+        def went(member: Member) -> None:
+            self.went_at, self.running = time.monotonic(), True
+            start(member)
+
+        return await self.queue.admit(self.share, candidates, went, self._waiting)
+
+    def _waiting(self, waiter: Waiter) -> None:
+        self.waiter = waiter
+
+    def abandon(self) -> None:
+        """Its client left: out of line, if it is still in it."""
+        if self.waiter is not None:
+            self.queue.abandon(self.waiter)
+
+    def ended(self, used: int | None) -> None:
+        """Its generation ended at the pod, having `used` tokens (None: not reported)."""
+        if self.running:
+            self.running = False
+            self.queue.ended(self.share, used)
+
+    @property
+    def waited_ms(self) -> float:
+        return round(((self.went_at or time.monotonic()) - self.since) * 1000, 3)
+
+
 def requester_of(key: str | None, client: str, shared: bool) -> str:
     """Whose line a request waits in: its key's name, its address without a key, and
     both for a key several people share (so that fairness is per person there too)."""

@@ -26,7 +26,7 @@ from .balancer import Wanted, affinity_key
 from .body import BodyPump
 from .errors import Rejection
 from .fair_queue import Abandoned as QueueLeft
-from .fair_queue import FairQueue, Share, Waiter, estimate, requester_of
+from .fair_queue import FairQueue, Share, Ticket, estimate, requester_of
 from .framing import Head, MalformedAnswer
 from .idle import Silence
 from .model_names import canonical
@@ -92,10 +92,7 @@ class Journey:
         self.relay = self._relay(plan)
         self.failure: Failure | None = None  # what the last attempt's end means, once it has ended
         self.settled = False
-        self.share: Share | None = None  # a generation's place in the fair queue
-        self.waiter: Waiter | None = None  # while it waits there
-        self.went = False  # it left the queue for a pod: the queue counts it until it ends
-        self.queued_since: float | None = None
+        self.ticket: Ticket | None = None  # a generation's place in the fair queue
         self.watch = Silence(proxy.idle_timeout, self._progress, self._on_silence)
         proxy.metrics.in_flight.inc()
         proxy.exchanges.add(self)
@@ -240,36 +237,23 @@ class Journey:
         record, settings = self.record, self.proxy.settings
         key = self.proxy.key_entries.get(record.key) if record.key is not None else None
         data = json_object(self.body.whole()) if self.body.present else None
-        self.share = Share(
+        share = Share(
             requester_of(record.key, record.client, key is not None and key.shared),
             key.weight if key is not None else 1.0,
             estimate(data, settings.queue_default_output_tokens),
         )
+        self.ticket = ticket = Ticket(queue, share)
         wanted, targets = self._wanted(), self.plan.targets
-        since = self.queued_since = time.monotonic()
         try:
-            started = await queue.admit(
-                self.share, lambda: self.pool.choose(wanted, targets), self._went_to, self._waiting
-            )
+            started = await ticket.admit(lambda: self.pool.choose(wanted, targets), self._go_to)
         except Rejection as rejection:
             self.end_early(rejection)
             return False
         except QueueLeft:
             return False  # its client left: nothing to answer
-        finally:
-            self.waiter = None
-            record.queued_ms = round((time.monotonic() - since) * 1000, 3)
         if not started:
             self.end_early(self._nowhere())
         return started
-
-    def _waiting(self, waiter: Waiter) -> None:
-        self.waiter = waiter
-
-    def _went_to(self, member: Member) -> None:
-        """Its turn, at `member`: from now on the queue counts what it uses."""
-        self.went = True
-        self._go_to(member)
 
     def _go_to(self, member: Member) -> None:
         self._attempt(member, body=self.body.whole() if self.body.present else None)
@@ -362,9 +346,8 @@ class Journey:
     def client_left(self) -> None:
         """The client has gone: nothing more is relayed, the upstream is let go, and a
         request still in the queue leaves it (no pod ever sees it)."""
-        if self.waiter is not None:
-            assert self.proxy.queue is not None
-            self.proxy.queue.abandon(self.waiter)
+        if self.ticket is not None:
+            self.ticket.abandon()
         if self.record.outcome is None and self.relay.head is not None:
             self.proxy.metrics.client_disconnects.inc()
         self._abort(Abandoned())
@@ -392,23 +375,21 @@ class Journey:
         self.attempt = None
         self._read_usage()
         self._leave_queue()
-        if self.queued_since is not None and self.record.queued_ms is None:  # it left while queued
-            self.record.queued_ms = round((time.monotonic() - self.queued_since) * 1000, 3)
+        if self.ticket is not None:
+            self.record.queued_ms = self.ticket.waited_ms
 
     def _leave_queue(self) -> None:
         """A generation that went from the queue has ended at its pod: the queue learns what
         it used (Ollama's counts, or its estimate when they are missing), before it chooses
         who takes the slot next."""
-        if not self.went:
+        if self.ticket is None or not self.ticket.running:
             return
-        self.went = False
-        assert self.proxy.queue is not None and self.share is not None
         relay = self.relay
         counters = read_counters(relay.usage.bytes()) if relay.usage is not None else None
         used = None
         if counters is not None and counters.prompt_tokens is not None and counters.completion_tokens is not None:
             used = counters.prompt_tokens + counters.completion_tokens
-        self.proxy.queue.ended(self.share, used)
+        self.ticket.ended(used)
 
     # -- what the idle watch and the heartbeats look at --------------------------------
 
