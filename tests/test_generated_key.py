@@ -203,17 +203,21 @@ def test_on_a_terminal_the_key_is_shown_once_with_how_to_use_it(upstream_url, st
     )
     os.close(terminal)
     seen = b""
-    while b'"message": "listening"' not in seen:
-        chunk = os.read(controller, 65536)
-        assert chunk, seen.decode(errors="replace")
-        seen += chunk
-    process.terminate()
-    process.wait(30)
-    os.close(controller)
-    key = (state_home / "tornado-ollama-proxy" / "key").read_text().strip()
+    try:
+        while b"Workers:" not in seen:  # the start-up summary's last line
+            chunk = os.read(controller, 65536)
+            assert chunk, seen.decode(errors="replace")
+            seen += chunk
+    finally:
+        process.terminate()
+        process.wait(30)
+        os.close(controller)
+    path = state_home / "tornado-ollama-proxy" / "key"
+    key = path.read_text().strip()
     text = seen.decode()
     assert text.count(key) == 3  # the key, the Python client's variable, the header
     assert f"OLLAMA_API_KEY={key}" in text and f"Authorization: Bearer {key}" in text
+    assert f"Access keys:  on, one generated key (kept in {path})" in text  # never the key in a log line
 
 
 async def test_an_open_proxy_reached_through_another_proxy_says_so_once(make_proxy, http, log_lines):
