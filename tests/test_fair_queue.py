@@ -51,28 +51,41 @@ async def queued(proxy, count):
 
 
 @pytest.mark.parametrize(
-    "data, tokens",
+    "data, openai, tokens",
     [
-        (None, 256),
-        ({"prompt": "x" * 400}, 100 + 256),
-        ({"prompt": "x" * 400, "options": {"num_predict": 10}}, 110),
-        ({"messages": [{"role": "user", "content": "x" * 40}, "odd"], "max_tokens": 5}, 15),
-        ({"messages": [{"content": [{"type": "text", "text": "x" * 80}, {"type": "image_url"}]}]}, 20 + 256),
-        ({"input": ["x" * 40, "y" * 40], "max_completion_tokens": 1}, 21),
-        ({"instructions": "x" * 8, "input": "y" * 8, "max_output_tokens": 2}, 6),
-        ({"system": "x" * 4, "prompt": "y" * 4, "options": {"num_predict": -1}}, 2 + 256),
-        ({"prompt": "x", "options": {"num_predict": True}}, 256),
-        ({"prompt": 5, "messages": "no", "options": "no"}, 256),
+        (None, False, 256),
+        ({"prompt": "x" * 400}, False, 100 + 256),
+        ({"prompt": "x" * 400, "options": {"num_predict": 10}}, False, 110),
+        ({"prompt": "x" * 400, "max_tokens": 10}, False, 100 + 256),  # not /api/*'s: Ollama ignores it
+        ({"messages": [{"role": "user", "content": "x" * 40}, "odd"], "max_tokens": 5}, True, 15),
+        ({"messages": [{"content": [{"type": "text", "text": "x" * 80}, {"type": "image_url"}]}]}, True, 20 + 256),
+        ({"input": ["x" * 40, "y" * 40], "max_completion_tokens": 1}, True, 21),
+        ({"input": [{"role": "user", "content": [{"text": "x" * 8}, "odd"]}], "max_output_tokens": 2}, True, 4),
+        ({"instructions": "x" * 8, "input": "y" * 8, "max_output_tokens": 2, "options": {"num_predict": 9}}, True, 6),
+        ({"system": "x" * 4, "prompt": "y" * 4, "options": {"num_predict": -1}}, False, 2 + 256),
+        ({"prompt": "x", "options": {"num_predict": True}}, False, 256),
+        ({"prompt": 5, "messages": "no", "options": "no", "input": [[["deep"]]]}, False, 256),
+        ({"max_tokens": 10**400}, True, 1 << 20),  # no estimate past a million tokens
     ],
 )
-def test_a_generation_is_estimated_by_its_prompt_and_the_output_it_asks_for(data, tokens):
-    assert estimate(data, 256) == tokens
+def test_a_generation_is_estimated_by_its_prompt_and_the_output_its_api_asks_for(data, openai, tokens):
+    assert estimate(None if data is None else json.dumps(data).encode(), 256, openai) == tokens
+
+
+def test_a_body_too_large_to_read_or_not_json_is_estimated_by_its_size():
+    large = json.dumps({"prompt": "x" * (2 << 20)}).encode()
+    assert estimate(large, 256, False) == len(large) // 4 + 256
+    assert estimate(b"not json", 256, False) == 2 + 256
 
 
 def test_each_requester_has_its_own_line():
     assert requester_of("alice", "10.0.0.1", False) == "key:alice"
     assert requester_of("generated", "10.0.0.1", True) == "key:generated@10.0.0.1"
     assert requester_of(None, "10.0.0.1", False) == "address:10.0.0.1"
+    # One machine may hold a whole IPv6 /64: it is one requester, not 2**64.
+    assert requester_of(None, "2001:db8::1", False) == requester_of(None, "2001:db8::ffff:2", False)
+    assert requester_of(None, "2001:db8::1", False) == "address:2001:db8::/64"
+    assert requester_of(None, "unix-socket", False) == "address:unix-socket"
 
 
 # -- through the front, with the official client ----------------------------------------------
@@ -297,3 +310,60 @@ async def test_a_request_that_fails_to_start_in_its_turn_is_answered_and_the_lin
     gate.close()
     assert (await broken).status_code == 500
     assert (await fine).status_code == 200 and order(pod.state) == ["fine"]
+
+
+async def test_a_shared_keys_holders_see_no_addresses_in_the_queue(pods, make_proxy, http):
+    [pod] = pods(1)
+    keys = parse_entries([{"name": "ops", "key": "o" * 43}, {"name": "team", "key": "t" * 43, "shared": True}])
+    proxy = make_proxy(
+        upstreams=[{"name": "a", "url": pod.url, "slots": 1}], api_keys=keys, trusted_proxies=("127.0.0.1",)
+    )
+    await ready(proxy)
+    team = {"Authorization": "Bearer " + "t" * 43, "X-Forwarded-For": "203.0.113.5"}  # from elsewhere
+    gate = await hold_the_slot(proxy, b"Authorization: Bearer " + b"t" * 43 + b"\r\n")
+    waiting = asyncio.ensure_future(http.post(proxy + "/api/chat", json=chat("me", 1, stream=False), headers=team))
+    await queued(proxy, 1)
+    seen_by_team = (await http.get(proxy + "/_proxy/status", headers=team)).json()
+    ops = {"Authorization": "Bearer " + "o" * 43, "X-Forwarded-For": "203.0.113.9"}
+    seen_by_ops = (await http.get(proxy + "/_proxy/status", headers=ops)).json()
+    assert [line["requester"] for line in seen_by_team["queues"]] == ["key"]
+    assert [row["client"] for row in seen_by_team["in_flight"]] == [None, None]
+    assert [line["requester"] for line in seen_by_ops["queues"]] == ["key:team@203.0.113.5"]
+    gate.close()
+    assert (await waiting).status_code == 200
+
+
+async def test_queued_bodies_are_bounded_in_bytes_per_requester_and_in_all(pods, make_proxy, http, monkeypatch):
+    from tornado_ollama_proxy import fair_queue
+
+    monkeypatch.setattr(fair_queue, "QUEUE_BYTES_PER_REQUESTER", 3000)
+    monkeypatch.setattr(fair_queue, "QUEUE_BYTES", 5000)
+    [pod] = pods(1)
+    proxy = make_proxy(upstreams=[{"name": "a", "url": pod.url, "slots": 1}], api_keys=keys())
+    await ready(proxy)
+    bearer = {name: {"Authorization": f"Bearer {key}"} for name, key in KEYS.items()}
+    gate = await hold_the_slot(proxy, CAROL)
+    body = chat("alice", 1, 1000)  # about 2 KB
+    first = asyncio.ensure_future(http.post(proxy + "/api/chat", json=body, headers=bearer["alice"]))
+    await queued(proxy, 1)
+    second = await http.post(proxy + "/api/chat", json=body, headers=bearer["alice"])
+    assert (second.status_code, second.json()) == (429, {"error": "your requests waiting for a free slot hold 0 MiB"})
+    bobs = asyncio.ensure_future(http.post(proxy + "/api/chat", json=chat("bob", 1, 1000), headers=bearer["bob"]))
+    await queued(proxy, 2)
+    third = await http.post(proxy + "/api/chat", json=chat("carol", 1, 1000), headers=bearer["carol"])
+    assert third.status_code == 503 and third.json()["error"].startswith("the requests waiting for a free slot hold")
+    gate.close()
+    assert [answer.status_code for answer in await asyncio.gather(first, bobs)] == [200, 200]
+
+
+async def test_a_slot_that_comes_free_elsewhere_is_found_without_a_generation_ending_here(pods, make_proxy, http):
+    [pod] = pods(1)
+    proxy = make_proxy(upstreams=[{"name": "a", "url": pod.url, "slots": 1}])
+    await ready(proxy)
+    [member] = proxy.proxy.pool.members
+    member.others_busy = 1  # another process's generation, as the shared load tells it
+    waiting = asyncio.ensure_future(http.post(proxy + "/api/chat", json=chat("me", 1, stream=False)))
+    await queued(proxy, 1)
+    member.others_busy = 0  # it ended there: nothing ends here to say so
+    answer = await waiting  # found within a second by the queue's own look
+    assert answer.status_code == 200 and order(pod.state) == ["me"]

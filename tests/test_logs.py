@@ -89,6 +89,14 @@ def test_text_format_cannot_be_made_to_forge_a_field():
     assert line.endswith("status=404 stream=None")
 
 
+def test_text_format_cannot_be_made_to_forge_a_field_with_a_backslash():
+    handler = json_logs.log_handler(Settings(log_format="text"))
+    line = handler.format(record(model='llama3.2\\" key=mallory', key="alice", other="a\\nb", real="a\nb"))
+    # The value's own backslash is doubled, so its quote stays escaped and inside the value.
+    assert 'model="llama3.2\\\\\\" key=mallory" key=alice' in line
+    assert "other=a\\\\nb real=a\\nb" in line  # a backslash and an n, then a newline: told apart
+
+
 def test_text_and_json_lines_survive_a_lone_surrogate():
     for log_format in ("text", "json"):
         handler = json_logs.log_handler(Settings(log_format=log_format))

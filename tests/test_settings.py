@@ -339,6 +339,14 @@ def test_bad_upstreams_are_named_without_echoing_them(upstreams, message):
     assert message in str(refused.value) and "s3cr3t" not in str(refused.value)
 
 
+def test_a_bad_upstream_is_named_without_echoing_its_password(write_settings):
+    path = write_settings({"upstream": "ftp://admin:S3cretPW@127.0.0.1:9"})
+    with pytest.raises(SettingsError) as caught:
+        load_settings(path, environ={})
+    assert "upstream: expected an http:// or https:// URL" in str(caught.value)
+    assert str(caught.value).endswith("got 'ftp://admin:***@127.0.0.1:9'")
+
+
 def test_the_start_up_log_shows_no_pods_headers():
     from tornado_ollama_proxy.logs import effective_configuration
 

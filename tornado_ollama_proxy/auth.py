@@ -95,8 +95,8 @@ def _entry(entry: Any, index: int) -> ApiKey:
     if not isinstance(scopes, list):
         raise KeyEntryError(f"scopes must be a list of {', '.join(SCOPES)}")
     weight = entry.get("weight", 1)
-    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight <= 1000:
-        raise KeyEntryError("weight must be a number above 0, up to 1000")
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0.01 <= weight <= 1000:
+        raise KeyEntryError("weight must be a number from 0.01 to 1000")
     shared = entry.get("shared", False)
     if not isinstance(shared, bool):
         raise KeyEntryError("shared must be true or false")

@@ -14,6 +14,7 @@ import sys
 from . import __version__
 from .default_plugins.access_keys import configured_keys
 from .generated_key import key_path
+from .logs import escaped
 from .plugins import PluginError, build_route_table, make_plugin_manager
 from .proxy import Proxy
 from .settings import Settings, SettingsError, load_settings
@@ -72,10 +73,11 @@ def access_keys(settings: Settings) -> str:
 
 
 def _upstream(look: Look) -> str:
+    """One upstream's line: what it said of itself is escaped (a pod must not drive the terminal)."""
     line = f"Upstream:     {look.name} at {look.address}: {look.said()}"
     if look.models:
         line += ": " + ", ".join(look.models)
-    return line
+    return escaped(line)
 
 
 def _limits(settings: Settings) -> list[str]:

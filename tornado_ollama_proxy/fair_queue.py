@@ -15,13 +15,18 @@ never holds back one for model B while a B slot is free.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
+from .balancer import Wanted
 from .errors import Rejection
+from .peer_json import json_object
+from .usage import REQUEST_COPY_LIMIT
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -29,6 +34,12 @@ if TYPE_CHECKING:
     from .settings import Settings
 
 CHARACTERS_PER_TOKEN = 4  # how long a prompt is in tokens, roughly, for its place in line
+MAX_OUTPUT = 1 << 20  # no generation is reckoned to ask for more tokens than this
+OPENAI_OUTPUT = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+# Queued requests hold their bodies: at most this much in all, and per requester.
+QUEUE_BYTES = 256 * 1024 * 1024
+QUEUE_BYTES_PER_REQUESTER = 64 * 1024 * 1024
+TICK = 1.0  # seconds between looks for a slot that came free without a generation ending here
 
 
 class Abandoned(Exception):
@@ -42,18 +53,25 @@ class Share:
     requester: str
     weight: float
     cost: float
+    size: int = 0  # the body it holds while it waits
 
 
 @dataclass(eq=False)
 class Waiter:
-    """A queued request: who for, the pods it may go to (asked again as slots free), how it
-    starts at the pod it gets, and the future that says it has started."""
+    """A queued request: who for, what the pool chooses its pod by (asked again as slots
+    free), how it starts at the pod it gets, and the future that says it has started."""
 
     share: Share
-    candidates: Callable[[], Sequence[Member]]
+    wanted: Wanted
+    targets: Sequence[str] | None
     start: Callable[[Member], None]
     since: float
-    started: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    started: asyncio.Future[bool] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    @property
+    def group(self) -> tuple[str | None, tuple[str, ...] | None]:
+        """What decides which pods can serve it: its model, and the pods it names."""
+        return self.wanted.model, None if self.targets is None else tuple(self.targets)
 
 
 class Ticket:
@@ -67,14 +85,14 @@ class Ticket:
         self.running = False  # at a pod: the queue counts it until it ends
         self.waiter: Waiter | None = None
 
-    async def admit(self, candidates: Callable[[], Sequence[Member]], start: Callable[[Member], None]) -> bool:
+    async def admit(self, wanted: Wanted, targets: Sequence[str] | None, start: Callable[[Member], None]) -> bool:
         """See `FairQueue.admit`."""
 
         def went(member: Member) -> None:
             self.went_at, self.running = time.monotonic(), True
             start(member)
 
-        return await self.queue.admit(self.share, candidates, went, self._waiting)
+        return await self.queue.admit(self.share, wanted, targets, went, self._waiting)
 
     def _waiting(self, waiter: Waiter) -> None:
         self.waiter = waiter
@@ -97,37 +115,57 @@ class Ticket:
 
 def requester_of(key: str | None, client: str, shared: bool) -> str:
     """Whose line a request waits in: its key's name, its address without a key, and
-    both for a key several people share (so that fairness is per person there too)."""
+    both for a key several people share (so that fairness is per person there too). An
+    IPv6 address counts by its /64: one machine can have a whole /64 to itself."""
+    with suppress(ValueError):
+        if ipaddress.ip_address(client).version == 6:
+            client = str(ipaddress.ip_network(client + "/64", strict=False))
     if key is None:
         return "address:" + client
     return f"key:{key}@{client}" if shared else "key:" + key
 
 
-def estimate(data: dict[str, Any] | None, default_output: int) -> int:
+def estimate(body: bytes | None, default_output: int, openai: bool) -> int:
     """A generation's tokens before it runs: its prompt's characters / 4, plus the output
-    it asks for (`num_predict`, `max_tokens`, …) or `default_output`."""
-    if data is None:
+    it asks for in its own API's terms (`options.num_predict` on /api/*, `max_tokens` and
+    kin on /v1/*: Ollama ignores the other's), else `default_output`; at most MAX_OUTPUT.
+    A body too large to read counts by its size."""
+    if body is None:
         return default_output
-    characters = 0
-    for name in ("prompt", "system", "input", "instructions"):
-        characters += _text_length(data.get(name))
+    data = json_object(body) if len(body) <= REQUEST_COPY_LIMIT else None
+    if data is None:
+        return len(body) // CHARACTERS_PER_TOKEN + default_output
+    characters = sum(_text_length(data.get(name)) for name in ("prompt", "system", "input", "instructions"))
     messages = data.get("messages")
     if isinstance(messages, list):
         characters += sum(_text_length(message.get("content")) for message in messages if isinstance(message, dict))
-    options = data.get("options")
-    asked = options.get("num_predict") if isinstance(options, dict) else None
-    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-        asked = data.get(name, asked) if asked is None else asked
+    if openai:
+        asked = next((data[name] for name in OPENAI_OUTPUT if data.get(name) is not None), None)
+    else:
+        options = data.get("options")
+        asked = options.get("num_predict") if isinstance(options, dict) else None
     output = asked if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0 else default_output
-    return characters // CHARACTERS_PER_TOKEN + output
+    return characters // CHARACTERS_PER_TOKEN + min(output, MAX_OUTPUT)
 
 
 def _text_length(value: Any) -> int:
+    """The characters of a prompt field: a string, or a list of strings or of parts (and,
+    for /v1/responses, of messages whose content is either); nothing deeper exists."""
     if isinstance(value, str):
         return len(value)
-    if isinstance(value, list):  # content parts, or a list of inputs
-        return sum(_text_length(part.get("text") if isinstance(part, dict) else part) for part in value)
-    return 0
+    if not isinstance(value, list):
+        return 0
+    total = 0
+    for item in value:
+        if isinstance(item, dict):
+            item = item.get("text", item.get("content"))
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, list):
+            total += sum(
+                len(part["text"]) for part in item if isinstance(part, dict) and isinstance(part.get("text"), str)
+            )
+    return total
 
 
 class FairQueue:
@@ -139,9 +177,11 @@ class FairQueue:
         self.metrics = metrics
         self.lines: dict[str, deque[Waiter]] = {}
         self.size = 0
+        self.held: dict[str, int] = {}  # body bytes each requester's waiting requests hold
         self.clock = 0.0  # virtual time: where the last request that went started
         self.finish: dict[str, float] = {}  # each requester's service so far, in tokens / weight
         self.running: dict[str, int] = {}  # its generations sent and not yet ended
+        self._ticking: asyncio.Task[None] | None = None
         pool.slot_freed = self.dispatch
 
     # -- joining and leaving -----------------------------------------------------------
@@ -149,7 +189,8 @@ class FairQueue:
     async def admit(
         self,
         share: Share,
-        candidates: Callable[[], Sequence[Member]],
+        wanted: Wanted,
+        targets: Sequence[str] | None,
         start: Callable[[Member], None],
         waiting: Callable[[Waiter], None],
     ) -> bool:
@@ -157,7 +198,7 @@ class FairQueue:
         has one, else in its turn (`waiting` is told of its place in line). False when no
         pod can take it (none is up); `Rejection` when the queue is full or the wait too
         long; `Abandoned` when the client left while it waited."""
-        members = candidates()
+        members = self.pool.choose(wanted, targets)
         member = self.pool.pick([member for member in members if self.free(member)])
         if member is not None:
             self._went(share, time.monotonic())
@@ -165,7 +206,7 @@ class FairQueue:
             return True
         if not members:
             return False
-        waiter = Waiter(share, candidates, start, time.monotonic())
+        waiter = Waiter(share, wanted, targets, start, time.monotonic())
         self._join(waiter)
         waiting(waiter)
         try:
@@ -179,8 +220,7 @@ class FairQueue:
                 f"no slot came free within {self.settings.queue_timeout:g} s (queue_timeout): the pods are busy",
                 {"Retry-After": "10"},
             )
-        waiter.started.result()  # its start's error, or Abandoned
-        return True
+        return waiter.started.result()  # or its start's error, or Abandoned
 
     def abandon(self, waiter: Waiter) -> None:
         """Its client left: out of line at once, and no pod ever sees the request."""
@@ -189,35 +229,53 @@ class FairQueue:
             waiter.started.set_exception(Abandoned())
 
     def _join(self, waiter: Waiter) -> None:
-        settings = self.settings
-        line = self.lines.get(waiter.share.requester)
+        settings, share = self.settings, waiter.share
+        line = self.lines.get(share.requester)
+        held = self.held.get(share.requester, 0)
         if self.size >= settings.queue_max:
-            self.metrics.queue_refused.labels("full").inc()
-            raise Rejection(
-                503, f"{self.size} requests wait for a free slot already (queue_max)", {"Retry-After": "10"}
-            )
+            self._refuse("full", 503, f"{self.size} requests wait for a free slot already (queue_max)")
+        if sum(self.held.values()) + share.size > QUEUE_BYTES:
+            self._refuse("full", 503, f"the requests waiting for a free slot hold {QUEUE_BYTES >> 20} MiB already")
         if line is not None and len(line) >= settings.queue_max_per_key:
-            self.metrics.queue_refused.labels("full_per_key").inc()
-            raise Rejection(
-                429,
-                f"{len(line)} of your requests wait for a free slot already (queue_max_per_key)",
-                {"Retry-After": "5"},
+            self._refuse(
+                "full_per_key", 429, f"{len(line)} of your requests wait for a free slot already (queue_max_per_key)"
             )
-        self.lines.setdefault(waiter.share.requester, deque()).append(waiter)
+        if line is not None and held + share.size > QUEUE_BYTES_PER_REQUESTER:
+            self._refuse(
+                "full_per_key", 429, f"your requests waiting for a free slot hold {QUEUE_BYTES_PER_REQUESTER >> 20} MiB"
+            )
+        self.lines.setdefault(share.requester, deque()).append(waiter)
+        self.held[share.requester] = held + share.size
         self.size += 1
         self.metrics.queue_depth.inc()
+        if self._ticking is None or self._ticking.done():
+            self._ticking = asyncio.ensure_future(self._tick())
+
+    def _refuse(self, reason: str, status: int, message: str) -> NoReturn:
+        self.metrics.queue_refused.labels(reason).inc()
+        raise Rejection(status, message, {"Retry-After": "10" if status == 503 else "5"})
 
     def _leave(self, waiter: Waiter) -> None:
         """Out of line, whatever the reason (its turn came, it timed out, its client left)."""
-        line = self.lines.get(waiter.share.requester)
+        requester = waiter.share.requester
+        line = self.lines.get(requester)
         if line is None or waiter not in line:
             return
         line.remove(waiter)
         self.size -= 1
+        self.held[requester] -= waiter.share.size
         self.metrics.queue_depth.dec()
         if not line:
-            del self.lines[waiter.share.requester]
-            self._forget(waiter.share.requester)
+            del self.lines[requester], self.held[requester]
+            self._forget(requester)
+
+    async def _tick(self) -> None:
+        """While anyone waits, look for free slots now and then too: one can come free
+        without a generation of this process ending (another process's, as the shared
+        load tells; a pod back from an ejection)."""
+        while self.lines:
+            await asyncio.sleep(TICK)
+            self.dispatch()
 
     # -- going -------------------------------------------------------------------------
 
@@ -228,29 +286,41 @@ class FairQueue:
 
     def dispatch(self) -> None:
         """Give every free slot to the waiting request whose requester has had least so
-        far: of each requester, its first request that a free slot can serve."""
+        far: of each requester, its first request that a free slot can serve. Looking
+        claims nothing: only the chosen request's pod is claimed (a pod being probed)."""
         while self.lines and any(self.free(member) for member in self.pool.members):
-            best: tuple[float, Waiter, Member] | None = None
+            servable: dict[tuple[str | None, tuple[str, ...] | None], bool] = {}
+            best: tuple[float, Waiter] | None = None
             for requester, line in self.lines.items():
                 start = max(self.clock, self.finish.get(requester, 0.0))
                 if best is not None and start >= best[0]:
                     continue
                 for waiter in line:
-                    member = self.pool.pick([member for member in waiter.candidates() if self.free(member)])
-                    if member is not None:
-                        best = (start, waiter, member)
+                    group = waiter.group
+                    if group not in servable:
+                        pods = self.pool.choose(Wanted(group[0]), group[1])
+                        servable[group] = any(self.free(member) for member in pods)
+                    if servable[group]:
+                        best = (start, waiter)
                         break
             if best is None:
                 return
-            _, waiter, member = best
-            self._leave(waiter)
+            self._send(best[1])
+
+    def _send(self, waiter: Waiter) -> None:
+        self._leave(waiter)
+        members = self.pool.choose(waiter.wanted, waiter.targets)
+        member = self.pool.pick([member for member in members if self.free(member)])
+        try:
+            if member is None:  # its pods went while it was chosen: none can take it
+                waiter.started.set_result(False)
+                return
             self._went(waiter.share, waiter.since)
-            try:
-                waiter.start(member)  # its attempt counts the slot as taken from now
-            except Exception as error:  # its own to answer: the line goes on
-                waiter.started.set_exception(error)
-            else:
-                waiter.started.set_result(None)
+            waiter.start(member)  # its attempt counts the slot as taken from now
+        except Exception as error:  # its own to answer: the line goes on
+            waiter.started.set_exception(error)
+        else:
+            waiter.started.set_result(True)
 
     def _went(self, share: Share, since: float) -> None:
         start = max(self.clock, self.finish.get(share.requester, 0.0))
@@ -269,10 +339,13 @@ class FairQueue:
 
     def _forget(self, requester: str) -> None:
         """A requester with nothing waiting and nothing running is forgotten: what it had
-        matters no more (a newcomer starts at the clock), and the maps stay bounded."""
+        matters no more (a newcomer starts at the clock), and the maps stay bounded; with
+        nobody left at all, the clock starts again."""
         if not self.running.get(requester) and requester not in self.lines:
             self.running.pop(requester, None)
             self.finish.pop(requester, None)
+            if not self.running and not self.lines:
+                self.clock = 0.0
 
     # -- what the status page shows --------------------------------------------------------
 

@@ -560,7 +560,9 @@ class StatusHandler(OwnEndpointHandler):
         proxy = self.proxy
         _, upstream = await proxy.health.status()
         # Who uses the pod is for its operators: a key with the metrics scope, or this machine.
-        private = self.record.key is not None or is_loopback(self.record.client)
+        # A key several people share does not make its holder an operator.
+        key = proxy.key_entries.get(self.record.key) if self.record.key is not None else None
+        private = (key is not None and not key.shared) or is_loopback(self.record.client)
         rows = sorted((h.status_row() for h in proxy.exchanges), key=lambda row: -row["age_s"])
         if not private:
             rows = [{**row, "client": None} for row in rows]

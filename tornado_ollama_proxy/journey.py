@@ -24,7 +24,7 @@ from .attempt import Attempt, Failure
 from .auth import INFERENCE
 from .balancer import Wanted, affinity_key
 from .body import BodyPump
-from .errors import Rejection
+from .errors import OPENAI, Rejection, shape_for
 from .fair_queue import Abandoned as QueueLeft
 from .fair_queue import FairQueue, Share, Ticket, estimate, requester_of
 from .framing import Head, MalformedAnswer
@@ -236,16 +236,16 @@ class Journey:
     async def _queued(self, queue: FairQueue) -> bool:
         record, settings = self.record, self.proxy.settings
         key = self.proxy.key_entries.get(record.key) if record.key is not None else None
-        data = json_object(self.body.whole()) if self.body.present else None
+        body = self.body.whole() if self.body.present else None
         share = Share(
             requester_of(record.key, record.client, key is not None and key.shared),
             key.weight if key is not None else 1.0,
-            estimate(data, settings.queue_default_output_tokens),
+            estimate(body, settings.queue_default_output_tokens, shape_for(record.path) == OPENAI),
+            len(body or b""),
         )
         self.ticket = ticket = Ticket(queue, share)
-        wanted, targets = self._wanted(), self.plan.targets
         try:
-            started = await ticket.admit(lambda: self.pool.choose(wanted, targets), self._go_to)
+            started = await ticket.admit(self._wanted(), self.plan.targets, self._go_to)
         except Rejection as rejection:
             self.end_early(rejection)
             return False

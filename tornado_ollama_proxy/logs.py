@@ -17,7 +17,7 @@ from typing import Any
 
 import pluggy
 
-from .settings import Settings
+from .settings import Settings, without_password
 
 REQUEST_ID_HEADER = "X-Request-ID"
 ACCESS_LOGGER = "tornado_ollama_proxy.access"
@@ -29,7 +29,6 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # Headers whose values are never logged, whatever log_headers says (more come from
 # the settings and the authenticator: `Proxy.secret_headers`).
 CREDENTIALS = frozenset({"authorization", "x-api-key", "proxy-authorization", "cookie"})
-_URL_PASSWORD = re.compile(r"(?<=://)([^:/@\s]*):[^@/\s]*@")
 
 
 def accept_request_id(offered: str | None) -> str:
@@ -77,7 +76,7 @@ _MALFORMED = "Malformed HTTP message from %s: %s"
 def masked(value: Any) -> Any:
     """`value` with URL passwords replaced by ``***``, recursively, for logging."""
     if isinstance(value, str):
-        return _URL_PASSWORD.sub(r"\1:***@", value)
+        return without_password(value)
     if isinstance(value, Mapping):
         return {key: masked(item) for key, item in value.items()}
     if isinstance(value, list | tuple):

@@ -503,6 +503,14 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], bool]] = {
     "generated_key_file": (_path_or_null, False),
 }
 SECRET = frozenset({"api_keys", "upstreams"})  # never echoed in an error message (keys, pods' headers)
+_URL_PASSWORD = re.compile(r"(?<=://)([^:/@\s]*):[^@/\s]*@")
+
+
+def without_password(text: str) -> str:
+    """`text` with the password of any URL in it replaced by ``***``."""
+    return _URL_PASSWORD.sub(r"\1:***@", text)
+
+
 # Two ways to name the pool: a source that names one replaces what an earlier source named
 # with the other, and may not name both.
 POOL_KEYS = ("upstream", "upstreams")
@@ -517,7 +525,8 @@ def _validate(source: str, key: str, value: Any) -> Any:
     except ValueError as error:
         if key in SECRET:
             raise SettingsError(f"{source}: {key}: {error}") from None
-        raise SettingsError(f"{source}: {key}: expected {error}, got {value!r}") from None
+        shown = without_password(value) if isinstance(value, str) else value  # a pod's URL may hold one
+        raise SettingsError(f"{source}: {key}: expected {error}, got {shown!r}") from None
 
 
 def _from_text(source: str, key: str, text: str) -> Any:

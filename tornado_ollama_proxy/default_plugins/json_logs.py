@@ -45,8 +45,9 @@ class TextFormatter(logging.Formatter):
 
 
 def _value(value: object) -> str:
-    """A field's value, quoted when a space, `=` or quote in it could pass for another field."""
-    text = escaped(str(value))
+    """A field's value, quoted when a space, `=` or quote in it could pass for another field;
+    a backslash of its own is doubled first, so that no escape can be forged."""
+    text = escaped(str(value).replace("\\", "\\\\"))
     if text and not any(character in text for character in ' ="'):
         return text
     return '"' + text.replace('"', '\\"') + '"'
