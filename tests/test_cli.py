@@ -231,26 +231,31 @@ async def test_check_exits_0_when_an_upstream_answers_and_says_what_would_be_ser
     assert "Limits:       rate_limit 120/minute" in lines and lines[-1] == "Upstreams:    1 of 2 answer"
 
 
-def test_check_exits_1_when_no_upstream_answers_and_2_on_a_settings_error(tmp_path):
+def test_check_exits_1_when_no_upstream_answers_and_2_on_a_settings_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
-    code, out, _ = run_check(tmp_path, "--upstream", closed, OLLAMA_PROXY_HOST="127.0.0.1", OLLAMA_PROXY_PORT="0")
-    assert code == 1
-    lines = out.splitlines()
+    monkeypatch.setenv("OLLAMA_PROXY_HOST", "127.0.0.1")
+    monkeypatch.setenv("OLLAMA_PROXY_PORT", "0")
+    assert main(["check", "--upstream", closed]) == 1
+    lines = capsys.readouterr().out.splitlines()
     assert "Address:      127.0.0.1, on a free port picked at start" in lines
     assert "Access keys:  off: anyone who can reach the port can use it" in lines
     assert "Limits:       none" in lines and lines[-1] == "Upstreams:    0 of 1 answer"
     (tmp_path / "settings.json").write_text('{"pool_retries": -1}')
-    code, out, err = run_check(tmp_path)
-    assert (code, out) == (2, "")
-    assert err == (
+    assert main(["check"]) == 2
+    assert capsys.readouterr() == (
+        "",
         "tornado-ollama-proxy: settings.json: pool_retries: expected a whole number >= 0 "
-        "(0: never move a request to another pod), got -1\n"
+        "(0: never move a request to another pod), got -1\n",
     )
     (tmp_path / "settings.json").write_text(json.dumps({"api_keys_file": str(tmp_path / "keys")}))
     (tmp_path / "keys").write_text("alice only-a-name-and-no-key=\n")
-    assert run_check(tmp_path)[0] == 2
+    assert main(["check"]) == 2
+    assert "api_keys_file: " in capsys.readouterr().err
+    assert not (tmp_path / "state").exists()  # check makes nothing
 
 
 def test_check_names_the_keys_and_never_a_key():

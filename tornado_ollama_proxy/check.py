@@ -17,6 +17,7 @@ from .generated_key import key_path
 from .logs import escaped
 from .plugins import PluginError, build_route_table, make_plugin_manager
 from .proxy import Proxy
+from .routes import RouteTable
 from .settings import Settings, SettingsError, load_settings
 from .startup import Look, addresses, local_addresses, look_at
 
@@ -33,8 +34,11 @@ def check(settings_file: str | None, flags: dict[str, str]) -> int:
     except (SettingsError, PluginError) as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 2
-    proxy = Proxy(settings, routes)
-    looks = asyncio.run(_look(proxy))
+    return _report(settings, routes, keys, asyncio.run(_look(Proxy(settings, routes))))
+
+
+def _report(settings: Settings, routes: RouteTable, keys: str, looks: list[Look]) -> int:
+    """Print what would be served; 0 when an upstream answers, else 1."""
     answering = sum(1 for look in looks if look.reachable)
     if settings.port:
         address = addresses(settings.host, settings.port, os.environ, local_addresses())[0]

@@ -3,6 +3,7 @@
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import sys
@@ -84,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
 
-    async def tell(port: int) -> None:
-        await announce(proxy, port, event_loop, os.environ)
-
+    tell = functools.partial(announce, proxy, event_loop=event_loop, environ=os.environ)  # with the port
     if not worker and settings.worker_count > 1:
         return Supervisor(settings, sys.argv[1:] if argv is None else argv, tell).run()
     with asyncio.Runner(loop_factory=new_loop) as runner:

@@ -88,9 +88,7 @@ def bound(family: socket.AddressFamily, address: tuple[Any, ...]) -> socket.sock
 
 
 class Supervisor:
-    def __init__(
-        self, settings: Settings, argv: list[str], announce: Callable[[int], Coroutine[Any, Any, None]] | None = None
-    ):
+    def __init__(self, settings: Settings, argv: list[str], announce: Callable[[int], Coroutine[Any, Any, None]]):
         self.settings = settings
         self.argv = argv
         self.announce = announce  # tells the port once the workers serve it (only here, not in each)
@@ -128,8 +126,7 @@ class Supervisor:
         )
         for _ in range(count):
             self._spawn(env)
-        if self.announce is not None:
-            asyncio.run(self.announce(self.reserved[0].getsockname()[1]))
+        asyncio.run(self.announce(self.reserved[0].getsockname()[1]))
         while self.children:
             pid, status = os.wait()
             # A stop signal arriving while a worker is replaced waits until the
