@@ -495,6 +495,9 @@ class ProxyHandler(BaseHandler):
             try:
                 if self.journey is not None:
                     self.journey.end()
+                    # It holds this handler (its reply): kept, the two would stay in a
+                    # cycle until the garbage collector finds it.
+                    self.journey = None
             finally:  # whatever happens, nothing this request holds is kept
                 if self.admission is not None:
                     self.admission.release()

@@ -11,6 +11,7 @@ with the error as a status or in-band, or by cutting the connection.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import Sequence
@@ -115,9 +116,10 @@ class Journey:
             self.record,
             started=self.started,
             upstream_head=plan.method == "HEAD",
-            answer_format=self._answer_format,
+            # Not a method of the journey: the relay would hold it in a cycle.
+            answer_format=functools.partial(_answer_format, route, self.body),
             heartbeat=self.proxy.settings.heartbeat_seconds if route is not None and route.answer else None,
-            usage=AnswerTail(self._format_now()) if self.generation else None,
+            usage=AnswerTail(_format_now(route, self.body)) if self.generation else None,
         )
 
     def body_in(self) -> None:
@@ -345,22 +347,6 @@ class Journey:
         moved += self.relay.flow.taken
         return moved
 
-    def _format_now(self) -> str | None:
-        """The answer's format as far as the body tells it now (a body still arriving
-        gets the route's default)."""
-        assert self.route is not None
-        return answer_format(self.route.answer, self.body.info().stream)
-
-    def _answer_format(self) -> str | None:
-        """The answer's format, for heartbeats (only on routes whose `answer` is set);
-        None while an event-stream route's body cannot tell it yet (still arriving, or
-        too large to read): its default, one JSON document, would put a space before
-        the first event of a stream, and a field named " data" is no data to a client."""
-        assert self.route is not None
-        if self.route.answer == "sse" and not self.body.readable:
-            return None
-        return self._format_now()
-
     # -- what the record and the status page say -------------------------------------
 
     def _read_usage(self) -> None:
@@ -402,3 +388,21 @@ def _merge_body(body: bytes, route: Route) -> bytes:
         raise Rejection(400, f'{route.path} needs a JSON object body, such as {{"model": "llama3.2"}}')
     assert route.body_defaults is not None
     return json.dumps({**route.body_defaults, **data}).encode()
+
+
+def _format_now(route: Route | None, body: BodyPump) -> str | None:
+    """The answer's format as far as the body tells it now (a body still arriving
+    gets the route's default)."""
+    assert route is not None
+    return answer_format(route.answer, body.info().stream)
+
+
+def _answer_format(route: Route | None, body: BodyPump) -> str | None:
+    """The answer's format, for heartbeats (only on routes whose `answer` is set);
+    None while an event-stream route's body cannot tell it yet (still arriving, or
+    too large to read): its default, one JSON document, would put a space before
+    the first event of a stream, and a field named " data" is no data to a client."""
+    assert route is not None
+    if route.answer == "sse" and not body.readable:
+        return None
+    return _format_now(route, body)
