@@ -8,6 +8,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from . import access_line
 from .balancer import default_chooser
 from .health import HealthCheck
 from .logs import ACCESS_LOGGER, CREDENTIALS, sampled
@@ -123,4 +124,5 @@ class Proxy:
             fields = record.fields()
             if headers is not None:
                 fields = {**fields, "headers": headers}
-            access_log.info("request", extra=fields)
+            if not access_line.write(fields):
+                access_log.info("request", extra=fields)

@@ -3,9 +3,8 @@
 import logging
 import sys
 
-from pythonjsonlogger.json import JsonFormatter
-
 from tornado_ollama_proxy import hookimpl
+from tornado_ollama_proxy.access_line import JsonLines
 from tornado_ollama_proxy.logs import escaped
 from tornado_ollama_proxy.settings import Settings
 
@@ -37,11 +36,5 @@ def log_handler(settings: Settings) -> logging.Handler:
     if settings.log_format == "text":
         handler.setFormatter(TextFormatter())
     else:
-        handler.setFormatter(
-            JsonFormatter(
-                "{asctime}{levelname}{name}{message}",
-                style="{",
-                rename_fields={"asctime": "time", "levelname": "level"},
-            )
-        )
+        handler.setFormatter(JsonLines())
     return handler
