@@ -184,6 +184,9 @@ class ProxyHTTPServer(HTTPServer):
         self, request_callback: Application, *, header_timeout: float, keepalive_timeout: float, **options: Any
     ) -> None:
         super().initialize(request_callback, max_body_size=OWN_ENDPOINT_BODY, **options)
+        # Tornado's own limit on a head (an hour; a timeout of its own for every request)
+        # is left out: HeadTimer below keeps a shorter one.
+        self.conn_params.header_timeout = None
         self.header_timeout = header_timeout
         self.keepalive_timeout = keepalive_timeout
         self.served: set[HTTP1ServerConnection] = set()  # have carried a request
