@@ -4,12 +4,15 @@ The relay frames each body piece with the connection's own `_format_chunk`
 (so that Tornado's Content-Length accounting stays right) and writes it
 straight to the stream's socket; the keep-alive watch asks the stream how
 many bytes of a request it holds (`_read_buffer_size`), and the idle watch how
-many queued bytes a client has taken (`_total_write_done_index`). A Tornado without
-them fails at start-up with one clear line (`require`), not on every stream.
+many queued bytes a client has taken (`_total_write_done_index`); the handlers reset
+an answer as `RequestHandler.clear` does, with a Date formatted once a second. A
+Tornado without them fails at start-up with one clear line (`require`), not on
+every stream.
 """
 
 from tornado.http1connection import HTTP1Connection
 from tornado.iostream import BaseIOStream, IOStream
+from tornado.web import RequestHandler
 
 MISSING = [
     name
@@ -18,6 +21,10 @@ MISSING = [
         ("BaseIOStream._read_buffer_size", "_read_buffer_size" in BaseIOStream.__init__.__code__.co_names),
         ("IOStream.socket", "socket" in IOStream.__init__.__code__.co_names),
         ("BaseIOStream._total_write_done_index", "_total_write_done_index" in BaseIOStream.__init__.__code__.co_names),
+        (
+            "RequestHandler.clear's attributes",
+            {"_headers", "_write_buffer", "_status_code", "_reason"} <= set(RequestHandler.clear.__code__.co_names),
+        ),
     )
     if not present
 ]
