@@ -137,7 +137,8 @@ class Journey:
         record = self.record
         record.method_out = plan.method
         if not self.tried and plan.method != self.method_in:
-            self.proxy.metrics.corrections.labels(record.route, self.method_in, plan.method).inc()
+            metrics = self.proxy.metrics
+            metrics.child(metrics.corrections, record.route, self.method_in, plan.method).inc()
         self.tried.append(member.pod.name)
         record.upstream, record.attempts = member.pod.name, len(self.tried)
         headers = plan.headers if self.pool.single else plan.headers.copy()  # a pod adds its own
@@ -258,6 +259,8 @@ class Journey:
     async def _choose(self, avoid: Sequence[str] = ()) -> list[Member]:
         """The pods for this request, best first, by its model and conversation; a model no
         pod lists makes the pool read its pods' lists once more first."""
+        if self.pool.single:  # nothing to weigh
+            return self.pool.choose(Wanted(), self.plan.targets, avoid)
         info = self.body.info()
         named = info.model or self.plan.model
         model = canonical(named) if named is not None else None
