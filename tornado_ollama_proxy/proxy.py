@@ -110,7 +110,7 @@ class Proxy:
         metrics = self.metrics
         metrics.count_request(record)
         if record.upstream in self.pool.by_name:  # one pod's name: a request that went to several counts there
-            metrics.upstream_requests.labels(record.upstream, record.outcome).inc()
+            metrics.child(metrics.upstream_requests, record.upstream, record.outcome).inc()
         label = None
         if generation:
             answered = record.upstream_status is not None and 200 <= record.upstream_status < 300
