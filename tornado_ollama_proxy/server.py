@@ -18,12 +18,13 @@ from tornado import httputil
 from tornado.http1connection import HTTP1ServerConnection
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
+from tornado.iostream import IOStream
 from tornado.netutil import bind_sockets
 from tornado.web import Application
 
 from .proxy import Proxy
 from .settings import SettingsError
-from .tornado_private import buffered_bytes
+from .tornado_private import buffered_bytes, keep_nodelay
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,10 @@ class ProxyHTTPServer(HTTPServer):
         for sock in sockets:
             self._sockets[sock.fileno()] = sock
             self._handlers[sock.fileno()] = Acceptor(sock, self._handle_connection).remove
+
+    def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
+        keep_nodelay(stream)
+        super().handle_stream(stream, address)
 
     def start_request(self, server_conn: object, request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
         assert isinstance(server_conn, HTTP1ServerConnection)
