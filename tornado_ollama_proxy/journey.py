@@ -152,7 +152,7 @@ class Journey:
             generation=self.generation,
             hold=self._hold,
             on_head=self._on_head,
-            on_piece=self._on_piece,
+            on_piece=self.relay.on_piece,
             **body,
         )
         self.attempt.fetching.add_done_callback(self._on_fetched)
@@ -166,9 +166,6 @@ class Journey:
         assert self.attempt is not None
         self.relay.on_head(head, self.attempt.member.pod.name)
         self.proxy.metrics.streams.inc()
-
-    def _on_piece(self, data: bytes) -> Any:
-        return self.relay.on_piece(data)
 
     def _on_fetched(self, _: asyncio.Future[Any]) -> None:
         """The exchange ended: what is still to come of the body is dropped, and what
