@@ -397,11 +397,12 @@ def table(title: str, results: dict[str, list[dict]]) -> None:
     for name in (name for name in medians if name.startswith("proxy") and "nginx" in medians):
         ratios = [medians[name][m] / medians["nginx"][m] if medians["nginx"][m] else float("nan") for m in metrics]
         print(f"| {name} / nginx | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
-    if "baseline" in results:
-        # Repeat by repeat: single runs on a shared machine differ more than the changes worth seeing.
-        pairs = list(zip(results["proxy"], results["baseline"], strict=True))
-        cells = (spread([run[m] / base[m] for run, base in pairs if base[m]]) for m in metrics)
-        print("| proxy / baseline, each run's: median (min to max) | " + " | ".join(cells) + " |")
+    # Repeat by repeat: single runs on a shared machine differ more than the changes worth seeing.
+    for other in ("nginx", "tornado floor", "node original", "baseline"):
+        if other in results:
+            pairs = list(zip(results["proxy"], results[other], strict=True))
+            cells = (spread([run[m] / base[m] for run, base in pairs if base[m]]) for m in metrics)
+            print(f"| proxy / {other}, each run's: median (min to max) | " + " | ".join(cells) + " |")
 
 
 def spread(ratios: list[float]) -> str:

@@ -94,6 +94,7 @@ class FakeState:
     load_delay: float = 0.0  # how long loading a model that is not loaded takes (silent)
     slots: int | None = None  # generations at once (OLLAMA_NUM_PARALLEL); the rest wait, first come first served
     busy: bool = False  # answer generations "503 server busy", as a full queue does
+    busy_message: str = "server busy, please try again.  maximum pending requests exceeded"
     token_delay: float = 0.0  # time per generated token
     running: int = 0  # generations running now
     most_running: int = 0
@@ -340,7 +341,7 @@ class OllamaHandler(OllamaBase):
             return
         if self.state.busy:
             await asyncio.sleep(self.state.silence)  # a busy pod may be slow to say so, too
-            self.error(503, "server busy, please try again.  maximum pending requests exceeded")
+            self.error(503, self.state.busy_message)
             return
         async with self.working(data["model"]):
             await self.generate(kind, data)

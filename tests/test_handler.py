@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import email.utils
 import gc
 import hashlib
 import itertools
@@ -209,6 +210,15 @@ async def test_empty_bodied_answers_get_no_invented_headers(proxy_url, fake, htt
     assert "content-type" not in response.headers
     assert "etag" not in response.headers and "server" not in response.headers
     assert response.headers["content-length"] == "0"
+
+
+async def test_the_proxys_own_answers_carry_the_current_date_and_no_server(proxy_url, http):
+    before = int(time.time())
+    answers = [await http.get(proxy_url + path) for path in ("/_proxy/health", "/_proxy/nope", "/_proxy/health")]
+    after = time.time()
+    for answer in answers:
+        assert "server" not in answer.headers
+        assert before <= email.utils.parsedate_to_datetime(answer.headers["date"]).timestamp() <= after
 
 
 async def test_upstream_errors_reach_the_client_unchanged(proxy_url, http):

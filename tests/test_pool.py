@@ -8,6 +8,7 @@ import time
 
 import ollama
 import pytest
+from tornado.web import Application
 
 from tornado_ollama_proxy.balancer import PodView, rendezvous
 
@@ -546,3 +547,34 @@ async def test_content_after_a_remote_proxys_heartbeats_comes_without_them(pods,
     assert answer.headers["x-ollama-proxy-heartbeat"] == "1"  # its head was the remote proxy's own
     assert answer.content.startswith(b"{")  # the remote's heartbeats were not content
     assert answer.json()["done"] is True
+
+
+async def test_a_busy_answer_too_long_to_keep_whole_still_moves_the_request(pods, make_proxy, http):
+    started = pods(2)
+    busy, _ = started[1]
+    busy.busy, busy.busy_message = True, "server busy " + "x" * 1_000_000  # kept up to ERROR_BODY_LIMIT
+    proxy = make_proxy(upstreams=pool_of(started))
+    await ready(proxy)
+    for n in range(4):
+        answer = await http.post(proxy + "/api/chat", json=chat(n))
+        assert (answer.status_code, answer.headers["x-ollama-upstream"]) == (200, "a")
+    assert served(started)[1] >= 1  # b was asked, and its answer kept back
+
+
+async def test_a_pod_is_refreshed_once_at_a_time(pods, make_proxy):
+    proxy = make_proxy(upstreams=pool_of(pods(2)))
+    pool = proxy.proxy.pool
+    member = pool.by_name["a"]
+    first = pool.refresh(member)
+    assert pool.refresh(member) is first
+    await first
+    assert pool.refresh(member) is not first  # once it has ended
+
+
+async def test_a_probe_that_fails_learns_nothing_more_of_the_pod(servers, pods, make_proxy):
+    (_, url_a), not_ollama = pods(1)[0], servers.start(Application([]))  # 404 to everything
+    proxy = make_proxy(upstreams=pool_of([(None, url_a), (None, not_ollama)]), pool_health_seconds=60)
+    member = proxy.proxy.pool.by_name["b"]
+    await until(lambda: member.health.last_failure is not None)  # the watch's first look
+    assert member.health.last_failure.reason == "upstream 'b' answered 404"
+    assert (member.models.version, member.models.loaded, member.models.listed) == (None, {}, None)

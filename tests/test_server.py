@@ -293,3 +293,15 @@ async def test_out_of_descriptors_accepting_pauses_and_can_be_stopped_meanwhile(
     acceptor.remove()  # while paused: the resumption is cancelled too
     client.close()
     listener.close()
+
+
+async def test_a_client_connection_keeps_nagle_off_across_its_requests(start_server):
+    server, url = start_server()
+    reader, writer = await open_raw(url)
+    for _ in range(2):  # Tornado would turn it on again after each request
+        writer.write(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, _ = await read_response(reader)
+        assert status == 200
+        (connection,) = server.http._connections
+        assert connection.stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    writer.close()

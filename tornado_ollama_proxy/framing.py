@@ -155,10 +155,13 @@ class AnswerReader:
     """
 
     def __init__(self, method: str):
-        self._parser = httptools.HttpResponseParser(self)
+        # None once the answer has ended: the parser holds this reader, and the
+        # two would otherwise stay in a cycle, for the garbage collector to find.
+        parser = httptools.HttpResponseParser(self)
         # Chunked with a Content-Length is relayed as chunked (RFC 9112 §6.3),
         # and the connection is not reused after it.
-        self._parser.set_dangerous_leniencies(lenient_chunked_length=True)
+        parser.set_dangerous_leniencies(lenient_chunked_length=True)
+        self._parser: httptools.HttpResponseParser | None = parser
         self._head_request = method == "HEAD"
         self._state = _HEAD
         self._events: list[Event] = []
@@ -181,8 +184,10 @@ class AnswerReader:
             return []
         self.started = True
         self._unproductive += len(data)
+        parser = self._parser
+        assert parser is not None
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserError as error:
             if isinstance(error.__context__, MalformedAnswer):
                 raise error.__context__ from None
@@ -223,6 +228,7 @@ class AnswerReader:
         self._take_body()
         self._events.append(End(self._reusable))
         self._state = _DONE
+        self._parser = None
 
     # -- llhttp's callbacks (through httptools) ------------------------------------
 
@@ -249,6 +255,7 @@ class AnswerReader:
         if self._state == _DONE:
             return
         parser = self._parser
+        assert parser is not None
         code = parser.get_status_code()
         headers, self._headers = self._headers, []
         self._head_size = 0

@@ -57,6 +57,18 @@ HEADER_LIMIT = 1024  # characters of a request header's value an access record k
 PATH_LIMIT = 2048  # characters of a request path an access record keeps
 
 
+_date_second, _date_text = 0, ""  # the last second formatted, and its HTTP date
+
+
+def http_date() -> str:
+    """The current time as an HTTP Date header says it (RFC 9110 §5.6.7)."""
+    global _date_second, _date_text
+    now = int(time.time())
+    if now != _date_second:
+        _date_second, _date_text = now, httputil.format_timestamp(now)
+    return _date_text
+
+
 class BaseHandler(RequestHandler):
     """What every answer shares: a request id, Ollama-shaped errors, and at its end
     one access record and the request metrics."""
@@ -82,8 +94,17 @@ class BaseHandler(RequestHandler):
         self.proxy.in_flight.enter()
         super().__init__(application, request, **kwargs)
 
+    def clear(self) -> None:
+        """Tornado's reset of the answer (its private parts: see `tornado_private`), without
+        its Server header (what runs the proxy is nobody's business) and with a Date
+        formatted once a second, not once a request."""
+        self._headers = httputil.HTTPHeaders({"Content-Type": "text/html; charset=UTF-8", "Date": http_date()})
+        self.set_default_headers()
+        self._write_buffer: list[bytes] = []
+        self._status_code = 200
+        self._reason = "OK"
+
     def set_default_headers(self) -> None:
-        self.clear_header("Server")  # what runs the proxy is nobody's business
         self.set_header(REQUEST_ID_HEADER, self.request_id)  # also after an error's reset
 
     def compute_etag(self) -> None:
@@ -497,6 +518,9 @@ class ProxyHandler(BaseHandler):
             try:
                 if self.journey is not None:
                     self.journey.end()
+                    # It holds this handler (its reply): kept, the two would stay in a
+                    # cycle until the garbage collector finds it.
+                    self.journey = None
             finally:  # whatever happens, nothing this request holds is kept
                 if self.admission is not None:
                     self.admission.release()

@@ -11,6 +11,7 @@ with the error as a status or in-band, or by cutting the connection.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import Sequence
@@ -118,9 +119,10 @@ class Journey:
             self.record,
             started=self.started,
             upstream_head=plan.method == "HEAD",
-            answer_format=self._answer_format,
+            # Not a method of the journey: the relay would hold it in a cycle.
+            answer_format=functools.partial(_answer_format, route, self.body),
             heartbeat=self.proxy.settings.heartbeat_seconds if route is not None and route.answer else None,
-            usage=AnswerTail(self._format_now()) if self.generation else None,
+            usage=AnswerTail(_format_now(route, self.body)) if self.generation else None,
         )
 
     def body_in(self) -> None:
@@ -138,7 +140,8 @@ class Journey:
         record = self.record
         record.method_out = plan.method
         if not self.tried and plan.method != self.method_in:
-            self.proxy.metrics.corrections.labels(record.route, self.method_in, plan.method).inc()
+            metrics = self.proxy.metrics
+            metrics.child(metrics.corrections, record.route, self.method_in, plan.method).inc()
         self.tried.append(member.pod.name)
         record.upstream, record.attempts = member.pod.name, len(self.tried)
         headers = plan.headers if self.pool.single else plan.headers.copy()  # a pod adds its own
@@ -152,7 +155,7 @@ class Journey:
             generation=self.generation,
             hold=self._hold,
             on_head=self._on_head,
-            on_piece=self._on_piece,
+            on_piece=self.relay.on_piece,
             **body,
         )
         self.attempt.fetching.add_done_callback(self._on_fetched)
@@ -166,9 +169,6 @@ class Journey:
         assert self.attempt is not None
         self.relay.on_head(head, self.attempt.member.pod.name)
         self.proxy.metrics.streams.inc()
-
-    def _on_piece(self, data: bytes) -> Any:
-        return self.relay.on_piece(data)
 
     def _on_fetched(self, _: asyncio.Future[Any]) -> None:
         """The exchange ended: what is still to come of the body is dropped, and what
@@ -298,7 +298,10 @@ class Journey:
         return members
 
     def _wanted(self) -> Wanted:
-        """What the pool chooses by: the model (as Ollama names it) and the conversation."""
+        """What the pool chooses by: the model (as Ollama names it) and the conversation;
+        with one pod, nothing (there is nothing to weigh)."""
+        if self.pool.single:
+            return Wanted()
         info = self.body.info()
         named = info.model or self.plan.model
         model = canonical(named) if named is not None else None
@@ -402,22 +405,6 @@ class Journey:
         moved += self.relay.flow.taken
         return moved
 
-    def _format_now(self) -> str | None:
-        """The answer's format as far as the body tells it now (a body still arriving
-        gets the route's default)."""
-        assert self.route is not None
-        return answer_format(self.route.answer, self.body.info().stream)
-
-    def _answer_format(self) -> str | None:
-        """The answer's format, for heartbeats (only on routes whose `answer` is set);
-        None while an event-stream route's body cannot tell it yet (still arriving, or
-        too large to read): its default, one JSON document, would put a space before
-        the first event of a stream, and a field named " data" is no data to a client."""
-        assert self.route is not None
-        if self.route.answer == "sse" and not self.body.readable:
-            return None
-        return self._format_now()
-
     # -- what the record and the status page say -------------------------------------
 
     def _read_usage(self) -> None:
@@ -459,3 +446,21 @@ def _merge_body(body: bytes, route: Route) -> bytes:
         raise Rejection(400, f'{route.path} needs a JSON object body, such as {{"model": "llama3.2"}}')
     assert route.body_defaults is not None
     return json.dumps({**route.body_defaults, **data}).encode()
+
+
+def _format_now(route: Route | None, body: BodyPump) -> str | None:
+    """The answer's format as far as the body tells it now (a body still arriving
+    gets the route's default)."""
+    assert route is not None
+    return answer_format(route.answer, body.info().stream)
+
+
+def _answer_format(route: Route | None, body: BodyPump) -> str | None:
+    """The answer's format, for heartbeats (only on routes whose `answer` is set);
+    None while an event-stream route's body cannot tell it yet (still arriving, or
+    too large to read): its default, one JSON document, would put a space before
+    the first event of a stream, and a field named " data" is no data to a client."""
+    assert route is not None
+    if route.answer == "sse" and not body.readable:
+        return None
+    return _format_now(route, body)

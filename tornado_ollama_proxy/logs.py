@@ -21,6 +21,9 @@ from .settings import Settings, without_password
 
 REQUEST_ID_HEADER = "X-Request-ID"
 ACCESS_LOGGER = "tornado_ollama_proxy.access"
+# A record's `lines`: the same as its fields, written for a person (the start-up summary);
+# readable lines show them, JSON lines leave them out.
+LINES = "lines"
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 

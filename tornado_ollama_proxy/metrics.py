@@ -36,6 +36,7 @@ class Metrics:
         # (route, method_out, status) -> that request's children of requests, duration and
         # ttfb; bounded as the labels are (routes, methods, statuses)
         self._children: dict[tuple[str, str | None, int], tuple[Any, Any, Any]] = {}
+        self._child: dict[tuple[Any, tuple[Any, ...]], Any] = {}  # see `child`
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -190,6 +191,15 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+
+    def child(self, metric: Any, *labels: Any) -> Any:
+        """`metric.labels(*labels)`, looked up once per label set (`labels` takes a lock
+        and checks its arguments every time): for what changes with every request."""
+        key = (metric, labels)
+        found = self._child.get(key)
+        if found is None:
+            found = self._child[key] = metric.labels(*labels)
+        return found
 
     def count_request(self, record: AccessRecord) -> None:
         """Any request that ended. Runs for every request: each label set's children are

@@ -110,21 +110,25 @@ class Pool:
         """The pods that may take a request, best first: available ones (not ejected, or
         whose ejection is over and may be probed), among the named ones if given, not the
         avoided ones, that can serve the model (the `choose_upstream` hook orders them)."""
+        if self.single:  # nothing to weigh: the one pod, unless it is avoided
+            only = self.members[0]
+            name = only.pod.name
+            return [only] if (among is None or name in among) and name not in avoid else []
         now = time.monotonic()
         candidates = [
             member
             for member in self.members
             if (among is None or member.pod.name in among)
             and member.pod.name not in avoid
-            and (self.single or member.health.available(now))
+            and member.health.available(now)
         ]
-        owners = self.owners(wanted.model) if wanted.model is not None and not self.single else None
+        owners = self.owners(wanted.model) if wanted.model is not None else None
         views = {
             member.pod.name: member.view(wanted, None if owners is None else owners.get(member.pod.name))
             for member in candidates
         }
         self.turn += 1
-        ordered = self.chooser(list(views.values()), wanted) if not self.single else list(views.values())
+        ordered = self.chooser(list(views.values()), wanted)
         return [self.by_name[view.name] for view in ordered]
 
     def owners(self, model: str) -> dict[str, bool | None]:
@@ -167,11 +171,11 @@ class Pool:
         member.in_flight += 1
         if generation:
             member.busy += 1
-        self.metrics.upstream_in_flight.labels(member.pod.name).inc()
+        self.metrics.child(self.metrics.upstream_in_flight, member.pod.name).inc()
 
     def leave(self, member: Member, generation: bool) -> None:
         member.in_flight -= 1
-        self.metrics.upstream_in_flight.labels(member.pod.name).dec()
+        self.metrics.child(self.metrics.upstream_in_flight, member.pod.name).dec()
         if generation:
             member.busy -= 1
             if self.slot_freed is not None:

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from . import access_line
 from .balancer import default_chooser
 from .fair_queue import FairQueue
 from .health import HealthCheck
@@ -114,7 +115,7 @@ class Proxy:
         metrics = self.metrics
         metrics.count_request(record)
         if record.upstream in self.pool.by_name:  # one pod's name: a request that went to several counts there
-            metrics.upstream_requests.labels(record.upstream, record.outcome).inc()
+            metrics.child(metrics.upstream_requests, record.upstream, record.outcome).inc()
         label = None
         if generation:
             answered = record.upstream_status is not None and 200 <= record.upstream_status < 300
@@ -128,4 +129,5 @@ class Proxy:
             fields = record.fields()
             if headers is not None:
                 fields = {**fields, "headers": headers}
-            access_log.info("request", extra=fields)
+            if not access_line.write(fields):
+                access_log.info("request", extra=fields)

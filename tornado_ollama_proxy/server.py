@@ -18,12 +18,13 @@ from tornado import httputil
 from tornado.http1connection import HTTP1ServerConnection
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
+from tornado.iostream import IOStream
 from tornado.netutil import bind_sockets
 from tornado.web import Application
 
 from .proxy import Proxy
 from .settings import SettingsError
-from .tornado_private import buffered_bytes
+from .tornado_private import buffered_bytes, keep_nodelay
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,9 @@ class ProxyHTTPServer(HTTPServer):
         self, request_callback: Application, *, header_timeout: float, keepalive_timeout: float, **options: Any
     ) -> None:
         super().initialize(request_callback, max_body_size=OWN_ENDPOINT_BODY, **options)
+        # Tornado's own limit on a head (an hour; a timeout of its own for every request)
+        # is left out: HeadTimer below keeps a shorter one.
+        self.conn_params.header_timeout = None
         self.header_timeout = header_timeout
         self.keepalive_timeout = keepalive_timeout
         self.served: set[HTTP1ServerConnection] = set()  # have carried a request
@@ -193,6 +197,10 @@ class ProxyHTTPServer(HTTPServer):
         for sock in sockets:
             self._sockets[sock.fileno()] = sock
             self._handlers[sock.fileno()] = Acceptor(sock, self._handle_connection).remove
+
+    def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
+        keep_nodelay(stream)
+        super().handle_stream(stream, address)
 
     def start_request(self, server_conn: object, request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
         assert isinstance(server_conn, HTTP1ServerConnection)

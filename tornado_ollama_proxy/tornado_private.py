@@ -4,12 +4,16 @@ The relay frames each body piece with the connection's own `_format_chunk`
 (so that Tornado's Content-Length accounting stays right) and writes it
 straight to the stream's socket; the keep-alive watch asks the stream how
 many bytes of a request it holds (`_read_buffer_size`), and the idle watch how
-many queued bytes a client has taken (`_total_write_done_index`). A Tornado without
-them fails at start-up with one clear line (`require`), not on every stream.
+many queued bytes a client has taken (`_total_write_done_index`); the handlers reset
+an answer as `RequestHandler.clear` does, with a Date formatted once a second; a
+client's connection keeps Nagle's algorithm off (`keep_nodelay`). A Tornado
+without them fails at start-up with one clear line (`require`), not on every
+stream.
 """
 
 from tornado.http1connection import HTTP1Connection
 from tornado.iostream import BaseIOStream, IOStream
+from tornado.web import RequestHandler
 
 MISSING = [
     name
@@ -18,6 +22,11 @@ MISSING = [
         ("BaseIOStream._read_buffer_size", "_read_buffer_size" in BaseIOStream.__init__.__code__.co_names),
         ("IOStream.socket", "socket" in IOStream.__init__.__code__.co_names),
         ("BaseIOStream._total_write_done_index", "_total_write_done_index" in BaseIOStream.__init__.__code__.co_names),
+        ("IOStream.set_nodelay", "set_nodelay" in HTTP1Connection.finish.__code__.co_names),
+        (
+            "RequestHandler.clear's attributes",
+            {"_headers", "_write_buffer", "_status_code", "_reason"} <= set(RequestHandler.clear.__code__.co_names),
+        ),
     )
     if not present
 ]
@@ -50,3 +59,15 @@ def buffered_bytes(stream: BaseIOStream) -> int:
 def written_bytes(stream: BaseIOStream) -> int:
     """How many bytes queued on the stream the kernel has taken so far (a running count)."""
     return stream._total_write_done_index
+
+
+def keep_nodelay(stream: IOStream) -> None:
+    """Nagle's algorithm off for the connection's whole life, as nginx's `tcp_nodelay`:
+    a relayed piece goes out at once, and Tornado's switching it on and off around
+    every request (two system calls each) is left out."""
+    stream.set_nodelay(True)
+    stream.set_nodelay = _as_it_is  # type: ignore[method-assign]
+
+
+def _as_it_is(value: bool) -> None:
+    """A stream's `set_nodelay` once `keep_nodelay` has set it for good."""

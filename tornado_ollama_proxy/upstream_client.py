@@ -561,11 +561,13 @@ class Exchange:
 
     def _end(self) -> None:
         self.ended = True
-        # The request, its callbacks and their handler would otherwise stay
-        # in a cycle with this exchange until a full garbage collection.
+        # The request, its callbacks and their owner would otherwise stay in a
+        # cycle (with this exchange, and through the fetch's response) until the
+        # garbage collector finds it.
         original = getattr(self.request, "request", self.request)
         if isinstance(original, AbortableRequest):
             original.exchange = None
+            original.head_callback = original.streaming_callback = None
         for timer in (self.deadline, self.connect_timer):
             if timer is not None:
                 timer.cancel()

@@ -6,17 +6,13 @@ import os
 import sys
 from typing import TextIO
 
-from pythonjsonlogger.core import RESERVED_ATTRS
-from pythonjsonlogger.json import JsonFormatter
-
 from tornado_ollama_proxy import hookimpl
-from tornado_ollama_proxy.logs import escaped
+from tornado_ollama_proxy.access_line import JsonLines
+from tornado_ollama_proxy.logs import LINES, escaped
 from tornado_ollama_proxy.settings import Settings
 
 # Attributes every LogRecord has; anything else was passed as `extra`.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
-# A record's `lines`: the same as its fields, written for a person (the start-up summary).
-LINES = "lines"
 _COLOURS = {"DEBUG": "2", "INFO": "32", "WARNING": "33", "ERROR": "31", "CRITICAL": "1;31"}
 
 
@@ -69,12 +65,5 @@ def log_handler(settings: Settings) -> logging.Handler:
     if readable(settings.log_format, sys.stdout):
         handler.setFormatter(TextFormatter(colour=coloured(sys.stdout)))
     else:
-        handler.setFormatter(
-            JsonFormatter(
-                "{asctime}{levelname}{name}{message}",
-                style="{",
-                rename_fields={"asctime": "time", "levelname": "level"},
-                reserved_attrs=[*RESERVED_ATTRS, LINES],
-            )
-        )
+        handler.setFormatter(JsonLines())
     return handler
