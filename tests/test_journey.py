@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+from tornado_ollama_proxy.heartbeat import ERROR_BODY_LIMIT
+
 from .helpers import (
     ScriptedUpstream,
     hang_up_at_once,
@@ -12,6 +14,7 @@ from .helpers import (
     read_chunked_to_end,
     read_response,
     scrape,
+    send_json,
     split_response,
     until,
     value,
@@ -144,4 +147,25 @@ async def test_a_client_that_takes_nothing_for_idle_timeout_is_cut(make_proxy, f
     await until(lambda: records(log_lines))
     [record] = records(log_lines)
     assert record["outcome"] == "timeout" and 1.0 <= record["duration_ms"] / 1000 < 5
+    writer.close()
+
+
+async def test_a_held_answer_too_long_to_be_busy_goes_to_the_client_whole(make_proxy):
+    """A 503 is held in case it is Ollama's "server busy"; one longer than any such answer
+    is the pod's own, and reaches the client byte for byte, as its Content-Length says."""
+    body = b"x" * (ERROR_BODY_LIMIT * 3)
+
+    async def script(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: %d\r\n\r\n" % len(body))
+        for start in range(0, len(body), 16384):
+            writer.write(body[start : start + 16384])
+            await writer.drain()
+        await reader.read()
+
+    upstream = ScriptedUpstream(script)
+    proxy = make_proxy(upstream=await upstream.start())
+    reader, writer = await send_json(proxy, b"POST", b"/api/chat", {"model": "llama3.2", "messages": []})
+    status, headers, answer = await asyncio.wait_for(read_response(reader), 10)
+    assert (status, headers["content-length"], answer) == (503, [str(len(body))], body)
     writer.close()

@@ -106,9 +106,12 @@ class Attempt:
                 self.relay_head(self.head)
         if self.held is None:
             return self.relay_piece(data)
-        if self.held_size < ERROR_BODY_LIMIT:
-            self.held.append(data)
-            self.held_size += len(data)
+        if self.held_size + len(data) > ERROR_BODY_LIMIT:
+            # Longer than any "server busy" or "not found": the pod's own answer, whole.
+            self.release()
+            return self.relay_piece(data)
+        self.held.append(data)
+        self.held_size += len(data)
         return None
 
     @property
