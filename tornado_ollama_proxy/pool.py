@@ -67,7 +67,6 @@ class Pool:
         self.members = [Member(Pod(config, settings), settings) for config in settings.pods]
         self.by_name = {member.pod.name: member for member in self.members}
         self.single = len(self.members) == 1
-        self.turn = 0  # rotates the balancer's equals
         self.budget = RetryBudget()
         for member in self.members:
             metrics.upstream_healthy.labels(member.pod.name).set(1)
@@ -127,7 +126,6 @@ class Pool:
             member.pod.name: member.view(wanted, None if owners is None else owners.get(member.pod.name))
             for member in candidates
         }
-        self.turn += 1
         ordered = self.chooser(list(views.values()), wanted)
         return [self.by_name[view.name] for view in ordered]
 
