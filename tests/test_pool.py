@@ -549,16 +549,17 @@ async def test_content_after_a_remote_proxys_heartbeats_comes_without_them(pods,
     assert answer.json()["done"] is True
 
 
-async def test_a_busy_answer_too_long_to_keep_whole_still_moves_the_request(pods, make_proxy, http):
+async def test_a_busy_answer_too_long_to_be_ollamas_is_the_pods_own_and_goes_whole(pods, make_proxy, http):
     started = pods(2)
     busy, _ = started[1]
-    busy.busy, busy.busy_message = True, "server busy " + "x" * 1_000_000  # kept up to ERROR_BODY_LIMIT
+    busy.busy, busy.busy_message = True, "server busy " + "x" * 1_000_000  # past ERROR_BODY_LIMIT
     proxy = make_proxy(upstreams=pool_of(started))
     await ready(proxy)
-    for n in range(4):
-        answer = await http.post(proxy + "/api/chat", json=chat(n))
-        assert (answer.status_code, answer.headers["x-ollama-upstream"]) == (200, "a")
-    assert served(started)[1] >= 1  # b was asked, and its answer kept back
+    views = [PodView(name, 1.0, None, 0, 0, True, False) for name in "ab"]
+    session = next(f"s{n}" for n in itertools.count() if rendezvous(views, f"session\0s{n}").name == "b")
+    answer = await http.post(proxy + "/api/chat", json=chat(1), headers={"X-Ollama-Session": session})
+    assert (answer.status_code, answer.headers["x-ollama-upstream"]) == (503, "b")
+    assert answer.json()["error"] == busy.busy_message  # not cut, not moved: no "server busy" is that long
 
 
 async def test_a_pod_is_refreshed_once_at_a_time(pods, make_proxy):
