@@ -367,3 +367,19 @@ async def test_a_slot_that_comes_free_elsewhere_is_found_without_a_generation_en
     member.others_busy = 0  # it ended there: nothing ends here to say so
     answer = await waiting  # found within a second by the queue's own look
     assert answer.status_code == 200 and order(pod.state) == ["me"]
+
+
+async def test_a_client_that_leaves_after_its_turn_came_lets_its_pod_go(pods, make_proxy):
+    [pod] = pods(1)
+    proxy = make_proxy(upstreams=[{"name": "a", "url": pod.url, "slots": 1}])
+    await ready(proxy)
+    gate = await hold_the_slot(proxy)
+    waiter = {"model": "stall", "messages": [{"role": "user", "content": "second"}]}
+    reader, writer = await send_json(proxy, b"POST", b"/api/chat", waiter)
+    await queued(proxy, 1)
+    gate.close()
+    await reader.readuntil(b"\r\n\r\n")  # its turn came: the pod is answering it
+    writer.close()
+    [member] = proxy.proxy.pool.members
+    await until(lambda: member.busy == 0 and not proxy.proxy.exchanges)
+    assert proxy.proxy.queue.running == {} and proxy.proxy.queue.size == 0

@@ -40,10 +40,19 @@ def test_the_address_to_use_comes_first(host, environ, local, expected):
     assert addresses(host, 8000, environ, local) == expected
 
 
-def test_this_machines_own_addresses_leave_out_loopback():
+def test_this_machines_own_addresses_leave_out_loopback(monkeypatch):
     found = local_addresses()
     assert all(not address.startswith(("127.", "::1")) for address in found)
     assert len(found) == len(set(found))
+    resolved = [("127.0.1.1", 0), ("10.0.4.7", 0), ("10.0.4.7", 0), ("fe80::1%eth0", 0, 0, 2), ("::1", 0, 0, 0)]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *_, **__: [(None, None, None, "", at) for at in resolved])
+    assert local_addresses() == ["10.0.4.7", "fe80::1%eth0"]
+
+    def unresolvable(*_, **__):
+        raise socket.gaierror("Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unresolvable)
+    assert local_addresses() == []
 
 
 def test_a_look_says_what_it_found_in_a_few_words():
@@ -52,6 +61,15 @@ def test_a_look_says_what_it_found_in_a_few_words():
     refused = Look("a", "h:1", failure="upstream 'a' refused the connection")
     assert refused.said() == "upstream 'a' refused the connection — is Ollama running at h:1?"
     assert not refused.reachable
+
+
+async def test_an_upstream_that_is_not_ollama_is_said_to_be_so(servers, make_proxy):
+    from tornado.web import Application
+
+    nothing = servers.start(Application([]))  # 404 to everything
+    proxy = make_proxy(upstream=nothing)
+    [look] = await look_at(proxy.proxy.pool, 2)
+    assert (look.reachable, look.failure) == (False, "upstream 'default' answered 404")
 
 
 async def test_the_first_look_is_bounded_by_its_own_time(make_proxy):

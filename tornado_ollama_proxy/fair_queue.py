@@ -66,7 +66,7 @@ class Waiter:
     targets: Sequence[str] | None
     start: Callable[[Member], None]
     since: float
-    started: asyncio.Future[bool] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    started: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     @property
     def group(self) -> tuple[str | None, tuple[str, ...] | None]:
@@ -85,14 +85,16 @@ class Ticket:
         self.running = False  # at a pod: the queue counts it until it ends
         self.waiter: Waiter | None = None
 
-    async def admit(self, wanted: Wanted, targets: Sequence[str] | None, start: Callable[[Member], None]) -> bool:
+    async def admit(
+        self, members: Sequence[Member], wanted: Wanted, targets: Sequence[str] | None, start: Callable[[Member], None]
+    ) -> None:
         """See `FairQueue.admit`."""
 
         def went(member: Member) -> None:
             self.went_at, self.running = time.monotonic(), True
             start(member)
 
-        return await self.queue.admit(self.share, wanted, targets, went, self._waiting)
+        await self.queue.admit(self.share, members, wanted, targets, went, self._waiting)
 
     def _waiting(self, waiter: Waiter) -> None:
         self.waiter = waiter
@@ -189,23 +191,21 @@ class FairQueue:
     async def admit(
         self,
         share: Share,
+        members: Sequence[Member],
         wanted: Wanted,
         targets: Sequence[str] | None,
         start: Callable[[Member], None],
         waiting: Callable[[Waiter], None],
-    ) -> bool:
-        """Start this generation at a pod with a free slot: at once when one of its pods
-        has one, else in its turn (`waiting` is told of its place in line). False when no
-        pod can take it (none is up); `Rejection` when the queue is full or the wait too
-        long; `Abandoned` when the client left while it waited."""
-        members = self.pool.choose(wanted, targets)
+    ) -> None:
+        """Start this generation at one of `members` (the pods that can serve it, chosen
+        by `wanted` among `targets`; at least one) with a free slot: at once when one has
+        it, else in its turn (`waiting` is told of its place in line). `Rejection` when the
+        queue is full or the wait too long; `Abandoned` when the client left meanwhile."""
         member = self.pool.pick([member for member in members if self.free(member)])
         if member is not None:
             self._went(share, time.monotonic())
             start(member)
-            return True
-        if not members:
-            return False
+            return
         waiter = Waiter(share, wanted, targets, start, time.monotonic())
         self._join(waiter)
         waiting(waiter)
@@ -220,12 +220,11 @@ class FairQueue:
                 f"no slot came free within {self.settings.queue_timeout:g} s (queue_timeout): the pods are busy",
                 {"Retry-After": "10"},
             )
-        return waiter.started.result()  # or its start's error, or Abandoned
+        waiter.started.result()  # its start's error, or Abandoned
 
     def abandon(self, waiter: Waiter) -> None:
         """Its client left: out of line at once, and no pod ever sees the request."""
-        self._leave(waiter)
-        if not waiter.started.done():
+        if self._leave(waiter):  # still in line: its turn has not come
             waiter.started.set_exception(Abandoned())
 
     def _join(self, waiter: Waiter) -> None:
@@ -255,12 +254,13 @@ class FairQueue:
         self.metrics.queue_refused.labels(reason).inc()
         raise Rejection(status, message, {"Retry-After": "10" if status == 503 else "5"})
 
-    def _leave(self, waiter: Waiter) -> None:
-        """Out of line, whatever the reason (its turn came, it timed out, its client left)."""
+    def _leave(self, waiter: Waiter) -> bool:
+        """Out of line, whatever the reason (its turn came, it timed out, its client left);
+        False if it was out already."""
         requester = waiter.share.requester
         line = self.lines.get(requester)
         if line is None or waiter not in line:
-            return
+            return False
         line.remove(waiter)
         self.size -= 1
         self.held[requester] -= waiter.share.size
@@ -268,6 +268,7 @@ class FairQueue:
         if not line:
             del self.lines[requester], self.held[requester]
             self._forget(requester)
+        return True
 
     async def _tick(self) -> None:
         """While anyone waits, look for free slots now and then too: one can come free
@@ -309,18 +310,16 @@ class FairQueue:
 
     def _send(self, waiter: Waiter) -> None:
         self._leave(waiter)
-        members = self.pool.choose(waiter.wanted, waiter.targets)
-        member = self.pool.pick([member for member in members if self.free(member)])
         try:
-            if member is None:  # its pods went while it was chosen: none can take it
-                waiter.started.set_result(False)
-                return
+            members = self.pool.choose(waiter.wanted, waiter.targets)
+            member = self.pool.pick([member for member in members if self.free(member)])
+            assert member is not None  # `dispatch` found it a free pod a moment ago
             self._went(waiter.share, waiter.since)
             waiter.start(member)  # its attempt counts the slot as taken from now
         except Exception as error:  # its own to answer: the line goes on
             waiter.started.set_exception(error)
         else:
-            waiter.started.set_result(True)
+            waiter.started.set_result(None)
 
     def _went(self, share: Share, since: float) -> None:
         start = max(self.clock, self.finish.get(share.requester, 0.0))

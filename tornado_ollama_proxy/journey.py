@@ -225,7 +225,7 @@ class Journey:
         members = await self._choose()
         queue = self.proxy.queue
         if queue is not None and self.generation and members:
-            return await self._queued(queue)
+            return await self._queued(queue, members)
         member = self.pool.pick(members)
         if member is None:
             self.end_early(self._nowhere())
@@ -233,7 +233,7 @@ class Journey:
         self._go_to(member)
         return True
 
-    async def _queued(self, queue: FairQueue) -> bool:
+    async def _queued(self, queue: FairQueue, members: list[Member]) -> bool:
         record, settings = self.record, self.proxy.settings
         key = self.proxy.key_entries.get(record.key) if record.key is not None else None
         body = self.body.whole() if self.body.present else None
@@ -245,15 +245,13 @@ class Journey:
         )
         self.ticket = ticket = Ticket(queue, share)
         try:
-            started = await ticket.admit(self._wanted(), self.plan.targets, self._go_to)
+            await ticket.admit(members, self._wanted(), self.plan.targets, self._go_to)
         except Rejection as rejection:
             self.end_early(rejection)
             return False
         except QueueLeft:
             return False  # its client left: nothing to answer
-        if not started:
-            self.end_early(self._nowhere())
-        return started
+        return True
 
     def _go_to(self, member: Member) -> None:
         self._attempt(member, body=self.body.whole() if self.body.present else None)
@@ -385,7 +383,7 @@ class Journey:
         """A generation that went from the queue has ended at its pod: the queue learns what
         it used (Ollama's counts, or its estimate when they are missing), before it chooses
         who takes the slot next."""
-        if self.ticket is None or not self.ticket.running:
+        if self.ticket is None:
             return
         relay = self.relay
         counters = read_counters(relay.usage.bytes()) if relay.usage is not None else None
