@@ -17,6 +17,7 @@ import math
 import re
 import time
 from collections.abc import Iterable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,8 @@ class ApiKey:
     bits: float | None = None
     weight: float = 1.0  # its share of a busy pod, against other keys' (the fair queue)
     shared: bool = False  # used by several people: each address gets its own line
+    tokens_per_minute: int | None = None  # its token quotas (`quota`): rolling windows
+    tokens_per_day: int | None = None
 
     @property
     def weak(self) -> bool:
@@ -84,9 +87,10 @@ def _entry(entry: Any, index: int) -> ApiKey:
         return ApiKey(f"key-{index}", _plain(entry), frozenset(SCOPES), strength(entry))
     if not isinstance(entry, Mapping):
         raise KeyEntryError("a key string or an object with name and key or key_sha256")
-    unknown = sorted(set(entry) - {"name", "key", "key_sha256", "scopes", "weight", "shared"})
+    unknown = sorted(set(entry) - {"name", "key", "key_sha256", "scopes", "shared", *LIMITS})
     if unknown:
-        raise KeyEntryError(f"unknown field {unknown[0]!r}; allowed: name, key, key_sha256, scopes, weight, shared")
+        allowed = ", ".join(("name", "key", "key_sha256", "scopes", "shared", *LIMITS))
+        raise KeyEntryError(f"unknown field {unknown[0]!r}; allowed: {allowed}")
     if ("key" in entry) == ("key_sha256" in entry):
         raise KeyEntryError("needs exactly one of key and key_sha256")
     plain = "key" in entry
@@ -94,19 +98,40 @@ def _entry(entry: Any, index: int) -> ApiKey:
     scopes = entry.get("scopes", list(SCOPES))
     if not isinstance(scopes, list):
         raise KeyEntryError(f"scopes must be a list of {', '.join(SCOPES)}")
-    weight = entry.get("weight", 1)
-    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0.01 <= weight <= 1000:
-        raise KeyEntryError("weight must be a number from 0.01 to 1000")
     shared = entry.get("shared", False)
     if not isinstance(shared, bool):
         raise KeyEntryError("shared must be true or false")
     bits = strength(entry["key"]) if plain else None
-    return ApiKey(_name(entry.get("name")), digest, _scopes(scopes), bits, float(weight), shared)
+    limits = _limits({name: entry[name] for name in LIMITS if name in entry})
+    return ApiKey(_name(entry.get("name")), digest, _scopes(scopes), bits, shared=shared, **limits)
+
+
+# A key's share of busy pods and its token quotas: an entry's fields, or a key file
+# line's name=value fields. Each: whether it takes a fraction, its lowest and highest.
+LIMITS: dict[str, tuple[bool, float, float]] = {
+    "weight": (True, 0.01, 1000),
+    "tokens_per_minute": (False, 1, 10**12),
+    "tokens_per_day": (False, 1, 10**12),
+}
+
+
+def _limits(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of LIMITS among `values`, checked."""
+    limits: dict[str, Any] = {}
+    for name, value in values.items():
+        fraction, lowest, highest = LIMITS[name]
+        kinds = (int, float) if fraction else (int,)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not lowest <= value <= highest:
+            kind = "a number" if fraction else "a whole number"
+            raise KeyEntryError(f"{name} must be {kind} from {lowest:g} to {highest:g}")
+        limits[name] = float(value) if fraction else value
+    return limits
 
 
 def parse_key_file(text: str, source: str) -> tuple[ApiKey, ...]:
-    """Key file lines: ``name:key`` or ``name:sha256:<hex>``, optionally ``:scope,scope``;
-    blank lines and ``#`` comments are ignored. Errors name the line."""
+    """Key file lines: ``name:key`` or ``name:sha256:<hex>``, optionally ``:scope,scope``,
+    then optionally ``:name=value,...`` (weight, token quotas); blank lines and ``#``
+    comments are ignored. Errors name the line."""
     keys = []
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
@@ -123,13 +148,27 @@ def parse_key_file(text: str, source: str) -> tuple[ApiKey, ...]:
                 digest, bits = _plain(secret), strength(secret)
             else:
                 raise KeyEntryError("expected name:key or name:sha256:<hex>, optionally followed by :scope,scope")
+            fields = rest.pop() if rest and "=" in rest[-1] else None
             if len(rest) > 1:
                 raise KeyEntryError("too many ':' (a key may not contain one)")
             scopes = _scopes(rest[0].split(",")) if rest else frozenset(SCOPES)
-            keys.append(ApiKey(_name(name), digest, scopes, bits))
+            keys.append(ApiKey(_name(name), digest, scopes, bits, **_fields(fields)))
         except KeyEntryError as error:
             raise KeyEntryError(f"{source}, line {number}: {error}") from None
     return tuple(keys)
+
+
+def _fields(text: str | None) -> dict[str, Any]:
+    """A key file line's ``name=value,name=value`` fields: those of LIMITS."""
+    values: dict[str, Any] = {}
+    for field in text.split(",") if text else ():
+        name, _, value = field.partition("=")
+        if name not in LIMITS:
+            raise KeyEntryError(f"unknown field {name!r}; allowed: {', '.join(LIMITS)}")
+        values[name] = value
+        with suppress(ValueError):
+            values[name] = float(value) if LIMITS[name][0] else int(value)
+    return _limits(values)
 
 
 def strength(key: str) -> float:

@@ -15,7 +15,7 @@ import functools
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from http.client import responses
 from typing import Any
 from urllib.parse import unquote
@@ -36,6 +36,7 @@ from .idle import Silence
 from .journey import Journey, Plan
 from .logs import REQUEST_ID_HEADER, accept_request_id, bounded, request_id_var
 from .proxy import Proxy
+from .quota import COUNTED, windows_of
 from .ratelimit import Admission, RateLimited
 from .record import AccessRecord
 from .relay import UPSTREAM_HEADER, peer_closed
@@ -229,6 +230,13 @@ class ProxyHandler(BaseHandler):
                 await self.authenticate(route.scope if route is not None else MANAGE)
             targets = await self._targets(route)
             method, target = self._plan(route, params, declared, preflight)
+            quota = self._quota_applies(target)
+            if quota and declared is not None and declared > settings.hold_body_max:
+                raise Rejection(
+                    413,
+                    "a request that a token quota counts may be at most hold_body_max"
+                    f" ({settings.hold_body_max} bytes): its output could not be capped",
+                )
             await self._admit()
         except Rejection as rejection:
             self.answer_early(self._answer, rejection)
@@ -265,9 +273,9 @@ class ProxyHandler(BaseHandler):
             body.hold(ALIAS_BODY_LIMIT)
         elif declared is not None and 0 < declared <= SMALL_BODY:
             body.hold(SMALL_BODY)
-        elif pooled and body.present and (declared is None or declared <= settings.hold_body_max):
-            # Its model chooses the pod, its size its place in the fair queue, and a held
-            # body may go again: read it first.
+        elif (pooled or quota) and body.present and (declared is None or declared <= settings.hold_body_max):
+            # Its model chooses the pod, its size its place in the fair queue and its quota's
+            # reservation, and a held body may go again: read it first.
             body.hold(settings.hold_body_max)
         elif route is not None and (route.answer or route.tokens):
             body.keep_copy()  # what it asks for decides the answer's format, and is accounted
@@ -288,6 +296,11 @@ class ProxyHandler(BaseHandler):
             self.journey.go()
         except Rejection as rejection:  # no pod can take it
             self.answer_early(self._answer, rejection)
+
+    def _quota_applies(self, target: str) -> bool:
+        """Whether the request's key has a token quota that counts its upstream path."""
+        key = self.proxy.key_entries.get(self.record.key) if self.record.key is not None else None
+        return key is not None and bool(windows_of(key)) and target.partition("?")[0] in COUNTED
 
     def _match(self) -> tuple[Route | None, dict[str, str]]:
         """The route table's entry for the target (None outside it), or a `Rejection` for a bad target."""
@@ -405,6 +418,9 @@ class ProxyHandler(BaseHandler):
         for name, value in headers:
             self.add_header(name, value)
         self._add_headers()
+
+    def add_answer_headers(self, headers: Mapping[str, str]) -> None:
+        self.added_headers.update(headers)
 
     def _add_headers(self) -> None:
         for name, value in self.added_headers.items():

@@ -32,6 +32,7 @@ from .framing import Head, MalformedAnswer
 from .idle import Silence
 from .model_names import canonical
 from .peer_json import json_object
+from .quota import COUNTED, QuotaExceeded, Quotas, Reservation
 from .record import AccessRecord
 from .relay import AnswerRelay, ClientFlow, Reply
 from .retry import Cause, may_go_again
@@ -94,6 +95,8 @@ class Journey:
         self.failure: Failure | None = None  # what the last attempt's end means, once it has ended
         self.settled = False
         self.ticket: Ticket | None = None  # a generation's place in the fair queue
+        self.slot: Member | None = None  # a pod's slot kept for it between the queue and its attempt
+        self.reservation: Reservation | None = None  # what it holds of its key's token quota
         self.watch = Silence(proxy.idle_timeout, self._progress, self._on_silence)
         proxy.metrics.in_flight.inc()
         proxy.exchanges.add(self)
@@ -220,20 +223,63 @@ class Journey:
 
     async def _first(self) -> bool:
         """The first attempt of a held body, at the pod its model and conversation want
-        (a generation, when it has a free slot: else after its turn in the fair queue);
-        False when none can take it (the client has been answered)."""
+        (a generation, when it has a free slot: else after its turn in the fair queue),
+        once its key's token quota has room for it; False when it does not go (the client
+        has been answered, or has left)."""
         members = await self._choose()
         queue = self.proxy.queue
-        if queue is not None and self.generation and members:
-            return await self._queued(queue, members)
-        member = self.pool.pick(members)
+        if queue is not None and self.generation and members and not await self._queued(queue, members):
+            return False
+        member = self.slot or self.pool.pick(members)  # a slot from the queue, or a pod that takes it now
         if member is None:
             self.end_early(self._nowhere())
             return False
+        if self.proxy.quotas is not None and not await self._reserve(self.proxy.quotas):
+            self._release_slot()
+            return False
+        if self.reply.answered:  # its client left while it waited (for its turn, or its quota)
+            self._settle_quota(0)  # nothing was used
+            self._release_slot()
+            return False
+        if self.slot is not None:
+            self.pool.release_slot(self.slot, freed=False)  # the attempt counts it from now
+            self.slot = None
         self._go_to(member)
         return True
 
+    async def _reserve(self, quotas: Quotas) -> bool:
+        """Reserve what the request may use of its key's token quota, and cap its output
+        to what was granted; False when refused (the client has been answered)."""
+        record = self.record
+        key = self.proxy.key_entries.get(record.key) if record.key is not None else None
+        path = self.plan.target.partition("?")[0]
+        if key is None or path not in COUNTED:
+            return True
+        try:
+            grant = await quotas.reserve(key, path, self.body.whole() if self.body.present else None)
+        except QuotaExceeded as refusal:
+            record.outcome = "rate_limited"
+            self.proxy.metrics.rate_limited.labels(record.route, refusal.reason).inc()
+            self.end_early(refusal)
+            return False
+        except Rejection as rejection:  # a body it cannot read
+            self.end_early(rejection)
+            return False
+        self.reservation = grant.reservation
+        if grant.body is not None:
+            self.body.replace(grant.body)
+        self.reply.add_answer_headers(grant.headers)
+        return True
+
+    def _release_slot(self) -> None:
+        """A slot kept for this generation that it will not use goes to whoever waits next."""
+        if self.slot is not None:
+            self.pool.release_slot(self.slot, freed=True)
+            self.slot = None
+
     async def _queued(self, queue: FairQueue, members: list[Member]) -> bool:
+        """Wait for a slot (`slot`, kept until the attempt takes it); False when none came
+        (the client has been answered, or has left)."""
         record, settings = self.record, self.proxy.settings
         key = self.proxy.key_entries.get(record.key) if record.key is not None else None
         body = self.body.whole() if self.body.present else None
@@ -245,13 +291,17 @@ class Journey:
         )
         self.ticket = ticket = Ticket(queue, share)
         try:
-            await ticket.admit(members, self._wanted(), self.plan.targets, self._go_to)
+            await ticket.admit(members, self._wanted(), self.plan.targets, self._keep_slot)
         except Rejection as rejection:
             self.end_early(rejection)
             return False
         except QueueLeft:
             return False  # its client left: nothing to answer
         return True
+
+    def _keep_slot(self, member: Member) -> None:
+        self.pool.hold_slot(member)
+        self.slot = member
 
     def _go_to(self, member: Member) -> None:
         self._attempt(member, body=self.body.whole() if self.body.present else None)
@@ -376,6 +426,8 @@ class Journey:
         self.attempt = None
         self._read_usage()
         self._leave_queue()
+        self._settle_quota()
+        self._release_slot()
         if self.ticket is not None:
             self.record.queued_ms = self.ticket.waited_ms
 
@@ -383,14 +435,25 @@ class Journey:
         """A generation that went from the queue has ended at its pod: the queue learns what
         it used (Ollama's counts, or its estimate when they are missing), before it chooses
         who takes the slot next."""
-        if self.ticket is None:
-            return
+        if self.ticket is not None:
+            self.ticket.ended(self._used())
+
+    def _settle_quota(self, used: int | None = None) -> None:
+        """The request has ended: its key's quota is charged what it used (`used` when the
+        journey knows it; else Ollama's counts; without them, after an error or a client
+        that left, the prompt's estimate and a token per piece relayed), not what it reserved."""
+        reservation = self.reservation
+        if reservation is not None:
+            used = self._used() if used is None else used
+            reservation.settle(reservation.prompt + self.record.chunks if used is None else used)
+
+    def _used(self) -> int | None:
+        """The tokens Ollama says the generation used, prompt and output; None if it did not say."""
         relay = self.relay
         counters = read_counters(relay.usage.bytes()) if relay.usage is not None else None
-        used = None
-        if counters is not None and counters.prompt_tokens is not None and counters.completion_tokens is not None:
-            used = counters.prompt_tokens + counters.completion_tokens
-        self.ticket.ended(used)
+        if counters is None or counters.prompt_tokens is None or counters.completion_tokens is None:
+            return None
+        return counters.prompt_tokens + counters.completion_tokens
 
     # -- what the idle watch and the heartbeats look at --------------------------------
 

@@ -181,6 +181,18 @@ class Pool:
                 # used before the queue chooses who goes next.
                 asyncio.get_running_loop().call_soon(self.slot_freed)
 
+    def hold_slot(self, member: Member) -> None:
+        """Keep one of `member`'s slots for a generation that has left the queue and is
+        not yet at the pod (its quota is being reserved): no other takes it meanwhile."""
+        member.busy += 1
+
+    def release_slot(self, member: Member, *, freed: bool) -> None:
+        """Give a held slot back: to its generation's attempt (which counts it from now),
+        or, `freed`, to whoever waits next."""
+        member.busy -= 1
+        if freed and self.slot_freed is not None:
+            asyncio.get_running_loop().call_soon(self.slot_freed)
+
     def pick(self, members: Sequence[Member]) -> Member | None:
         """The first of `members` that may take a request now (see `claim`)."""
         return next((member for member in members if self.claim(member)), None)

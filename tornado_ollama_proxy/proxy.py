@@ -15,6 +15,7 @@ from .health import HealthCheck
 from .logs import ACCESS_LOGGER, CREDENTIALS, sampled
 from .metrics import Metrics
 from .pool import Chooser, Pool
+from .quota import Quotas, windows_of
 from .record import AccessRecord, failed
 from .routes import RouteTable
 from .settings import Settings
@@ -87,6 +88,8 @@ class Proxy:
         queued = any(pod.slots is not None for pod in self.pool.pods)
         self.queue = FairQueue(self.pool, settings, self.metrics) if queued else None
         self.key_entries = {key.name: key for key in getattr(authenticator, "keys", ())}
+        quota_keys = any(windows_of(key) for key in self.key_entries.values())
+        self.quotas = Quotas(settings) if quota_keys else None
         self.health = HealthCheck(self.pool, settings.health_cache_seconds)
         self.models = ModelLabels(settings.metrics_max_models)
         self.board = StatusBoard(settings.worker_count)

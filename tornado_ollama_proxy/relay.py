@@ -9,7 +9,7 @@ import socket
 import struct
 import termios
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tornado.iostream import IOStream
@@ -42,6 +42,9 @@ class Reply(Protocol):
     def take_head(self, code: int, reason: str | None, headers: Iterable[tuple[str, str]], *, relayed: bool) -> None:
         """The answer's status and headers (with the proxy's own added); `relayed`: the
         upstream's, which replace every default."""
+
+    def add_answer_headers(self, headers: Mapping[str, str]) -> None:
+        """Headers of the proxy's own for the answer, whichever it is (a quota's)."""
 
     def send_head(self, first: bytes = b"") -> None:
         """Send the head, with the body's first piece when given (one write)."""

@@ -70,6 +70,8 @@ class Settings:
     queue_max_per_key: int = 100
     queue_timeout: float = 300.0
     queue_default_output_tokens: int = 256
+    quota_default_output_tokens: int = 4096
+    quota_image_tokens: int = 1000
     connect_timeout: float = 10.0
     idle_timeout: float = 600.0
     header_timeout: float = 60.0
@@ -462,6 +464,8 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], bool]] = {
     "queue_max_per_key": (_count, True),
     "queue_timeout": (_seconds(False), True),
     "queue_default_output_tokens": (_count, True),
+    "quota_default_output_tokens": (_count, True),
+    "quota_image_tokens": (_count, True),
     "connect_timeout": (_seconds(False), True),
     "idle_timeout": (_seconds(False), True),
     "header_timeout": (_seconds(False), True),

@@ -1,4 +1,4 @@
-"""The storage behind the counters proxies share: rate limits, failed key attempts.
+"""The storage behind the counters proxies share: rate limits, failed key attempts, token quotas.
 
 The ``limits`` package's storages, in memory or in Redis, reached through one
 path that every counter takes (`SharedStorage.call`): each call is bounded by
@@ -33,12 +33,11 @@ class StorageDown(Exception):
         self.reason = reason
 
 
-class SharedStorage:
-    """A ``limits`` storage, called through `call`. `effect` says what an outage means
-    to its user, for the outage log ("limits not enforced")."""
+class StorageCalls:
+    """Calls to a storage, each through `call`. `effect` says what an outage means to
+    its user, for the outage log ("limits not enforced")."""
 
-    def __init__(self, url: str, timeout: float, effect: str):
-        self.storage = storage_from_string("async+" + url, wrap_exceptions=True)
+    def __init__(self, timeout: float, effect: str):
         self.timeout = timeout
         self.outage = OutageLog(effect)
         self.warming = asyncio.Lock()
@@ -62,6 +61,14 @@ class SharedStorage:
     async def _in_turn(self, work: Callable[[], Awaitable[T]]) -> T:
         async with self.warming:
             return await work()
+
+
+class SharedStorage(StorageCalls):
+    """A ``limits`` storage, called through `call`."""
+
+    def __init__(self, url: str, timeout: float, effect: str):
+        super().__init__(timeout, effect)
+        self.storage = storage_from_string("async+" + url, wrap_exceptions=True)
 
 
 class OutageLog:

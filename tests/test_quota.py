@@ -1,0 +1,503 @@
+"""Token quotas per key: what a request is reckoned to ask, the windows in memory and in
+Redis (one quota for several proxies), and what clients see through the proxy."""
+
+import asyncio
+import json
+import logging
+import re
+import time
+
+import ollama
+import openai
+import pytest
+
+from tornado_ollama_proxy.auth import KeyEntryError, parse_entries, parse_key_file
+from tornado_ollama_proxy.errors import Rejection
+from tornado_ollama_proxy.quota import (
+    MemoryTokens,
+    QuotaExceeded,
+    Quotas,
+    RedisTokens,
+    Window,
+    capped,
+    duration,
+    read_ask,
+    retry_after,
+    windows_of,
+)
+from tornado_ollama_proxy.settings import Settings
+
+from .helpers import ready, send_json, until, unused_url
+
+KEY = "a" * 43
+OTHER = "b" * 43
+MINUTE = Window("tokens_per_minute", 60, 1, 100)
+DAY = Window("tokens_per_day", 86400, 60, 150)
+NOW = 1_000_000_020  # a whole minute
+
+
+ALICE = f"Authorization: Bearer {KEY}\r\n".encode()
+BOB = f"Authorization: Bearer {OTHER}\r\n".encode()
+
+
+def counted(answer):
+    return answer["prompt_eval_count"], answer["eval_count"]
+
+
+def keys(**quota):
+    return parse_entries([{"name": "alice", "key": KEY, **quota}, {"name": "bob", "key": OTHER}])
+
+
+def auth(key=KEY):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def chats(state):
+    return [json.loads(seen.body) for seen in state.seen if seen.path in ("/api/chat", "/v1/chat/completions")]
+
+
+# -- what a request asks ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path, data, prompt, output",
+    [
+        ("/api/generate", {"prompt": "x" * 30}, 10 + 16, None),
+        ("/api/generate", {"prompt": "x" * 30, "options": {"num_predict": 7}}, 26, 7),
+        ("/api/generate", {"prompt": "x", "options": {"num_predict": -1}}, 16, None),  # Ollama's "unbounded"
+        ("/api/generate", {"prompt": "x", "options": {"num_predict": True}}, 16, None),
+        ("/api/generate", {"prompt": "x", "options": "odd"}, 16, None),
+        ("/api/generate", {"prompt": "", "images": ["AAAA", "BBBB"]}, 16 + 2000, None),
+        ("/api/generate", {"prompt": "", "context": [101, 102, 103, 104, 105]}, 5 + 16, None),  # token ids
+        ("/api/generate", {"model": "m" * 300, "keep_alive": "5m", "stream": True, "prompt": "abc"}, 1 + 16, None),
+        ("/api/chat", {"raw": True, "format": None, "tools": [{"function": {"name": "get_weather"}}]}, 3 + 16, None),
+        (
+            "/api/chat",
+            {"messages": [{"content": "x" * 6}, {"content": "y" * 6, "images": ["A"]}, "odd"]},
+            15 // 3 + 3 * 4 + 16 + 1000,
+            None,
+        ),
+        ("/api/chat", {"messages": [{"content": "short", "CONTENT": "x" * 300}]}, 101 + 4 + 16, None),  # Go reads both
+        ("/v1/chat/completions", {"messages": [{"content": "x" * 9}], "max_tokens": 5}, 3 + 4 + 16, 5),
+        ("/v1/chat/completions", {"messages": [], "max_tokens": 5, "max_completion_tokens": 3}, 16, 3),
+        ("/v1/chat/completions", {"options": {"num_predict": 5}}, 16, None),  # not /v1's: Ollama ignores it
+        (
+            "/v1/chat/completions",
+            {"messages": [{"content": [{"type": "image_url"}, {"type": "text", "text": "xyz"}]}]},
+            7 // 3 + 4 + 16 + 1000,
+            None,
+        ),
+        ("/v1/completions", {"prompt": "x" * 3, "suffix": "y" * 3, "max_tokens": 9}, 2 + 16, 9),
+        (
+            "/v1/responses",
+            {"input": [{"content": [{"type": "input_image"}, 5]}, "xyz"], "max_output_tokens": 4},
+            1 + 1 + 16 + 1000,  # the 5 and the "xyz"
+            4,
+        ),
+        (
+            "/v1/messages",
+            {"system": "x" * 3, "messages": [{"content": [{"type": "image"}]}], "max_tokens": 8},
+            1 + 4 + 16 + 1000,
+            8,
+        ),
+        ("/api/embed", {"input": ["x" * 30, "y" * 30]}, 36, None),  # nothing to cap
+        ("/v1/embeddings", {"input": "x" * 3, "max_tokens": 9}, 1 + 16, None),
+    ],
+)
+def test_a_request_is_reckoned_by_its_prompt_erring_high_and_the_output_its_api_asks(path, data, prompt, output):
+    ask = read_ask(path, json.dumps(data).encode(), image_tokens=1000)
+    assert (ask.prompt, ask.output, ask.data) == (prompt, output, data)
+
+
+def test_a_body_that_is_no_json_object_is_reckoned_by_its_size():
+    assert read_ask("/api/generate", b"[" * 300, 1000) == read_ask("/api/chat", b"x" * 300, 5)
+    assert (read_ask("/api/chat", b"x" * 300, 5).prompt, read_ask("/api/chat", None, 5).prompt) == (116, 16)
+
+
+def test_the_output_is_capped_in_each_apis_own_terms():
+    native = {"prompt": "x", "options": {"temperature": 0, "num_predict": 900}}
+    assert capped("/api/generate", native, 40) == {"prompt": "x", "options": {"temperature": 0, "num_predict": 40}}
+    assert capped("/api/chat", {"options": "odd"}, 40) == {"options": {"num_predict": 40}}
+    assert capped("/v1/chat/completions", {"max_completion_tokens": 900}, 40) == {
+        "max_tokens": 40,
+        "max_completion_tokens": 40,
+    }
+    assert capped("/v1/responses", {}, 40) == {"max_output_tokens": 40}
+    assert capped("/v1/messages", {"max_tokens": 900}, 40) == {"max_tokens": 40}
+    # Ollama's decoder takes any letter case for a field, and the last one it meets.
+    sneaky = {"max_tokens": 5, "MAX_TOKENS": 99999, "Max_Completion_Tokens": 7, "Model": "x"}
+    assert capped("/v1/chat/completions", sneaky, 40) == {"max_tokens": 40, "Model": "x"}
+    sneaky = {"options": {"num_predict": 3, "NUM_PREDICT": 9, "top_k": 1}, "OPTIONS": {"num_predict": 9}}
+    assert capped("/api/chat", sneaky, 40) == {"options": {"num_predict": 40, "top_k": 1}}
+
+
+@pytest.mark.parametrize(
+    "seconds, text",
+    [(0.25, "250ms"), (0.0004, "0ms"), (1, "1s"), (6.2, "7s"), (60, "1m0s"), (90, "1m30s"), (86400, "24h0m0s")],
+)
+def test_waits_are_written_as_openai_writes_them(seconds, text):
+    assert duration(seconds) == text
+
+
+def test_a_refused_request_is_told_when_its_oldest_buckets_make_room_enough():
+    buckets = {NOW - 50: 30, NOW - 30: 40, NOW - 10: 30}  # 100 used: full
+    assert retry_after(MINUTE, buckets, 0, 25, NOW) == 11  # the first bucket leaves in 11 s
+    assert retry_after(MINUTE, buckets, 0, 31, NOW) == 31  # the second one too
+    assert retry_after(MINUTE, buckets, 20, 50, NOW) == 11
+    assert retry_after(MINUTE, {NOW: 100}, 0, 1, NOW) == 61  # a bucket counts while any of it is inside
+
+
+def test_a_key_entry_and_a_key_file_line_carry_quotas():
+    [alice] = parse_entries([{"name": "alice", "key": KEY, "tokens_per_minute": 100, "tokens_per_day": 150}])
+    assert windows_of(alice) == (MINUTE, DAY)
+    lines = f"alice:{KEY}:inference:tokens_per_minute=100,weight=2.5\nbob:sha256:{'0' * 64}:tokens_per_day=150\n"
+    alice, bob = parse_key_file(lines, "keys.txt")
+    assert (alice.scopes, alice.weight, windows_of(alice)) == (frozenset({"inference"}), 2.5, (MINUTE,))
+    assert (bob.weight, windows_of(bob)) == (1.0, (DAY,))
+    assert windows_of(parse_key_file(f"carol:{KEY}=", "k")[0]) == ()  # an = in a key is the key's
+
+
+@pytest.mark.parametrize(
+    "line, error",
+    [
+        (f"alice:{KEY}:tokens_per_hour=5", "unknown field 'tokens_per_hour'; allowed: weight, tokens_per_minute"),
+        (f"alice:{KEY}:tokens_per_minute=lots", "tokens_per_minute must be a whole number from 1 to 1e+12"),
+        (f"alice:{KEY}:tokens_per_minute=1.5", "tokens_per_minute must be a whole number"),
+        (f"alice:{KEY}:weight=0", "weight must be a number from 0.01 to 1000"),
+        (f"alice:{KEY}:inference:chat:weight=2", "too many ':'"),
+    ],
+)
+def test_bad_key_file_fields_are_named_with_their_line(line, error):
+    with pytest.raises(KeyEntryError, match=re.escape(f"keys.txt, line 1: {error}")):
+        parse_key_file(line, "keys.txt")
+
+
+def test_a_quota_in_a_key_entry_must_be_a_whole_number():
+    with pytest.raises(KeyEntryError, match="entry 1: tokens_per_day must be a whole number from 1 to 1e"):
+        parse_entries([{"name": "a", "key": KEY, "tokens_per_day": "100"}])
+
+
+# -- the windows, in memory and in Redis ------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "redis"])
+def tokens(request):
+    if request.param == "memory":
+        return MemoryTokens()
+    return RedisTokens(request.getfixturevalue("redis_server").url)
+
+
+async def test_a_window_grants_what_is_wanted_while_there_is_room_and_at_least_what_is_needed(tokens):
+    assert (await tokens.take("alice", [MINUTE], 10, 50, NOW)).granted == 50
+    assert (await tokens.take("alice", [MINUTE], 10, 80, NOW + 1)).granted == 50  # what is left
+    refused = await tokens.take("alice", [MINUTE], 1, 1, NOW + 2)
+    assert (refused.granted, refused.used, refused.buckets) == (0, (100,), ({NOW: 50, NOW + 1: 50},))
+    assert (await tokens.take("bob", [MINUTE], 1, 1, NOW + 2)).granted == 1  # each key its own
+    await tokens.give("alice", [MINUTE], [NOW], -30)  # it used 20 of its 50
+    assert (await tokens.take("alice", [MINUTE], 1, 100, NOW + 3)).granted == 30
+    assert (await tokens.take("alice", [MINUTE], 1, 100, NOW + 61)).used == (80,)  # the first bucket left
+    assert (await tokens.take("alice", [MINUTE], 1, 100, NOW + 200)).granted == 100  # all of it left
+
+
+async def test_every_window_of_a_key_must_have_room(tokens):
+    assert (await tokens.take("alice", [MINUTE, DAY], 1, 100, NOW)).granted == 100
+    taken = await tokens.take("alice", [MINUTE, DAY], 1, 100, NOW + 61)  # a new minute, the same day
+    assert (taken.granted, taken.used) == (50, (0, 100))
+    refused = await tokens.take("alice", [MINUTE, DAY], 1, 100, NOW + 122)
+    assert (refused.granted, refused.used) == (0, (0, 150))
+    assert refused.buckets == ({}, {NOW: 100, NOW + 60: 50})  # day buckets are minutes
+
+
+async def test_a_correction_for_a_bucket_that_left_its_window_changes_nothing(tokens):
+    await tokens.take("alice", [MINUTE], 1, 60, NOW)
+    assert (await tokens.take("alice", [MINUTE], 1, 10, NOW + 90)).used == (0,)
+    await tokens.give("alice", [MINUTE], [NOW], 40)
+    assert (await tokens.take("alice", [MINUTE], 1, 10, NOW + 91)).used == (10,)
+
+
+async def test_one_quota_for_every_proxy_sharing_redis_grants_exactly_what_fits(redis_server):
+    ledgers = [quotas(rate_limit_storage=redis_server.url), quotas(rate_limit_storage=redis_server.url)]
+    key = alice(tokens_per_minute=1000)
+    body = json.dumps({"prompt": "x" * 12, "options": {"num_predict": 40}}).encode()  # 20 tokens, 60 wanted
+
+    async def reserve(ledger):
+        try:
+            return (await ledger.reserve(key, "/api/generate", body)).reservation.granted
+        except QuotaExceeded:
+            return 0
+
+    granted = await asyncio.gather(*(reserve(ledgers[n % 2]) for n in range(40)))
+    assert sum(granted) == 1000  # sixteen of 60, then one of the last 40: to the token
+    assert sorted(granted, reverse=True)[:18] == [60] * 16 + [40, 0]
+
+
+# -- reserving, and what is refused -------------------------------------------------------
+
+
+def quotas(**settings):
+    return Quotas(Settings(**settings))
+
+
+def alice(**quota):
+    return keys(**quota)[0]
+
+
+async def test_a_reservation_caps_what_does_not_fit_and_settles_to_what_was_used(io_loop):
+    ledger = quotas(quota_default_output_tokens=50)
+    body = json.dumps({"prompt": "x" * 30}).encode()  # 26 tokens reckoned
+    grant = await ledger.reserve(alice(tokens_per_minute=100), "/api/generate", body)
+    assert json.loads(grant.body) == {"prompt": "x" * 30, "options": {"num_predict": 50}}  # no limit: the default
+    assert grant.headers == {
+        "x-ratelimit-limit-tokens": "100",
+        "x-ratelimit-remaining-tokens": "24",
+        "x-ratelimit-reset-tokens": "1m0s",
+    }
+    second = await ledger.reserve(alice(tokens_per_minute=100), "/api/generate", b'{"prompt": "x"}')  # 16
+    assert json.loads(second.body) == {"prompt": "x", "options": {"num_predict": 8}}  # what was left
+    assert (grant.reservation.granted, second.reservation.granted) == (76, 24)
+    grant.reservation.settle(30)  # Ollama counted 30
+    grant.reservation.settle(99)  # once only
+    second.reservation.settle(24)  # all it had
+    assert len(ledger.corrections) == 1  # nothing to correct for the second
+    await asyncio.gather(*ledger.corrections)
+    assert sum(ledger.tokens.buckets["alice:tokens_per_minute"].values()) == 30 + 24
+
+
+async def test_an_output_that_fits_is_left_as_the_client_asked(io_loop):
+    ledger = quotas()
+    body = json.dumps({"prompt": "x", "options": {"num_predict": 10}}).encode()
+    grant = await ledger.reserve(alice(tokens_per_day=1000), "/api/generate", body)
+    assert (json.loads(grant.body), grant.reservation.granted) == (json.loads(body), 16 + 10)
+    embedding = await ledger.reserve(alice(tokens_per_day=1000), "/api/embed", b'{"input": "xyz"}')
+    assert (embedding.body, embedding.reservation.granted) == (None, 17)  # only its prompt, as it was
+    with pytest.raises(Rejection, match="must send a JSON object to /api/chat") as unreadable:
+        await ledger.reserve(alice(tokens_per_day=1000), "/api/chat", b'{"prompt": "\xff"}')  # Go reads it
+    assert unreadable.value.status == 400
+    assert (await ledger.reserve(keys()[1], "/api/generate", body)).reservation is None  # bob: no quota
+
+
+async def test_a_prompt_that_does_not_fit_is_refused_with_when_to_retry(io_loop):
+    ledger = quotas()
+    body = json.dumps({"prompt": "x" * 150}).encode()  # 66 tokens
+    await ledger.reserve(alice(tokens_per_minute=100), "/api/generate", body)
+    with pytest.raises(QuotaExceeded) as refused:
+        await ledger.reserve(alice(tokens_per_minute=100), "/api/generate", body)
+    error = refused.value
+    assert (error.status, error.reason) == (429, "tokens_per_minute")
+    assert error.message == "key 'alice' has used its tokens per minute (100); retry in 61 s"
+    assert error.headers == {
+        "Retry-After": "61",
+        "x-ratelimit-limit-tokens": "100",
+        "x-ratelimit-remaining-tokens": "0",
+        "x-ratelimit-reset-tokens": "1m1s",
+    }
+    with pytest.raises(
+        QuotaExceeded, match=re.escape("(about 349 tokens) is larger than the tokens per minute (100) of key 'alice'")
+    ):
+        await ledger.reserve(alice(tokens_per_minute=100), "/api/generate", json.dumps({"prompt": "x" * 999}).encode())
+
+
+@pytest.mark.parametrize("fail", ["open", "closed"])
+async def test_a_storage_that_is_down_fails_as_the_rate_limits_do(io_loop, fail, caplog):
+    ledger = quotas(rate_limit_storage=unused_url().replace("http", "redis"), rate_limit_fail=fail)
+    body = json.dumps({"prompt": "x"}).encode()
+    if fail == "open":
+        grant = await ledger.reserve(alice(tokens_per_minute=100), "/api/generate", body)
+        assert (grant.reservation, grant.body, grant.headers) == (None, None, {})
+    else:
+        with pytest.raises(QuotaExceeded) as refused:
+            await ledger.reserve(alice(tokens_per_minute=100), "/api/generate", body)
+        assert (refused.value.status, refused.value.reason, refused.value.headers) == (
+            503,
+            "storage",
+            {"Retry-After": "1"},
+        )
+    assert "rate limit storage unavailable: token quotas" in caplog.text
+
+
+async def test_a_correction_the_storage_cannot_take_is_logged(redis_server, caplog):
+    ledger = quotas(rate_limit_storage=redis_server.url)
+    grant = await ledger.reserve(alice(tokens_per_minute=100), "/api/generate", b'{"prompt": "x"}')
+    assert ledger.calls.outage.began is None
+    redis_server.stop()
+    with caplog.at_level(logging.WARNING):
+        grant.reservation.settle(5)
+        await asyncio.wait(ledger.corrections)
+    assert ledger.calls.outage.began is not None and not ledger.corrections
+
+
+# -- through the proxy ----------------------------------------------------------------------
+
+
+def hello(**options):
+    """25 tokens reckoned: 15 characters (role and content), one message, the template."""
+    return {"model": "llama3.2", "messages": [{"role": "user", "content": "hello there"}], "options": options}
+
+
+async def drained(proxy):
+    """Every request has ended and its quota has been corrected."""
+    await until(lambda: not proxy.proxy.exchanges and not proxy.proxy.quotas.corrections)
+
+
+def used(proxy, name="alice"):
+    return sum(proxy.proxy.quotas.tokens.buckets.get(f"{name}:tokens_per_minute", {}).values())
+
+
+async def test_a_quota_caps_the_output_tells_what_is_left_and_then_refuses_in_the_clients_shape(
+    make_proxy, fake, nginx, http, log_lines
+):
+    proxy = make_proxy(api_keys=keys(tokens_per_minute=100))
+    front = nginx(proxy, as_get=True)
+    answer = await http.post(front + "/api/chat", json={**hello(num_predict=500), "stream": False}, headers=auth())
+    assert answer.status_code == 200
+    assert chats(fake)[0]["options"] == {"num_predict": 75}  # 100 less the prompt's 25: it stops in time
+    assert counted(answer.json()) == (3, 75)
+    assert {name: answer.headers[name] for name in answer.headers if name.startswith("x-ratelimit")} == {
+        "x-ratelimit-limit-tokens": "100",
+        "x-ratelimit-remaining-tokens": "0",
+        "x-ratelimit-reset-tokens": "1m0s",
+    }
+    await drained(proxy)
+    assert used(proxy) == 78  # what Ollama counted, not what was reserved
+
+    client = ollama.AsyncClient(host=front, headers=auth())
+    with pytest.raises(ollama.ResponseError) as refused:
+        await client.chat(**hello(num_predict=3))
+    await client.close()
+    assert refused.value.status_code == 429
+    assert refused.value.error.startswith("key 'alice' has used its tokens per minute (100); retry in ")
+    chat = openai.AsyncOpenAI(base_url=front + "/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.RateLimitError) as refused_v1:
+        await chat.chat.completions.create(model="llama3.2", messages=[{"role": "user", "content": "hi"}])
+    assert refused_v1.value.body["message"].startswith("key 'alice' has used its tokens per minute")
+    assert 55 <= int(refused_v1.value.response.headers["Retry-After"]) <= 61
+    assert len(chats(fake)) == 1  # the pod saw neither
+
+    show = await http.post(front + "/api/show", json={"model": "llama3.2"}, headers=auth())
+    assert show.status_code == 200 and "x-ratelimit-limit-tokens" not in show.headers  # no tokens to count
+    other = await http.post(front + "/api/chat", json={**hello(num_predict=3), "stream": False}, headers=auth(OTHER))
+    assert other.status_code == 200 and "x-ratelimit-limit-tokens" not in other.headers  # bob has no quota
+    assert chats(fake)[1]["options"] == {"num_predict": 3}
+    records = [line for line in log_lines() if line["message"] == "request"]
+    assert [record["outcome"] for record in records] == ["ok", "rate_limited", "rate_limited", "ok", "ok"]
+    metrics = (await http.get(proxy + "/_proxy/metrics", headers=auth())).text
+    assert 'ollama_proxy_rate_limited_total{reason="tokens_per_minute",route="/api/chat"} 1.0' in metrics
+    await chat.close()
+
+
+async def test_forty_requests_at_once_through_two_proxies_sharing_redis_stay_within_the_quota(
+    make_proxy, fake, redis_server, http
+):
+    proxies = [make_proxy(api_keys=keys(tokens_per_minute=1000), rate_limit_storage=redis_server.url) for _ in range(2)]
+    fake.token_delay = 0.001
+    body = {**hello(num_predict=40), "stream": False}  # 65 reserved, 43 used
+    answers = await asyncio.gather(
+        *(http.post(proxies[n % 2] + "/api/chat", json=body, headers=auth()) for n in range(40))
+    )
+    statuses = [answer.status_code for answer in answers]
+    assert set(statuses) == {200, 429}
+    spent = sum(
+        answer.json()["prompt_eval_count"] + answer.json()["eval_count"]
+        for answer in answers
+        if answer.status_code == 200
+    )
+    # Reserved 65 each, settled to 43: at least what fits reserved (15 of 65; the last 25
+    # hold no prompt and a token), more as earlier ones settle; never more than the quota.
+    assert statuses.count(200) >= 15 and spent <= 1000
+    assert len(chats(fake)) == statuses.count(200)
+
+
+async def test_a_stream_whose_client_leaves_is_charged_its_prompt_and_a_token_per_piece(make_proxy, fake, log_lines):
+    proxy = make_proxy(api_keys=keys(tokens_per_minute=1000))
+    reader, writer = await send_json(
+        proxy,
+        b"POST",
+        b"/api/chat",
+        {**hello(num_predict=50), "model": "stall"},
+        ALICE,
+    )
+    await reader.readuntil(b"\r\n\r\n")
+    await reader.readuntil(b"\n")  # the stand-in's first token, then nothing until the client leaves
+    writer.close()
+    await drained(proxy)
+    [record] = [line for line in log_lines() if line["message"] == "request"]
+    assert record["outcome"] == "client_gone" and record["chunks"] >= 1
+    assert used(proxy) == 25 + record["chunks"]
+
+
+async def test_a_quota_keys_body_larger_than_hold_body_max_is_refused_before_it_is_read(make_proxy, fake, http):
+    proxy = make_proxy(api_keys=keys(tokens_per_day=1000), hold_body_max=1000)
+    big = {**hello(), "messages": [{"role": "user", "content": "x" * 2000}]}
+    answer = await http.post(proxy + "/api/chat", json=big, headers=auth())
+    assert (answer.status_code, answer.json()) == (
+        413,
+        {
+            "error": "a request that a token quota counts may be at most hold_body_max (1000 bytes):"
+            " its output could not be capped"
+        },
+    )
+    assert (await http.post(proxy + "/api/chat", json=big, headers=auth(OTHER))).status_code == 200  # no quota
+    assert len(chats(fake)) == 1
+
+
+async def test_what_ollama_would_read_otherwise_than_the_proxy_does_is_not_a_way_around_the_cap(make_proxy, fake, http):
+    proxy = make_proxy(api_keys=keys(tokens_per_minute=100))
+    sneaky = {**hello(num_predict=5), "OPTIONS": {"num_predict": 5000}, "stream": False}  # Go takes either, the last
+    assert (await http.post(proxy + "/api/chat", json=sneaky, headers=auth())).status_code == 200
+    assert chats(fake)[0]["options"] == {"num_predict": 5} and "OPTIONS" not in chats(fake)[0]
+    unreadable = b'{"model": "llama3.2", "prompt": "\xff", "options": {"num_predict": 5000}}'  # Go reads it
+    answer = await http.post(proxy + "/api/generate", content=unreadable, headers=auth())
+    assert (answer.status_code, answer.json()) == (
+        400,
+        {"error": "a request that a token quota counts must send a JSON object to /api/generate"},
+    )
+    assert len(fake.seen) == 1
+
+
+async def test_a_queued_request_is_reserved_when_its_turn_comes_and_a_refusal_frees_its_slot(pods, make_proxy, http):
+    [pod] = pods(1)
+    proxy = make_proxy(upstreams=[{"name": "a", "url": pod.url, "slots": 1}], api_keys=keys(tokens_per_minute=100))
+    await ready(proxy)
+    holder = {"model": "stall", "messages": [{"role": "user", "content": "holder"}]}
+    reader, gate = await send_json(proxy, b"POST", b"/api/chat", holder, BOB)
+    await reader.readuntil(b"\r\n\r\n")
+    refused = asyncio.ensure_future(http.post(proxy + "/api/chat", json=hello(num_predict=3), headers=auth()))
+    await until(lambda: proxy.proxy.queue.size == 1)
+    await proxy.proxy.quotas.tokens.take("alice", windows_of(keys(tokens_per_minute=100)[0]), 90, 90, int(time.time()))
+    later = asyncio.ensure_future(http.post(proxy + "/api/chat", json=hello(num_predict=3), headers=auth(OTHER)))
+    await until(lambda: proxy.proxy.queue.size == 2)
+    assert used(proxy) == 90  # waiting reserves nothing
+    gate.close()
+    assert (await refused).status_code == 429  # its turn came, and its quota had no room
+    assert (await later).status_code == 200  # the slot it would have had went to the next in line
+    assert [json.loads(seen.body)["messages"][0]["content"] for seen in pod.state.seen if seen.path == "/api/chat"] == [
+        "holder",
+        "hello there",
+    ]
+    [member] = proxy.proxy.pool.members
+    await until(lambda: member.busy == 0 and not proxy.proxy.exchanges)
+    assert proxy.proxy.queue.running == {}
+
+
+async def test_a_client_that_leaves_while_its_quota_is_reserved_is_charged_nothing(pods, make_proxy, monkeypatch):
+    [pod] = pods(1)
+    proxy = make_proxy(upstreams=[{"name": "a", "url": pod.url, "slots": 1}], api_keys=keys(tokens_per_minute=100))
+    await ready(proxy)
+    ledger = proxy.proxy.quotas.tokens
+    take, entered, go_on = ledger.take, asyncio.Event(), asyncio.Event()
+
+    async def slow_take(*arguments):
+        entered.set()
+        await go_on.wait()
+        return await take(*arguments)
+
+    monkeypatch.setattr(ledger, "take", slow_take)
+    reader, writer = await send_json(proxy, b"POST", b"/api/chat", hello(num_predict=3), ALICE)
+    await entered.wait()
+    writer.close()
+    [member] = proxy.proxy.pool.members
+    await until(lambda: not proxy.proxy.exchanges)
+    assert member.busy == 0  # the slot kept for it went back as it ended
+    go_on.set()
+    await drained(proxy)
+    assert used(proxy) == 0 and pod.state.seen == [seen for seen in pod.state.seen if seen.path != "/api/chat"]
