@@ -208,6 +208,7 @@ class OllamaHandler(OllamaBase):
 
     def prepare(self):
         path = self.request.path
+        self.route = unquote(path)  # Ollama's router matches the decoded path
         if V1_MODEL.fullmatch(path):
             self.allowed = ("GET",)
             super().prepare()
@@ -219,19 +220,19 @@ class OllamaHandler(OllamaBase):
                 else:
                     self.json({"id": name, "object": "model", "created": 1, "owned_by": "library"})
             return
-        if path not in ROUTES:
+        if self.route not in ROUTES:
             self.set_status(404)
             self.set_header("Content-Type", "text/plain")
             self.finish("404 page not found")
             return
-        self.allowed = ROUTES[path]
+        self.allowed = ROUTES[self.route]
         super().prepare()
         if self._finished:
             return
-        self.state.seen.append(Seen(self.request.method, path, dict(self.request.headers), self.request.body))
+        self.state.seen.append(Seen(self.request.method, self.route, dict(self.request.headers), self.request.body))
 
     async def get(self):
-        handler = getattr(self, "do_" + self.request.path.strip("/").replace("/", "_"))
+        handler = getattr(self, "do_" + self.route.strip("/").replace("/", "_"))
         await handler()
 
     head = post = delete = get

@@ -445,13 +445,16 @@ async def test_what_ollama_would_read_otherwise_than_the_proxy_does_is_not_a_way
     sneaky = {**hello(num_predict=5), "OPTIONS": {"num_predict": 5000}, "stream": False}  # Go takes either, the last
     assert (await http.post(proxy + "/api/chat", json=sneaky, headers=auth())).status_code == 200
     assert chats(fake)[0]["options"] == {"num_predict": 5} and "OPTIONS" not in chats(fake)[0]
+    encoded = await http.post(proxy + "/api/%63hat", json={**hello(num_predict=5000), "stream": False}, headers=auth())
+    assert encoded.status_code == 200  # Ollama's router decodes the path: it is /api/chat, and counted
+    assert chats(fake)[1]["options"] == {"num_predict": 100 - 8 - 25}  # less the first one's 8, and its prompt
     unreadable = b'{"model": "llama3.2", "prompt": "\xff", "options": {"num_predict": 5000}}'  # Go reads it
     answer = await http.post(proxy + "/api/generate", content=unreadable, headers=auth())
     assert (answer.status_code, answer.json()) == (
         400,
         {"error": "a request that a token quota counts must send a JSON object to /api/generate"},
     )
-    assert len(fake.seen) == 1
+    assert len(fake.seen) == 2
 
 
 async def test_a_queued_request_is_reserved_when_its_turn_comes_and_a_refusal_frees_its_slot(pods, make_proxy, http):
@@ -501,3 +504,33 @@ async def test_a_client_that_leaves_while_its_quota_is_reserved_is_charged_nothi
     go_on.set()
     await drained(proxy)
     assert used(proxy) == 0 and pod.state.seen == [seen for seen in pod.state.seen if seen.path != "/api/chat"]
+
+
+async def test_each_keys_use_of_its_quota_is_on_the_status_page_for_its_operators_and_itself(make_proxy, fake, http):
+    entries = [
+        {"name": "alice", "key": KEY, "tokens_per_minute": 100, "tokens_per_day": 1000},
+        {"name": "team", "key": OTHER, "shared": True, "tokens_per_day": 500},
+        {"name": "ops", "key": "o" * 43},
+    ]
+    proxy = make_proxy(api_keys=parse_entries(entries), trusted_proxies=("127.0.0.1",))
+    answer = await http.post(proxy + "/api/chat", json={**hello(num_predict=5), "stream": False}, headers=auth())
+    assert answer.status_code == 200
+    await drained(proxy)
+    remote = {"X-Forwarded-For": "203.0.113.7"}  # not this machine
+    seen_by_ops = (await http.get(proxy + "/_proxy/status", headers={**auth("o" * 43), **remote})).json()
+    assert seen_by_ops["quotas"] == [
+        {"key": "alice", "window": "tokens_per_minute", "used": 8, "limit": 100},
+        {"key": "alice", "window": "tokens_per_day", "used": 8, "limit": 1000},
+        {"key": "team", "window": "tokens_per_day", "used": 0, "limit": 500},
+    ]
+    seen_by_team = (await http.get(proxy + "/_proxy/status", headers={**auth(OTHER), **remote})).json()
+    assert seen_by_team["quotas"] == [{"key": "team", "window": "tokens_per_day", "used": 0, "limit": 500}]
+    metrics = (await http.get(proxy + "/_proxy/metrics", headers=auth("o" * 43))).text
+    assert 'ollama_proxy_key_tokens_total{key="alice",kind="prompt"} 3.0' in metrics
+    assert 'ollama_proxy_key_tokens_total{key="alice",kind="completion"} 5.0' in metrics
+
+
+async def test_the_status_shows_no_quotas_while_their_storage_is_down(make_proxy, http):
+    proxy = make_proxy(api_keys=keys(tokens_per_minute=100), rate_limit_storage=unused_url().replace("http", "redis"))
+    status = await http.get(proxy + "/_proxy/status", headers=auth())
+    assert (status.status_code, status.json()["quotas"]) == (200, [])

@@ -36,7 +36,7 @@ from .idle import Silence
 from .journey import Journey, Plan
 from .logs import REQUEST_ID_HEADER, accept_request_id, bounded, request_id_var
 from .proxy import Proxy
-from .quota import COUNTED, windows_of
+from .quota import counted_path, windows_of
 from .ratelimit import Admission, RateLimited
 from .record import AccessRecord
 from .relay import UPSTREAM_HEADER, peer_closed
@@ -300,7 +300,7 @@ class ProxyHandler(BaseHandler):
     def _quota_applies(self, target: str) -> bool:
         """Whether the request's key has a token quota that counts its upstream path."""
         key = self.proxy.key_entries.get(self.record.key) if self.record.key is not None else None
-        return key is not None and bool(windows_of(key)) and target.partition("?")[0] in COUNTED
+        return key is not None and bool(windows_of(key)) and counted_path(target) is not None
 
     def _match(self) -> tuple[Route | None, dict[str, str]]:
         """The route table's entry for the target (None outside it), or a `Rejection` for a bad target."""
@@ -606,12 +606,15 @@ class StatusHandler(OwnEndpointHandler):
         rows = sorted((h.status_row() for h in proxy.exchanges), key=lambda row: -row["age_s"])
         if not private:
             rows = [{**row, "client": None} for row in rows]
+        # Operators see every key's quota; a key holder its own.
+        quota_keys = proxy.key_entries.values() if private else [key] if key is not None else []
         status = {
             **proxy.board.snapshot(),
             "upstream": upstream,
             "upstreams": proxy.pool.snapshot(),
             "conflicts": proxy.pool.conflicts(),
             "queues": proxy.queue.snapshot(private) if proxy.queue is not None else [],
+            "quotas": await proxy.quotas.usage(quota_keys) if proxy.quotas is not None else [],
             "in_flight": rows,
         }
         self.set_header("Content-Type", JSON_TYPE)

@@ -32,7 +32,7 @@ from .framing import Head, MalformedAnswer
 from .idle import Silence
 from .model_names import canonical
 from .peer_json import json_object
-from .quota import COUNTED, QuotaExceeded, Quotas, Reservation
+from .quota import QuotaExceeded, Quotas, Reservation, counted_path
 from .record import AccessRecord
 from .relay import AnswerRelay, ClientFlow, Reply
 from .retry import Cause, may_go_again
@@ -252,8 +252,8 @@ class Journey:
         to what was granted; False when refused (the client has been answered)."""
         record = self.record
         key = self.proxy.key_entries.get(record.key) if record.key is not None else None
-        path = self.plan.target.partition("?")[0]
-        if key is None or path not in COUNTED:
+        path = counted_path(self.plan.target)
+        if key is None or path is None:
             return True
         try:
             grant = await quotas.reserve(key, path, self.body.whole() if self.body.present else None)

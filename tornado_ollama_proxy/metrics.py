@@ -102,6 +102,12 @@ class Metrics:
             ["model", "kind"],
             registry=r,
         )
+        self.key_tokens = Counter(
+            f"{PREFIX}_key_tokens",
+            "Tokens Ollama reported, by access key name (from the settings: bounded) and kind.",
+            ["key", "kind"],
+            registry=r,
+        )
         self.generations = Counter(
             f"{PREFIX}_generations",
             "Requests to routes that report tokens, by model, route and outcome.",
@@ -225,10 +231,11 @@ class Metrics:
     def count_generation(self, record: AccessRecord, model: str, outcome: str | None) -> None:
         """A generation or embedding that ended, under its (bounded) model label."""
         self.generations.labels(model, record.route, outcome).inc()
-        if record.prompt_tokens:
-            self.tokens.labels(model, "prompt").inc(record.prompt_tokens)
-        if record.completion_tokens:
-            self.tokens.labels(model, "completion").inc(record.completion_tokens)
+        for kind, tokens in (("prompt", record.prompt_tokens), ("completion", record.completion_tokens)):
+            if tokens:
+                self.tokens.labels(model, kind).inc(tokens)
+                if record.key is not None:
+                    self.key_tokens.labels(record.key, kind).inc(tokens)
         if record.ttft_ms is not None:
             self.time_to_first_token.labels(model).observe(record.ttft_ms / 1000)
         if record.tokens_per_s is not None:

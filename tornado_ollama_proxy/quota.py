@@ -18,10 +18,12 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import unquote
 
 import coredis
 
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREFIX = "{ollama-proxy}:quota"  # one hash slot, for a Redis cluster too
+NEVER = 1 << 62  # tokens no window holds
 # A key entry's quota settings: the window each one limits, and its bucket, in seconds.
 WINDOWS = {"tokens_per_minute": (60, 1), "tokens_per_day": (86400, 60)}
 CHARACTERS_PER_TOKEN = 3  # fewer than most tokenizers' 4: a quota's estimate errs high
@@ -65,6 +68,13 @@ OUTPUT_FIELDS: dict[str, tuple[str, ...]] = {
 OUTPUT_NAMES = ("max_tokens", "max_completion_tokens", "max_output_tokens")  # /v1's, of every API
 # Every path a quota counts, as it goes upstream (so an alias counts as what it calls).
 COUNTED = frozenset({*OUTPUT_FIELDS, "/api/embed", "/api/embeddings", "/v1/embeddings"})
+
+
+def counted_path(target: str) -> str | None:
+    """The path a quota counts a request target (as it goes upstream) by, decoded as
+    Ollama's router decodes it (`/api/%67enerate` is `/api/generate`); None if it counts none."""
+    path = unquote(target.partition("?")[0])
+    return path if path in COUNTED else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,6 +414,24 @@ class Quotas:
         output = min(taken.granted - ask.prompt, ask.output or taken.granted)
         body_out = json.dumps(capped(path, ask.data, output)).encode() if caps and ask.data is not None else None
         return Grant(reservation, body_out, _headers(windows, [room - taken.granted for room in rooms]))
+
+    async def usage(self, keys: Iterable[ApiKey]) -> list[dict[str, Any]]:
+        """Each quota key's use of its windows now, for the status page (none while the
+        storage is down). A look is a reservation of what never fits: it takes nothing."""
+        now = int(time.time())
+        rows = []
+        for key in keys:
+            windows = windows_of(key)
+            if windows:
+                try:
+                    taken = await self.calls.call(partial(self.tokens.take, key.name, windows, NEVER, 0, now))
+                except StorageDown:
+                    return []
+                rows += [
+                    {"key": key.name, "window": window.name, "used": use, "limit": window.limit}
+                    for window, use in zip(windows, taken.used, strict=True)
+                ]
+        return rows
 
     def correct(self, reservation: Reservation, change: int) -> None:
         """Replace a reservation's estimate by what was used, in the background (an end
