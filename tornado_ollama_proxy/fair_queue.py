@@ -59,7 +59,7 @@ class Share:
 @dataclass(eq=False)
 class Waiter:
     """A queued request: who for, what the pool chooses its pod by (asked again as slots
-    free), how it starts at the pod it gets, and the future that says it has started."""
+    free), how it keeps the slot it gets, and the future that says it has one."""
 
     share: Share
     wanted: Wanted
@@ -197,10 +197,11 @@ class FairQueue:
         start: Callable[[Member], None],
         waiting: Callable[[Waiter], None],
     ) -> None:
-        """Start this generation at one of `members` (the pods that can serve it, chosen
-        by `wanted` among `targets`; at least one) with a free slot: at once when one has
-        it, else in its turn (`waiting` is told of its place in line). `Rejection` when the
-        queue is full or the wait too long; `Abandoned` when the client left meanwhile."""
+        """Give this generation a free slot at one of `members` (the pods that can serve it,
+        chosen by `wanted` among `targets`; at least one): at once when one has it, else in
+        its turn (`waiting` is told of its place in line). `start` keeps the slot, at once
+        (whatever else dispatch gives out must not take it). `Rejection` when the queue is
+        full or the wait too long; `Abandoned` when the client left meanwhile."""
         member = self.pool.pick([member for member in members if self.free(member)])
         if member is not None:
             self._went(share, time.monotonic())
@@ -310,16 +311,12 @@ class FairQueue:
 
     def _send(self, waiter: Waiter) -> None:
         self._leave(waiter)
-        try:
-            members = self.pool.choose(waiter.wanted, waiter.targets)
-            member = self.pool.pick([member for member in members if self.free(member)])
-            assert member is not None  # `dispatch` found it a free pod a moment ago
-            self._went(waiter.share, waiter.since)
-            waiter.start(member)  # its attempt counts the slot as taken from now
-        except Exception as error:  # its own to answer: the line goes on
-            waiter.started.set_exception(error)
-        else:
-            waiter.started.set_result(None)
+        members = self.pool.choose(waiter.wanted, waiter.targets)
+        member = self.pool.pick([member for member in members if self.free(member)])
+        assert member is not None  # `dispatch` found it a free pod a moment ago
+        self._went(waiter.share, waiter.since)
+        waiter.start(member)  # keeps the slot for it: nothing else takes it meanwhile
+        waiter.started.set_result(None)
 
     def _went(self, share: Share, since: float) -> None:
         start = max(self.clock, self.finish.get(share.requester, 0.0))
