@@ -339,6 +339,13 @@ async def drained(proxy):
     await until(lambda: not proxy.proxy.exchanges and not proxy.proxy.quotas.corrections)
 
 
+async def spend(proxy, tokens):
+    """Alice has used `tokens` of her 100 a minute this minute."""
+    await proxy.proxy.quotas.tokens.take(
+        "alice", windows_of(keys(tokens_per_minute=100)[0]), tokens, tokens, int(time.time())
+    )
+
+
 def used(proxy, name="alice"):
     return sum(proxy.proxy.quotas.tokens.buckets.get(f"{name}:tokens_per_minute", {}).values())
 
@@ -466,7 +473,7 @@ async def test_a_queued_request_is_reserved_when_its_turn_comes_and_a_refusal_fr
     await reader.readuntil(b"\r\n\r\n")
     refused = asyncio.ensure_future(http.post(proxy + "/api/chat", json=hello(num_predict=3), headers=auth()))
     await until(lambda: proxy.proxy.queue.size == 1)
-    await proxy.proxy.quotas.tokens.take("alice", windows_of(keys(tokens_per_minute=100)[0]), 90, 90, int(time.time()))
+    await spend(proxy, 90)
     later = asyncio.ensure_future(http.post(proxy + "/api/chat", json=hello(num_predict=3), headers=auth(OTHER)))
     await until(lambda: proxy.proxy.queue.size == 2)
     assert used(proxy) == 90  # waiting reserves nothing
@@ -534,3 +541,19 @@ async def test_the_status_shows_no_quotas_while_their_storage_is_down(make_proxy
     proxy = make_proxy(api_keys=keys(tokens_per_minute=100), rate_limit_storage=unused_url().replace("http", "redis"))
     status = await http.get(proxy + "/_proxy/status", headers=auth())
     assert (status.status_code, status.json()["quotas"]) == (200, [])
+
+
+async def test_a_refusal_lets_go_of_the_probe_a_pod_back_from_an_ejection_gave_it(pods, make_proxy, http):
+    a, b = pods(2)
+    b.state.models.add("onlyb")
+    pool = [{"name": "a", "url": a.url}, {"name": "b", "url": b.url}]
+    proxy = make_proxy(upstreams=pool, api_keys=keys(tokens_per_minute=100), pool_max_fails=1)
+    await ready(proxy)
+    member = proxy.proxy.pool.by_name["b"]
+    member.health.failed("a reset", time.monotonic())
+    member.health.ejected_until = time.monotonic()  # its ejection is over: the next request to it probes
+    await spend(proxy, 100)
+    only_b = {"model": "onlyb", "stream": False, "messages": [{"role": "user", "content": "hi"}]}
+    assert (await http.post(proxy + "/api/chat", json=only_b, headers=auth())).status_code == 429
+    assert member.health.state == "ejected"  # its probe is free again: not claimed by a request that never went
+    assert (await http.post(proxy + "/api/chat", json=only_b, headers=auth(OTHER))).status_code == 200

@@ -32,6 +32,7 @@ from .framing import Head, MalformedAnswer
 from .idle import Silence
 from .model_names import canonical
 from .peer_json import json_object
+from .pool import Hold
 from .quota import QuotaExceeded, Quotas, Reservation, counted_path
 from .record import AccessRecord
 from .relay import AnswerRelay, ClientFlow, Reply
@@ -95,7 +96,7 @@ class Journey:
         self.failure: Failure | None = None  # what the last attempt's end means, once it has ended
         self.settled = False
         self.ticket: Ticket | None = None  # a generation's place in the fair queue
-        self.slot: Member | None = None  # a pod's slot kept for it between the queue and its attempt
+        self.hold: Hold | None = None  # the pod chosen for it, between its choice and its attempt
         self.reservation: Reservation | None = None  # what it holds of its key's token quota
         self.watch = Silence(proxy.idle_timeout, self._progress, self._on_silence)
         proxy.metrics.in_flight.inc()
@@ -228,22 +229,24 @@ class Journey:
         has been answered, or has left)."""
         members = await self._choose()
         queue = self.proxy.queue
-        if queue is not None and self.generation and members and not await self._queued(queue, members):
-            return False
-        member = self.slot or self.pool.pick(members)  # a slot from the queue, or a pod that takes it now
-        if member is None:
-            self.end_early(self._nowhere())
-            return False
+        if queue is not None and self.generation and members:
+            if not await self._queued(queue, members):
+                return False
+        else:
+            member = self.pool.pick(members)
+            if member is None:
+                self.end_early(self._nowhere())
+                return False
+            self.hold = Hold(self.pool, member, slot=False)
         if self.proxy.quotas is not None and not await self._reserve(self.proxy.quotas):
-            self._release_slot()
+            self._release_hold()
             return False
-        if self.reply.answered:  # its client left while it waited (for its turn, or its quota)
+        if self.reply.answered or self.hold is None:  # its client left while it waited (for its turn, or its quota)
             self._settle_quota(0)  # nothing was used
-            self._release_slot()
+            self._release_hold()
             return False
-        if self.slot is not None:
-            self.pool.release_slot(self.slot, freed=False)  # the attempt counts it from now
-            self.slot = None
+        member = self.hold.take()
+        self.hold = None
         self._go_to(member)
         return True
 
@@ -271,14 +274,14 @@ class Journey:
         self.reply.add_answer_headers(grant.headers)
         return True
 
-    def _release_slot(self) -> None:
-        """A slot kept for this generation that it will not use goes to whoever waits next."""
-        if self.slot is not None:
-            self.pool.release_slot(self.slot, freed=True)
-            self.slot = None
+    def _release_hold(self) -> None:
+        """A pod chosen for this request that it will not go to: its slot, and its probe, to others."""
+        if self.hold is not None:
+            self.hold.let_go()
+            self.hold = None
 
     async def _queued(self, queue: FairQueue, members: list[Member]) -> bool:
-        """Wait for a slot (`slot`, kept until the attempt takes it); False when none came
+        """Wait for a slot (`hold`, kept until the attempt takes it); False when none came
         (the client has been answered, or has left)."""
         record, settings = self.record, self.proxy.settings
         key = self.proxy.key_entries.get(record.key) if record.key is not None else None
@@ -300,8 +303,7 @@ class Journey:
         return True
 
     def _keep_slot(self, member: Member) -> None:
-        self.pool.hold_slot(member)
-        self.slot = member
+        self.hold = Hold(self.pool, member, slot=True)
 
     def _go_to(self, member: Member) -> None:
         self._attempt(member, body=self.body.whole() if self.body.present else None)
@@ -427,7 +429,7 @@ class Journey:
         self._read_usage()
         self._leave_queue()
         self._settle_quota()
-        self._release_slot()
+        self._release_hold()
         if self.ticket is not None:
             self.record.queued_ms = self.ticket.waited_ms
 

@@ -23,7 +23,7 @@ from tornado.httputil import HTTPHeaders
 from .balancer import PodView, Wanted
 from .errors import Rejection
 from .metrics import Metrics
-from .outlier import EJECTED, HEALTHY, PodHealth
+from .outlier import EJECTED, HEALTHY, PROBING, PodHealth
 from .registry import PodModels, parse_models, parse_version
 from .retry import RetryBudget
 from .settings import Settings
@@ -181,18 +181,6 @@ class Pool:
                 # used before the queue chooses who goes next.
                 asyncio.get_running_loop().call_soon(self.slot_freed)
 
-    def hold_slot(self, member: Member) -> None:
-        """Keep one of `member`'s slots for a generation that has left the queue and is
-        not yet at the pod (its quota is being reserved): no other takes it meanwhile."""
-        member.busy += 1
-
-    def release_slot(self, member: Member, *, freed: bool) -> None:
-        """Give a held slot back: to its generation's attempt (which counts it from now),
-        or, `freed`, to whoever waits next."""
-        member.busy -= 1
-        if freed and self.slot_freed is not None:
-            asyncio.get_running_loop().call_soon(self.slot_freed)
-
     def pick(self, members: Sequence[Member]) -> Member | None:
         """The first of `members` that may take a request now (see `claim`)."""
         return next((member for member in members if self.claim(member)), None)
@@ -324,3 +312,31 @@ class Pool:
     @property
     def healthy(self) -> list[Member]:
         return [member for member in self.members if member.health.state == HEALTHY]
+
+
+class Hold:
+    """A pod chosen for a request that has not gone there yet (its quota is reserved in
+    between): the slot it keeps there (`slot`: from the queue), and the probe it claimed
+    if the pod was back from an ejection. Ends once: `take` (its attempt counts them from
+    now) or `let_go` (the slot to whoever waits next, the probe to the next request)."""
+
+    def __init__(self, pool: Pool, member: Member, *, slot: bool):
+        self.pool = pool
+        self.member = member
+        self.slot = slot
+        self.probe = member.health.state == PROBING  # `pick` claimed it: nobody else probes now
+        if slot:
+            member.busy += 1
+
+    def take(self) -> Member:
+        if self.slot:
+            self.member.busy -= 1  # the attempt counts it from now
+        return self.member
+
+    def let_go(self) -> None:
+        if self.slot:
+            self.member.busy -= 1
+            if self.pool.slot_freed is not None:
+                asyncio.get_running_loop().call_soon(self.pool.slot_freed)
+        if self.probe:
+            self.pool.report(self.member, None, learned=False)
