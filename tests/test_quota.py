@@ -70,7 +70,12 @@ def chats(state):
         ("/api/generate", {"prompt": "", "images": ["AAAA", "BBBB"]}, 16 + 2000, None),
         ("/api/generate", {"prompt": "", "context": [101, 102, 103, 104, 105]}, 5 + 16, None),  # token ids
         ("/api/generate", {"model": "m" * 300, "keep_alive": "5m", "stream": True, "prompt": "abc"}, 1 + 16, None),
-        ("/api/chat", {"raw": True, "format": None, "tools": [{"function": {"name": "get_weather"}}]}, 3 + 16, None),
+        (
+            "/api/chat",
+            {"raw": True, "format": None, "tools": [{"function": {"name": "get_weather"}}]},
+            23 // 3 + 16,
+            None,
+        ),
         (
             "/api/chat",
             {"messages": [{"content": "x" * 6}, {"content": "y" * 6, "images": ["A"]}, "odd"]},
@@ -84,7 +89,7 @@ def chats(state):
         (
             "/v1/chat/completions",
             {"messages": [{"content": [{"type": "image_url"}, {"type": "text", "text": "xyz"}]}]},
-            7 // 3 + 4 + 16 + 1000,
+            15 // 3 + 4 + 16 + 1000,  # the text part's names and values
             None,
         ),
         ("/v1/completions", {"prompt": "x" * 3, "suffix": "y" * 3, "max_tokens": 9}, 2 + 16, 9),
@@ -101,6 +106,10 @@ def chats(state):
             8,
         ),
         ("/api/embed", {"input": ["x" * 30, "y" * 30]}, 36, None),  # nothing to cap
+        # What Ollama reads as text is weighed as text, however it is dressed:
+        ("/api/chat", {"messages": [{"type": "image_url", "content": "x" * 300}]}, 309 // 3 + 4 + 16, None),
+        ("/api/chat", {"tools": [{"parameters": {"options": {"description": "x" * 300}}}]}, 328 // 3 + 16, None),
+        ("/api/generate", {"prompt": "\U0001f600" * 30}, 120 // 3 + 16, None),  # 4 bytes each
         ("/v1/embeddings", {"input": "x" * 3, "max_tokens": 9}, 1 + 16, None),
     ],
 )
@@ -125,9 +134,9 @@ def test_the_output_is_capped_in_each_apis_own_terms():
     assert capped("/v1/responses", {}, 40) == {"max_output_tokens": 40}
     assert capped("/v1/messages", {"max_tokens": 900}, 40) == {"max_tokens": 40}
     # Ollama's decoder takes any letter case for a field, and the last one it meets.
-    sneaky = {"max_tokens": 5, "MAX_TOKENS": 99999, "Max_Completion_Tokens": 7, "Model": "x"}
+    sneaky = {"max_tokens": 5, "MAX_TOKENS": 99999, "Max_Completion_Tokens": 7, "max_token\u017f": 9, "Model": "x"}
     assert capped("/v1/chat/completions", sneaky, 40) == {"max_tokens": 40, "Model": "x"}
-    sneaky = {"options": {"num_predict": 3, "NUM_PREDICT": 9, "top_k": 1}, "OPTIONS": {"num_predict": 9}}
+    sneaky = {"options": {"num_predict": 3, "NUM_PREDICT": 9, "top_k": 1}, "OPTIONS": {}, "option\u017f": {}}
     assert capped("/api/chat", sneaky, 40) == {"options": {"num_predict": 40, "top_k": 1}}
 
 

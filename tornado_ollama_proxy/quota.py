@@ -45,7 +45,8 @@ CHARACTERS_PER_TOKEN = 3  # fewer than most tokenizers' 4: a quota's estimate er
 TOKENS_PER_MESSAGE = 4  # the chat template's own tokens around each message
 TEMPLATE_TOKENS = 16  # and around the whole prompt
 IMAGE_PARTS = ("image_url", "image", "input_image")  # OpenAI's, Anthropic's and the Responses API's
-# What in a body is not the model's context: which model, how long to keep it, how to answer.
+# What in a body (at its top) is not the model's context: which model, how long to keep it,
+# how to answer.
 UNCOUNTED = frozenset(
     {
         "model",
@@ -111,42 +112,72 @@ class Ask:
 
 def read_ask(path: str, body: bytes | None, image_tokens: int) -> Ask:
     """What a body asks of a quota: every text in it (prompt, messages, system, tools,
-    format, whatever Ollama puts in the model's context) at characters / 3, a token per
-    number (a `context` of token ids), a few tokens per message and for the template,
-    `image_tokens` per image (not its base64 length); and the output limit it sets in
-    its path's own terms (Ollama ignores the other API's)."""
+    format, whatever Ollama may put in the model's context) at UTF-8 bytes / 3, a token
+    per number (a `context` of token ids), a few tokens per message and for the template,
+    `image_tokens` per image (not its base64 length); and the output limit it sets in its
+    path's own terms (Ollama ignores the other API's)."""
     data = json_object(body) if body else None
     if data is None:
         return Ask(len(body or b"") // CHARACTERS_PER_TOKEN + TEMPLATE_TOKENS, None, None)
-    characters, tokens = _weigh(data, image_tokens)
+    counted: list[Any] = []  # what is weighed as it is
+    images = 0
+    for name, value in data.items():
+        if name in UNCOUNTED:
+            continue
+        if name == "images" and isinstance(value, list):
+            images += len(value)
+        elif name in ("messages", "input") and isinstance(value, list):
+            for message in value:
+                images += _message(message, counted)
+        else:
+            counted.append(value)
     messages = data.get("messages")
-    tokens += TOKENS_PER_MESSAGE * len(messages) if isinstance(messages, list) else 0
-    return Ask(characters // CHARACTERS_PER_TOKEN + tokens + TEMPLATE_TOKENS, _asked_output(path, data), data)
+    tokens = TOKENS_PER_MESSAGE * len(messages) if isinstance(messages, list) else 0
+    size, numbers = _weigh(counted)
+    prompt = size // CHARACTERS_PER_TOKEN + numbers + tokens + TEMPLATE_TOKENS + images * image_tokens
+    return Ask(prompt, _asked_output(path, data), data)
 
 
-def _weigh(data: dict[str, Any], image_tokens: int) -> tuple[int, int]:
-    """The characters of every text in a body, and the tokens of its numbers and images.
-    Walked without recursion: a body may nest as deep as the parser allowed."""
-    characters = tokens = 0
-    pending: list[Any] = [data]
+def _message(message: Any, counted: list[Any]) -> int:
+    """The images of a message (or of an item of the Responses API's input), its other
+    parts put in `counted`. Images are a message's `images` (Ollama's) and the parts of
+    its content list whose type says image: nothing else is one (Ollama reads a
+    message's own `type` as nothing)."""
+    if not isinstance(message, dict):
+        counted.append(message)
+        return 0
+    images = 0
+    for name, value in message.items():
+        if name == "images" and isinstance(value, list):
+            images += len(value)
+        elif name == "content" and isinstance(value, list):
+            for part in value:
+                if isinstance(part, dict) and part.get("type") in IMAGE_PARTS:
+                    images += 1
+                else:
+                    counted.append(part)
+        else:
+            counted.append(value)
+    return images
+
+
+def _weigh(values: list[Any]) -> tuple[int, int]:
+    """The UTF-8 bytes of every text in `values`, and how many numbers. Walked without
+    recursion: a body may nest as deep as the parser allowed."""
+    size = numbers = 0
+    pending = values
     while pending:
         value = pending.pop()
         if isinstance(value, str):
-            characters += len(value)
+            size += len(value.encode("utf-8", "surrogatepass"))
         elif isinstance(value, dict):
-            if value.get("type") in IMAGE_PARTS:
-                tokens += image_tokens
-                continue
-            for name, item in value.items():
-                if name == "images" and isinstance(item, list):
-                    tokens += image_tokens * len(item)
-                elif name not in UNCOUNTED:
-                    pending.append(item)
+            pending.extend(value.keys())
+            pending.extend(value.values())
         elif isinstance(value, list):
             pending.extend(value)
         elif value is not None and not isinstance(value, bool):
-            tokens += 1
-    return characters, tokens
+            numbers += 1
+    return size, numbers
 
 
 def _asked_output(path: str, data: dict[str, Any]) -> int | None:
@@ -177,8 +208,9 @@ def capped(path: str, data: dict[str, Any], output: int) -> dict[str, Any]:
 
 
 def _only(data: dict[str, Any], *names: str) -> dict[str, Any]:
-    """`data` without the keys that spell one of `names` in other letter cases."""
-    return {key: value for key, value in data.items() if key in names or key.lower() not in names}
+    """`data` without the keys that spell one of `names` otherwise: in other letter cases,
+    or with letters that fold to theirs as Go folds them (a long s is an s, the Kelvin sign a k)."""
+    return {key: value for key, value in data.items() if key in names or key.casefold() not in names}
 
 
 # -- the ledger --------------------------------------------------------------------------
