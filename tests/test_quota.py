@@ -300,10 +300,13 @@ async def test_a_prompt_that_does_not_fit_is_refused_with_when_to_retry(io_loop)
         "x-ratelimit-remaining-tokens": "0",
         "x-ratelimit-reset-tokens": "1m1s",
     }
-    with pytest.raises(
-        QuotaExceeded, match=re.escape("(about 349 tokens) is larger than the tokens per minute (100) of key 'alice'")
-    ):
+    with pytest.raises(Rejection) as never:  # no wait makes it fit: 400, not a 429 to retry
         await ledger.reserve(alice(tokens_per_minute=100), "/api/generate", json.dumps({"prompt": "x" * 999}).encode())
+    assert (type(never.value), never.value.status, never.value.headers) == (Rejection, 400, {})
+    assert (
+        never.value.message
+        == "this request's prompt (about 349 tokens) is larger than the tokens per minute (100) of key 'alice'"
+    )
 
 
 @pytest.mark.parametrize("fail", ["open", "closed"])
@@ -527,6 +530,7 @@ async def test_each_keys_use_of_its_quota_is_on_the_status_page_for_its_operator
         {"name": "alice", "key": KEY, "tokens_per_minute": 100, "tokens_per_day": 1000},
         {"name": "team", "key": OTHER, "shared": True, "tokens_per_day": 500},
         {"name": "ops", "key": "o" * 43},
+        {"name": "carol", "key": "c" * 43, "scopes": ["inference", "metrics"]},
     ]
     proxy = make_proxy(api_keys=parse_entries(entries), trusted_proxies=("127.0.0.1",))
     answer = await http.post(proxy + "/api/chat", json={**hello(num_predict=5), "stream": False}, headers=auth())
@@ -541,6 +545,8 @@ async def test_each_keys_use_of_its_quota_is_on_the_status_page_for_its_operator
     ]
     seen_by_team = (await http.get(proxy + "/_proxy/status", headers={**auth(OTHER), **remote})).json()
     assert seen_by_team["quotas"] == [{"key": "team", "window": "tokens_per_day", "used": 0, "limit": 500}]
+    seen_by_carol = (await http.get(proxy + "/_proxy/status", headers={**auth("c" * 43), **remote})).json()
+    assert seen_by_carol["quotas"] == []  # no quota of her own, and she does not manage the pod
     metrics = (await http.get(proxy + "/_proxy/metrics", headers=auth("o" * 43))).text
     assert 'ollama_proxy_key_tokens_total{key="alice",kind="prompt"} 3.0' in metrics
     assert 'ollama_proxy_key_tokens_total{key="alice",kind="completion"} 5.0' in metrics
@@ -566,3 +572,19 @@ async def test_a_refusal_lets_go_of_the_probe_a_pod_back_from_an_ejection_gave_i
     assert (await http.post(proxy + "/api/chat", json=only_b, headers=auth())).status_code == 429
     assert member.health.state == "ejected"  # its probe is free again: not claimed by a request that never went
     assert (await http.post(proxy + "/api/chat", json=only_b, headers=auth(OTHER))).status_code == 200
+
+
+async def test_a_quota_key_may_not_call_what_its_quota_cannot_count(make_proxy, fake, http):
+    proxy = make_proxy(api_keys=keys(tokens_per_minute=100))
+    message = "key 'alice' has a token quota, which does not count {}: a key with a quota may not call it"
+    answer = await http.post(proxy + "/v1/audio/transcriptions", files={"file": b"RIFF"}, headers=auth())
+    assert (answer.status_code, answer.json()["error"]["message"]) == (403, message.format("/v1/audio/transcriptions"))
+    answer = await http.post(proxy + "/api/some-future-call", json={"prompt": "x"}, headers=auth())
+    assert (answer.status_code, answer.json()) == (403, {"error": message.format("/api/some-future-call")})
+    assert (await http.get(proxy + "/api/tags", headers=auth())).status_code == 200  # reads are free
+    assert (
+        await http.post(proxy + "/api/pull", json={"model": "x", "stream": False}, headers=auth())
+    ).status_code == 200
+    assert [seen.path for seen in fake.seen] == ["/api/tags", "/api/pull"]
+    bob = await http.post(proxy + "/api/some-future-call", json={}, headers=auth(OTHER))
+    assert bob.status_code == 404  # no quota: forwarded, and Ollama's answer

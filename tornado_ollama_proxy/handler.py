@@ -36,7 +36,7 @@ from .idle import Silence
 from .journey import Journey, Plan
 from .logs import REQUEST_ID_HEADER, accept_request_id, bounded, request_id_var
 from .proxy import Proxy
-from .quota import counted_path, windows_of
+from .quota import counted_path, uncounted_read, windows_of
 from .ratelimit import Admission, RateLimited
 from .record import AccessRecord
 from .relay import UPSTREAM_HEADER, peer_closed
@@ -230,7 +230,7 @@ class ProxyHandler(BaseHandler):
                 await self.authenticate(route.scope if route is not None else MANAGE)
             targets = await self._targets(route)
             method, target = self._plan(route, params, declared, preflight)
-            quota = self._quota_applies(target)
+            quota = self._quota_counts(route, target)
             if quota and declared is not None and declared > settings.hold_body_max:
                 raise Rejection(
                     413,
@@ -297,10 +297,23 @@ class ProxyHandler(BaseHandler):
         except Rejection as rejection:  # no pod can take it
             self.answer_early(self._answer, rejection)
 
-    def _quota_applies(self, target: str) -> bool:
-        """Whether the request's key has a token quota that counts its upstream path."""
+    def _quota_counts(self, route: Route | None, target: str) -> bool:
+        """Whether the request's key has a token quota that counts it (by its upstream
+        path); `Rejection` 403 for a call that may generate and that no quota counts (a
+        route it does not know, or any path outside the table): a quota that one route
+        walks around is none."""
         key = self.proxy.key_entries.get(self.record.key) if self.record.key is not None else None
-        return key is not None and bool(windows_of(key)) and counted_path(target) is not None
+        if key is None or not windows_of(key):
+            return False
+        if counted_path(target) is not None:
+            return True
+        if route is not None and (route.scope != INFERENCE or uncounted_read(route)):
+            return False
+        raise Rejection(
+            403,
+            f"key {key.name!r} has a token quota, which does not count {self.request.path[:200]}:"
+            " a key with a quota may not call it",
+        )
 
     def _match(self) -> tuple[Route | None, dict[str, str]]:
         """The route table's entry for the target (None outside it), or a `Rejection` for a bad target."""
@@ -606,8 +619,10 @@ class StatusHandler(OwnEndpointHandler):
         rows = sorted((h.status_row() for h in proxy.exchanges), key=lambda row: -row["age_s"])
         if not private:
             rows = [{**row, "client": None} for row in rows]
-        # Operators see every key's quota; a key holder its own.
-        quota_keys = proxy.key_entries.values() if private else [key] if key is not None else []
+        # Every key's quota is for those who manage the pod (a key with the manage scope,
+        # or this machine); a key holder sees its own.
+        managing = is_loopback(self.record.client) or (key is not None and not key.shared and MANAGE in key.scopes)
+        quota_keys = proxy.key_entries.values() if managing else [key] if key is not None else []
         status = {
             **proxy.board.snapshot(),
             "upstream": upstream,

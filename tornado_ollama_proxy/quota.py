@@ -33,6 +33,7 @@ from .storage import StorageCalls, StorageDown
 
 if TYPE_CHECKING:
     from .auth import ApiKey
+    from .routes import Route
     from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,12 @@ OUTPUT_FIELDS: dict[str, tuple[str, ...]] = {
 OUTPUT_NAMES = ("max_tokens", "max_completion_tokens", "max_output_tokens")  # /v1's, of every API
 # Every path a quota counts, as it goes upstream (so an alias counts as what it calls).
 COUNTED = frozenset({*OUTPUT_FIELDS, "/api/embed", "/api/embeddings", "/v1/embeddings"})
+
+
+def uncounted_read(route: Route) -> bool:
+    """Whether a route only reads (what the server has, a model's details): no quota
+    needs to count it."""
+    return route.path == "/api/show" or set(route.methods) <= {"GET", "HEAD"}
 
 
 def counted_path(target: str) -> str | None:
@@ -414,11 +421,11 @@ class Quotas:
         need = ask.prompt + 1 if caps else ask.prompt  # a generation produces a token at least
         want = ask.prompt + (ask.output or self.default_output if caps else 0)
         tightest = min(windows, key=lambda window: window.limit)
-        if need > tightest.limit:
-            raise QuotaExceeded(
+        if need > tightest.limit:  # it never fits: not a wait, a request to change
+            raise Rejection(
+                400,
                 f"this request's prompt (about {ask.prompt} tokens) is larger than the {_named(tightest)}"
                 f" ({tightest.limit}) of key {key.name!r}",
-                tightest.name,
             )
         now = int(time.time())
         try:
