@@ -240,6 +240,13 @@ async def test_one_quota_for_every_proxy_sharing_redis_grants_exactly_what_fits(
     assert sorted(granted, reverse=True)[:18] == [60] * 16 + [40, 0]
 
 
+async def test_proxies_sharing_redis_count_time_by_its_clock_not_their_own(redis_server, monkeypatch):
+    tokens = RedisTokens(redis_server.url)
+    monkeypatch.setattr(time, "time", lambda: 0.0)  # this machine's clock is far off
+    taken = await tokens.take("alice", [MINUTE], 1, 1)
+    assert taken.now > NOW and (await tokens.take("alice", [MINUTE], 1, 1)).used == (1,)
+
+
 # -- reserving, and what is refused -------------------------------------------------------
 
 

@@ -225,10 +225,12 @@ def _only(data: dict[str, Any], *names: str) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class Taken:
-    """A storage's answer to a reservation: the tokens granted (0: refused), each window's
-    use before it, and, when refused, each window's buckets (to tell when enough frees)."""
+    """A storage's answer to a reservation: the tokens granted (0: refused), its clock's
+    second, each window's use before it, and, when refused, each window's buckets (to
+    tell when enough frees)."""
 
     granted: int
+    now: int
     used: tuple[int, ...]
     buckets: tuple[dict[int, int], ...] = ()
 
@@ -239,7 +241,10 @@ class MemoryTokens:
     def __init__(self) -> None:
         self.buckets: dict[str, dict[int, int]] = {}
 
-    async def take(self, name: str, windows: Sequence[Window], need: int, want: int, now: int) -> Taken:
+    async def take(self, name: str, windows: Sequence[Window], need: int, want: int, now: int | None = None) -> Taken:
+        """Grant min(want, what every window has left) when that is at least `need`;
+        `now`: this machine's clock unless told."""
+        now = int(time.time()) if now is None else now
         held = [self.buckets.setdefault(f"{name}:{window.name}", {}) for window in windows]
         used = []
         for window, buckets in zip(windows, held, strict=True):
@@ -248,11 +253,11 @@ class MemoryTokens:
             used.append(sum(buckets.values()))
         granted = min(want, *(window.limit - use for window, use in zip(windows, used, strict=True)))
         if granted < need:
-            return Taken(0, tuple(used), tuple(dict(buckets) for buckets in held))
+            return Taken(0, now, tuple(used), tuple(dict(buckets) for buckets in held))
         for window, buckets in zip(windows, held, strict=True):
             stamp = now - now % window.bucket
             buckets[stamp] = buckets.get(stamp, 0) + granted
-        return Taken(granted, tuple(used))
+        return Taken(granted, now, tuple(used))
 
     async def give(self, name: str, windows: Sequence[Window], stamps: Sequence[int], change: int) -> None:
         for window, stamp in zip(windows, stamps, strict=True):
@@ -261,11 +266,13 @@ class MemoryTokens:
                 buckets[stamp] += change
 
 
-# KEYS: a hash per window. ARGV: now, need, want, then seconds, bucket, limit per window.
-# Drops buckets that have left their window, and grants min(want, what every window has
-# left) when that is at least `need`: {granted, used...}; else {0, used, buckets, ...}.
+# KEYS: a hash per window. ARGV: now ('' for Redis's own clock, one for every proxy), need,
+# want, then seconds, bucket, limit per window. Drops buckets that have left their window,
+# and grants min(want, what every window has left) when that is at least `need`:
+# {granted, now, used...}; else {0, now, used, buckets, ...}.
 _TAKE = """
-local now, need, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local now = tonumber(ARGV[1] == '' and redis.call('TIME')[1] or ARGV[1])
+local need, want = tonumber(ARGV[2]), tonumber(ARGV[3])
 local used, granted = {}, want
 for i, key in ipairs(KEYS) do
   local seconds, bucket, limit = tonumber(ARGV[3 * i + 1]), tonumber(ARGV[3 * i + 2]), tonumber(ARGV[3 * i + 3])
@@ -281,7 +288,7 @@ for i, key in ipairs(KEYS) do
   granted = math.min(granted, limit - sum)
 end
 if granted < need then
-  local answer = {0}
+  local answer = {0, now}
   for i, key in ipairs(KEYS) do
     table.insert(answer, used[i])
     table.insert(answer, redis.call('HGETALL', key))
@@ -293,7 +300,7 @@ for i, key in ipairs(KEYS) do
   redis.call('HINCRBY', key, now - now % bucket, granted)
   redis.call('EXPIRE', key, seconds + bucket)
 end
-return {granted, unpack(used)}
+return {granted, now, unpack(used)}
 """
 
 # KEYS: a hash per window. ARGV: the change, then the bucket each window charged.
@@ -314,16 +321,19 @@ class RedisTokens:
         self.take_script = redis.register_script(_TAKE)
         self.give_script = redis.register_script(_GIVE)
 
-    async def take(self, name: str, windows: Sequence[Window], need: int, want: int, now: int) -> Taken:
-        arguments: list[coredis.typing.ValueT] = [now, need, want]
+    async def take(self, name: str, windows: Sequence[Window], need: int, want: int, now: int | None = None) -> Taken:
+        """As `MemoryTokens.take`, atomically, on Redis's clock unless told."""
+        arguments: list[coredis.typing.ValueT] = ["" if now is None else now, need, want]
         for window in windows:
             arguments += [window.seconds, window.bucket, window.limit]
         answer = cast(list[Any], await self.take_script(keys=_keys(name, windows), args=arguments))
-        if answer[0]:
-            return Taken(int(answer[0]), tuple(int(use) for use in answer[1:]))
-        pairs = answer[1:]
+        granted, now = int(answer[0]), int(answer[1])
+        if granted:
+            return Taken(granted, now, tuple(int(use) for use in answer[2:]))
+        pairs = answer[2:]
         return Taken(
             0,
+            now,
             tuple(int(use) for use in pairs[::2]),
             tuple(
                 {int(stamp): int(tokens) for stamp, tokens in zip(flat[::2], flat[1::2], strict=True)}
@@ -427,9 +437,8 @@ class Quotas:
                 f"this request's prompt (about {ask.prompt} tokens) is larger than the {_named(tightest)}"
                 f" ({tightest.limit}) of key {key.name!r}",
             )
-        now = int(time.time())
         try:
-            taken = await self.calls.call(lambda: self.tokens.take(key.name, windows, need, want, now))
+            taken = await self.calls.call(lambda: self.tokens.take(key.name, windows, need, want))
         except StorageDown as down:
             if self.fail_closed:
                 raise QuotaExceeded(down.reason, "storage", 503, {"Retry-After": "1"}) from None
@@ -441,14 +450,14 @@ class Quotas:
                 for window, buckets, room in zip(windows, taken.buckets, rooms, strict=True)
                 if room < need
             ]
-            retry = max(retry_after(window, buckets, room, need, now) for window, buckets, room in full)
+            retry = max(retry_after(window, buckets, room, need, taken.now) for window, buckets, room in full)
             raise QuotaExceeded(
                 f"key {key.name!r} has used its {_named(full[0][0])} ({full[0][0].limit}); retry in {retry} s",
                 full[0][0].name,
                 429,
                 {"Retry-After": str(retry), **_headers(windows, rooms, retry)},
             )
-        stamps = tuple(now - now % window.bucket for window in windows)
+        stamps = tuple(taken.now - taken.now % window.bucket for window in windows)
         reservation = Reservation(self, key.name, windows, stamps, taken.granted, ask.prompt)
         output = min(taken.granted - ask.prompt, ask.output or taken.granted)
         body_out = json.dumps(capped(path, ask.data, output)).encode() if caps and ask.data is not None else None
@@ -457,13 +466,12 @@ class Quotas:
     async def usage(self, keys: Iterable[ApiKey]) -> list[dict[str, Any]]:
         """Each quota key's use of its windows now, for the status page (none while the
         storage is down). A look is a reservation of what never fits: it takes nothing."""
-        now = int(time.time())
         rows = []
         for key in keys:
             windows = windows_of(key)
             if windows:
                 try:
-                    taken = await self.calls.call(partial(self.tokens.take, key.name, windows, NEVER, 0, now))
+                    taken = await self.calls.call(partial(self.tokens.take, key.name, windows, NEVER, 0))
                 except StorageDown:
                     return []
                 rows += [
