@@ -11,6 +11,7 @@ import ollama
 import openai
 import pytest
 
+from tornado_ollama_proxy.app import make_app
 from tornado_ollama_proxy.auth import KeyEntryError, parse_entries, parse_key_file
 from tornado_ollama_proxy.errors import Rejection
 from tornado_ollama_proxy.quota import (
@@ -25,7 +26,7 @@ from tornado_ollama_proxy.quota import (
     retry_after,
     windows_of,
 )
-from tornado_ollama_proxy.settings import Settings
+from tornado_ollama_proxy.settings import Settings, SettingsError
 
 from .helpers import ready, send_json, until, unused_url
 
@@ -595,3 +596,17 @@ async def test_a_quota_key_may_not_call_what_its_quota_cannot_count(make_proxy, 
     assert [seen.path for seen in fake.seen] == ["/api/tags", "/api/pull"]
     bob = await http.post(proxy + "/api/some-future-call", json={}, headers=auth(OTHER))
     assert bob.status_code == 404  # no quota: forwarded, and Ollama's answer
+
+
+def test_quotas_need_a_storage_they_can_use_and_say_when_each_worker_keeps_its_own(caplog):
+    quota_keys = keys(tokens_per_minute=100)
+    with pytest.raises(SettingsError, match=re.escape("token quotas keep their windows in memory:// or redis://")):
+        make_app(Settings(api_keys=quota_keys, rate_limit_storage="redis+sentinel://127.0.0.1:26379/main"))
+    with caplog.at_level(logging.WARNING):
+        make_app(Settings(host="127.0.0.1", api_keys=quota_keys, workers=2))
+        make_app(Settings(host="127.0.0.1", api_keys=keys(), workers=2))  # no quota: nothing to say
+    [warning] = [record.getMessage() for record in caplog.records if "token quotas" in record.getMessage()]
+    assert (
+        warning
+        == "token quotas in memory are each worker's own: with 2 workers a key may use that many times its quota"
+    )

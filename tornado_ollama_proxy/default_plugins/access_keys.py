@@ -2,11 +2,13 @@
 public address without any, a generated one."""
 
 import logging
+from urllib.parse import urlsplit
 
 from tornado_ollama_proxy import hookimpl
 from tornado_ollama_proxy.auth import SCOPES, ApiKey, KeyAuthenticator, KeyEntryError, digest_of, load_keys, strength
 from tornado_ollama_proxy.clients import is_loopback
 from tornado_ollama_proxy.generated_key import NAME, GeneratedKey, GeneratedKeyError, key_path, load_or_create
+from tornado_ollama_proxy.quota import windows_of
 from tornado_ollama_proxy.settings import Settings, SettingsError
 
 log = logging.getLogger("tornado_ollama_proxy.auth")
@@ -30,6 +32,8 @@ def authenticate(settings: Settings) -> KeyAuthenticator | None:
                 f"the key {key.name!r} is shorter than 128 bits: it can be guessed",
                 extra={"fix": "python -c 'import secrets; print(secrets.token_urlsafe(32))'"},
             )
+    if any(windows_of(key) for key in keys):
+        _check_quota_storage(settings)
     if not settings.trusted_proxies and not is_loopback(settings.host):
         log.warning(
             "wrong keys are counted per client address, and trusted_proxies is empty: behind a platform's "
@@ -37,6 +41,22 @@ def authenticate(settings: Settings) -> KeyAuthenticator | None:
             extra={"fix": "set trusted_proxies to the networks the balancer reaches this pod from (see README)"},
         )
     return authenticator
+
+
+def _check_quota_storage(settings: Settings) -> None:
+    """Token quotas keep their windows in memory or in Redis itself (a sentinel or a
+    cluster URL is not one they can use); in memory, each worker has its own."""
+    scheme = urlsplit(settings.rate_limit_storage).scheme
+    if scheme not in ("memory", "redis", "rediss"):
+        raise SettingsError(
+            f"rate_limit_storage: token quotas keep their windows in memory:// or redis:// (rediss://), not {scheme}://"
+        )
+    if scheme == "memory" and settings.worker_count > 1:
+        log.warning(
+            f"token quotas in memory are each worker's own: with {settings.worker_count} workers a key may use"
+            " that many times its quota",
+            extra={"fix": "set rate_limit_storage to a Redis URL (see README)"},
+        )
 
 
 def configured_keys(settings: Settings) -> tuple[ApiKey, ...]:
