@@ -20,10 +20,12 @@ from tornado_ollama_proxy.quota import (
     Quotas,
     RedisTokens,
     Window,
+    ask_for_usage,
     capped,
     duration,
     read_ask,
     retry_after,
+    strip_usage_event,
     windows_of,
 )
 from tornado_ollama_proxy.settings import Settings, SettingsError
@@ -139,6 +141,24 @@ def test_the_output_is_capped_in_each_apis_own_terms():
     assert capped("/v1/chat/completions", sneaky, 40) == {"max_tokens": 40, "Model": "x"}
     sneaky = {"options": {"num_predict": 3, "NUM_PREDICT": 9, "top_k": 1}, "OPTIONS": {}, "option\u017f": {}}
     assert capped("/api/chat", sneaky, 40) == {"options": {"num_predict": 40, "top_k": 1}}
+
+
+def test_a_stream_is_asked_for_its_usage_and_that_event_alone_is_taken_out():
+    assert ask_for_usage({"stream": True, "stream_options": "odd", "Stream_Options": {}}) == {
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    assert ask_for_usage({"stream": True, "stream_options": {"x": 1}})["stream_options"] == {
+        "x": 1,
+        "include_usage": True,
+    }
+    assert ask_for_usage({"stream": True, "stream_options": {"include_usage": True}}) is None  # its own
+    assert ask_for_usage({"stream": False}) is None and ask_for_usage({}) is None
+    content = b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+    usage = b'data: {"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":3}}\n\n'
+    done = b"data: [DONE]\n\n"
+    assert strip_usage_event(content + usage + done) == content + done  # as Ollama writes it
+    assert strip_usage_event(usage) == b"" and strip_usage_event(content) == content
 
 
 @pytest.mark.parametrize(
@@ -434,7 +454,7 @@ async def test_forty_requests_at_once_through_two_proxies_sharing_redis_stay_wit
     assert len(chats(fake)) == statuses.count(200)
 
 
-async def test_a_stream_whose_client_leaves_is_charged_its_prompt_and_a_token_per_piece(make_proxy, fake, log_lines):
+async def test_a_stream_whose_client_leaves_is_charged_its_prompt_and_a_token_per_line(make_proxy, fake, log_lines):
     proxy = make_proxy(api_keys=keys(tokens_per_minute=1000))
     reader, writer = await send_json(
         proxy,
@@ -448,8 +468,8 @@ async def test_a_stream_whose_client_leaves_is_charged_its_prompt_and_a_token_pe
     writer.close()
     await drained(proxy)
     [record] = [line for line in log_lines() if line["message"] == "request"]
-    assert record["outcome"] == "client_gone" and record["chunks"] >= 1
-    assert used(proxy) == 25 + record["chunks"]
+    assert record["outcome"] == "client_gone"
+    assert used(proxy) == 25 + 1  # its prompt and the one line relayed
 
 
 async def test_a_quota_keys_body_larger_than_hold_body_max_is_refused_before_it_is_read(make_proxy, fake, http):
@@ -610,3 +630,24 @@ def test_quotas_need_a_storage_they_can_use_and_say_when_each_worker_keeps_its_o
         warning
         == "token quotas in memory are each worker's own: with 2 workers a key may use that many times its quota"
     )
+
+
+async def test_a_v1_stream_is_counted_by_the_usage_the_proxy_asks_for_and_its_client_never_sees(make_proxy, fake, http):
+    proxy = make_proxy(api_keys=keys(tokens_per_minute=1000))
+    chat = openai.AsyncOpenAI(base_url=proxy + "/v1", api_key=KEY, max_retries=0)
+    stream = await chat.chat.completions.create(
+        model="llama3.2", messages=[{"role": "user", "content": "hello there"}], stream=True
+    )
+    chunks = [chunk async for chunk in stream]
+    assert [chunk.choices[0].delta.content for chunk in chunks] == ["Hel", "lo"]  # each has its choice
+    assert chats(fake)[0]["stream_options"] == {"include_usage": True}
+    await drained(proxy)
+    assert used(proxy) == 3 + 2  # what Ollama counted
+    asked = await chat.chat.completions.create(
+        model="llama3.2",
+        messages=[{"role": "user", "content": "hello there"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    assert [chunk.usage.completion_tokens for chunk in [chunk async for chunk in asked] if chunk.usage] == [2]
+    await chat.close()

@@ -33,7 +33,7 @@ from .idle import Silence
 from .model_names import canonical
 from .peer_json import json_object
 from .pool import Hold
-from .quota import QuotaExceeded, Quotas, Reservation, counted_path
+from .quota import QuotaExceeded, Quotas, Reservation, counted_path, strip_usage_event
 from .record import AccessRecord
 from .relay import AnswerRelay, ClientFlow, Reply
 from .retry import Cause, may_go_again
@@ -271,6 +271,8 @@ class Journey:
         self.reservation = grant.reservation
         if grant.body is not None:
             self.body.replace(grant.body)
+        if grant.asked_usage:
+            self.relay.strip = strip_usage_event
         self.reply.add_answer_headers(grant.headers)
         return True
 
@@ -441,13 +443,14 @@ class Journey:
             self.ticket.ended(self._used())
 
     def _settle_quota(self, used: int | None = None) -> None:
-        """The request has ended: its key's quota is charged what it used (`used` when the
-        journey knows it; else Ollama's counts; without them, after an error or a client
-        that left, the prompt's estimate and a token per piece relayed), not what it reserved."""
+        """The request has ended: its key's quota is charged what it used, not what it
+        reserved: `used` when the journey knows it, else Ollama's counts; without them (an
+        error, a client that left, a model's load) its prompt's estimate and a token per
+        line relayed."""
         reservation = self.reservation
         if reservation is not None:
             used = self._used() if used is None else used
-            reservation.settle(reservation.prompt + self.record.chunks if used is None else used)
+            reservation.settle(reservation.prompt + self.relay.lines if used is None else used)
 
     def _used(self) -> int | None:
         """The tokens Ollama says the generation used, prompt and output; None if it did not say."""

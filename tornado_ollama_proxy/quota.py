@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -375,12 +376,36 @@ def duration(seconds: float) -> str:
 @dataclass(frozen=True, slots=True)
 class Grant:
     """A quota's answer to a request: what it holds (None while the storage is down and
-    failing open), its body with the output capped to it (None: as it was), and the
-    answer's rate-limit headers."""
+    failing open), its body with the output capped to it (None: as it was), the answer's
+    rate-limit headers, and whether the proxy asked for a stream's usage event for itself
+    (the client did not: it is taken out of the answer, see `strip_usage_event`)."""
 
     reservation: Reservation | None
     body: bytes | None
     headers: dict[str, str]
+    asked_usage: bool = False
+
+
+# The event a /v1 stream ends with when asked for its usage: no choices, the counts.
+_USAGE_EVENT = re.compile(rb'data: \{[^\n]*"choices":\s*\[\],[^\n]*"usage":[^\n]*\}\n\n')
+STREAMED_USAGE = ("/v1/chat/completions", "/v1/completions")  # what asks with stream_options
+
+
+def ask_for_usage(data: dict[str, Any]) -> dict[str, Any] | None:
+    """A streamed /v1 body that does not ask for its usage event, asking for it (None when
+    it asks already, or is not streamed): its tokens are then counted, not guessed."""
+    options = data.get("stream_options")
+    options = options if isinstance(options, dict) else {}
+    if data.get("stream") is not True or options.get("include_usage") is True:
+        return None
+    return {**_only(data, "stream_options"), "stream_options": {**options, "include_usage": True}}
+
+
+def strip_usage_event(piece: bytes) -> bytes:
+    """A piece of a /v1 stream without the usage event its client did not ask for (many
+    clients read `choices[0]` of every event). Ollama writes each event on its own, so an
+    event is found whole in a piece."""
+    return _USAGE_EVENT.sub(b"", piece)
 
 
 class Reservation:
@@ -459,9 +484,12 @@ class Quotas:
             )
         stamps = tuple(taken.now - taken.now % window.bucket for window in windows)
         reservation = Reservation(self, key.name, windows, stamps, taken.granted, ask.prompt)
-        output = min(taken.granted - ask.prompt, ask.output or taken.granted)
-        body_out = json.dumps(capped(path, ask.data, output)).encode() if caps and ask.data is not None else None
-        return Grant(reservation, body_out, _headers(windows, [room - taken.granted for room in rooms]))
+        headers = _headers(windows, [room - taken.granted for room in rooms])
+        if not caps or ask.data is None:
+            return Grant(reservation, None, headers)
+        data = capped(path, ask.data, min(taken.granted - ask.prompt, ask.output or taken.granted))
+        asking = ask_for_usage(data) if path in STREAMED_USAGE else None
+        return Grant(reservation, json.dumps(asking or data).encode(), headers, asking is not None)
 
     async def usage(self, keys: Iterable[ApiKey]) -> list[dict[str, Any]]:
         """Each quota key's use of its windows now, for the status page (none while the

@@ -141,6 +141,8 @@ class AnswerRelay:
         self.body_started = False
         self.first_body_at: float | None = None  # monotonic time of the first body byte
         self.usage = usage  # the answer's last bytes, for its token counters
+        self.lines = 0  # the answer's lines, where its counters are read: what a stream relayed
+        self.strip: Callable[[bytes], bytes] | None = None  # takes out what the client did not ask for
         self.tail = b""  # the last two bytes relayed: where a heartbeat may go
         self.error_body: list[bytes] | None = None  # an error answer after the proxy's own head
         self.error_size = 0
@@ -218,6 +220,11 @@ class AnswerRelay:
             self.first_body_at = time.monotonic()
         if self.usage is not None:
             self.usage.add(data)
+            self.lines += data.count(b"\n")
+        if self.strip is not None:
+            data = self.strip(data)
+            if not data:
+                return None
         if self.heartbeat is not None:
             self.tail = data[-2:] if len(data) >= 2 else (self.tail + data)[-2:]
         if not self.head_sent:
