@@ -7,6 +7,7 @@ import logging
 import re
 import time
 
+import coredis
 import ollama
 import openai
 import pytest
@@ -223,7 +224,7 @@ async def test_a_window_grants_what_is_wanted_while_there_is_room_and_at_least_w
     refused = await tokens.take("alice", [MINUTE], 1, 1, NOW + 2)
     assert (refused.granted, refused.used, refused.buckets) == (0, (100,), ({NOW: 50, NOW + 1: 50},))
     assert (await tokens.take("bob", [MINUTE], 1, 1, NOW + 2)).granted == 1  # each key its own
-    await tokens.give("alice", [MINUTE], [NOW], -30)  # it used 20 of its 50
+    await tokens.give("alice", [MINUTE], [NOW], -30, "")  # it used 20 of its 50
     assert (await tokens.take("alice", [MINUTE], 1, 100, NOW + 3)).granted == 30
     assert (await tokens.take("alice", [MINUTE], 1, 100, NOW + 61)).used == (80,)  # the first bucket left
     assert (await tokens.take("alice", [MINUTE], 1, 100, NOW + 200)).granted == 100  # all of it left
@@ -241,7 +242,7 @@ async def test_every_window_of_a_key_must_have_room(tokens):
 async def test_a_correction_for_a_bucket_that_left_its_window_changes_nothing(tokens):
     await tokens.take("alice", [MINUTE], 1, 60, NOW)
     assert (await tokens.take("alice", [MINUTE], 1, 10, NOW + 90)).used == (0,)
-    await tokens.give("alice", [MINUTE], [NOW], 40)
+    await tokens.give("alice", [MINUTE], [NOW], 40, "")
     assert (await tokens.take("alice", [MINUTE], 1, 10, NOW + 91)).used == (10,)
 
 
@@ -266,6 +267,36 @@ async def test_proxies_sharing_redis_count_time_by_its_clock_not_their_own(redis
     monkeypatch.setattr(time, "time", lambda: 0.0)  # this machine's clock is far off
     taken = await tokens.take("alice", [MINUTE], 1, 1)
     assert taken.now > NOW and (await tokens.take("alice", [MINUTE], 1, 1)).used == (1,)
+
+
+@pytest.mark.parametrize("fail", ["open", "closed"])
+async def test_a_reservation_redis_answered_too_late_is_taken_back(redis_server, fail):
+    ledger = quotas(rate_limit_storage=redis_server.url, rate_limit_storage_timeout=0.2, rate_limit_fail=fail)
+    key = alice(tokens_per_minute=100)
+    await ledger.usage([key])  # the scripts are loaded
+    await coredis.Redis.from_url(redis_server.url).client_pause(600)  # Redis stalls, then runs what waited
+    if fail == "closed":
+        with pytest.raises(QuotaExceeded):
+            await ledger.reserve(key, "/api/generate", b'{"prompt": "x"}')
+    else:
+        assert (await ledger.reserve(key, "/api/generate", b'{"prompt": "x"}')).reservation is None
+    await asyncio.gather(*ledger.tokens.undoing)
+    assert await ledger.usage([key]) == [{"key": "alice", "window": "tokens_per_minute", "used": 0, "limit": 100}]
+
+
+async def test_a_ticket_given_up_before_its_reservation_runs_gets_nothing(redis_server):
+    tokens = RedisTokens(redis_server.url)
+    keys_ = ["{ollama-proxy}:quota:alice:tokens_per_minute", "{ollama-proxy}:quota:ticket:t1"]
+    await tokens.undo_script(keys=keys_)  # the proxy gave up first
+    assert await tokens.take_script(keys=keys_, args=[NOW, 1, 50, 60, 1, 100]) == [0, NOW]
+    assert (await tokens.take("alice", [MINUTE], 1, 1, NOW)).used == (0,)
+
+
+async def test_a_ticket_given_up_after_its_reservation_ran_gives_it_back(redis_server):
+    tokens = RedisTokens(redis_server.url)
+    taken = await tokens.take("alice", [MINUTE], 10, 50, NOW)
+    await tokens.undo_script(keys=["{ollama-proxy}:quota:alice:tokens_per_minute", taken.ticket])
+    assert (await tokens.take("alice", [MINUTE], 1, 1, NOW + 1)).used == (0,)
 
 
 # -- reserving, and what is refused -------------------------------------------------------

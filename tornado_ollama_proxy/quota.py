@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import re
+import secrets
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREFIX = "{ollama-proxy}:quota"  # one hash slot, for a Redis cluster too
+TICKET_LIVES = 300  # seconds a reservation's ticket is kept in Redis: the longest stall it covers
 NEVER = 1 << 62  # tokens no window holds
 # A key entry's quota settings: the window each one limits, and its bucket, in seconds.
 WINDOWS = {"tokens_per_minute": (60, 1), "tokens_per_day": (86400, 60)}
@@ -234,6 +236,7 @@ class Taken:
     now: int
     used: tuple[int, ...]
     buckets: tuple[dict[int, int], ...] = ()
+    ticket: str = ""  # Redis's name for the reservation
 
 
 class MemoryTokens:
@@ -260,22 +263,28 @@ class MemoryTokens:
             buckets[stamp] = buckets.get(stamp, 0) + granted
         return Taken(granted, now, tuple(used))
 
-    async def give(self, name: str, windows: Sequence[Window], stamps: Sequence[int], change: int) -> None:
+    async def give(self, name: str, windows: Sequence[Window], stamps: Sequence[int], change: int, _: str) -> None:
         for window, stamp in zip(windows, stamps, strict=True):
             buckets = self.buckets[f"{name}:{window.name}"]
             if stamp in buckets:  # else it has left the window: nothing to correct
                 buckets[stamp] += change
 
 
-# KEYS: a hash per window. ARGV: now ('' for Redis's own clock, one for every proxy), need,
-# want, then seconds, bucket, limit per window. Drops buckets that have left their window,
-# and grants min(want, what every window has left) when that is at least `need`:
-# {granted, now, used...}; else {0, now, used, buckets, ...}.
+# KEYS: a hash per window, then this reservation's ticket. ARGV: now ('' for Redis's own
+# clock, one for every proxy), need, want, then seconds, bucket, limit per window. Drops
+# buckets that have left their window, and grants min(want, what every window has left)
+# when that is at least `need`: {granted, now, used...}, noting the grant on its ticket;
+# else {0, now, used, buckets, ...}. A ticket its proxy gave up on is granted nothing.
 _TAKE = """
+local ticket = KEYS[#KEYS]
 local now = tonumber(ARGV[1] == '' and redis.call('TIME')[1] or ARGV[1])
+if redis.call('EXISTS', ticket) == 1 then
+  return {0, now}
+end
 local need, want = tonumber(ARGV[2]), tonumber(ARGV[3])
 local used, granted = {}, want
-for i, key in ipairs(KEYS) do
+for i = 1, #KEYS - 1 do
+  local key = KEYS[i]
   local seconds, bucket, limit = tonumber(ARGV[3 * i + 1]), tonumber(ARGV[3 * i + 2]), tonumber(ARGV[3 * i + 3])
   local flat, sum = redis.call('HGETALL', key), 0
   for j = 1, #flat, 2 do
@@ -290,47 +299,89 @@ for i, key in ipairs(KEYS) do
 end
 if granted < need then
   local answer = {0, now}
-  for i, key in ipairs(KEYS) do
+  for i = 1, #KEYS - 1 do
     table.insert(answer, used[i])
-    table.insert(answer, redis.call('HGETALL', key))
+    table.insert(answer, redis.call('HGETALL', KEYS[i]))
   end
   return answer
 end
-for i, key in ipairs(KEYS) do
+local noted = {granted}
+for i = 1, #KEYS - 1 do
   local seconds, bucket = tonumber(ARGV[3 * i + 1]), tonumber(ARGV[3 * i + 2])
-  redis.call('HINCRBY', key, now - now % bucket, granted)
-  redis.call('EXPIRE', key, seconds + bucket)
+  redis.call('HINCRBY', KEYS[i], now - now % bucket, granted)
+  redis.call('EXPIRE', KEYS[i], seconds + bucket)
+  table.insert(noted, now - now % bucket)
 end
+redis.call('SET', ticket, table.concat(noted, ' '), 'EX', TICKET_LIVES)
 return {granted, now, unpack(used)}
 """
 
-# KEYS: a hash per window. ARGV: the change, then the bucket each window charged.
+# KEYS: a hash per window, then the ticket. ARGV: the change, then the bucket each window
+# charged. Corrects the buckets still in their window; the ticket is done with.
 _GIVE = """
-for i, key in ipairs(KEYS) do
-  if redis.call('HEXISTS', key, ARGV[i + 1]) == 1 then
-    redis.call('HINCRBY', key, ARGV[i + 1], ARGV[1])
+for i = 1, #KEYS - 1 do
+  if redis.call('HEXISTS', KEYS[i], ARGV[i + 1]) == 1 then
+    redis.call('HINCRBY', KEYS[i], ARGV[i + 1], ARGV[1])
+  end
+end
+redis.call('DEL', KEYS[#KEYS])
+"""
+
+# KEYS: a hash per window, then the ticket of a reservation its proxy gave up waiting for.
+# Takes back what it was granted, if it ran; else marks it, so that it grants nothing.
+_UNDO = """
+local ticket = KEYS[#KEYS]
+local noted = redis.call('GET', ticket)
+redis.call('SET', ticket, 'given up', 'EX', TICKET_LIVES)
+if not noted or noted == 'given up' then
+  return
+end
+local granted, i = nil, 0
+for value in string.gmatch(noted, '%d+') do
+  if granted == nil then
+    granted = value
+  else
+    i = i + 1
+    if redis.call('HEXISTS', KEYS[i], value) == 1 then
+      redis.call('HINCRBY', KEYS[i], value, -granted)
+    end
   end
 end
 """
 
 
 class RedisTokens:
-    """Windows every proxy sharing one Redis keeps together: a hash per key and window."""
+    """Windows every proxy sharing one Redis keeps together: a hash per key and window.
+
+    Each reservation has a ticket: a proxy that gave up waiting for Redis (a timeout)
+    may not know whether its reservation ran, so it takes it back by its ticket, which
+    works whichever of the two Redis runs first."""
 
     def __init__(self, url: str) -> None:
         redis = coredis.Redis.from_url(url, decode_responses=True)
-        self.take_script = redis.register_script(_TAKE)
+        lives = str(TICKET_LIVES)
+        self.take_script = redis.register_script(_TAKE.replace("TICKET_LIVES", lives))
         self.give_script = redis.register_script(_GIVE)
+        self.undo_script = redis.register_script(_UNDO.replace("TICKET_LIVES", lives))
+        self.undoing: set[asyncio.Future[Any]] = set()
 
     async def take(self, name: str, windows: Sequence[Window], need: int, want: int, now: int | None = None) -> Taken:
         """As `MemoryTokens.take`, atomically, on Redis's clock unless told."""
         arguments: list[coredis.typing.ValueT] = ["" if now is None else now, need, want]
         for window in windows:
             arguments += [window.seconds, window.bucket, window.limit]
-        answer = cast(list[Any], await self.take_script(keys=_keys(name, windows), args=arguments))
+        ticket = f"{PREFIX}:ticket:{secrets.token_hex(12)}"
+        keys = [*_keys(name, windows), ticket]
+        try:
+            answer = cast(list[Any], await self.take_script(keys=keys, args=arguments))
+        except BaseException:  # a timeout, or Redis gone: it may run yet, or have run
+            undo = asyncio.ensure_future(self.undo_script(keys=keys))
+            self.undoing.add(undo)
+            undo.add_done_callback(self._undone)
+            raise
         granted, now = int(answer[0]), int(answer[1])
         if granted:
-            return Taken(granted, now, tuple(int(use) for use in answer[2:]))
+            return Taken(granted, now, tuple(int(use) for use in answer[2:]), ticket=ticket)
         pairs = answer[2:]
         return Taken(
             0,
@@ -342,8 +393,13 @@ class RedisTokens:
             ),
         )
 
-    async def give(self, name: str, windows: Sequence[Window], stamps: Sequence[int], change: int) -> None:
-        await self.give_script(keys=_keys(name, windows), args=[change, *stamps])
+    def _undone(self, undo: asyncio.Future[Any]) -> None:
+        self.undoing.discard(undo)
+        if not undo.cancelled():
+            undo.exception()  # Redis is down: then the reservation did not run either
+
+    async def give(self, name: str, windows: Sequence[Window], stamps: Sequence[int], change: int, ticket: str) -> None:
+        await self.give_script(keys=[*_keys(name, windows), ticket], args=[change, *stamps])
 
 
 def _keys(name: str, windows: Sequence[Window]) -> list[coredis.typing.KeyT]:
@@ -411,14 +467,13 @@ def strip_usage_event(piece: bytes) -> bytes:
 class Reservation:
     """What one request holds of its key's windows, until it is settled (once)."""
 
-    def __init__(
-        self, quotas: Quotas, name: str, windows: tuple[Window, ...], stamps: tuple[int, ...], granted: int, prompt: int
-    ):
+    def __init__(self, quotas: Quotas, name: str, windows: tuple[Window, ...], taken: Taken, prompt: int):
         self.quotas = quotas
         self.name = name
         self.windows = windows
-        self.stamps = stamps  # the bucket each window charged
-        self.granted = granted
+        self.stamps = tuple(taken.now - taken.now % window.bucket for window in windows)  # the buckets charged
+        self.granted = taken.granted
+        self.ticket = taken.ticket
         self.prompt = prompt  # its prompt's estimate
         self.settled = False
 
@@ -482,8 +537,7 @@ class Quotas:
                 429,
                 {"Retry-After": str(retry), **_headers(windows, rooms, retry)},
             )
-        stamps = tuple(taken.now - taken.now % window.bucket for window in windows)
-        reservation = Reservation(self, key.name, windows, stamps, taken.granted, ask.prompt)
+        reservation = Reservation(self, key.name, windows, taken, ask.prompt)
         headers = _headers(windows, [room - taken.granted for room in rooms])
         if not caps or ask.data is None:
             return Grant(reservation, None, headers)
@@ -514,7 +568,11 @@ class Quotas:
         if not change:
             return
         correction = asyncio.ensure_future(
-            self.calls.call(lambda: self.tokens.give(reservation.name, reservation.windows, reservation.stamps, change))
+            self.calls.call(
+                lambda: self.tokens.give(
+                    reservation.name, reservation.windows, reservation.stamps, change, reservation.ticket
+                )
+            )
         )
         self.corrections.add(correction)
         correction.add_done_callback(self._corrected)
