@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import math
 import re
 import secrets
@@ -38,7 +37,6 @@ if TYPE_CHECKING:
     from .routes import Route
     from .settings import Settings
 
-log = logging.getLogger(__name__)
 
 PREFIX = "{ollama-proxy}:quota"  # one hash slot, for a Redis cluster too
 TICKET_LIVES = 300  # seconds a reservation's ticket is kept in Redis: the longest stall it covers
