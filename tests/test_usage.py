@@ -2,6 +2,7 @@
 
 import asyncio
 import hashlib
+import itertools
 import json
 
 import ollama
@@ -89,6 +90,35 @@ def test_counters_of_an_openai_answer_come_from_usage():
     assert read_counters(events) == Counters(prompt_tokens=12, completion_tokens=7)
 
 
+def test_counters_of_the_responses_and_messages_apis_come_from_their_usage():
+    usage = {
+        "input_tokens": 12,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": 7,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 19,
+    }
+    whole = {"output": [], "usage": usage, "max_output_tokens": 40}  # the limit asked for is no count
+    assert read_counters(json.dumps(whole).encode()) == Counters(prompt_tokens=12, completion_tokens=7)
+    completed = {"response": whole, "sequence_number": 9, "type": "response.completed"}
+    events = b"event: response.output_item.done\ndata: {}\n\nevent: response.completed\ndata: %s\n\n"
+    assert read_counters(events % json.dumps(completed).encode()) == Counters(prompt_tokens=12, completion_tokens=7)
+
+    tool_use = {"type": "tool_use", "input": {"input_tokens": 1, "output_tokens": 2}}  # the model's, not a count
+    message = {"content": [tool_use], "stop_reason": "tool_use", "usage": {"input_tokens": 12, "output_tokens": 7}}
+    assert read_counters(json.dumps(message).encode()) == Counters(prompt_tokens=12, completion_tokens=7)
+    delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": message["usage"]}
+    events = b'event: message_delta\ndata: %s\n\nevent: message_stop\ndata: {"type":"message_stop"}\n\n'
+    assert read_counters(events % json.dumps(delta).encode()) == Counters(prompt_tokens=12, completion_tokens=7)
+
+
+def test_ollamas_own_counters_win_over_the_other_apis_names():
+    calls = [{"function": {"name": "f", "arguments": {"input_tokens": 1, "completion_tokens": 2}}}]
+    final = {**FINAL_LINE, "message": {"role": "assistant", "content": "", "tool_calls": calls}}
+    final = {name: final[name] for name in ("prompt_eval_count", "eval_count", "message")}  # the call comes last
+    assert read_counters(json.dumps(final).encode()) == Counters(prompt_tokens=26, completion_tokens=290)
+
+
 def test_an_embedding_reports_prompt_tokens_only():
     answer = {"embeddings": [[0.1] * 8], "total_duration": 1, "load_duration": 2_000_000, "prompt_eval_count": 8}
     assert read_counters(json.dumps(answer).encode()) == Counters(prompt_tokens=8, load_ms=2.0)
@@ -169,6 +199,9 @@ async def test_records_and_metrics_carry_what_ollama_reported(make_proxy, nginx,
         model="llama3.2", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
     ) as events:
         usage = [chunk.usage async for chunk in events if chunk.usage is not None]
+    response = await sdk.responses.create(model="llama3.2", input=MESSAGES, max_output_tokens=4)
+    async with await sdk.responses.create(model="llama3.2", input="why is the sky blue?", stream=True) as events:
+        completed = [event.response async for event in events if event.type == "response.completed"]
     await client.close()
     await sdk.close()
     after = await scrape(http, proxy)
@@ -186,6 +219,8 @@ async def test_records_and_metrics_carry_what_ollama_reported(make_proxy, nginx,
             False,
         ),
         ("/v1/chat/completions", True): (usage[0].prompt_tokens, usage[0].completion_tokens, None, True),
+        ("/v1/responses", None): (response.usage.input_tokens, response.usage.output_tokens, None, False),
+        ("/v1/responses", True): (completed[0].usage.input_tokens, completed[0].usage.output_tokens, None, True),
     }
     for key, (prompt, completion_tokens, duration, streamed_generation) in expected.items():
         record = records[key]
@@ -204,12 +239,89 @@ async def test_records_and_metrics_carry_what_ollama_reported(make_proxy, nginx,
     completions = sum(c or 0 for _, c, *_ in expected.values())
     assert moved("ollama_proxy_tokens_total", model="llama3.2:latest", kind="prompt") == prompts
     assert moved("ollama_proxy_tokens_total", model="llama3.2:latest", kind="completion") == completions
-    for route, count in (("/api/chat", 2), ("/api/embed", 1), ("/v1/chat/completions", 2)):
+    for route, count in (("/api/chat", 2), ("/api/embed", 1), ("/v1/chat/completions", 2), ("/v1/responses", 2)):
         assert moved("ollama_proxy_generations_total", model="llama3.2:latest", route=route, outcome="ok") == count
-    assert moved("ollama_proxy_time_to_first_token_seconds_count", model="llama3.2:latest") == 2
+    assert moved("ollama_proxy_time_to_first_token_seconds_count", model="llama3.2:latest") == 3
     assert moved("ollama_proxy_tokens_per_second_count", model="llama3.2:latest") == 2
     assert moved("ollama_proxy_tokens_per_second_sum", model="llama3.2:latest") == 50 + 50  # the stand-in's speed
     assert moved("ollama_proxy_model_load_seconds_count", model="llama3.2:latest") == 3  # /v1 does not report loads
+
+
+def events_of(body: bytes) -> list[tuple[str, dict]]:
+    """An event stream's events, each (its name, its data)."""
+    events = []
+    for event in body.removesuffix(b"\n\n").split(b"\n\n"):
+        name, data = event.split(b"\n")
+        events.append((name.removeprefix(b"event: ").decode(), json.loads(data.removeprefix(b"data: "))))
+    return events
+
+
+def reported(path: str, body: bytes, stream: bool) -> tuple[int, int]:
+    """The prompt and output tokens an answer of the Responses or Messages API reports."""
+    if not stream:
+        usage = json.loads(body)["usage"]
+    elif path == "/v1/responses":
+        [(name, completed)] = events_of(body)[-1:]
+        assert name == "response.completed"  # the last event: no "data: [DONE]" follows
+        usage = completed["response"]["usage"]
+    else:
+        [(name, delta), (end, _)] = events_of(body)[-2:]
+        assert (name, end) == ("message_delta", "message_stop")
+        usage = delta["usage"]
+    return usage["input_tokens"], usage["output_tokens"]
+
+
+ASKED = {
+    "/v1/responses": {"instructions": "be brief", "input": [{"role": "user", "content": "why is the sky blue?"}]},
+    "/v1/messages": {"system": "be brief", "messages": MESSAGES, "max_tokens": 5},
+}
+
+
+async def test_the_responses_and_messages_apis_report_their_tokens(make_proxy, http, log_lines):
+    proxy = make_proxy()
+    answers = {}
+    for path, stream in itertools.product(ASKED, (False, True)):
+        answer = await http.post(proxy + path, json={"model": "llama3.2", "stream": stream, **ASKED[path]})
+        assert answer.status_code == 200
+        answers[path, stream] = reported(path, answer.content, stream)
+        if path == "/v1/messages" and stream:
+            [(_, start)] = events_of(answer.content)[:1]
+            assert start["message"]["usage"] == {"input_tokens": 7, "output_tokens": 0}  # characters / 4
+            assert answers[path, stream] == (8, 5)  # what the model counted: a word each, and one
+    samples = await scrape(http, proxy)
+
+    records = [record for record in log_lines() if record["message"] == "request"]
+    assert {(r["route"], r["stream"]): (r["prompt_tokens"], r["completion_tokens"]) for r in records} == answers
+    for path in ASKED:  # generations, as the fair queue and the metrics count them
+        assert value(samples, "ollama_proxy_generations_total", model="llama3.2:latest", route=path, outcome="ok") == 2
+    prompts, outputs = (sum(counts) for counts in zip(*answers.values(), strict=True))
+    assert value(samples, "ollama_proxy_tokens_total", model="llama3.2:latest", kind="prompt") == prompts
+    assert value(samples, "ollama_proxy_tokens_total", model="llama3.2:latest", kind="completion") == outputs
+
+
+async def test_streams_split_at_awkward_places_are_counted_all_the_same(make_proxy, fake, http, log_lines):
+    proxy = make_proxy()
+    fake.piece_size = 7  # through event boundaries, names and numbers
+    received = {}
+    for path in ASKED:
+        fake.sent, fake.lockstep = [], asyncio.Queue()
+        fake.lockstep.put_nowait(True)
+        body = b""
+        asked = {"model": "llama3.2", "stream": True, **ASKED[path]}
+        async with http.stream("POST", proxy + path, json=asked) as answer:
+            async for data in answer.aiter_raw():
+                body += data
+                if len(body) == sum(len(piece) for _, piece in fake.sent):  # one piece at a time
+                    fake.lockstep.put_nowait(True)
+        pieces = [piece for _, piece in fake.sent]
+        assert any(piece.endswith(b"\n") and not piece.endswith(b"\n\n") for piece in pieces)
+        received[path] = (reported(path, body, stream=True), len(pieces))
+
+    records = {record["route"]: record for record in log_lines() if record["message"] == "request"}
+    for path, (counts, pieces) in received.items():
+        record = records[path]
+        assert record["chunks"] == pieces  # each relayed on its own
+        assert (record["prompt_tokens"], record["completion_tokens"]) == counts
 
 
 async def test_unknown_models_never_become_labels(make_proxy, http, fake):

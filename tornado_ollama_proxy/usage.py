@@ -92,18 +92,15 @@ def answer_format(answer: str | None, stream: bool | None) -> str | None:
     return answer
 
 
-_NUMBER = r"\s*:\s*(\d+(?:\.\d+)?)"
-_COUNTERS = {
-    name: re.compile(rf'"{name}"{_NUMBER}'.encode())
-    for name in (
-        "prompt_eval_count",
-        "eval_count",
-        "eval_duration",
-        "load_duration",
-        "prompt_tokens",
-        "completion_tokens",
-    )
-}
+# Each count under its name in Ollama's API, in OpenAI's chat and completions `usage`, and in
+# the `usage` of the Responses and Anthropic Messages APIs, in that order of preference.
+_PROMPT_NAMES = ("prompt_eval_count", "prompt_tokens", "input_tokens")
+_COMPLETION_NAMES = ("eval_count", "completion_tokens", "output_tokens")
+_COUNTER = re.compile(
+    rb'"('
+    + "|".join((*_PROMPT_NAMES, *_COMPLETION_NAMES, "eval_duration", "load_duration")).encode()
+    + rb')"\s*:\s*(\d+(?:\.\d+)?)'
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,14 +116,11 @@ class Counters:
 def read_counters(tail: bytes) -> Counters:
     """The counters in an answer's last bytes: Ollama's (the final NDJSON line or the
     whole JSON: prompt_eval_count, eval_count, eval_duration, load_duration) or the
-    /v1 calls' `usage` (prompt_tokens, completion_tokens). The last mention wins."""
-    found: dict[str, float] = {}
-    for name, pattern in _COUNTERS.items():
-        matches = pattern.findall(tail)
-        if matches:
-            found[name] = float(matches[-1])
-    prompt = found.get("prompt_eval_count", found.get("prompt_tokens"))
-    completion = found.get("eval_count", found.get("completion_tokens"))
+    /v1 calls' `usage` (prompt_tokens and completion_tokens; input_tokens and
+    output_tokens in the Responses and Anthropic Messages APIs). The last mention wins."""
+    found = _mentions(tail)
+    prompt = _first(found, _PROMPT_NAMES)
+    completion = _first(found, _COMPLETION_NAMES)
     duration = found.get("eval_duration")
     load = found.get("load_duration")
     return Counters(
@@ -137,8 +131,19 @@ def read_counters(tail: bytes) -> Counters:
     )
 
 
+def _mentions(data: bytes) -> dict[str, float]:
+    """Each counter's last value in `data` (one scan for all of them)."""
+    return {name.decode(): float(number) for name, number in _COUNTER.findall(data)}
+
+
+def _first(found: dict[str, float], names: tuple[str, ...]) -> float | None:
+    return next((found[name] for name in names if name in found), None)
+
+
 # Where a stream's counters are: Ollama's last NDJSON line; the /v1 calls' usage event,
-# which comes before the closing "data: [DONE]" event.
+# which comes before the closing "data: [DONE]" (chat, completions), is the last event
+# (the Responses API's response.completed) or comes before message_stop (Anthropic's
+# message_delta).
 LAST_RECORDS = {"ndjson": (b"\n", 1), "sse": (b"\n\n", 2)}
 
 
