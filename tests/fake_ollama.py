@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import ipaddress
+import itertools
 import json
 import re
 import socket
@@ -49,6 +50,8 @@ ROUTES = {
     "/api/me": ("POST",),
     "/api/signout": ("POST",),
     "/v1/chat/completions": ("POST",),
+    "/v1/responses": ("POST",),
+    "/v1/messages": ("POST",),
     "/v1/models": ("GET",),
 }
 V1_MODEL = re.compile(r"/v1/models/(.+)")
@@ -79,6 +82,7 @@ class FakeState:
     # a proxy that buffered would deadlock the test instead of passing it.
     lockstep: asyncio.Queue | None = None
     sent: list = field(default_factory=list)  # (monotonic time, bytes) per chunk sent
+    piece_size: int | None = None  # when set, a stream's chunks are sent in pieces of this many bytes
     flood_written: int = 0
     flood_done: asyncio.Future | None = None
     blob_received: int = 0
@@ -408,6 +412,11 @@ class OllamaHandler(OllamaBase):
         await self.send_bytes(json.dumps(obj).encode() + b"\n")
 
     async def send_bytes(self, chunk):
+        size = self.state.piece_size or len(chunk)
+        for start in range(0, len(chunk), size):
+            await self.send_piece(chunk[start : start + size])
+
+    async def send_piece(self, chunk):
         if self.state.lockstep is not None:
             await self.state.lockstep.get()
         elif self.state.chunk_delay and self.state.sent:
@@ -484,6 +493,194 @@ class OllamaHandler(OllamaBase):
             chunk = {"object": "chat.completion.chunk", "choices": [], "usage": usage}
             await self.send_bytes(b"data: " + json.dumps(chunk).encode() + b"\n\n")
         await self.send_bytes(b"data: [DONE]\n\n")
+
+    async def do_v1_responses(self):
+        """The Responses API as Ollama's middleware answers it (openai/responses.go): one
+        JSON document with its `usage`, or with "stream": true events whose last,
+        response.completed, carries it (no "data: [DONE]" follows)."""
+        data = self.body()
+        if data is None:
+            return
+        model = data.get("model")
+        if self.state.resolve(str(model)) is None:
+            error = {"message": f"model '{model}' not found", "type": "not_found_error", "param": None, "code": None}
+            self.json({"error": error}, 404)
+            return
+        count = data.get("max_output_tokens") or 3
+        used = counters({"prompt": " ".join(texts([data.get("instructions"), data.get("input")]))}, count)
+        usage = {
+            "input_tokens": used["prompt_eval_count"],
+            "output_tokens": used["eval_count"],
+            "total_tokens": used["prompt_eval_count"] + used["eval_count"],
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": 0},
+        }
+        created = int(time.time())
+        response_id, item_id = f"resp_{created % 999_999:06d}", f"msg_{count:06d}"
+
+        def response(status, text, reported):
+            output = [] if text is None else [output_message(item_id, "completed", text)]
+            return responses_object(data, response_id, created, status, output, reported)
+
+        async with self.working(model):
+            if not data.get("stream"):
+                await asyncio.sleep(self.state.token_delay * count)
+                whole = response("completed", "".join(f"tok{i} " for i in range(count)), usage)
+                self.go_json(whole, "application/json")
+                return
+            self.set_header("Content-Type", "text/event-stream")
+            self.set_header("Cache-Control", "no-cache")
+            sequence = itertools.count()
+
+            async def event(kind, **fields):  # a Go map: its keys sorted
+                fields.update(type=kind, sequence_number=next(sequence))
+                await self.send_event(kind, fields, sort_keys=True)
+
+            await event("response.created", response=response("in_progress", None, None))
+            await event("response.in_progress", response=response("in_progress", None, None))
+            text = ""
+            place = {"item_id": item_id, "output_index": 0, "content_index": 0}
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            for i in range(count):
+                await asyncio.sleep(self.state.token_delay)
+                if i == 0:
+                    item = output_message(item_id, "in_progress")
+                    await event("response.output_item.added", output_index=0, item=item)
+                    await event("response.content_part.added", **place, part=part)
+                await event("response.output_text.delta", **place, delta=f"tok{i} ", logprobs=[])
+                text += f"tok{i} "
+            await event("response.output_text.done", **place, text=text, logprobs=[])
+            await event("response.content_part.done", **place, part={**part, "text": text})
+            await event("response.output_item.done", output_index=0, item=output_message(item_id, "completed", text))
+            await event("response.completed", response=response("completed", text, usage))
+
+    async def do_v1_messages(self):
+        """Anthropic's Messages API as Ollama's middleware answers it (anthropic/anthropic.go):
+        one JSON document with its `usage`, or with "stream": true events. The first,
+        message_start, says the prompt's tokens as estimated (characters / 4) before the
+        model counts them; message_delta, before the closing message_stop, says what the
+        model counted: the prompt's tokens too since Ollama 0.15.5 (`version`), only the
+        output's before, when message_start said the first chunk's count, 0."""
+        data = self.body()
+        if data is None:
+            return
+        model = data.get("model")
+        if self.state.resolve(str(model)) is None:
+            error = {"type": "not_found_error", "message": f"model '{model}' not found"}
+            self.json({"type": "error", "error": error, "request_id": "req_0"}, 404)
+            return
+        count = data.get("max_tokens") or 3
+        prompt = texts([data.get("system"), data.get("messages")])
+        used = counters({"prompt": " ".join(prompt)}, count)
+        message_id = f"msg_{int(time.time()) % 999_999:024x}"
+        async with self.working(model):
+            if not data.get("stream"):
+                await asyncio.sleep(self.state.token_delay * count)
+                text = "".join(f"tok{i} " for i in range(count))
+                self.go_json(
+                    {
+                        **anthropic_message(message_id, model, [{"type": "text", "text": text}]),
+                        "stop_reason": "end_turn",
+                        "usage": {"input_tokens": used["prompt_eval_count"], "output_tokens": used["eval_count"]},
+                    },
+                    "application/json",
+                )
+                return
+            self.set_header("Content-Type", "text/event-stream")
+            self.set_header("Cache-Control", "no-cache")
+            counted_at_end = version(self.state.version) >= (0, 15, 5)
+            estimate = len("".join(prompt)) // 4 if counted_at_end else 0
+            start = {
+                **anthropic_message(message_id, model, []),
+                "usage": {"input_tokens": estimate, "output_tokens": 0},
+            }
+            await self.send_event("message_start", {"type": "message_start", "message": start})
+            for i in range(count):
+                await asyncio.sleep(self.state.token_delay)
+                if i == 0:
+                    block = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+                    await self.send_event("content_block_start", block)
+                delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": f"tok{i} "}}
+                await self.send_event("content_block_delta", delta)
+            await self.send_event("content_block_stop", {"type": "content_block_stop", "index": 0})
+            usage = {"input_tokens": used["prompt_eval_count"]} if counted_at_end else {}
+            usage["output_tokens"] = used["eval_count"]
+            ending = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": usage}
+            await self.send_event("message_delta", ending)
+            await self.send_event("message_stop", {"type": "message_stop"})
+
+    def go_json(self, data, content_type):
+        """One document as Go's json.Encoder writes it: compact, and a newline after it."""
+        self.set_header("Content-Type", content_type)
+        self.finish(json.dumps(data, separators=(",", ":")) + "\n")
+
+    async def send_event(self, kind, data, sort_keys=False):
+        """An event as Ollama's middleware writes one (a Go map's keys sorted, a struct's in order)."""
+        encoded = json.dumps(data, separators=(",", ":"), sort_keys=sort_keys)
+        await self.send_bytes(f"event: {kind}\ndata: {encoded}\n\n".encode())
+
+
+def responses_object(data, response_id, created, status, output, usage):
+    """The Responses API's response, field by field as Ollama fills it, echoing the request."""
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": created,
+        "completed_at": created if status == "completed" else None,
+        "status": status,
+        "incomplete_details": None,
+        "model": data["model"],
+        "previous_response_id": None,
+        "instructions": data.get("instructions") or None,
+        "output": output,
+        "error": None,
+        "tools": data.get("tools") or [],
+        "tool_choice": "auto",
+        "truncation": data.get("truncation") or "disabled",
+        "parallel_tool_calls": True,
+        "text": {"format": {"type": "text"}},
+        "top_p": data.get("top_p", 1),
+        "presence_penalty": 0,
+        "frequency_penalty": 0,
+        "top_logprobs": 0,
+        "temperature": data.get("temperature", 1),
+        "reasoning": None,
+        "usage": usage,
+        "max_output_tokens": data.get("max_output_tokens"),
+        "max_tool_calls": None,
+        "store": False,
+        "background": bool(data.get("background")),
+        "service_tier": "default",
+        "metadata": {},
+        "safety_identifier": None,
+        "prompt_cache_key": None,
+    }
+
+
+def output_message(item_id, status, text=None):
+    """The assistant's message in a Responses answer: empty while it is being written."""
+    content = [] if text is None else [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
+    return {"id": item_id, "type": "message", "status": status, "role": "assistant", "content": content}
+
+
+def anthropic_message(message_id, model, content):
+    return {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": content}
+
+
+def texts(value):
+    """Every text of a prompt: strings, in lists, and in objects' content or text."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [text for item in value for text in texts(item)]
+    if isinstance(value, dict):
+        return texts(value.get("content")) + texts(value.get("text"))
+    return []
+
+
+def version(text):
+    """An Ollama version as numbers to compare: (0, 15, 5) for 0.15.5 and 0.15.5-rc1."""
+    return tuple(int(part) for part in text.split("-")[0].split("."))
 
 
 def counters(data, completion_tokens):

@@ -269,3 +269,27 @@ def pool_of(started, **common):
 async def ready(proxy):
     """The pool has read every pod's models (as its first look does within seconds)."""
     await proxy.proxy.pool.refresh_all()
+
+
+def sse_events(body: bytes) -> list[tuple[str, dict]]:
+    """An event stream's events, each (its name, its data)."""
+    events = []
+    for event in body.removesuffix(b"\n\n").split(b"\n\n"):
+        name, data = event.split(b"\n")
+        events.append((name.removeprefix(b"event: ").decode(), json.loads(data.removeprefix(b"data: "))))
+    return events
+
+
+def tokens_reported(path: str, body: bytes, stream: bool) -> tuple[int, int]:
+    """The prompt and output tokens an answer of the Responses or Messages API reports."""
+    if not stream:
+        usage = json.loads(body)["usage"]
+    elif path == "/v1/responses":
+        [(name, completed)] = sse_events(body)[-1:]
+        assert name == "response.completed"  # the last event: no "data: [DONE]" follows
+        usage = completed["response"]["usage"]
+    else:
+        [(name, delta), (end, _)] = sse_events(body)[-2:]
+        assert (name, end) == ("message_delta", "message_stop")
+        usage = delta["usage"]
+    return usage["input_tokens"], usage["output_tokens"]

@@ -2,6 +2,7 @@
 Redis (one quota for several proxies), and what clients see through the proxy."""
 
 import asyncio
+import itertools
 import json
 import logging
 import re
@@ -31,7 +32,7 @@ from tornado_ollama_proxy.quota import (
 )
 from tornado_ollama_proxy.settings import Settings, SettingsError
 
-from .helpers import ready, send_json, until, unused_url
+from .helpers import ready, send_json, tokens_reported, until, unused_url
 
 KEY = "a" * 43
 OTHER = "b" * 43
@@ -483,6 +484,22 @@ async def test_forty_requests_at_once_through_two_proxies_sharing_redis_stay_wit
     # hold no prompt and a token), more as earlier ones settle; never more than the quota.
     assert statuses.count(200) >= 15 and spent <= 1000
     assert len(chats(fake)) == statuses.count(200)
+
+
+async def test_the_responses_and_messages_apis_are_charged_what_ollama_counted(make_proxy, http):
+    proxy = make_proxy(api_keys=keys(tokens_per_minute=1000))
+    asked = {
+        "/v1/responses": {"input": "hello there", "max_output_tokens": 40},
+        "/v1/messages": {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 40},
+    }
+    spent = 0
+    for path, stream in itertools.product(asked, (False, True)):
+        body = {"model": "llama3.2", "stream": stream, **asked[path]}
+        answer = await http.post(proxy + path, json=body, headers=auth())
+        assert answer.status_code == 200
+        spent += sum(tokens_reported(path, answer.content, stream))
+    await drained(proxy)
+    assert used(proxy) == spent  # not what was reserved, nor a token per piece
 
 
 async def test_a_stream_whose_client_leaves_is_charged_its_prompt_and_a_token_per_line(make_proxy, fake, log_lines):

@@ -39,7 +39,7 @@ from .relay import AnswerRelay, ClientFlow, Reply
 from .retry import Cause, may_go_again
 from .routes import Route
 from .upstream import Abandoned, IdleTimeout
-from .usage import AnswerTail, answer_format, read_counters
+from .usage import AnswerEnds, answer_format, prompt_at_start
 
 if TYPE_CHECKING:
     from tornado.http1connection import HTTP1Connection
@@ -117,6 +117,9 @@ class Journey:
 
     def _relay(self, plan: Plan) -> AnswerRelay:
         route = self.route
+        usage = None
+        if self.generation:  # its counters: at its answer's end, and its start where its API says the prompt's
+            usage = AnswerEnds(_format_now(route, self.body), start=prompt_at_start(plan.target))
         return AnswerRelay(
             self.reply,
             ClientFlow(self.connection, self.reply.on_connection_close),
@@ -126,7 +129,7 @@ class Journey:
             # Not a method of the journey: the relay would hold it in a cycle.
             answer_format=functools.partial(_answer_format, route, self.body),
             heartbeat=self.proxy.settings.heartbeat_seconds if route is not None and route.answer else None,
-            usage=AnswerTail(_format_now(route, self.body)) if self.generation else None,
+            usage=usage,
         )
 
     def body_in(self) -> None:
@@ -455,7 +458,7 @@ class Journey:
     def _used(self) -> int | None:
         """The tokens Ollama says the generation used, prompt and output; None if it did not say."""
         relay = self.relay
-        counters = read_counters(relay.usage.bytes()) if relay.usage is not None else None
+        counters = relay.usage.counters() if relay.usage is not None else None
         if counters is None or counters.prompt_tokens is None or counters.completion_tokens is None:
             return None
         return counters.prompt_tokens + counters.completion_tokens
@@ -483,7 +486,7 @@ class Journey:
         assert self.route is not None
         if relay.first_body_at is not None and answer_format(self.route.answer, info.stream) in ("ndjson", "sse"):
             record.ttft_ms = round((relay.first_body_at - self.started) * 1000, 3)
-        counters = read_counters(relay.usage.bytes())
+        counters = relay.usage.counters()
         record.prompt_tokens, record.completion_tokens = counters.prompt_tokens, counters.completion_tokens
         record.tokens_per_s, record.load_ms = counters.tokens_per_s, counters.load_ms
 

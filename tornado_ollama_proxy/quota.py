@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from functools import partial
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import unquote
 
 import coredis
 
 from .errors import Rejection
 from .peer_json import json_object
+from .routes import router_path
 from .storage import StorageCalls, StorageDown
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ def uncounted_read(route: Route) -> bool:
 def counted_path(target: str) -> str | None:
     """The path a quota counts a request target (as it goes upstream) by, decoded as
     Ollama's router decodes it (`/api/%67enerate` is `/api/generate`); None if it counts none."""
-    path = unquote(target.partition("?")[0])
+    path = router_path(target)
     return path if path in COUNTED else None
 
 

@@ -22,7 +22,7 @@ from .heartbeat import BEATS, CONTENT_TYPES, ERROR_BODY_LIMIT, HEARTBEAT_HEADER,
 from .idle import Silence
 from .record import AccessRecord
 from .tornado_private import format_chunk, written_bytes
-from .usage import AnswerTail
+from .usage import AnswerEnds
 
 if TYPE_CHECKING:
     from tornado.http1connection import HTTP1Connection
@@ -112,7 +112,7 @@ class AnswerRelay:
     one had to send the head, the upstream's own head is not relayed, and an
     error answer is collected to be told in-band at the end (`in_band_error`).
     `pieces` counts what the upstream sent (its head, each piece). With `usage`,
-    the answer's last bytes are kept for the token counters Ollama ends with.
+    the answer's ends are kept for the token counters Ollama reports there.
     """
 
     def __init__(
@@ -125,7 +125,7 @@ class AnswerRelay:
         upstream_head: bool,
         answer_format: Callable[[], str | None],
         heartbeat: float | None,
-        usage: AnswerTail | None = None,
+        usage: AnswerEnds | None = None,
     ):
         self.reply = reply
         self.flow = flow
@@ -140,7 +140,7 @@ class AnswerRelay:
         self.own_format: str | None = None  # the format a heartbeat's own head announced
         self.body_started = False
         self.first_body_at: float | None = None  # monotonic time of the first body byte
-        self.usage = usage  # the answer's last bytes, for its token counters
+        self.usage = usage  # the answer's ends, for its token counters
         self.lines = 0  # the answer's lines, where its counters are read: what a stream relayed
         self.strip: Callable[[bytes], bytes] | None = None  # takes out what the client did not ask for
         self.tail = b""  # the last two bytes relayed: where a heartbeat may go

@@ -174,6 +174,12 @@ def _segment(part: str) -> tuple[str | None, str | None]:
     return (None, found.group(1)) if found else (part, None)
 
 
+def router_path(target: str) -> str:
+    """A request target's path as Ollama's router matches it: decoded, without its query
+    (`/api/%63hat?x` is `/api/chat`)."""
+    return unquote(target.partition("?")[0])
+
+
 def is_reserved(path: str) -> bool:
     """Whether a raw request path, decoded, names the proxy's own prefix."""
     return unquote(path).startswith(RESERVED_PREFIX)

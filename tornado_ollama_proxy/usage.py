@@ -3,7 +3,8 @@
 The request body, when it is a JSON object of at most 1 MiB, says which
 model and whether to stream; that decides the answer's format (and so what
 a heartbeat may look like). An answer that reports token counts is read at
-its end, from at most its last 64 KiB: nothing is parsed per piece.
+its end, from at most its last 64 KiB (and, where its API says the prompt's
+count at its start, from its first event too): nothing is parsed per piece.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from typing import Any
 from .logs import bounded
 from .model_names import canonical
 from .peer_json import json_object
+from .routes import router_path
 
 REQUEST_COPY_LIMIT = 1024 * 1024  # a body larger than this is not read
 MODEL_LIMIT = 256  # characters of a model name kept for records and the status page
 OPENING_LIMIT = 1024  # characters of a conversation's opening that key its pod
 ANSWER_TAIL = 64 * 1024  # the counters are read from at most this much of an answer's end
+START_LIMIT = 4 * 1024  # an answer's first event is kept apart if it ends within this much (AnswerEnds)
 OTHER = "other"  # the model label of every model past the bound, or that Ollama did not answer
 
 
@@ -92,18 +95,15 @@ def answer_format(answer: str | None, stream: bool | None) -> str | None:
     return answer
 
 
-_NUMBER = r"\s*:\s*(\d+(?:\.\d+)?)"
-_COUNTERS = {
-    name: re.compile(rf'"{name}"{_NUMBER}'.encode())
-    for name in (
-        "prompt_eval_count",
-        "eval_count",
-        "eval_duration",
-        "load_duration",
-        "prompt_tokens",
-        "completion_tokens",
-    )
-}
+# Each count under its name in Ollama's API, in OpenAI's chat and completions `usage`, and in
+# the `usage` of the Responses and Anthropic Messages APIs, in that order of preference.
+_PROMPT_NAMES = ("prompt_eval_count", "prompt_tokens", "input_tokens")
+_COMPLETION_NAMES = ("eval_count", "completion_tokens", "output_tokens")
+_COUNTER = re.compile(
+    rb'"('
+    + "|".join((*_PROMPT_NAMES, *_COMPLETION_NAMES, "eval_duration", "load_duration")).encode()
+    + rb')"\s*:\s*(\d+(?:\.\d+)?)'
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,17 +116,22 @@ class Counters:
     load_ms: float | None = None
 
 
-def read_counters(tail: bytes) -> Counters:
+def read_counters(tail: bytes, start: bytes = b"") -> Counters:
     """The counters in an answer's last bytes: Ollama's (the final NDJSON line or the
     whole JSON: prompt_eval_count, eval_count, eval_duration, load_duration) or the
-    /v1 calls' `usage` (prompt_tokens, completion_tokens). The last mention wins."""
-    found: dict[str, float] = {}
-    for name, pattern in _COUNTERS.items():
-        matches = pattern.findall(tail)
-        if matches:
-            found[name] = float(matches[-1])
-    prompt = found.get("prompt_eval_count", found.get("prompt_tokens"))
-    completion = found.get("eval_count", found.get("completion_tokens"))
+    /v1 calls' `usage` (prompt_tokens and completion_tokens; input_tokens and
+    output_tokens in the Responses and Anthropic Messages APIs). The last mention wins.
+
+    A prompt's count the end does not say is read from the answer's `start` (see
+    `prompt_at_start`), unless it is 0, which says it was not counted yet (Ollama
+    before 0.15.5 says 0 there, and the count nowhere). Never the output's: a start
+    tells what had been generated then, not what an answer cut short used.
+    """
+    found = _mentions(tail)
+    prompt = _first(found, _PROMPT_NAMES)
+    if prompt is None:
+        prompt = _first(_mentions(start), _PROMPT_NAMES) or None
+    completion = _first(found, _COMPLETION_NAMES)
     duration = found.get("eval_duration")
     load = found.get("load_duration")
     return Counters(
@@ -137,26 +142,60 @@ def read_counters(tail: bytes) -> Counters:
     )
 
 
+def _mentions(data: bytes) -> dict[str, float]:
+    """Each counter's last value in `data` (one scan for all of them)."""
+    return {name.decode(): float(number) for name, number in _COUNTER.findall(data)}
+
+
+def _first(found: dict[str, float], names: tuple[str, ...]) -> float | None:
+    return next((found[name] for name in names if name in found), None)
+
+
+# Where an answer says its prompt's count at its start, and its end need not: Anthropic's
+# Messages API, in its first event, message_start (its message_delta may say only the
+# output's count, as Ollama's did before 0.15.5).
+PROMPT_AT_START = frozenset({"/v1/messages"})
+
+
+def prompt_at_start(target: str) -> bool:
+    """Whether the answer to a request target, as it goes upstream, may say its prompt's
+    count only at its start: Ollama answers as the path its router matches names."""
+    return router_path(target) in PROMPT_AT_START
+
+
 # Where a stream's counters are: Ollama's last NDJSON line; the /v1 calls' usage event,
-# which comes before the closing "data: [DONE]" event.
+# which comes before the closing "data: [DONE]" (chat, completions), is the last event
+# (the Responses API's response.completed) or comes before message_stop (Anthropic's
+# message_delta).
 LAST_RECORDS = {"ndjson": (b"\n", 1), "sse": (b"\n\n", 2)}
 
 
-class AnswerTail:
-    """What an answer's counters are read from: its last ANSWER_TAIL bytes and, in a
-    stream (`answer_format` "ndjson" or "sse"), only its last line or last two events.
+class AnswerEnds:
+    """What an answer's counters are read from (`counters`): its last ANSWER_TAIL bytes
+    and, in a stream (`answer_format` "ndjson" or "sse"), only its last line or last two
+    events; with `start`, its first event apart (`start`), when one ends within its
+    first START_LIMIT bytes.
 
     Pieces are kept as they are and dropped from the front, so nothing is copied
-    per piece; a long stream of tokens holds one line, not 64 KiB of them.
+    per piece; a long stream of tokens holds one line, not 64 KiB of them. Only the
+    first pieces are copied, while the first event arrives. That event is never part
+    of the tail: what it says of the output (nothing yet) is no count of an answer cut
+    short, however short.
     """
 
-    def __init__(self, answer_format: str | None = None) -> None:
+    def __init__(self, answer_format: str | None = None, *, start: bool = False) -> None:
         self.pieces: deque[bytes] = deque()
         self.size = 0
         self.boundary, self.records = LAST_RECORDS.get(answer_format or "", (b"", 0))
         self.ended = 0  # held pieces that end a record
+        self.start = b""  # the first event, once it has arrived whole
+        self.starting: bytes | None = b"" if start else None  # its bytes while they arrive
 
     def add(self, piece: bytes) -> None:
+        if self.starting is not None:
+            piece = self._take_start(self.starting, piece)
+            if not piece:
+                return
         pieces = self.pieces
         if self.records and pieces and pieces[-1].endswith(self.boundary):
             while self.ended >= self.records:  # `piece` begins a record: keep records - 1 before it
@@ -174,8 +213,28 @@ class AnswerTail:
         if self.records and dropped.endswith(self.boundary):
             self.ended -= 1
 
-    def bytes(self) -> bytes:
+    def _take_start(self, before: bytes, piece: bytes) -> bytes:
+        """Take the first event's bytes (`before`: those of the pieces before) off `piece`,
+        and give back what follows it; all of them, when no event ends within START_LIMIT
+        bytes (a whole JSON answer)."""
+        starting = before + piece
+        end = starting.find(b"\n\n", max(len(before) - 1, 0), START_LIMIT)  # it may begin in the piece before
+        if end >= 0:
+            self.start, self.starting = starting[: end + 2], None
+            return starting[end + 2 :]
+        if len(starting) < START_LIMIT:
+            self.starting = starting
+            return b""
+        self.starting = None
+        return starting
+
+    def tail(self) -> bytes:
         return b"".join(self.pieces)[-ANSWER_TAIL:]
+
+    def counters(self) -> Counters:
+        if self.starting is not None:  # no event has ended (a whole JSON answer, or one cut short): all is tail
+            return read_counters(self.starting)
+        return read_counters(self.tail(), self.start)
 
 
 class ModelLabels:
