@@ -32,7 +32,7 @@ from tornado_ollama_proxy.quota import (
 )
 from tornado_ollama_proxy.settings import Settings, SettingsError
 
-from .helpers import ready, send_json, tokens_reported, until, unused_url
+from .helpers import read_response, ready, send_json, tokens_reported, until, unused_url
 
 KEY = "a" * 43
 OTHER = "b" * 43
@@ -699,3 +699,19 @@ async def test_a_v1_stream_is_counted_by_the_usage_the_proxy_asks_for_and_its_cl
     )
     assert [chunk.usage.completion_tokens for chunk in [chunk async for chunk in asked] if chunk.usage] == [2]
     await chat.close()
+
+
+async def test_a_usage_event_that_arrives_alone_sends_the_client_nothing(make_proxy, fake):
+    fake.lockstep = asyncio.Queue()  # each event goes when the test says
+    proxy = make_proxy(api_keys=keys(tokens_per_minute=1000))
+    body = {"model": "llama3.2", "messages": [{"role": "user", "content": "hello there"}], "stream": True}
+    reader, writer = await send_json(proxy, b"POST", b"/v1/chat/completions", body, ALICE)
+    for lines in (2, 4, 6):  # two events of content, then the usage event: each a piece of its own
+        fake.lockstep.put_nowait(None)
+        await until(lambda lines=lines: any(journey.relay.lines == lines for journey in proxy.proxy.exchanges))
+    fake.lockstep.put_nowait(None)  # [DONE]
+    status, _, answer = await read_response(reader)
+    events = answer.split(b"\n\n")
+    assert status == 200 and len(events) == 4 and events[-2:] == [b"data: [DONE]", b""]  # no usage event
+    assert [json.loads(event[6:])["choices"][0]["delta"]["content"] for event in events[:2]] == ["Hel", "lo"]
+    writer.close()

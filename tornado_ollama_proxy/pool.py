@@ -336,7 +336,7 @@ class Hold:
     def let_go(self) -> None:
         if self.slot:
             self.member.busy -= 1
-            if self.pool.slot_freed is not None:
-                asyncio.get_running_loop().call_soon(self.pool.slot_freed)
+            assert self.pool.slot_freed is not None  # a slot is kept only where a queue waits for one
+            asyncio.get_running_loop().call_soon(self.pool.slot_freed)
         if self.probe:
             self.pool.report(self.member, None, learned=False)

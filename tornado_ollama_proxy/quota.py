@@ -20,6 +20,7 @@ import re
 import secrets
 import time
 from collections.abc import Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from itertools import accumulate
@@ -393,7 +394,7 @@ class RedisTokens:
 
     def _undone(self, undo: asyncio.Future[Any]) -> None:
         self.undoing.discard(undo)
-        if not undo.cancelled():
+        with suppress(asyncio.CancelledError):
             undo.exception()  # Redis is down: then the reservation did not run either
 
     async def give(self, name: str, windows: Sequence[Window], stamps: Sequence[int], change: int, ticket: str) -> None:
