@@ -32,7 +32,7 @@ from tornado_ollama_proxy.quota import (
 )
 from tornado_ollama_proxy.settings import Settings, SettingsError
 
-from .helpers import read_response, ready, send_json, tokens_reported, until, unused_url
+from .helpers import CannedUpstream, read_response, ready, send_json, tokens_reported, until, unused_url
 
 KEY = "a" * 43
 OTHER = "b" * 43
@@ -715,3 +715,41 @@ async def test_a_usage_event_that_arrives_alone_sends_the_client_nothing(make_pr
     assert status == 200 and len(events) == 4 and events[-2:] == [b"data: [DONE]", b""]  # no usage event
     assert [json.loads(event[6:])["choices"][0]["delta"]["content"] for event in events[:2]] == ["Hel", "lo"]
     writer.close()
+
+
+async def test_an_alias_that_generates_is_charged_what_ollama_counted(make_proxy, fake, http):
+    proxy = make_proxy(api_keys=keys(tokens_per_minute=1000))
+    body = {"model": "llama3.2", "prompt": "hello there", "options": {"num_predict": 9}, "stream": False}
+    answer = await http.post(proxy + "/api/stop", json=body, headers=auth())  # keep_alive 0, and a generation
+    assert answer.status_code == 200 and answer.json()["eval_count"] == 9
+    await drained(proxy)
+    assert used(proxy) == 3 + 9  # Ollama's counts, not the prompt's estimate alone
+
+
+async def test_a_body_of_too_many_values_to_weigh_at_once_is_refused_before_it_is_parsed(io_loop):
+    ledger = quotas()
+    crowded = b'{"prompt": "x", "context": [' + b"0," * (1 << 18) + b"0]}"
+    with pytest.raises(Rejection) as refused:
+        await ledger.reserve(alice(tokens_per_minute=10**9), "/api/generate", crowded)
+    assert (refused.value.status, refused.value.message) == (
+        413,
+        "a request that a token quota counts may hold at most 262144 JSON values",
+    )
+
+
+async def test_an_answer_the_pod_sized_or_encoded_is_relayed_as_it_came(make_proxy):
+    events = (
+        b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
+        b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n" % len(events)
+    canned = CannedUpstream(head + events, linger=True)
+    proxy = make_proxy(upstream=await canned.start(), api_keys=keys(tokens_per_minute=1000))
+    body = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    reader, writer = await send_json(proxy, b"POST", b"/v1/chat/completions", body, ALICE)
+    status, headers, answer = await read_response(reader)
+    assert (status, headers["content-length"], answer) == (200, [str(len(events))], events)  # not a byte less
+    assert b"Accept-Encoding: identity\r\n" in canned.requests[0]  # nothing compressed: its counts are read
+    writer.close()
+    await canned.stop()

@@ -128,11 +128,17 @@ def test_counters_of_the_responses_and_messages_apis_come_from_their_usage():
     assert read_counters(events % json.dumps(delta).encode()) == Counters(prompt_tokens=12, completion_tokens=7)
 
 
-def test_ollamas_own_counters_win_over_the_other_apis_names():
+def test_names_a_client_put_in_an_answer_before_its_counts_count_for_nothing():
+    # Ollama writes a message (and a tool call's arguments, the model's own JSON) before its counts.
     calls = [{"function": {"name": "f", "arguments": {"input_tokens": 1, "completion_tokens": 2}}}]
-    final = {**FINAL_LINE, "message": {"role": "assistant", "content": "", "tool_calls": calls}}
-    final = {name: final[name] for name in ("prompt_eval_count", "eval_count", "message")}  # the call comes last
-    assert read_counters(json.dumps(final).encode()) == Counters(prompt_tokens=26, completion_tokens=290)
+    final = {"message": {"role": "assistant", "content": "", "tool_calls": calls}, "prompt_eval_count": 26}
+    assert read_counters(json.dumps({**final, "eval_count": 290}).encode()) == Counters(26, 290)
+    # The Responses API echoes the request's tools, with their parameters as sent, before its usage.
+    tools = [{"type": "function", "name": "f", "parameters": {"prompt_eval_count": 0, "eval_count": 0}}]
+    response = {"tools": tools, "usage": {"input_tokens": 12, "output_tokens": 7, "total_tokens": 19}}
+    completed = {"type": "response.completed", "response": response}
+    events = b"event: response.completed\ndata: %s\n\n" % json.dumps(completed).encode()
+    assert read_counters(events) == read_counters(json.dumps(response).encode()) == Counters(12, 7)
 
 
 def test_an_embedding_reports_prompt_tokens_only():

@@ -267,6 +267,8 @@ class ProxyHandler(BaseHandler):
             if offered is not None:
                 headers["Accept-Encoding"] = offered
         headers[REQUEST_ID_HEADER] = self.request_id
+        if quota:
+            headers["Accept-Encoding"] = "identity"  # its counts are read on the way: nothing compressed
         several = not self.proxy.pool.single or self.proxy.queue is not None
         pooled = several and route is not None and route.scope == INFERENCE
         if route is not None and route.body_defaults and body.present:

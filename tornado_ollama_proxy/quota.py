@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 PREFIX = "{ollama-proxy}:quota"  # one hash slot, for a Redis cluster too
 TICKET_LIVES = 300  # seconds a reservation's ticket is kept in Redis: the longest stall it covers
 NEVER = 1 << 62  # tokens no window holds
+# A body is parsed and weighed before it goes: at most this many values (commas, arrays,
+# objects; counted at C speed first), so that one body cannot hold the event loop long.
+VALUES_MAX = 1 << 18
 # A key entry's quota settings: the window each one limits, and its bucket, in seconds.
 WINDOWS = {"tokens_per_minute": (60, 1), "tokens_per_day": (86400, 60)}
 CHARACTERS_PER_TOKEN = 3  # fewer than most tokenizers' 4: a quota's estimate errs high
@@ -503,6 +506,8 @@ class Quotas:
         windows = windows_of(key)
         if not windows:
             return Grant(None, None, {})
+        if body and sum(map(body.count, (b",", b"[", b"{"))) > VALUES_MAX:
+            raise Rejection(413, f"a request that a token quota counts may hold at most {VALUES_MAX} JSON values")
         ask = read_ask(path, body, self.image_tokens)
         if body and ask.data is None:  # what the proxy cannot read, it cannot cap
             raise Rejection(400, f"a request that a token quota counts must send a JSON object to {path}")

@@ -178,6 +178,8 @@ class AnswerRelay:
                 self.decoder = Decoder(coding)  # the proxy's head announced none
             return
         self.encoded = coding is not None
+        if head.length is not None or self.encoded:
+            self.strip = None  # sized or encoded as the upstream sent it: not a byte changes
         # Tornado refuses control characters in a header; llhttp lets through only
         # the tab, which is whitespace like a space (RFC 9110 §5.5).
         headers = [

@@ -95,15 +95,21 @@ def answer_format(answer: str | None, stream: bool | None) -> str | None:
     return answer
 
 
-# Each count under its name in Ollama's API, in OpenAI's chat and completions `usage`, and in
-# the `usage` of the Responses and Anthropic Messages APIs, in that order of preference.
-_PROMPT_NAMES = ("prompt_eval_count", "prompt_tokens", "input_tokens")
-_COMPLETION_NAMES = ("eval_count", "completion_tokens", "output_tokens")
-_COUNTER = re.compile(
-    rb'"('
-    + "|".join((*_PROMPT_NAMES, *_COMPLETION_NAMES, "eval_duration", "load_duration")).encode()
-    + rb')"\s*:\s*(\d+(?:\.\d+)?)'
-)
+# Each count under its names: Ollama's, OpenAI's chat and completions `usage`, and the
+# `usage` of the Responses and Anthropic Messages APIs. Whichever name says it last wins:
+# an answer may echo a client's own JSON (the Responses API's `tools`, a tool call's
+# input) before its counts, never after them.
+_COUNTS = {
+    "prompt_eval_count": "prompt",
+    "prompt_tokens": "prompt",
+    "input_tokens": "prompt",
+    "eval_count": "completion",
+    "completion_tokens": "completion",
+    "output_tokens": "completion",
+    "eval_duration": "eval_duration",
+    "load_duration": "load_duration",
+}
+_COUNTER = re.compile(rb'"(' + "|".join(_COUNTS).encode() + rb')"\s*:\s*(\d+(?:\.\d+)?)')
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +126,8 @@ def read_counters(tail: bytes, start: bytes = b"") -> Counters:
     """The counters in an answer's last bytes: Ollama's (the final NDJSON line or the
     whole JSON: prompt_eval_count, eval_count, eval_duration, load_duration) or the
     /v1 calls' `usage` (prompt_tokens and completion_tokens; input_tokens and
-    output_tokens in the Responses and Anthropic Messages APIs). The last mention wins.
+    output_tokens in the Responses and Anthropic Messages APIs). The last mention of a
+    count, under any of its names, wins.
 
     A prompt's count the end does not say is read from the answer's `start` (see
     `prompt_at_start`), unless it is 0, which says it was not counted yet (Ollama
@@ -128,10 +135,10 @@ def read_counters(tail: bytes, start: bytes = b"") -> Counters:
     tells what had been generated then, not what an answer cut short used.
     """
     found = _mentions(tail)
-    prompt = _first(found, _PROMPT_NAMES)
+    prompt = found.get("prompt")
     if prompt is None:
-        prompt = _first(_mentions(start), _PROMPT_NAMES) or None
-    completion = _first(found, _COMPLETION_NAMES)
+        prompt = _mentions(start).get("prompt") or None
+    completion = found.get("completion")
     duration = found.get("eval_duration")
     load = found.get("load_duration")
     return Counters(
@@ -143,12 +150,8 @@ def read_counters(tail: bytes, start: bytes = b"") -> Counters:
 
 
 def _mentions(data: bytes) -> dict[str, float]:
-    """Each counter's last value in `data` (one scan for all of them)."""
-    return {name.decode(): float(number) for name, number in _COUNTER.findall(data)}
-
-
-def _first(found: dict[str, float], names: tuple[str, ...]) -> float | None:
-    return next((found[name] for name in names if name in found), None)
+    """Each count's last value in `data`, under whichever name (one scan for all of them)."""
+    return {_COUNTS[name.decode()]: float(number) for name, number in _COUNTER.findall(data)}
 
 
 # Where an answer says its prompt's count at its start, and its end need not: Anthropic's

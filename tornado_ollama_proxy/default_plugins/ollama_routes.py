@@ -66,7 +66,7 @@ ALIASES: Routes = [
     {**_read("/api/serve", ["GET"], answer=None), "upstream_path": "/"},
     *(
         {
-            **_call(path, "inference", "ndjson"),
+            **_call(path, "inference", "ndjson", tokens=True),  # a generation, when the body asks
             "upstream_path": "/api/generate",
             "body_defaults": {"keep_alive": 0},
         }
