@@ -464,3 +464,11 @@ async def test_a_key_sent_with_a_byte_tornado_refuses_is_not_logged(make_proxy, 
     lines = log_lines()
     assert any(line["message"] == "Malformed HTTP message from 127.0.0.1: Invalid header value" for line in lines)
     assert READER_KEY not in json.dumps(lines)
+
+
+def test_a_short_key_is_named_at_start_up_in_this_process_too(caplog):
+    from tornado_ollama_proxy.app import make_app
+
+    with caplog.at_level("WARNING"):
+        make_app(Settings(host="127.0.0.1", api_keys=parse_entries([{"name": "bob", "key": "abc123"}])))
+    assert "the key 'bob' is shorter than 128 bits: it can be guessed" in caplog.messages
