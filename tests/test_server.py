@@ -79,10 +79,9 @@ async def test_drain_with_nothing_in_flight_is_immediate(start_server):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 async def test_a_stop_signal_ends_the_wait_and_the_handlers_are_removed(start_server, signum):
     server, _ = start_server()
-    waiting = asyncio.ensure_future(server.wait_for_stop_signal())
-    await asyncio.sleep(0)  # let it install its handlers
-    os.kill(os.getpid(), signum)
-    await asyncio.wait_for(waiting, 5)
+    with server.stop_signals() as stop:
+        os.kill(os.getpid(), signum)  # handled from the moment the with is entered
+        await asyncio.wait_for(stop.wait(), 5)
     assert not asyncio.get_running_loop().remove_signal_handler(signum)
 
 

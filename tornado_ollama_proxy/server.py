@@ -10,8 +10,8 @@ import os
 import resource
 import signal
 import socket
-from collections.abc import Callable, Coroutine, Iterable
-from contextlib import suppress
+from collections.abc import Callable, Coroutine, Iterable, Iterator
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from tornado import httputil
@@ -251,13 +251,15 @@ class ProxyServer:
             },
         )
 
-    async def wait_for_stop_signal(self) -> None:
+    @contextmanager
+    def stop_signals(self) -> Iterator[asyncio.Event]:
+        """An event that SIGTERM or SIGINT sets, while inside (their handlers are gone after)."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in STOP_SIGNALS:
             loop.add_signal_handler(signum, stop.set)
         try:
-            await stop.wait()
+            yield stop
         finally:
             for signum in STOP_SIGNALS:
                 loop.remove_signal_handler(signum)
@@ -287,9 +289,12 @@ async def serve(
     (while requests are served already)."""
     log.debug("open files limit", extra={"max_open_files": raise_open_files_limit()})
     server = ProxyServer(app)
-    server.listen(sockets)
-    telling = None if announce is None else asyncio.ensure_future(announce(server.port or 0))
-    await server.wait_for_stop_signal()
+    # Before listening: a worker that says it listens drains when told to stop, however
+    # soon the signal comes (between the two, it would have died of it).
+    with server.stop_signals() as stop:
+        server.listen(sockets)
+        telling = None if announce is None else asyncio.ensure_future(announce(server.port or 0))
+        await stop.wait()
     if telling is not None:
         telling.cancel()
     await server.drain()
