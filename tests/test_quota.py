@@ -1,5 +1,5 @@
-"""Token quotas per key: what a request is reckoned to ask, the windows in memory and in
-Redis (one quota for several proxies), and what clients see through the proxy."""
+"""Token quotas per key: key entries that carry them, reserving and settling, refusals,
+and what clients see through the proxy (one quota for several proxies)."""
 
 import asyncio
 import itertools
@@ -16,21 +16,9 @@ import pytest
 from tornado_ollama_proxy.app import make_app
 from tornado_ollama_proxy.auth import KeyEntryError, parse_entries, parse_key_file
 from tornado_ollama_proxy.errors import Rejection
-from tornado_ollama_proxy.quota import (
-    MemoryTokens,
-    QuotaExceeded,
-    Quotas,
-    RedisTokens,
-    Window,
-    ask_for_usage,
-    capped,
-    duration,
-    read_ask,
-    retry_after,
-    strip_usage_event,
-    windows_of,
-)
+from tornado_ollama_proxy.quota import QuotaExceeded, Quotas, duration
 from tornado_ollama_proxy.settings import Settings, SettingsError
+from tornado_ollama_proxy.token_windows import Window, windows_of
 
 from .helpers import CannedUpstream, read_response, ready, send_json, tokens_reported, until, unused_url
 
@@ -38,8 +26,6 @@ KEY = "a" * 43
 OTHER = "b" * 43
 MINUTE = Window("tokens_per_minute", 60, 1, 100)
 DAY = Window("tokens_per_day", 86400, 60, 150)
-NOW = 1_000_000_020  # a whole minute
-
 
 ALICE = f"Authorization: Bearer {KEY}\r\n".encode()
 BOB = f"Authorization: Bearer {OTHER}\r\n".encode()
@@ -61,106 +47,7 @@ def chats(state):
     return [json.loads(seen.body) for seen in state.seen if seen.path in ("/api/chat", "/v1/chat/completions")]
 
 
-# -- what a request asks ----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "path, data, prompt, output",
-    [
-        ("/api/generate", {"prompt": "x" * 30}, 10 + 16, None),
-        ("/api/generate", {"prompt": "x" * 30, "options": {"num_predict": 7}}, 26, 7),
-        ("/api/generate", {"prompt": "x", "options": {"num_predict": -1}}, 16, None),  # Ollama's "unbounded"
-        ("/api/generate", {"prompt": "x", "options": {"num_predict": True}}, 16, None),
-        ("/api/generate", {"prompt": "x", "options": "odd"}, 16, None),
-        ("/api/generate", {"prompt": "", "images": ["AAAA", "BBBB"]}, 16 + 2000, None),
-        ("/api/generate", {"prompt": "", "context": [101, 102, 103, 104, 105]}, 5 + 16, None),  # token ids
-        ("/api/generate", {"model": "m" * 300, "keep_alive": "5m", "stream": True, "prompt": "abc"}, 1 + 16, None),
-        (
-            "/api/chat",
-            {"raw": True, "format": None, "tools": [{"function": {"name": "get_weather"}}]},
-            23 // 3 + 16,
-            None,
-        ),
-        (
-            "/api/chat",
-            {"messages": [{"content": "x" * 6}, {"content": "y" * 6, "images": ["A"]}, "odd"]},
-            15 // 3 + 3 * 4 + 16 + 1000,
-            None,
-        ),
-        ("/api/chat", {"messages": [{"content": "short", "CONTENT": "x" * 300}]}, 101 + 4 + 16, None),  # Go reads both
-        ("/v1/chat/completions", {"messages": [{"content": "x" * 9}], "max_tokens": 5}, 3 + 4 + 16, 5),
-        ("/v1/chat/completions", {"messages": [], "max_tokens": 5, "max_completion_tokens": 3}, 16, 3),
-        ("/v1/chat/completions", {"options": {"num_predict": 5}}, 16, None),  # not /v1's: Ollama ignores it
-        (
-            "/v1/chat/completions",
-            {"messages": [{"content": [{"type": "image_url"}, {"type": "text", "text": "xyz"}]}]},
-            15 // 3 + 4 + 16 + 1000,  # the text part's names and values
-            None,
-        ),
-        ("/v1/completions", {"prompt": "x" * 3, "suffix": "y" * 3, "max_tokens": 9}, 2 + 16, 9),
-        (
-            "/v1/responses",
-            {"input": [{"content": [{"type": "input_image"}, 5]}, "xyz"], "max_output_tokens": 4},
-            1 + 1 + 16 + 1000,  # the 5 and the "xyz"
-            4,
-        ),
-        (
-            "/v1/messages",
-            {"system": "x" * 3, "messages": [{"content": [{"type": "image"}]}], "max_tokens": 8},
-            1 + 4 + 16 + 1000,
-            8,
-        ),
-        ("/api/embed", {"input": ["x" * 30, "y" * 30]}, 36, None),  # nothing to cap
-        # What Ollama reads as text is weighed as text, however it is dressed:
-        ("/api/chat", {"messages": [{"type": "image_url", "content": "x" * 300}]}, 309 // 3 + 4 + 16, None),
-        ("/api/chat", {"tools": [{"parameters": {"options": {"description": "x" * 300}}}]}, 328 // 3 + 16, None),
-        ("/api/generate", {"prompt": "\U0001f600" * 30}, 120 // 3 + 16, None),  # 4 bytes each
-        ("/v1/embeddings", {"input": "x" * 3, "max_tokens": 9}, 1 + 16, None),
-    ],
-)
-def test_a_request_is_reckoned_by_its_prompt_erring_high_and_the_output_its_api_asks(path, data, prompt, output):
-    ask = read_ask(path, json.dumps(data).encode(), image_tokens=1000)
-    assert (ask.prompt, ask.output, ask.data) == (prompt, output, data)
-
-
-def test_a_body_that_is_no_json_object_is_reckoned_by_its_size():
-    assert read_ask("/api/generate", b"[" * 300, 1000) == read_ask("/api/chat", b"x" * 300, 5)
-    assert (read_ask("/api/chat", b"x" * 300, 5).prompt, read_ask("/api/chat", None, 5).prompt) == (116, 16)
-
-
-def test_the_output_is_capped_in_each_apis_own_terms():
-    native = {"prompt": "x", "options": {"temperature": 0, "num_predict": 900}}
-    assert capped("/api/generate", native, 40) == {"prompt": "x", "options": {"temperature": 0, "num_predict": 40}}
-    assert capped("/api/chat", {"options": "odd"}, 40) == {"options": {"num_predict": 40}}
-    assert capped("/v1/chat/completions", {"max_completion_tokens": 900}, 40) == {
-        "max_tokens": 40,
-        "max_completion_tokens": 40,
-    }
-    assert capped("/v1/responses", {}, 40) == {"max_output_tokens": 40}
-    assert capped("/v1/messages", {"max_tokens": 900}, 40) == {"max_tokens": 40}
-    # Ollama's decoder takes any letter case for a field, and the last one it meets.
-    sneaky = {"max_tokens": 5, "MAX_TOKENS": 99999, "Max_Completion_Tokens": 7, "max_token\u017f": 9, "Model": "x"}
-    assert capped("/v1/chat/completions", sneaky, 40) == {"max_tokens": 40, "Model": "x"}
-    sneaky = {"options": {"num_predict": 3, "NUM_PREDICT": 9, "top_k": 1}, "OPTIONS": {}, "option\u017f": {}}
-    assert capped("/api/chat", sneaky, 40) == {"options": {"num_predict": 40, "top_k": 1}}
-
-
-def test_a_stream_is_asked_for_its_usage_and_that_event_alone_is_taken_out():
-    assert ask_for_usage({"stream": True, "stream_options": "odd", "Stream_Options": {}}) == {
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    assert ask_for_usage({"stream": True, "stream_options": {"x": 1}})["stream_options"] == {
-        "x": 1,
-        "include_usage": True,
-    }
-    assert ask_for_usage({"stream": True, "stream_options": {"include_usage": True}}) is None  # its own
-    assert ask_for_usage({"stream": False}) is None and ask_for_usage({}) is None
-    content = b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
-    usage = b'data: {"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":3}}\n\n'
-    done = b"data: [DONE]\n\n"
-    assert strip_usage_event(content + usage + done) == content + done  # as Ollama writes it
-    assert strip_usage_event(usage) == b"" and strip_usage_event(content) == content
+# -- key entries, and how waits are written ----------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -169,14 +56,6 @@ def test_a_stream_is_asked_for_its_usage_and_that_event_alone_is_taken_out():
 )
 def test_waits_are_written_as_openai_writes_them(seconds, text):
     assert duration(seconds) == text
-
-
-def test_a_refused_request_is_told_when_its_oldest_buckets_make_room_enough():
-    buckets = {NOW - 50: 30, NOW - 30: 40, NOW - 10: 30}  # 100 used: full
-    assert retry_after(MINUTE, buckets, 0, 25, NOW) == 11  # the first bucket leaves in 11 s
-    assert retry_after(MINUTE, buckets, 0, 31, NOW) == 31  # the second one too
-    assert retry_after(MINUTE, buckets, 20, 50, NOW) == 11
-    assert retry_after(MINUTE, {NOW: 100}, 0, 1, NOW) == 61  # a bucket counts while any of it is inside
 
 
 def test_a_key_entry_and_a_key_file_line_carry_quotas():
@@ -209,42 +88,7 @@ def test_a_quota_in_a_key_entry_must_be_a_whole_number():
         parse_entries([{"name": "a", "key": KEY, "tokens_per_day": "100"}])
 
 
-# -- the windows, in memory and in Redis ------------------------------------------------------
-
-
-@pytest.fixture(params=["memory", "redis"])
-def tokens(request):
-    if request.param == "memory":
-        return MemoryTokens()
-    return RedisTokens(request.getfixturevalue("redis_server").url)
-
-
-async def test_a_window_grants_what_is_wanted_while_there_is_room_and_at_least_what_is_needed(tokens):
-    assert (await tokens.take("alice", [MINUTE], 10, 50, NOW)).granted == 50
-    assert (await tokens.take("alice", [MINUTE], 10, 80, NOW + 1)).granted == 50  # what is left
-    refused = await tokens.take("alice", [MINUTE], 1, 1, NOW + 2)
-    assert (refused.granted, refused.used, refused.buckets) == (0, (100,), ({NOW: 50, NOW + 1: 50},))
-    assert (await tokens.take("bob", [MINUTE], 1, 1, NOW + 2)).granted == 1  # each key its own
-    await tokens.give("alice", [MINUTE], [NOW], -30, "")  # it used 20 of its 50
-    assert (await tokens.take("alice", [MINUTE], 1, 100, NOW + 3)).granted == 30
-    assert (await tokens.take("alice", [MINUTE], 1, 100, NOW + 61)).used == (80,)  # the first bucket left
-    assert (await tokens.take("alice", [MINUTE], 1, 100, NOW + 200)).granted == 100  # all of it left
-
-
-async def test_every_window_of_a_key_must_have_room(tokens):
-    assert (await tokens.take("alice", [MINUTE, DAY], 1, 100, NOW)).granted == 100
-    taken = await tokens.take("alice", [MINUTE, DAY], 1, 100, NOW + 61)  # a new minute, the same day
-    assert (taken.granted, taken.used) == (50, (0, 100))
-    refused = await tokens.take("alice", [MINUTE, DAY], 1, 100, NOW + 122)
-    assert (refused.granted, refused.used) == (0, (0, 150))
-    assert refused.buckets == ({}, {NOW: 100, NOW + 60: 50})  # day buckets are minutes
-
-
-async def test_a_correction_for_a_bucket_that_left_its_window_changes_nothing(tokens):
-    await tokens.take("alice", [MINUTE], 1, 60, NOW)
-    assert (await tokens.take("alice", [MINUTE], 1, 10, NOW + 90)).used == (0,)
-    await tokens.give("alice", [MINUTE], [NOW], 40, "")
-    assert (await tokens.take("alice", [MINUTE], 1, 10, NOW + 91)).used == (10,)
+# -- one quota for every proxy sharing Redis ---------------------------------------------
 
 
 async def test_one_quota_for_every_proxy_sharing_redis_grants_exactly_what_fits(redis_server):
@@ -263,13 +107,6 @@ async def test_one_quota_for_every_proxy_sharing_redis_grants_exactly_what_fits(
     assert sorted(granted, reverse=True)[:18] == [60] * 16 + [40, 0]
 
 
-async def test_proxies_sharing_redis_count_time_by_its_clock_not_their_own(redis_server, monkeypatch):
-    tokens = RedisTokens(redis_server.url)
-    monkeypatch.setattr(time, "time", lambda: 0.0)  # this machine's clock is far off
-    taken = await tokens.take("alice", [MINUTE], 1, 1)
-    assert taken.now > NOW and (await tokens.take("alice", [MINUTE], 1, 1)).used == (1,)
-
-
 @pytest.mark.parametrize("fail", ["open", "closed"])
 async def test_a_reservation_redis_answered_too_late_is_taken_back(redis_server, fail):
     ledger = quotas(rate_limit_storage=redis_server.url, rate_limit_storage_timeout=0.2, rate_limit_fail=fail)
@@ -283,21 +120,6 @@ async def test_a_reservation_redis_answered_too_late_is_taken_back(redis_server,
         assert (await ledger.reserve(key, "/api/generate", b'{"prompt": "x"}')).reservation is None
     await asyncio.gather(*ledger.tokens.undoing)
     assert await ledger.usage([key]) == [{"key": "alice", "window": "tokens_per_minute", "used": 0, "limit": 100}]
-
-
-async def test_a_ticket_given_up_before_its_reservation_runs_gets_nothing(redis_server):
-    tokens = RedisTokens(redis_server.url)
-    keys_ = ["{ollama-proxy}:quota:alice:tokens_per_minute", "{ollama-proxy}:quota:ticket:t1"]
-    await tokens.undo_script(keys=keys_)  # the proxy gave up first
-    assert await tokens.take_script(keys=keys_, args=[NOW, 1, 50, 60, 1, 100]) == [0, NOW]
-    assert (await tokens.take("alice", [MINUTE], 1, 1, NOW)).used == (0,)
-
-
-async def test_a_ticket_given_up_after_its_reservation_ran_gives_it_back(redis_server):
-    tokens = RedisTokens(redis_server.url)
-    taken = await tokens.take("alice", [MINUTE], 10, 50, NOW)
-    await tokens.undo_script(keys=["{ollama-proxy}:quota:alice:tokens_per_minute", taken.ticket])
-    assert (await tokens.take("alice", [MINUTE], 1, 1, NOW + 1)).used == (0,)
 
 
 # -- reserving, and what is refused -------------------------------------------------------

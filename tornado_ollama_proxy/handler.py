@@ -36,11 +36,12 @@ from .idle import Silence
 from .journey import Journey, Plan
 from .logs import REQUEST_ID_HEADER, accept_request_id, bounded, request_id_var
 from .proxy import Proxy
-from .quota import counted_path, uncounted_read, windows_of
+from .quota_ask import counted_path, uncounted_read
 from .ratelimit import Admission, RateLimited
 from .record import AccessRecord
 from .relay import UPSTREAM_HEADER, peer_closed
 from .routes import METHODS, Route, check_target, decide_method, is_reserved
+from .token_windows import windows_of
 
 JSON_TYPE = "application/json; charset=utf-8"
 # A refusal waits for a body up to this size, read and dropped, so that the

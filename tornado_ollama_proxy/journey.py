@@ -33,7 +33,8 @@ from .idle import Silence
 from .model_names import canonical
 from .peer_json import json_object
 from .pool import Hold
-from .quota import QuotaExceeded, Quotas, Reservation, counted_path, strip_usage_event
+from .quota import QuotaExceeded, Quotas, Reservation
+from .quota_ask import counted_path, strip_usage_event
 from .record import AccessRecord
 from .relay import AnswerRelay, ClientFlow, Reply
 from .retry import Cause, may_go_again

@@ -15,11 +15,12 @@ from .health import HealthCheck
 from .logs import ACCESS_LOGGER, CREDENTIALS, sampled
 from .metrics import Metrics
 from .pool import Chooser, Pool
-from .quota import Quotas, windows_of
+from .quota import Quotas
 from .record import AccessRecord, failed
 from .routes import RouteTable
 from .settings import Settings
 from .status import StatusBoard
+from .token_windows import windows_of
 from .usage import ModelLabels
 
 log = logging.getLogger(__name__)

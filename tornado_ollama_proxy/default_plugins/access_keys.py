@@ -8,8 +8,8 @@ from tornado_ollama_proxy import hookimpl
 from tornado_ollama_proxy.auth import SCOPES, ApiKey, KeyAuthenticator, KeyEntryError, digest_of, load_keys, strength
 from tornado_ollama_proxy.clients import is_loopback
 from tornado_ollama_proxy.generated_key import NAME, GeneratedKey, GeneratedKeyError, key_path, load_or_create
-from tornado_ollama_proxy.quota import windows_of
 from tornado_ollama_proxy.settings import Settings, SettingsError
+from tornado_ollama_proxy.token_windows import windows_of
 
 log = logging.getLogger("tornado_ollama_proxy.auth")
 
