@@ -3,13 +3,17 @@ in its own line, served by tokens and weight; bounded lines with clear answers; 
 that is not silence."""
 
 import asyncio
+import hashlib
 import json
+import logging
 
 import ollama
 import pytest
 
-from tornado_ollama_proxy.auth import parse_entries
+from tornado_ollama_proxy.app import make_app
+from tornado_ollama_proxy.auth import KeyEntryError, parse_entries, parse_key_file
 from tornado_ollama_proxy.fair_queue import estimate, requester_of
+from tornado_ollama_proxy.settings import Settings
 
 from .helpers import parse_metrics, read_response, ready, scrape, send_json, until, value
 
@@ -383,3 +387,110 @@ async def test_a_client_that_leaves_after_its_turn_came_lets_its_pod_go(pods, ma
     [member] = proxy.proxy.pool.members
     await until(lambda: member.busy == 0 and not proxy.proxy.exchanges)
     assert proxy.proxy.queue.running == {} and proxy.proxy.queue.size == 0
+
+
+# -- a key's generations at once (max_concurrent) ------------------------------------------------
+
+ALICE = f"Authorization: Bearer {KEYS['alice']}\r\n".encode()
+
+
+def limited(max_concurrent, **more):
+    """alice with `max_concurrent`, bob and carol without."""
+    return parse_entries(
+        [
+            {"name": name, "key": key, **({"max_concurrent": max_concurrent} if name == "alice" else {}), **more}
+            for name, key in KEYS.items()
+        ]
+    )
+
+
+async def test_a_key_with_max_concurrent_runs_that_many_at_once_and_others_do_not_wait(pods, make_proxy, nginx):
+    [pod] = pods(1)
+    # No slots at the pod: only alice's own limit makes anything wait.
+    proxy = make_proxy(upstreams=[{"name": "a", "url": pod.url}], api_keys=limited(2))
+    await ready(proxy)
+    front = nginx(proxy, as_get=True)
+    holders = [await hold_the_slot(proxy, ALICE) for _ in range(2)]
+    alice, bob = client(front, "alice"), client(front, "bob")
+    third = asyncio.ensure_future(alice.chat(**chat("alice", 3)))
+    await queued(proxy, 1)
+    answer = await bob.chat(**chat("bob", 1))  # bob has no limit: past alice's line at once
+    assert answer.message.content and proxy.proxy.queue.size == 1 and not third.done()
+    holders[0].close()  # one of alice's two ends: her third goes
+    assert (await third).done
+    assert order(pod.state) == ["bob", "alice"] and pod.state.most_running == 3
+    holders[1].close()
+    await until(lambda: not proxy.proxy.exchanges)
+    assert proxy.proxy.queue.keys_running == {}  # nothing kept per key once its generations end
+    await alice.close()
+    await bob.close()
+
+
+async def test_max_concurrent_holds_beside_the_pods_slots_and_its_key_keeps_its_turn(pods, make_proxy, http):
+    [pod] = pods(1)
+    proxy = make_proxy(upstreams=[{"name": "a", "url": pod.url, "slots": 2}], api_keys=limited(1))
+    await ready(proxy)
+    bearer = {name: {"Authorization": f"Bearer {key}"} for name, key in KEYS.items()}
+    holder = await hold_the_slot(proxy, ALICE)  # alice's one; a slot is left
+    second = asyncio.ensure_future(http.post(proxy + "/api/chat", json=chat("alice", 2), headers=bearer["alice"]))
+    await queued(proxy, 1)
+    # The free slot goes to bob, whose turn it is not, while alice may run no more.
+    bobs = await http.post(proxy + "/api/chat", json=chat("bob", 1, stream=False), headers=bearer["bob"])
+    assert bobs.status_code == 200 and not second.done()
+    holder.close()
+    assert (await second).status_code == 200 and order(pod.state) == ["bob", "alice"]
+
+
+async def test_a_wait_for_a_keys_own_generations_past_queue_timeout_is_429(pods, make_proxy, http):
+    [pod] = pods(1)
+    proxy = make_proxy(upstreams=[{"name": "a", "url": pod.url}], api_keys=limited(1), queue_timeout=0.3)
+    await ready(proxy)
+    holder = await hold_the_slot(proxy, ALICE)
+    late = await http.post(
+        proxy + "/v1/chat/completions",
+        json={"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"Authorization": f"Bearer {KEYS['alice']}"},
+    )
+    assert (late.status_code, late.headers["retry-after"]) == (429, "5")
+    message = "none of your key's 1 generations at once (max_concurrent) ended within 0.3 s (queue_timeout)"
+    assert late.json()["error"]["message"] == message
+    samples = parse_metrics((await http.get(proxy + "/_proxy/metrics", headers=bearer_of("carol"))).text)
+    assert value(samples, "ollama_proxy_queue_refused_total", reason="timeout") == 1
+    holder.close()
+
+
+async def test_a_keys_generation_too_large_to_wait_is_413_and_other_calls_stream(pods, make_proxy, http):
+    [pod] = pods(1)
+    proxy = make_proxy(upstreams=[{"name": "a", "url": pod.url}], api_keys=limited(1), hold_body_max=1000)
+    await ready(proxy)
+    alice = {"Authorization": f"Bearer {KEYS['alice']}"}
+    large = await http.post(proxy + "/api/chat", json=chat("alice", 1, 1000), headers=alice)
+    assert large.status_code == 413
+    bound = "may be at most hold_body_max (1000 bytes)"
+    assert large.json() == {"error": f"a generation of a key with max_concurrent {bound}: it could not wait its turn"}
+    blob = "sha256:" + hashlib.sha256(b"x" * 5000).hexdigest()
+    assert (await http.post(proxy + f"/api/blobs/{blob}", content=b"x" * 5000, headers=alice)).status_code == 201
+    bobs = await http.post(proxy + "/api/chat", json=chat("bob", 1, 1000, stream=False), headers=bearer_of("bob"))
+    assert bobs.status_code == 200  # no limit: it streams past the queue as before
+    assert order(pod.state) == ["bob"]
+
+
+def bearer_of(name):
+    return {"Authorization": f"Bearer {KEYS[name]}"}
+
+
+def test_max_concurrent_is_a_key_entrys_and_a_key_file_lines_and_each_workers_own(caplog):
+    [alice] = parse_entries([{"name": "alice", "key": KEYS["alice"], "max_concurrent": 3}])
+    [bob] = parse_key_file(f"bob:{KEYS['bob']}:max_concurrent=2,weight=2", "keys.txt")
+    assert (alice.max_concurrent, bob.max_concurrent, bob.weight) == (3, 2, 2.0)
+    with pytest.raises(KeyEntryError, match="max_concurrent must be a whole number from 1 to 1e"):
+        parse_entries([{"name": "a", "key": KEYS["alice"], "max_concurrent": 0}])
+    with caplog.at_level(logging.WARNING):
+        app = make_app(Settings(host="127.0.0.1", api_keys=limited(2), workers=2))
+        make_app(Settings(host="127.0.0.1", api_keys=keys(), workers=2))  # no limit: nothing to say
+    [warning] = [record.getMessage() for record in caplog.records if "max_concurrent" in record.getMessage()]
+    assert warning == (
+        "max_concurrent is counted by each worker: with 2 workers a key may run that many times as many generations"
+        " at once"
+    )
+    assert app.settings["proxy"].queue is not None  # a key's limit needs the queue, even without slots

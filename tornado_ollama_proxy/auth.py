@@ -59,6 +59,7 @@ class ApiKey:
     shared: bool = False  # used by several people: each address gets its own line
     tokens_per_minute: int | None = None  # its token quotas (`quota`): rolling windows
     tokens_per_day: int | None = None
+    max_concurrent: int | None = None  # its generations at once: more wait in its line
 
     @property
     def weak(self) -> bool:
@@ -106,12 +107,13 @@ def _entry(entry: Any, index: int) -> ApiKey:
     return ApiKey(_name(entry.get("name")), digest, _scopes(scopes), bits, shared=shared, **limits)
 
 
-# A key's share of busy pods and its token quotas: an entry's fields, or a key file
+# A key's share of busy pods, its token quotas and its generations at once: an entry's fields, or a key file
 # line's name=value fields. Each: whether it takes a fraction, its lowest and highest.
 LIMITS: dict[str, tuple[bool, float, float]] = {
     "weight": (True, 0.01, 1000),
     "tokens_per_minute": (False, 1, 10**12),
     "tokens_per_day": (False, 1, 10**12),
+    "max_concurrent": (False, 1, 10**6),
 }
 
 
@@ -130,7 +132,7 @@ def _limits(values: Mapping[str, Any]) -> dict[str, Any]:
 
 def parse_key_file(text: str, source: str) -> tuple[ApiKey, ...]:
     """Key file lines: ``name:key`` or ``name:sha256:<hex>``, optionally ``:scope,scope``,
-    then optionally ``:name=value,...`` (weight, token quotas); blank lines and ``#``
+    then optionally ``:name=value,...`` (weight, token quotas, max_concurrent); blank lines and ``#``
     comments are ignored. Errors name the line."""
     keys = []
     for number, line in enumerate(text.splitlines(), start=1):

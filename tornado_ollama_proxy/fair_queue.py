@@ -9,7 +9,9 @@ least service so far, in estimated tokens divided by its weight (start-time fair
 queuing: token-weighted shares, as deficit round robin gives, decided one freed
 slot at a time). Corrected with Ollama's real counts when a request ends. A
 request waits only for pods that can serve its model: a request for model A
-never holds back one for model B while a B slot is free.
+never holds back one for model B while a B slot is free. A key with
+`max_concurrent` has at most that many generations at once: its next waits in
+its line, whatever the pods' slots, until one of them ends.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class Share:
     weight: float
     cost: float
     size: int = 0  # the body it holds while it waits
+    key: str | None = None  # the key it comes with, when that key has a `max_concurrent`
+    max_concurrent: int = 0
 
 
 @dataclass(eq=False)
@@ -183,6 +187,7 @@ class FairQueue:
         self.clock = 0.0  # virtual time: where the last request that went started
         self.finish: dict[str, float] = {}  # each requester's service so far, in tokens / weight
         self.running: dict[str, int] = {}  # its generations sent and not yet ended
+        self.keys_running: dict[str, int] = {}  # the same, per key with a max_concurrent
         self._ticking: asyncio.Task[None] | None = None
         pool.slot_freed = self.dispatch
 
@@ -202,7 +207,7 @@ class FairQueue:
         its turn (`waiting` is told of its place in line). `start` keeps the slot, at once
         (whatever else dispatch gives out must not take it). `Rejection` when the queue is
         full or the wait too long; `Abandoned` when the client left meanwhile."""
-        member = self.pool.pick([member for member in members if self.free(member)])
+        member = self.pool.pick([member for member in members if self.free(member)]) if self.room(share) else None
         if member is not None:
             self._went(share, time.monotonic())
             start(member)
@@ -216,11 +221,14 @@ class FairQueue:
             self._leave(waiter)
         if not waiter.started.done():
             self.metrics.queue_refused.labels("timeout").inc()
-            raise Rejection(
-                503,
-                f"no slot came free within {self.settings.queue_timeout:g} s (queue_timeout): the pods are busy",
-                {"Retry-After": "10"},
-            )
+            waited = f"within {self.settings.queue_timeout:g} s (queue_timeout)"
+            if not self.room(share):
+                raise Rejection(
+                    429,
+                    f"none of your key's {share.max_concurrent} generations at once (max_concurrent) ended {waited}",
+                    {"Retry-After": "5"},
+                )
+            raise Rejection(503, f"no slot came free {waited}: the pods are busy", {"Retry-After": "10"})
         waiter.started.result()  # its start's error, or Abandoned
 
     def abandon(self, waiter: Waiter) -> None:
@@ -281,6 +289,10 @@ class FairQueue:
 
     # -- going -------------------------------------------------------------------------
 
+    def room(self, share: Share) -> bool:
+        """Whether its key may have one more generation at once (`max_concurrent`)."""
+        return share.key is None or self.keys_running.get(share.key, 0) < share.max_concurrent
+
     def free(self, member: Member) -> bool:
         """Whether `member` has a slot for one more generation (one without `slots` always has)."""
         slots = member.pod.slots
@@ -295,7 +307,7 @@ class FairQueue:
             best: tuple[float, Waiter] | None = None
             for requester, line in self.lines.items():
                 start = max(self.clock, self.finish.get(requester, 0.0))
-                if best is not None and start >= best[0]:
+                if (best is not None and start >= best[0]) or not self.room(line[0].share):
                     continue
                 for waiter in line:
                     group = waiter.group
@@ -323,6 +335,8 @@ class FairQueue:
         self.clock = start
         self.finish[share.requester] = start + share.cost / share.weight
         self.running[share.requester] = self.running.get(share.requester, 0) + 1
+        if share.key is not None:
+            self.keys_running[share.key] = self.keys_running.get(share.key, 0) + 1
         self.metrics.queue_wait.observe(time.monotonic() - since)
 
     def ended(self, share: Share, used: int | None) -> None:
@@ -331,6 +345,11 @@ class FairQueue:
         if used is not None:
             self.finish[requester] += (used - share.cost) / share.weight
         self.running[requester] -= 1
+        if share.key is not None:
+            self.keys_running[share.key] -= 1
+            if not self.keys_running[share.key]:
+                del self.keys_running[share.key]
+            asyncio.get_running_loop().call_soon(self.dispatch)  # its key's next may go now
         self._forget(requester)
 
     def _forget(self, requester: str) -> None:

@@ -232,12 +232,8 @@ class ProxyHandler(BaseHandler):
             targets = await self._targets(route)
             method, target = self._plan(route, params, declared, preflight)
             quota = self._quota_counts(route, target)
-            if quota and declared is not None and declared > settings.hold_body_max:
-                raise Rejection(
-                    413,
-                    "a request that a token quota counts may be at most hold_body_max"
-                    f" ({settings.hold_body_max} bytes): its output could not be capped",
-                )
+            if declared is not None and declared > settings.hold_body_max:
+                self._check_held(route, quota)
             await self._admit()
         except Rejection as rejection:
             self.answer_early(self._answer, rejection)
@@ -299,6 +295,17 @@ class ProxyHandler(BaseHandler):
             self.journey.go()
         except Rejection as rejection:  # no pod can take it
             self.answer_early(self._answer, rejection)
+
+    def _check_held(self, route: Route | None, quota: bool) -> None:
+        """`Rejection` 413 for a body over hold_body_max that a key's limit needs held: one
+        a token quota counts (its output could not be capped), a generation of a key with
+        `max_concurrent` (it could not wait in its line)."""
+        bound = f"may be at most hold_body_max ({self.proxy.settings.hold_body_max} bytes)"
+        if quota:
+            raise Rejection(413, f"a request that a token quota counts {bound}: its output could not be capped")
+        key = self.proxy.key_entries.get(self.record.key) if self.record.key is not None else None
+        if key is not None and key.max_concurrent is not None and route is not None and route.tokens:
+            raise Rejection(413, f"a generation of a key with max_concurrent {bound}: it could not wait its turn")
 
     def _quota_counts(self, route: Route | None, target: str) -> bool:
         """Whether the request's key has a token quota that counts it (by its upstream

@@ -297,6 +297,7 @@ class Journey:
             key.weight if key is not None else 1.0,
             estimate(body, settings.queue_default_output_tokens, shape_for(record.path) == OPENAI),
             len(body or b""),
+            *((key.name, key.max_concurrent) if key is not None and key.max_concurrent is not None else ()),
         )
         self.ticket = ticket = Ticket(queue, share)
         try:

@@ -85,10 +85,13 @@ class Proxy:
         self.idle_timeout = settings.idle_timeout
         self.metrics = Metrics()
         self.pool = Pool(settings, chooser or default_chooser(), self.metrics)
-        # Generations wait in the proxy only for pods whose slots are known.
-        queued = any(pod.slots is not None for pod in self.pool.pods)
-        self.queue = FairQueue(self.pool, settings, self.metrics) if queued else None
         self.key_entries = {key.name: key for key in getattr(authenticator, "keys", ())}
+        # Generations wait in the proxy only for pods whose slots are known, or for their
+        # key's other generations to end.
+        queued = any(pod.slots is not None for pod in self.pool.pods) or any(
+            key.max_concurrent is not None for key in self.key_entries.values()
+        )
+        self.queue = FairQueue(self.pool, settings, self.metrics) if queued else None
         quota_keys = any(windows_of(key) for key in self.key_entries.values())
         self.quotas = Quotas(settings) if quota_keys else None
         self.health = HealthCheck(self.pool, settings.health_cache_seconds)

@@ -34,6 +34,11 @@ def authenticate(settings: Settings) -> KeyAuthenticator | None:
             )
     if any(windows_of(key) for key in keys):
         _check_quota_storage(settings)
+    if settings.worker_count > 1 and any(key.max_concurrent is not None for key in keys):
+        log.warning(
+            f"max_concurrent is counted by each worker: with {settings.worker_count} workers a key may run that"
+            " many times as many generations at once"
+        )
     if not settings.trusted_proxies and not is_loopback(settings.host):
         log.warning(
             "wrong keys are counted per client address, and trusted_proxies is empty: behind a platform's "
