@@ -60,7 +60,7 @@ class Servers:
         server = ProxyServer(app).http if proxy is not None else HTTPServer(app)
         server.add_sockets([sock])
         if proxy is not None:
-            proxy.pool.start()
+            proxy.start()
         self.running.append((server, app))
         return f"http://{host}:{sock.getsockname()[1]}"
 
@@ -94,7 +94,7 @@ def servers(io_loop):
         io_loop.run_sync(server.close_all_connections, timeout=10)  # an error, not a hang, if one never ends
         proxy = app.settings.get("proxy") if app is not None else None
         if proxy is not None:
-            proxy.pool.close()
+            io_loop.run_sync(proxy.close)
 
 
 @pytest.fixture

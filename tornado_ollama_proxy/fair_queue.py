@@ -11,7 +11,9 @@ slot at a time). Corrected with Ollama's real counts when a request ends. A
 request waits only for pods that can serve its model: a request for model A
 never holds back one for model B while a B slot is free. A key with
 `max_concurrent` has at most that many generations at once: its next waits in
-its line, whatever the pods' slots, until one of them ends.
+its line, whatever the pods' slots, until one of them ends. With Redis as the
+storage, a slot is also leased there (`slot_leases`): `slots` is one limit for
+every process.
 """
 
 from __future__ import annotations
@@ -20,14 +22,17 @@ import asyncio
 import ipaddress
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import urlsplit
 
 from .balancer import Wanted
 from .errors import Rejection
 from .peer_json import json_object
+from .pool import Hold
+from .slot_leases import Leases
 from .usage import REQUEST_COPY_LIMIT
 
 if TYPE_CHECKING:
@@ -60,6 +65,11 @@ class Share:
     max_concurrent: int = 0
 
 
+# What the queue gives a request whose turn came: the pod's slot, kept until its attempt
+# takes it, and its lease in Redis ("" for none), given back as it ends.
+Start = Callable[[Hold, str], None]
+
+
 @dataclass(eq=False)
 class Waiter:
     """A queued request: who for, what the pool chooses its pod by (asked again as slots
@@ -68,9 +78,10 @@ class Waiter:
     share: Share
     wanted: Wanted
     targets: Sequence[str] | None
-    start: Callable[[Member], None]
+    start: Start
     since: float
     started: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    leasing: bool = False  # its pod is being asked of Redis: it stays in line, and is passed over
 
     @property
     def group(self) -> tuple[str | None, tuple[str, ...] | None]:
@@ -87,16 +98,17 @@ class Ticket:
         self.since = time.monotonic()
         self.went_at: float | None = None  # when it left the queue for a pod
         self.running = False  # at a pod: the queue counts it until it ends
+        self.lease = ""  # its slot's lease in Redis, if any
         self.waiter: Waiter | None = None
 
     async def admit(
-        self, members: Sequence[Member], wanted: Wanted, targets: Sequence[str] | None, start: Callable[[Member], None]
+        self, members: Sequence[Member], wanted: Wanted, targets: Sequence[str] | None, start: Callable[[Hold], None]
     ) -> None:
         """See `FairQueue.admit`."""
 
-        def went(member: Member) -> None:
-            self.went_at, self.running = time.monotonic(), True
-            start(member)
+        def went(hold: Hold, lease: str) -> None:
+            self.went_at, self.running, self.lease = time.monotonic(), True, lease
+            start(hold)
 
         await self.queue.admit(self.share, members, wanted, targets, went, self._waiting)
 
@@ -112,7 +124,7 @@ class Ticket:
         """Its generation ended at the pod, having `used` tokens (None: not reported)."""
         if self.running:
             self.running = False
-            self.queue.ended(self.share, used)
+            self.queue.ended(self.share, used, self.lease)
 
     @property
     def waited_ms(self) -> float:
@@ -188,8 +200,25 @@ class FairQueue:
         self.finish: dict[str, float] = {}  # each requester's service so far, in tokens / weight
         self.running: dict[str, int] = {}  # its generations sent and not yet ended
         self.keys_running: dict[str, int] = {}  # the same, per key with a max_concurrent
+        self.leases: Leases | None = None  # with Redis as the storage, once started
         self._ticking: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # leases being asked for
         pool.slot_freed = self.dispatch
+
+    def start(self) -> None:
+        """With Redis as the storage, lease the pods' slots there: one limit for every process."""
+        storage = self.settings.rate_limit_storage
+        slotted = [pod.name for pod in self.pool.pods if pod.slots is not None]
+        if self.leases is None and slotted and urlsplit(storage).scheme in ("redis", "rediss"):
+            self.leases = Leases(storage, slotted, self.dispatch)
+            self.leases.start()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.leases is not None:
+            await self.leases.close()
 
     # -- joining and leaving -----------------------------------------------------------
 
@@ -199,19 +228,23 @@ class FairQueue:
         members: Sequence[Member],
         wanted: Wanted,
         targets: Sequence[str] | None,
-        start: Callable[[Member], None],
+        start: Start,
         waiting: Callable[[Waiter], None],
     ) -> None:
         """Give this generation a free slot at one of `members` (the pods that can serve it,
         chosen by `wanted` among `targets`; at least one): at once when one has it, else in
-        its turn (`waiting` is told of its place in line). `start` keeps the slot, at once
+        its turn (`waiting` is told of its place in line). `start` is given the slot, kept
         (whatever else dispatch gives out must not take it). `Rejection` when the queue is
         full or the wait too long; `Abandoned` when the client left meanwhile."""
         member = self.pool.pick([member for member in members if self.free(member)]) if self.room(share) else None
         if member is not None:
-            self._went(share, time.monotonic())
-            start(member)
-            return
+            hold = Hold(self.pool, member, slot=True)
+            lease = await self._lease(member)
+            if lease is not None:
+                self._went(share, time.monotonic())
+                start(hold, lease)
+                return
+            hold.let_go()  # another process took it meanwhile: wait in line
         waiter = Waiter(share, wanted, targets, start, time.monotonic())
         self._join(waiter)
         waiting(waiter)
@@ -220,6 +253,7 @@ class FairQueue:
         finally:
             self._leave(waiter)
         if not waiter.started.done():
+            waiter.started.cancel()  # a lease being asked for meanwhile is given back
             self.metrics.queue_refused.labels("timeout").inc()
             waited = f"within {self.settings.queue_timeout:g} s (queue_timeout)"
             if not self.room(share):
@@ -294,9 +328,13 @@ class FairQueue:
         return share.key is None or self.keys_running.get(share.key, 0) < share.max_concurrent
 
     def free(self, member: Member) -> bool:
-        """Whether `member` has a slot for one more generation (one without `slots` always has)."""
+        """Whether `member` has a slot for one more generation (one without `slots` always
+        has), counting the other processes' as the leases or the shared load last said."""
         slots = member.pod.slots
-        return slots is None or member.busy + member.others_busy < slots
+        if slots is None:
+            return True
+        others = member.others_busy if self.leases is None else self.leases.others[member.pod.name]
+        return member.busy + others < slots
 
     def dispatch(self) -> None:
         """Give every free slot to the waiting request whose requester has had least so
@@ -310,6 +348,8 @@ class FairQueue:
                 if (best is not None and start >= best[0]) or not self.room(line[0].share):
                     continue
                 for waiter in line:
+                    if waiter.leasing:
+                        continue
                     group = waiter.group
                     if group not in servable:
                         pods = self.pool.choose(Wanted(group[0]), group[1])
@@ -322,13 +362,47 @@ class FairQueue:
             self._send(best[1])
 
     def _send(self, waiter: Waiter) -> None:
-        self._leave(waiter)
         members = self.pool.choose(waiter.wanted, waiter.targets)
         member = self.pool.pick([member for member in members if self.free(member)])
         assert member is not None  # `dispatch` found it a free pod a moment ago
+        hold = Hold(self.pool, member, slot=True)  # kept for it: nothing else takes it meanwhile
+        if self.leases is None or member.pod.slots is None:
+            self._start(waiter, hold, "")
+        else:
+            waiter.leasing = True
+            self._keep(self._send_leased(waiter, hold))
+
+    async def _send_leased(self, waiter: Waiter, hold: Hold) -> None:
+        """Lease the slot `hold` keeps, then start `waiter` there; refused (another process
+        took it meanwhile), it waits on in its place; gone meanwhile, the lease goes back."""
+        lease = await self._lease(hold.member)
+        waiter.leasing = False
+        if lease is None or waiter.started.done():
+            if lease is not None:
+                self.leases.release(lease)  # type: ignore[union-attr]
+            hold.let_go()
+            return
+        self._start(waiter, hold, lease)
+
+    def _start(self, waiter: Waiter, hold: Hold, lease: str) -> None:
+        self._leave(waiter)
         self._went(waiter.share, waiter.since)
-        waiter.start(member)  # keeps the slot for it: nothing else takes it meanwhile
+        waiter.start(hold, lease)
         waiter.started.set_result(None)
+
+    async def _lease(self, member: Member) -> str | None:
+        """The pod's slot leased in Redis ("" when there is no lease to take: no Redis, a
+        pod without `slots`, Redis down), or None when every process's leases fill them."""
+        slots = member.pod.slots
+        if self.leases is None or slots is None:
+            return ""
+        return await self.leases.acquire(member.pod.name, slots)
+
+    def _keep(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` in the background, held until it ends."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _went(self, share: Share, since: float) -> None:
         start = max(self.clock, self.finish.get(share.requester, 0.0))
@@ -339,8 +413,11 @@ class FairQueue:
             self.keys_running[share.key] = self.keys_running.get(share.key, 0) + 1
         self.metrics.queue_wait.observe(time.monotonic() - since)
 
-    def ended(self, share: Share, used: int | None) -> None:
-        """A generation that went has ended: its estimate is replaced by what it used."""
+    def ended(self, share: Share, used: int | None, lease: str) -> None:
+        """A generation that went has ended: its estimate is replaced by what it used, and
+        its lease is given back."""
+        if self.leases is not None:
+            self.leases.release(lease)
         requester = share.requester
         if used is not None:
             self.finish[requester] += (used - share.cost) / share.weight

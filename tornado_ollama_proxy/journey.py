@@ -301,7 +301,7 @@ class Journey:
         )
         self.ticket = ticket = Ticket(queue, share)
         try:
-            await ticket.admit(members, self._wanted(), self.plan.targets, self._keep_slot)
+            await ticket.admit(members, self._wanted(), self.plan.targets, self._keep)
         except Rejection as rejection:
             self.end_early(rejection)
             return False
@@ -309,8 +309,8 @@ class Journey:
             return False  # its client left: nothing to answer
         return True
 
-    def _keep_slot(self, member: Member) -> None:
-        self.hold = Hold(self.pool, member, slot=True)
+    def _keep(self, hold: Hold) -> None:
+        self.hold = hold
 
     def _go_to(self, member: Member) -> None:
         self._attempt(member, body=self.body.whole() if self.body.present else None)

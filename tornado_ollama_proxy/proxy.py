@@ -102,6 +102,18 @@ class Proxy:
         self.draining = False  # set when a shutdown begins: new requests are turned away
         self.forwarding_noticed = False
 
+    def start(self) -> None:
+        """What runs beside the requests, once the loop does: the pool's watch and shared
+        load, the queue's slot leases."""
+        self.pool.start()
+        if self.queue is not None:
+            self.queue.start()
+
+    async def close(self) -> None:
+        self.pool.close()
+        if self.queue is not None:
+            await self.queue.close()
+
     def notice_forwarding(self, headers: Mapping[str, str]) -> None:
         """An open proxy reached through another proxy (a tunnel such as cloudflared or
         ngrok, a web server on this host) is open to whoever reaches that one: say so, once."""

@@ -240,7 +240,7 @@ class ProxyServer:
         sockets = sockets or bind_sockets(settings.port, settings.host)
         self.port = sockets[0].getsockname()[1]
         self.http.add_sockets(sockets)
-        self.proxy.pool.start()
+        self.proxy.start()
         log.info(
             "listening",
             extra={
@@ -276,7 +276,7 @@ class ProxyServer:
         except TimeoutError:
             log.warning("grace period over, closing", extra={"in_flight": self.proxy.in_flight.count})
         await self.http.close_all_connections()
-        self.proxy.pool.close()
+        await self.proxy.close()
         log.info("stopped")
 
 

@@ -1,0 +1,284 @@
+"""`slots` as one limit for every proxy sharing Redis: leases taken atomically there, a
+wake-up when one is given back, lapsed leases of a process that died, and an outage."""
+
+import asyncio
+import json
+import signal
+import time
+
+import coredis
+import ollama
+import pytest
+
+from tornado_ollama_proxy import fair_queue, slot_leases
+from tornado_ollama_proxy.slot_leases import CHANNEL, Leases
+
+from .conftest import RedisServer
+from .helpers import address as host_port
+from .helpers import read_log, read_response, ready, send_json, until
+
+
+def chat(who, **more):
+    return {"model": "llama3.2", "messages": [{"role": "user", "content": who}], **more}
+
+
+async def hold(proxy):
+    """A generation that keeps its slot at the pod until its connection is closed."""
+    reader, writer = await send_json(proxy, b"POST", b"/api/chat", chat("holder", model="stall"))
+    await reader.readuntil(b"\r\n\r\n")
+    return writer
+
+
+async def queued(proxy, count):
+    await until(lambda: proxy.proxy.queue.size == count)
+
+
+@pytest.fixture
+def redis(redis_server):
+    return coredis.Redis.from_url(redis_server.url, decode_responses=True)
+
+
+async def leases_held(redis, pod="a"):
+    return list(await redis.zrange(Leases.key(pod), 0, -1))
+
+
+async def until_given_back(redis):
+    """Leases go back in the background, as their generations end."""
+    for _ in range(200):
+        if not await leases_held(redis):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(await leases_held(redis))
+
+
+@pytest.fixture
+def no_second_looks(monkeypatch):
+    """Neither the queue's own look nor the leases' renewal comes within a test: a request
+    that goes was woken by a lease given back, as it was published."""
+    monkeypatch.setattr(fair_queue, "TICK", 60.0)
+    monkeypatch.setattr(slot_leases, "EVERY", 60.0)
+
+
+async def proxies_sharing(count, pod, redis_url, make_proxy, slots=1, **more):
+    started = [
+        make_proxy(upstreams=[{"name": "a", "url": pod.url, "slots": slots}], rate_limit_storage=redis_url, **more)
+        for _ in range(count)
+    ]
+    for proxy in started:
+        await ready(proxy)
+    return started
+
+
+async def test_a_slot_one_proxy_holds_is_not_given_by_another_and_its_release_wakes_the_other(
+    pods, make_proxy, redis_server, redis, no_second_looks
+):
+    [pod] = pods(1)
+    one, other = await proxies_sharing(2, pod, redis_server.url, make_proxy)
+    holder = await hold(one)
+    assert len(await leases_held(redis)) == 1
+    reader, writer = await send_json(other, b"POST", b"/api/chat", chat("waiter", stream=False))
+    await queued(other, 1)  # its own count said the slot was free; the lease said not
+    holder.close()
+    status, _, body = await read_response(reader)  # woken by the release, not a second look
+    assert status == 200 and json.loads(body)["done"] is True
+    assert pod.state.most_running == 1
+    await until_given_back(redis)
+    writer.close()
+
+
+async def test_two_proxies_flooding_one_pod_never_run_more_than_its_slots(pods, make_proxy, redis_server, nginx):
+    [pod] = pods(1, token_delay=0.01)
+    proxies = await proxies_sharing(2, pod, redis_server.url, make_proxy, slots=2)
+    clients = [ollama.AsyncClient(host=nginx(proxy, as_get=True)) for proxy in proxies]
+    answers = await asyncio.gather(
+        *(clients[n % 2].chat(**chat(f"user {n}"), options={"num_predict": 3}) for n in range(16))
+    )
+    assert [answer.message.content for answer in answers] == ["tok0 tok1 tok2 "] * 16
+    assert pod.state.most_running == 2  # one limit for both proxies: each alone would send 2
+    for client in clients:
+        await client.close()
+
+
+async def test_a_slot_freed_to_two_waiting_proxies_goes_to_one_and_the_other_waits_on(
+    pods, make_proxy, redis_server, redis, no_second_looks
+):
+    [pod] = pods(1, token_delay=0.05)
+    holder_proxy, *waiting = await proxies_sharing(3, pod, redis_server.url, make_proxy)
+    holder = await hold(holder_proxy)
+    connections = []
+    for proxy in waiting:
+        connections.append(await send_json(proxy, b"POST", b"/api/chat", chat("waiter", stream=False)))
+        await queued(proxy, 1)
+    holder.close()  # both are woken; one lease is granted, the other refused: it waits on
+    statuses = [(await read_response(reader))[0] for reader, _ in connections]
+    assert statuses == [200, 200] and pod.state.most_running == 1
+    for _, writer in connections:
+        writer.close()
+
+
+async def test_the_leases_of_a_process_that_died_lapse(pods, make_proxy, redis_server, redis, monkeypatch):
+    monkeypatch.setattr(fair_queue, "TICK", 60.0)  # found by the leases' renewal, each second
+    [pod] = pods(1)
+    [proxy] = await proxies_sharing(1, pod, redis_server.url, make_proxy)
+    now = (await redis.time()).timestamp()
+    await redis.zadd(Leases.key("a"), {"gone:1": now + 1.5})  # renewed no more
+    reader, writer = await send_json(proxy, b"POST", b"/api/chat", chat("after", stream=False))
+    await queued(proxy, 1)
+    status, _, _ = await read_response(reader)
+    assert status == 200
+    await until_given_back(redis)  # the lapsed lease is gone, and the request's given back
+    writer.close()
+
+
+async def test_a_client_that_leaves_while_its_lease_is_asked_for_gives_it_back(
+    pods, make_proxy, redis_server, redis, monkeypatch
+):
+    [pod] = pods(1)
+    [proxy] = await proxies_sharing(1, pod, redis_server.url, make_proxy, queue_timeout=0.5)
+    asked = asyncio.Event()
+    answer = asyncio.get_running_loop().create_future()
+    acquire = Leases.acquire
+
+    async def slow(leases, pod_name, slots):
+        asked.set()
+        await answer
+        return await acquire(leases, pod_name, slots)
+
+    holder = await hold(proxy)
+    queue = proxy.proxy.queue
+    [member] = proxy.proxy.pool.members
+    # Redis tells the slot is taken before this process knows its own holder ended.
+    monkeypatch.setattr(Leases, "acquire", slow)
+    _, writer = await send_json(proxy, b"POST", b"/api/chat", chat("leaving", stream=False))
+    await queued(proxy, 1)
+    holder.close()
+    await asked.wait()  # its turn came: its lease is being asked for
+    writer.close()
+    await queued(proxy, 0)
+    answer.set_result(None)
+    await until(lambda: not queue._tasks and member.busy == 0)
+    await until_given_back(redis)  # granted after it left, and given back
+    # One that waits past queue_timeout while its lease is asked for: the same.
+    holder = await hold(proxy)
+    asked.clear()
+    answer = asyncio.get_running_loop().create_future()
+    reader, writer = await send_json(proxy, b"POST", b"/api/chat", chat("late", stream=False))
+    await queued(proxy, 1)
+    holder.close()
+    await asked.wait()
+    status, _, _ = await read_response(reader)
+    assert status == 503
+    answer.set_result(None)
+    await until(lambda: not queue._tasks and member.busy == 0)
+    await until_given_back(redis)
+    writer.close()
+    # One whose proxy stops while its lease is asked for: the asking ends with the proxy.
+    holder = await hold(proxy)
+    asked.clear()
+    answer = asyncio.get_running_loop().create_future()
+    _, writer = await send_json(proxy, b"POST", b"/api/chat", chat("stopped", stream=False))
+    await queued(proxy, 1)
+    holder.close()
+    await asked.wait()
+    await proxy.proxy.queue.close()
+    assert not queue._tasks
+    writer.close()
+
+
+async def test_with_redis_down_each_proxy_counts_its_own_and_says_so_once(pods, make_proxy, log_lines, no_second_looks):
+    server = RedisServer()
+    [pod] = pods(1)
+    [proxy] = await proxies_sharing(1, pod, server.url, make_proxy)
+    holder = await hold(proxy)  # a lease, taken while Redis is up
+    server.stop()
+    holder.close()  # given back to nobody: it would lapse
+    await until(lambda: pod.state.running == 0)
+    for n in range(2):  # the first finds Redis gone; the second does not ask
+        reader, writer = await send_json(proxy, b"POST", b"/api/chat", chat(f"down {n}", stream=False))
+        assert (await read_response(reader))[0] == 200  # its own count: the slot is free
+        writer.close()
+    assert proxy.proxy.queue.leases.failing
+    said = [line["message"] for line in log_lines() if line["message"].startswith("slot leases")]
+    assert said == ["slot leases unavailable: each process counts its own generations at each pod"]
+
+
+async def test_leases_and_wake_ups_come_back_with_redis(redis_server, log_lines, monkeypatch):
+    monkeypatch.setattr(slot_leases, "EVERY", 0.1)
+    freed = []
+    port = redis_server.port
+    redis_server.stop()  # down before the first look: neither renewal nor subscription can start
+    leases = Leases(f"redis://127.0.0.1:{port}", ["a"], lambda: freed.append(time.monotonic()))
+    leases.start()
+    try:
+        await until(lambda: leases.failing)
+        back = RedisServer(port=port)
+        try:
+            await until(lambda: not leases.failing)
+            said = [line["message"] for line in log_lines() if line["message"].startswith("slot leases")]
+            assert said[-1] == "slot leases available again"
+            redis = coredis.Redis.from_url(back.url, decode_responses=True)
+            await until_subscribed(redis)
+            await redis.publish(CHANNEL, "a 3")  # heard by the subscription made once Redis was back
+            await until(lambda: leases.others["a"] == 3)
+        finally:
+            back.stop()
+    finally:
+        await leases.close()
+
+
+async def test_messages_that_are_no_release_of_a_known_pod_are_ignored(redis_server, redis):
+    freed = []
+    leases = Leases(redis_server.url, ["a"], lambda: freed.append(time.monotonic()))
+    leases.start()
+    try:
+        await until(lambda: freed)  # the first renewal
+        renewed = len(freed)
+        for message in ("nonsense", "b 0", "a many", "a 1"):
+            await until_subscribed(redis)
+            await redis.publish(CHANNEL, message)
+        await until(lambda: len(freed) > renewed)  # "a 1" only
+        assert leases.others["a"] == 1 and "b" not in leases.others
+    finally:
+        await leases.close()
+
+
+async def until_subscribed(redis):
+    async def subscribers():
+        return (await redis.pubsub_numsub(CHANNEL))[CHANNEL]
+
+    for _ in range(100):
+        if await subscribers():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("no subscriber")
+
+
+async def test_two_workers_on_one_pod_never_run_more_than_its_slots(pods, launch, redis_server):
+    [pod] = pods(1, token_delay=0.01)
+    upstreams = json.dumps([{"name": "a", "url": pod.url, "slots": 1}])
+    env = {
+        "PORT": "0",
+        "OLLAMA_PROXY_HOST": "127.0.0.1",
+        "OLLAMA_PROXY_UPSTREAMS": upstreams,
+        "OLLAMA_PROXY_RATE_LIMIT_STORAGE": redis_server.url,
+        "OLLAMA_PROXY_WORKERS": "2",
+    }
+    parent = launch(env)
+    address = (await read_log(parent, "starting workers"))["address"]
+    workers = {(await read_log(parent, "listening"))["pid"] for _ in range(2)}
+    connections = await asyncio.gather(*(asyncio.open_connection(*host_port(address)) for _ in range(12)))
+    held_by = []
+    for reader, writer in connections:  # which worker holds each connection
+        writer.write(b"GET /_proxy/status HTTP/1.1\r\nHost: x\r\n\r\n")
+        held_by.append(json.loads((await read_response(reader))[2])["worker"]["pid"])
+    assert set(held_by) == workers  # both workers send generations
+    body = json.dumps(chat("one of twelve", stream=False, options={"num_predict": 5})).encode()
+    for _, writer in connections:
+        writer.write(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    answers = await asyncio.gather(*(read_response(reader) for reader, _ in connections))
+    assert [status for status, _, _ in answers] == [200] * 12
+    assert pod.state.most_running == 1  # one slot for both workers: each alone would send one
+    for _, writer in connections:
+        writer.close()
+    parent.send_signal(signal.SIGTERM)
+    await read_log(parent, "workers stopped")
