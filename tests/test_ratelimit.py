@@ -3,7 +3,6 @@
 import asyncio
 import json
 import logging
-import time
 
 import httpx
 import openai
@@ -42,15 +41,6 @@ async def test_over_the_limit_is_a_429_with_retry_after_and_nothing_forwarded(ma
     error = third.json()["error"]
     assert error.startswith("rate limit exceeded: 2 per 1 minute for /api/tags; retry in ")
     assert [seen.path for seen in fake.seen] == ["/api/tags", "/api/tags"]
-
-
-@pytest.fixture
-def clock(monkeypatch):
-    """The wall clock the limits count by, moved only by the test, so that a window's
-    reset is exact: a whole second to start with (the sums below are exact in binary)."""
-    now = [float(int(time.time()))]
-    monkeypatch.setattr(time, "time", lambda: now[0])
-    return now
 
 
 def told(answer):

@@ -1,8 +1,19 @@
 """OpenAI's rate-limit headers, which clients already read: a trio per kind of limit
 (`requests` for the rate limits, `tokens` for the quotas), its reset written as OpenAI
-writes a wait."""
+writes a wait; and the names of every rate-limit header the proxy sends."""
 
 import math
+
+KINDS = ("requests", "tokens")
+# Every rate-limit header the proxy sends: what a browser app on another origin is let
+# read of an answer (CORS), besides the few headers every answer shows it.
+NAMES = (
+    "Retry-After",
+    "RateLimit-Limit",
+    "RateLimit-Remaining",
+    "RateLimit-Reset",
+    *(f"x-ratelimit-{field}-{kind}" for kind in KINDS for field in ("limit", "remaining", "reset")),
+)
 
 
 def duration(seconds: float) -> str:
