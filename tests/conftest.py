@@ -339,6 +339,16 @@ class NginxFront:
 
 
 @pytest.fixture
+def clock(monkeypatch):
+    """The wall clock (`time.time`, which the limits count by) moved only by the test, so
+    that a window's reset is exact: a whole second to start with, so that sums of halves
+    and quarters stay exact in binary."""
+    now = [float(int(time.time()))]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    return now
+
+
+@pytest.fixture
 def nginx(tmp_path):
     """Start nginx fronts; they are stopped when the test ends."""
     started = []

@@ -170,6 +170,51 @@ async def test_a_browser_chat_app_on_another_origin_streams_through_the_front(se
     assert re.search(r'<div id="out">(.*?)</div>', dom).group(1) == "tok0 |tok1 |tok2 |tok3 ||"
 
 
+# Two answers' headers, those a browser app may read (CORS hides the others).
+LIMITS_APP = """<!doctype html><meta charset="utf-8"><div id="seen"></div>
+<img src="/settled" alt="">
+<script>
+(async () => {
+  const seen = [];
+  for (let n = 0; n < 2; n++) {
+    const answer = await fetch(%(url)s);
+    seen.push([answer.status, Object.fromEntries(answer.headers)]);
+  }
+  document.getElementById("seen").textContent = JSON.stringify(seen);
+  await fetch("/settled", {method: "POST"});
+})();
+</script>"""
+
+
+class LimitsApp(ChatApp):
+    def get(self):
+        self.target["settled"] = asyncio.Event()
+        self.finish(LIMITS_APP % {"url": json.dumps(self.target["url"] + "/api/tags")})
+
+
+async def test_a_browser_app_on_another_origin_reads_its_rate_limits(servers, make_proxy, browse, clock):
+    target = {}
+    page = servers.start(
+        Application([(r"/", LimitsApp, {"target": target}), (r"/settled", Settled, {"target": target})]),
+        host="127.0.0.2",
+    )
+    target["url"] = make_proxy(cors_origins=(page.rstrip("/"),), rate_limit="1/minute")
+    dom = await browse(page)
+    seen = json.loads(unescape(re.search(r'<div id="seen">(.*?)</div>', dom).group(1)))
+    limits = {
+        "ratelimit-limit": "1",
+        "ratelimit-remaining": "0",
+        "ratelimit-reset": "60",
+        "x-ratelimit-limit-requests": "1",
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "1m0s",
+    }
+    assert [
+        (status, {name: value for name, value in headers.items() if "ratelimit" in name or name == "retry-after"})
+        for status, headers in seen
+    ] == [(200, limits), (429, {"retry-after": "60", **limits})]
+
+
 async def test_the_status_page_shows_the_pods_their_state_and_conflicts(pods, make_proxy, browse, http):
     started = pods(2)
     started[0][0].loaded.add("llama3.2")

@@ -42,5 +42,11 @@ def test_preflight_answer_grants_the_methods_and_the_requested_headers():
     assert "Access-Control-Allow-Headers" not in preflight_headers(APP, {})
 
 
-def test_actual_answers_name_the_origin():
-    assert response_headers(APP) == {"Access-Control-Allow-Origin": APP, "Vary": "Origin"}
+def test_actual_answers_name_the_origin_and_let_it_read_the_rate_limits():
+    assert response_headers(APP) == {
+        "Access-Control-Allow-Origin": APP,
+        "Access-Control-Expose-Headers": "Retry-After, RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset,"
+        " x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests,"
+        " x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens",
+        "Vary": "Origin",
+    }

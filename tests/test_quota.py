@@ -16,7 +16,7 @@ import pytest
 from tornado_ollama_proxy.app import make_app
 from tornado_ollama_proxy.auth import KeyEntryError, parse_entries, parse_key_file
 from tornado_ollama_proxy.errors import Rejection
-from tornado_ollama_proxy.quota import QuotaExceeded, Quotas, duration
+from tornado_ollama_proxy.quota import QuotaExceeded, Quotas
 from tornado_ollama_proxy.settings import Settings, SettingsError
 from tornado_ollama_proxy.token_windows import Window, windows_of
 
@@ -47,15 +47,7 @@ def chats(state):
     return [json.loads(seen.body) for seen in state.seen if seen.path in ("/api/chat", "/v1/chat/completions")]
 
 
-# -- key entries, and how waits are written ----------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "seconds, text",
-    [(0.25, "250ms"), (0.0004, "0ms"), (1, "1s"), (6.2, "7s"), (60, "1m0s"), (90, "1m30s"), (86400, "24h0m0s")],
-)
-def test_waits_are_written_as_openai_writes_them(seconds, text):
-    assert duration(seconds) == text
+# -- key entries ----------------------------------------------------------------------------
 
 
 def test_a_key_entry_and_a_key_file_line_carry_quotas():

@@ -5,10 +5,12 @@ import json
 import logging
 
 import httpx
+import openai
 import pytest
 
 from tornado_ollama_proxy import hookimpl
 from tornado_ollama_proxy.app import make_app
+from tornado_ollama_proxy.auth import parse_entries
 from tornado_ollama_proxy.plugins import make_plugin_manager
 from tornado_ollama_proxy.ratelimit import (
     Admission,
@@ -41,28 +43,131 @@ async def test_over_the_limit_is_a_429_with_retry_after_and_nothing_forwarded(ma
     assert [seen.path for seen in fake.seen] == ["/api/tags", "/api/tags"]
 
 
+def told(answer):
+    """The rate-limit headers of an answer, as a client reads them."""
+    return {name: value for name, value in answer.headers.items() if "ratelimit" in name or name == "retry-after"}
+
+
+async def test_answers_tell_the_requests_left_as_openai_does_and_refusals_too(make_proxy, http, clock):
+    proxy = make_proxy(rate_limit="2/minute")
+    first = await http.get(proxy + "/api/tags")
+    clock[0] += 15.75
+    second = await http.get(proxy + "/api/tags")
+    clock[0] += 44  # a quarter of a second before the first leaves the window
+    refused = await http.get(proxy + "/api/tags")
+    clock[0] += 0.75  # the first has left it
+    again = await http.get(proxy + "/api/tags")
+    assert [answer.status_code for answer in (first, second, refused, again)] == [200, 200, 429, 200]
+    assert told(first) == {
+        "ratelimit-limit": "2",
+        "ratelimit-remaining": "1",
+        "ratelimit-reset": "60",
+        "x-ratelimit-limit-requests": "2",
+        "x-ratelimit-remaining-requests": "1",
+        "x-ratelimit-reset-requests": "1m0s",
+    }
+    assert told(second) == {
+        "ratelimit-limit": "2",
+        "ratelimit-remaining": "0",
+        "ratelimit-reset": "45",
+        "x-ratelimit-limit-requests": "2",
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "45s",  # 44.25 s, in whole seconds as RateLimit-Reset
+    }
+    assert told(refused) == {
+        "retry-after": "1",
+        "ratelimit-limit": "2",
+        "ratelimit-remaining": "0",
+        "ratelimit-reset": "1",
+        "x-ratelimit-limit-requests": "2",
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "250ms",  # below a second, to the millisecond
+    }
+    assert told(again) == {
+        "ratelimit-limit": "2",
+        "ratelimit-remaining": "0",
+        "ratelimit-reset": "16",
+        "x-ratelimit-limit-requests": "2",
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "16s",  # when the second leaves the window
+    }
+
+
+async def test_openai_clients_see_both_trios_on_a_stream_and_the_requests_one_on_a_refusal(
+    make_proxy, nginx, fake, clock
+):
+    key = "a" * 43
+    quota = parse_entries([{"name": "alice", "key": key, "tokens_per_minute": 1000}])
+    front = nginx(make_proxy(api_keys=quota, rate_limit="2/minute"), as_get=True)
+    hello = {"model": "llama3.2", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 10}
+    async with openai.AsyncOpenAI(base_url=front + "/v1", api_key=key, max_retries=0) as chat:
+        async with chat.chat.completions.with_streaming_response.create(**hello, stream=True) as streamed:
+            assert streamed.headers["content-type"].startswith("text/event-stream")
+            assert [line async for line in streamed.iter_lines() if line][-1] == "data: [DONE]"
+        clock[0] += 30
+        whole = await chat.chat.completions.with_raw_response.create(**hello)
+        with pytest.raises(openai.RateLimitError) as refused:
+            await chat.chat.completions.create(**hello)
+    assert told(streamed) == {
+        "ratelimit-limit": "2",
+        "ratelimit-remaining": "1",
+        "ratelimit-reset": "60",
+        "x-ratelimit-limit-requests": "2",
+        "x-ratelimit-remaining-requests": "1",
+        "x-ratelimit-reset-requests": "1m0s",
+        "x-ratelimit-limit-tokens": "1000",
+        "x-ratelimit-remaining-tokens": "965",  # 25 for the prompt, 10 for the output
+        "x-ratelimit-reset-tokens": "1m0s",
+    }
+    assert told(whole).items() >= {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "30s"}.items()
+    assert told(refused.value.response) == {  # refused before any quota is asked: no tokens trio
+        "retry-after": "30",
+        "ratelimit-limit": "2",
+        "ratelimit-remaining": "0",
+        "ratelimit-reset": "30",
+        "x-ratelimit-limit-requests": "2",
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "30s",
+    }
+    message = refused.value.body["message"]
+    assert message == "rate limit exceeded: 2 per 1 minute for /v1/chat/completions; retry in 30 s"
+    assert [seen.path for seen in fake.seen] == ["/v1/chat/completions"] * 2  # not the refused one
+
+
 async def test_an_allowed_stream_is_untouched(make_proxy, fake, http):
     proxy = make_proxy(rate_limit="100/minute")
     limited = await http.request("GET", proxy + "/api/chat", json=CHAT)
     plain = await http.request("GET", make_proxy() + "/api/chat", json=CHAT)
     assert limited.content == plain.content
-    assert "ratelimit-limit" not in plain.headers
+    assert limited.headers["x-ratelimit-remaining-requests"] == "99"
+    assert told(plain) == {}
 
 
-async def test_per_route_limits_override_the_default(make_proxy, http):
+async def test_per_route_limits_override_the_default(make_proxy, http, clock):
     proxy = make_proxy(rate_limit="100/minute", rate_limit_routes={"/api/pull": "1/hour"})
     assert (await http.request("GET", proxy + "/api/pull", json={"model": "x"})).status_code == 200
     refused = await http.request("GET", proxy + "/api/pull", json={"model": "x"})
     assert refused.status_code == 429
     assert "1 per 1 hour for /api/pull" in refused.json()["error"]
-    assert (await http.get(proxy + "/api/tags")).headers["ratelimit-limit"] == "100"
+    assert (refused.headers["x-ratelimit-limit-requests"], refused.headers["x-ratelimit-reset-requests"]) == (
+        "1",
+        "1h0m0s",
+    )
+    assert (await http.get(proxy + "/api/tags")).headers["x-ratelimit-limit-requests"] == "100"
 
 
 @pytest.mark.parametrize("limits", ["10/second; 3/minute", "3/minute; 10/second"])
-async def test_several_limits_report_the_tightest(make_proxy, http, limits):
+async def test_several_limits_report_the_tightest(make_proxy, http, clock, limits):
     proxy = make_proxy(rate_limit=limits)
     response = await http.get(proxy + "/api/tags")
-    assert (response.headers["ratelimit-limit"], response.headers["ratelimit-remaining"]) == ("3", "2")
+    assert told(response) == {
+        "ratelimit-limit": "3",
+        "ratelimit-remaining": "2",
+        "ratelimit-reset": "60",
+        "x-ratelimit-limit-requests": "3",
+        "x-ratelimit-remaining-requests": "2",
+        "x-ratelimit-reset-requests": "1m0s",
+    }
 
 
 async def test_slots_are_counted_per_client_and_released_once():

@@ -4,17 +4,19 @@ Ollama answers 403 to an ``Origin`` outside ``OLLAMA_ORIGINS``. With
 ``cors_origins`` set, the proxy answers preflights itself (also those the
 platform turned into GET: only a preflight carries
 ``Access-Control-Request-Method``), forwards the actual request without its
-``Origin``, and marks the answer as readable by that origin. Without
-``cors_origins``, a preflight goes to Ollama as ``OPTIONS``, without a key
-(browsers never send one with it): Ollama's CORS middleware answers it, and no
-handler of Ollama's runs for ``OPTIONS``.
+``Origin``, and marks the answer as readable by that origin, its rate-limit
+headers included. Without ``cors_origins``, a preflight goes to Ollama as
+``OPTIONS``, without a key (browsers never send one with it): Ollama's CORS
+middleware answers it, and no handler of Ollama's runs for ``OPTIONS``.
 """
 
 from collections.abc import Iterable, Mapping
 
+from .limit_headers import NAMES
 from .routes import METHODS
 
 PREFLIGHT_MAX_AGE = "600"
+EXPOSED = ", ".join(NAMES)  # a browser reads only a few headers of an answer unless told
 
 
 def allowed_origin(origin: str | None, allowed: Iterable[str]) -> str | None:
@@ -47,4 +49,4 @@ def preflight_headers(origin: str, headers: Mapping[str, str]) -> dict[str, str]
 
 
 def response_headers(origin: str) -> dict[str, str]:
-    return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+    return {"Access-Control-Allow-Origin": origin, "Access-Control-Expose-Headers": EXPOSED, "Vary": "Origin"}

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from .errors import Rejection
+from .limit_headers import openai_headers
 from .quota_ask import OUTPUT_FIELDS, STREAMED_USAGE, ask_for_usage, capped, read_ask
 from .storage import StorageCalls, StorageDown
 from .token_windows import MemoryTokens, RedisTokens, Taken, Window, retry_after, windows_of
@@ -32,17 +32,6 @@ NEVER = 1 << 62  # tokens no window holds
 # A body is parsed and weighed before it goes: at most this many values (commas, arrays,
 # objects; counted at C speed first), so that one body cannot hold the event loop long.
 VALUES_MAX = 1 << 18
-
-
-def duration(seconds: float) -> str:
-    """OpenAI's form of a wait in its rate-limit headers (Go's): `1m30s`, `6s`, `250ms`."""
-    if seconds < 1:
-        return f"{max(0, round(seconds * 1000))}ms"
-    whole = math.ceil(seconds)
-    hours, minutes, rest = whole // 3600, whole % 3600 // 60, whole % 60
-    if hours:
-        return f"{hours}h{minutes}m{rest}s"
-    return f"{minutes}m{rest}s" if minutes else f"{rest}s"
 
 
 # -- a request's reservation -----------------------------------------------------------------
@@ -197,8 +186,4 @@ def _headers(windows: Sequence[Window], rooms: Sequence[int], reset: float | Non
     """OpenAI's token rate-limit headers, for the window with least left (its reset: when
     it is whole again, a window's length after its latest use, unless told)."""
     window, room = min(zip(windows, rooms, strict=True), key=lambda pair: pair[1])
-    return {
-        "x-ratelimit-limit-tokens": str(window.limit),
-        "x-ratelimit-remaining-tokens": str(max(0, room)),
-        "x-ratelimit-reset-tokens": duration(window.seconds if reset is None else reset),
-    }
+    return openai_headers("tokens", window.limit, room, window.seconds if reset is None else reset)

@@ -19,6 +19,7 @@ from limits.aio.strategies import (
 )
 
 from .errors import Rejection
+from .limit_headers import openai_headers
 from .settings import Settings
 from .storage import SharedStorage, StorageDown
 
@@ -31,7 +32,7 @@ STRATEGIES: dict[str, type[MovingWindowRateLimiter | FixedWindowRateLimiter | Sl
 
 @dataclass
 class Admission:
-    """An admitted request: the RateLimit-* headers for its answer, and its slot to give back."""
+    """An admitted request: the rate-limit headers for its answer, and its slot to give back."""
 
     headers: dict[str, str] = field(default_factory=dict)
     release: Callable[[], None] = lambda: None
@@ -97,16 +98,17 @@ class LimitsRateLimiter:
         for item in items:
             admitted = await self.strategy.hit(item, route, client)
             stats = await self.strategy.get_window_stats(item, route, client)
-            reset = math.ceil(stats.reset_time - time.time())
+            left = stats.reset_time - time.time()  # seconds until the window resets
+            reset = math.ceil(left)
             if not admitted:
                 retry = max(1, reset)
                 return RateLimited(
                     429,
                     f"rate limit exceeded: {item} for {route}; retry in {retry} s",
-                    {"Retry-After": str(retry), **_headers(item, 0, retry)},
+                    {"Retry-After": str(retry), **_headers(item, 0, retry, left)},
                     "rate",
                 )
-            windows.append((item, stats.remaining, reset))
+            windows.append((item, stats.remaining, reset, left))
         return _headers(*min(windows, key=lambda window: window[1]))  # the tightest
 
     def _take_slot(self, client: str) -> Callable[[], None]:
@@ -138,9 +140,12 @@ class LimitsRateLimiter:
         return release
 
 
-def _headers(item: RateLimitItem, remaining: int, reset: int) -> dict[str, str]:
+def _headers(item: RateLimitItem, remaining: int, reset: int, left: float) -> dict[str, str]:
+    """A window's RateLimit-* headers (`reset`: whole seconds) and OpenAI's requests trio
+    (`left`: the same wait, to the millisecond below a second)."""
     return {
         "RateLimit-Limit": str(item.amount),
         "RateLimit-Remaining": str(max(0, remaining)),
         "RateLimit-Reset": str(max(0, reset)),
+        **openai_headers("requests", item.amount, remaining, left),
     }
