@@ -12,7 +12,9 @@ With --baseline, scenarios 1 and 2 also run the proxy as it was at REV
 repeat by repeat: their median and range.
 Scenario 6 drives one and two workers with wrk, a load generator in C, and
 counts the requests each worker served. Scenario 7 compares the proxy in front
-of four one-slot stand-in pods with the proxy in front of one.
+of four one-slot stand-in pods with the proxy in front of one. Scenario 8
+compares the proxy whose pod has slots (every generation through the fair queue,
+never full) with the same proxy whose pod has none: CPU per request, run by run.
 Nothing is asserted: figures are printed.
 """
 
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
 
 HERE = Path(__file__).resolve().parent
 TICK = os.sysconf("SC_CLK_TCK")
@@ -140,9 +143,13 @@ def upstream(port: int) -> dict[str, str]:
     return {"OLLAMA_PROXY_UPSTREAM": f"http://127.0.0.1:{port}"}
 
 
-def one_slot_pods(ports: list[int]) -> dict[str, str]:
-    """A pool of one-slot pods, in the `upstreams` setting's JSON form."""
-    pods = [{"name": f"pod{n}", "url": f"http://127.0.0.1:{port}", "slots": 1} for n, port in enumerate(ports, 1)]
+def pods_of(ports: list[int], slots: int | None) -> dict[str, str]:
+    """A pool of pods with `slots` each (None: not set, and so no queue), in the `upstreams`
+    setting's JSON form."""
+    pods = [
+        {"name": f"pod{n}", "url": f"http://127.0.0.1:{port}", **({"slots": slots} if slots is not None else {})}
+        for n, port in enumerate(ports, 1)
+    ]
     return {"OLLAMA_PROXY_UPSTREAMS": json.dumps(pods)}
 
 
@@ -224,13 +231,19 @@ def start_node_original(port: int, upstream_port: int) -> subprocess.Popen:
     )
 
 
-async def get_json(port: int, path: str) -> tuple[bytes, dict]:
-    """GET `path` on a new connection: the answer's status line and its JSON body."""
+async def get(port: int, path: str) -> tuple[bytes, bytes]:
+    """GET `path` on a new connection: the answer's status line and its body."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n" % path.encode())
     head, _, body = (await reader.read()).partition(b"\r\n\r\n")
     writer.close()
-    return head.split(b"\r\n")[0], json.loads(body)
+    return head.split(b"\r\n")[0], body
+
+
+async def get_json(port: int, path: str) -> tuple[bytes, dict]:
+    """GET `path` on a new connection: the answer's status line and its JSON body."""
+    status, body = await get(port, path)
+    return status, json.loads(body)
 
 
 async def wait_for_workers(port: int, count: int, limit: float = 10) -> list[int]:
@@ -263,7 +276,8 @@ async def wait_for_pool(port: int, limit: float = 10) -> None:
 
 
 async def request(port: int, method: bytes, path: str, body: bytes = b"", keep=None):
-    """Send one request (on `keep`, an open (reader, writer), if given) and read the whole answer."""
+    """Send one request (on `keep`, an open (reader, writer), if given) and read the whole answer
+    (its Content-Length's bytes, or its chunks)."""
     reader, writer = keep or await asyncio.open_connection("127.0.0.1", port)
     kind = b"Content-Type: application/json\r\n" if body else b""  # Express reads a body only when told it is JSON
     writer.write(
@@ -272,6 +286,11 @@ async def request(port: int, method: bytes, path: str, body: bytes = b"", keep=N
     )
     head = await reader.readuntil(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 2"), head  # an error answered fast must not count as a fast answer
+    if b"\r\ntransfer-encoding: chunked" in head.lower():
+        while size := int((await reader.readline()).split(b";")[0], 16):
+            await reader.readexactly(size + 2)  # and its CRLF
+        await reader.readline()  # the end's empty line
+        return reader, writer
     length = next(
         (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0
     )
@@ -310,8 +329,10 @@ async def scenario_streams(target: Target, streams: int, seconds: float) -> dict
     }
 
 
-async def scenario_small(target: Target, path: str, real_method: str, seconds: float) -> dict:
-    body = b'{"model": "llama3.2"}' if real_method == "POST" else b""
+async def scenario_small(target: Target, path: str, real_method: str, seconds: float, body: bytes = b"") -> dict:
+    """50 kept connections sending `path` for `seconds`, each its next request when its last is
+    answered; `body`, or a model's name for a POST upstream."""
+    body = body or (b'{"model": "llama3.2"}' if real_method == "POST" else b"")
     count = 0
     deadline = time.monotonic() + seconds
 
@@ -597,7 +618,7 @@ async def scenario_pool(seconds: float, repeats: int) -> None:
     pods = [free_port() for _ in range(4)]
     one_port, four_port = free_port(), free_port()
     processes = [start_server("upstream.py", port, str(GENERATION)) for port in pods]
-    processes += [start_proxy(one_port, one_slot_pods(pods[:1])), start_proxy(four_port, one_slot_pods(pods))]
+    processes += [start_proxy(one_port, pods_of(pods[:1], 1)), start_proxy(four_port, pods_of(pods, 1))]
     try:
         for port in (one_port, four_port):
             await wait_for_pool(port)
@@ -639,6 +660,84 @@ async def scenario_pool(seconds: float, repeats: int) -> None:
             process.wait()
 
 
+# -- 8. the fair queue on an idle pool ---------------------------------------------
+
+IDLE_SLOTS = 64  # more than scenario_small's 50 connections: a slot is always free, nothing waits
+PROMPT = "Why is the sky blue?"
+GENERATIONS = {  # a title's words for each, and what it sends (GET-converted to POST /api/generate)
+    "one JSON answer": json.dumps({"model": "llama3.2", "prompt": PROMPT, "stream": False}).encode(),
+    "streamed, 11 NDJSON lines": json.dumps({"model": "llama3.2", "prompt": PROMPT}).encode(),
+}
+
+
+async def scenario_idle_queue(seconds: float, repeats: int) -> None:
+    """The proxy whose pod has `slots`, so that every generation goes through the fair queue,
+    against the same proxy whose pod has none, in interleaved runs, on a pod that answers at
+    once and a pool never full: the queue should cost less than 5 % more CPU per request."""
+    upstream_port, plain_port, queued_port = (free_port() for _ in range(3))
+    processes = [
+        start_server("upstream.py", upstream_port, "0"),
+        plain_process := start_proxy(plain_port, pods_of([upstream_port], None)),
+        queued_process := start_proxy(queued_port, pods_of([upstream_port], IDLE_SLOTS)),
+    ]
+    own = [process.pid for process in processes]
+    try:
+        for port in (plain_port, queued_port):
+            await wait_for_pool(port)
+        plain = Target("no queue", plain_port, plain_process.pid, corrects=True)
+        queued = Target("queue", queued_port, queued_process.pid, corrects=True)
+
+        async def measure(target: Target, body: bytes) -> dict:
+            others = outside(own)
+            return {**await scenario_small(target, "/api/generate", "POST", seconds, body), "others": others()}
+
+        for words, body in GENERATIONS.items():
+            others = outside(own)
+            results = await interleaved([plain, queued], repeats, lambda t, b=body: measure(t, b))
+            print(
+                f"\n## 8. the fair queue on an idle pool: /api/generate, {words}, 50 connections, "
+                f"one pod answering at once: its slots {IDLE_SLOTS} (queue) against not set (no queue)\n"
+            )
+            print(
+                "| run | no queue: CPU per request (µs) | queue: CPU per request (µs) | queue / no queue "
+                "| requests/s, no queue / queue | other load (cores), no queue / queue |"
+            )
+            print("|---|---|---|---|---|---|")
+            pairs = list(zip(results[plain.name], results[queued.name], strict=True))
+            for number, (alone, through) in enumerate(pairs, 1):
+                print(
+                    f"| {number} | {alone['cpu_us_per_request']:.1f} | {through['cpu_us_per_request']:.1f} "
+                    f"| {through['cpu_us_per_request'] / alone['cpu_us_per_request']:.3f}x "
+                    f"| {alone['requests_per_s']:.0f} / {through['requests_per_s']:.0f} "
+                    f"| {alone['others']:.2f} / {through['others']:.2f} |"
+                )
+            medians = {
+                name: {metric: statistics.median(run[metric] for run in runs) for metric in runs[0]}
+                for name, runs in results.items()
+            }
+            ratios = [through["cpu_us_per_request"] / alone["cpu_us_per_request"] for alone, through in pairs]
+            print(
+                f"| median (min to max) | {medians[plain.name]['cpu_us_per_request']:.1f} "
+                f"| {medians[queued.name]['cpu_us_per_request']:.1f} | {spread(ratios)} "
+                f"| {medians[plain.name]['requests_per_s']:.0f} / {medians[queued.name]['requests_per_s']:.0f} | |"
+            )
+            print(f"\nOther load meanwhile: {others():.2f} cores.")
+        waits = {
+            (sample.name, sample.labels.get("le")): sample.value
+            for family in text_string_to_metric_families((await get(queued_port, "/_proxy/metrics"))[1].decode())
+            for sample in family.samples
+        }
+        print(
+            f"\nThe queue admitted {waits['ollama_proxy_queue_wait_seconds_count', None]:.0f} generations, "
+            f"{waits['ollama_proxy_queue_wait_seconds_bucket', '0.001']:.0f} of them within 1 ms "
+            "(its `queue_wait_seconds`)."
+        )
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+            process.wait()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter runs, smaller bulk transfers")
@@ -646,7 +745,7 @@ async def main() -> None:
         "--repeats", type=int, default=3, help="runs per target, wrk pairs (at least 3; 5 or more with --baseline)"
     )
     parser.add_argument(
-        "--only", default="1,2,3,4,5,6,7", help="comma-separated scenario numbers to run (default: all)"
+        "--only", default="1,2,3,4,5,6,7,8", help="comma-separated scenario numbers to run (default: all)"
     )
     parser.add_argument(
         "--baseline",
@@ -760,6 +859,8 @@ async def suite(args: argparse.Namespace, source: Path | None) -> None:
             await scenario_workers(3.0 if args.quick else 8.0, max(3, args.repeats))
         if "7" in only:
             await scenario_pool(4.0 if args.quick else 10.0, args.repeats)
+        if "8" in only:
+            await scenario_idle_queue(seconds, args.repeats if args.quick else max(5, args.repeats))
     finally:
         for process in reversed(processes):
             process.terminate()
