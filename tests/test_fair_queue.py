@@ -89,7 +89,9 @@ def test_each_requester_has_its_own_line():
     # One machine may hold a whole IPv6 /64: it is one requester, not 2**64.
     assert requester_of(None, "2001:db8::1", False) == requester_of(None, "2001:db8::ffff:2", False)
     assert requester_of(None, "2001:db8::1", False) == "address:2001:db8::/64"
+    assert requester_of("team", "2001:db8::1", True) == "key:team@2001:db8::/64"
     assert requester_of(None, "unix-socket", False) == "address:unix-socket"
+    assert requester_of(None, "not:an:address", False) == "address:not:an:address"
 
 
 # -- through the front, with the official client ----------------------------------------------

@@ -135,12 +135,12 @@ def requester_of(key: str | None, client: str, shared: bool) -> str:
     """Whose line a request waits in: its key's name, its address without a key, and
     both for a key several people share (so that fairness is per person there too). An
     IPv6 address counts by its /64: one machine can have a whole /64 to itself."""
-    with suppress(ValueError):
-        if ipaddress.ip_address(client).version == 6:
+    if key is not None and not shared:
+        return "key:" + key
+    if ":" in client:  # IPv6 (an IPv4 address or a socket's name has none)
+        with suppress(ValueError):
             client = str(ipaddress.ip_network(client + "/64", strict=False))
-    if key is None:
-        return "address:" + client
-    return f"key:{key}@{client}" if shared else "key:" + key
+    return "address:" + client if key is None else f"key:{key}@{client}"
 
 
 def estimate(body: bytes | None, default_output: int, openai: bool) -> int:

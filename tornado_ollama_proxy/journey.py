@@ -444,7 +444,7 @@ class Journey:
         """A generation that went from the queue has ended at its pod: the queue learns what
         it used (Ollama's counts, or its estimate when they are missing), before it chooses
         who takes the slot next."""
-        if self.ticket is not None:
+        if self.ticket is not None and self.ticket.running:  # its counts are read once
             self.ticket.ended(self._used())
 
     def _settle_quota(self, used: int | None = None) -> None:
