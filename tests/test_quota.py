@@ -21,7 +21,17 @@ from tornado_ollama_proxy.quota import QuotaExceeded, Quotas
 from tornado_ollama_proxy.settings import Settings, SettingsError
 from tornado_ollama_proxy.token_windows import Window, windows_of
 
-from .helpers import CannedUpstream, read_log, read_response, ready, send_json, tokens_reported, until, unused_url
+from .helpers import (
+    CannedUpstream,
+    ScriptedUpstream,
+    read_log,
+    read_response,
+    ready,
+    send_json,
+    tokens_reported,
+    until,
+    unused_url,
+)
 from .helpers import address as host_port
 
 KEY = "a" * 43
@@ -540,6 +550,41 @@ async def test_a_usage_event_that_arrives_alone_sends_the_client_nothing(make_pr
     assert status == 200 and len(events) == 4 and events[-2:] == [b"data: [DONE]", b""]  # no usage event
     assert [json.loads(event[6:])["choices"][0]["delta"]["content"] for event in events[:2]] == ["Hel", "lo"]
     writer.close()
+
+
+async def test_a_usage_event_split_across_two_pieces_still_never_reaches_the_client(make_proxy):
+    content = b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+    usage = b'data: {"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":3,'
+    usage += b'"completion_tokens":1,"total_tokens":4}}\n\n'
+    done = b"data: [DONE]\n\n"
+    first_half_in = asyncio.Event()
+
+    async def script(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: (\d+)", head)[1])
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for piece in (content, usage[:40]):
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        await writer.drain()
+        await first_half_in.wait()  # the network split the usage event: its end comes later
+        for piece in (usage[40:], done, b""):
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        await writer.drain()
+        await reader.read()
+
+    upstream = ScriptedUpstream(script)
+    proxy = make_proxy(upstream=await upstream.start(), api_keys=keys(tokens_per_minute=1000))
+    body = {"model": "llama3.2", "messages": [{"role": "user", "content": "hello there"}], "stream": True}
+    reader, writer = await send_json(proxy, b"POST", b"/v1/chat/completions", body, ALICE)
+    await until(lambda: any(journey.record.bytes_out == len(content) + 40 for journey in proxy.proxy.exchanges))
+    first_half_in.set()
+    status, _, answer = await read_response(reader)
+    assert (status, answer) == (200, content + done)  # every byte but the usage event's
+    await drained(proxy)
+    assert used(proxy) == 4  # counted by it all the same
+    writer.close()
+    await upstream.stop()
 
 
 async def test_an_alias_that_generates_is_charged_what_ollama_counted(make_proxy, fake, http):

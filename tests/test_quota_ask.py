@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tornado_ollama_proxy.quota_ask import ask_for_usage, capped, read_ask, strip_usage_event
+from tornado_ollama_proxy.quota_ask import EVENT_HELD_MAX, UsageStrip, ask_for_usage, capped, read_ask
 
 
 @pytest.mark.parametrize(
@@ -100,8 +100,34 @@ def test_a_stream_is_asked_for_its_usage_and_that_event_alone_is_taken_out():
     }
     assert ask_for_usage({"stream": True, "stream_options": {"include_usage": True}}) is None  # its own
     assert ask_for_usage({"stream": False}) is None and ask_for_usage({}) is None
-    content = b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
-    usage = b'data: {"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":3}}\n\n'
-    done = b"data: [DONE]\n\n"
-    assert strip_usage_event(content + usage + done) == content + done  # as Ollama writes it
-    assert strip_usage_event(usage) == b"" and strip_usage_event(content) == content
+
+
+CONTENT = b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+USAGE = b'data: {"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":3}}\n\n'
+DONE = b"data: [DONE]\n\n"
+
+
+def test_the_usage_event_is_taken_out_of_a_stream_as_ollama_writes_it():
+    assert UsageStrip()(CONTENT + USAGE + DONE) == CONTENT + DONE
+    strip = UsageStrip()
+    assert [strip(piece) for piece in (CONTENT, USAGE, DONE)] == [CONTENT, b"", DONE]
+
+
+def test_a_stream_split_anywhere_loses_nothing_but_the_usage_event():
+    stream = CONTENT + CONTENT + USAGE + DONE
+    for first in range(1, len(stream)):
+        for second in range(first + 1, len(stream), 7):
+            strip = UsageStrip()
+            out = [strip(piece) for piece in (stream[:first], stream[first:second], stream[second:])]
+            assert b"".join(out) == CONTENT + CONTENT + DONE, (first, second)
+            # Nothing waits longer than it must: the events the first piece ends go at once.
+            whole = stream[: stream.rfind(b"\n\n", 0, first) + 2] if b"\n\n" in stream[:first] else b""
+            assert out[0] == whole.replace(USAGE, b""), (first, second)
+    assert strip.held == b""
+
+
+def test_what_is_no_event_or_too_long_for_one_is_not_held():
+    strip = UsageStrip()
+    assert strip(b'{"error": "not found"}') == b'{"error": "not found"}'  # not an event stream
+    long = b"data: " + b"x" * EVENT_HELD_MAX
+    assert strip(long) == long and strip(b"\n\n" + DONE) == b"\n\n" + DONE

@@ -34,7 +34,7 @@ from .model_names import canonical
 from .peer_json import json_object
 from .pool import Hold
 from .quota import QuotaExceeded, Quotas, Reservation
-from .quota_ask import counted_path, strip_usage_event
+from .quota_ask import UsageStrip, counted_path
 from .record import AccessRecord
 from .relay import AnswerRelay, ClientFlow, Reply
 from .retry import Cause, may_go_again
@@ -276,7 +276,7 @@ class Journey:
         if grant.body is not None:
             self.body.replace(grant.body)
         if grant.asked_usage:
-            self.relay.strip = strip_usage_event
+            self.relay.strip = UsageStrip()
         self.reply.add_answer_headers(grant.headers)
         return True
 

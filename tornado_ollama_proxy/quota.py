@@ -42,7 +42,7 @@ class Grant:
     """A quota's answer to a request: what it holds (None while the storage is down and
     failing open), its body with the output capped to it (None: as it was), the answer's
     rate-limit headers, and whether the proxy asked for a stream's usage event for itself
-    (the client did not: it is taken out of the answer, see `strip_usage_event`)."""
+    (the client did not: it is taken out of the answer, see `UsageStrip`)."""
 
     reservation: Reservation | None
     body: bytes | None

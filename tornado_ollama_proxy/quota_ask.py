@@ -189,8 +189,25 @@ def ask_for_usage(data: dict[str, Any]) -> dict[str, Any] | None:
     return {**_only(data, "stream_options"), "stream_options": {**options, "include_usage": True}}
 
 
-def strip_usage_event(piece: bytes) -> bytes:
-    """A piece of a /v1 stream without the usage event its client did not ask for (many
-    clients read `choices[0]` of every event). Ollama writes each event on its own, so an
-    event is found whole in a piece."""
-    return _USAGE_EVENT.sub(b"", piece)
+EVENT_HELD_MAX = 64 * 1024  # an event begun in one piece waits this much at most for its end
+
+
+class UsageStrip:
+    """A /v1 stream without the usage event its client did not ask for (many clients read
+    `choices[0]` of every event). Ollama writes each event whole, but a piece may end
+    inside one (the network splits what it writes): the end of a piece that begins an
+    event is held until the event's end arrives, so that a usage event is always seen
+    whole; one larger than EVENT_HELD_MAX goes on as it came."""
+
+    def __init__(self) -> None:
+        self.held = b""
+
+    def __call__(self, piece: bytes) -> bytes:
+        data = self.held + piece if self.held else piece
+        end = data.rfind(b"\n\n")  # of the last whole event
+        rest = data[end + 2 :] if end >= 0 else data
+        begun = b"data:".startswith(rest[:5])  # an event, or what may begin one
+        self.held = rest if begun and len(rest) <= EVENT_HELD_MAX else b""
+        if self.held:
+            data = data[: len(data) - len(rest)]
+        return _USAGE_EVENT.sub(b"", data)
