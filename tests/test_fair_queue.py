@@ -457,7 +457,7 @@ async def test_a_wait_for_a_keys_own_generations_past_queue_timeout_is_429(pods,
     message = "none of your key's 1 generations at once (max_concurrent) ended within 0.3 s (queue_timeout)"
     assert late.json()["error"]["message"] == message
     samples = parse_metrics((await http.get(proxy + "/_proxy/metrics", headers=bearer_of("carol"))).text)
-    assert value(samples, "ollama_proxy_queue_refused_total", reason="timeout") == 1
+    assert value(samples, "ollama_proxy_queue_refused_total", reason="max_concurrent") == 1
     holder.close()
 
 
@@ -496,3 +496,33 @@ def test_max_concurrent_is_a_key_entrys_and_a_key_file_lines_and_each_workers_ow
         " at once"
     )
     assert app.settings["proxy"].queue is not None  # a key's limit needs the queue, even without slots
+
+
+async def test_a_generation_sent_again_to_another_pod_still_counts_for_its_key(pods, make_proxy):
+    a, b = pods(2)
+    a.state.busy = True  # "server busy": the proxy sends the generation again, to b
+    a.state.loaded = {"stall"}  # the pool tries a first
+    proxy = make_proxy(upstreams=[{"name": "a", "url": a.url}, {"name": "b", "url": b.url}], api_keys=limited(1))
+    await ready(proxy)
+    first = await hold_the_slot(proxy, ALICE)  # at b, after a's 503
+    assert b.state.running == 1
+    reader, second = await send_json(proxy, b"POST", b"/api/chat", chat("alice", 2, stream=False), ALICE)
+    await queued(proxy, 1)  # alice's one generation at once is the one that moved
+    first.close()
+    status, _, _ = await read_response(reader)  # her second goes as her first ends
+    assert status == 200 and proxy.proxy.queue.keys_running == {}
+    second.close()
+
+
+async def test_a_key_with_max_concurrent_may_not_call_what_the_queue_cannot_count(pods, make_proxy, http):
+    [pod] = pods(1)
+    proxy = make_proxy(upstreams=[{"name": "a", "url": pod.url}], api_keys=limited(1))
+    await ready(proxy)
+    answer = await http.post(proxy + "/v1/audio/transcriptions", content=b"x", headers=bearer_of("alice"))
+    assert answer.status_code == 403
+    message = (
+        "key 'alice' has max_concurrent, which does not count /v1/audio/transcriptions: a key with it may not call it"
+    )
+    assert answer.json()["error"]["message"] == message
+    bobs = await http.post(proxy + "/v1/audio/transcriptions", content=b"x", headers=bearer_of("bob"))
+    assert bobs.status_code == 404  # Ollama's answer: no limit of bob's is walked around

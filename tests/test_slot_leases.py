@@ -282,3 +282,106 @@ async def test_two_workers_on_one_pod_never_run_more_than_its_slots(pods, launch
         writer.close()
     parent.send_signal(signal.SIGTERM)
     await read_log(parent, "workers stopped")
+
+
+# -- a key's max_concurrent with leases, and the moments a client may leave ------------------
+
+ALICE_KEY = "a" * 43
+ALICE = f"Authorization: Bearer {ALICE_KEY}\r\n".encode()
+
+
+class Gate:
+    """Leases asked for wait until the test opens the gate; `asked` counts them."""
+
+    def __init__(self, monkeypatch):
+        self.asked = 0
+        self.open = asyncio.get_running_loop().create_future()
+        acquire = Leases.acquire
+
+        async def gated(leases, pod_name, slots):
+            self.asked += 1
+            await self.open
+            return await acquire(leases, pod_name, slots)
+
+        monkeypatch.setattr(Leases, "acquire", gated)
+
+
+def alice_limited(max_concurrent):
+    from tornado_ollama_proxy.auth import parse_entries
+
+    entries = [{"name": "alice", "key": ALICE_KEY, "max_concurrent": max_concurrent}, {"name": "bob", "key": "b" * 43}]
+    return parse_entries(entries)
+
+
+async def test_a_client_that_leaves_while_a_free_slot_is_leased_for_it_leaks_nothing(
+    pods, make_proxy, redis_server, redis, monkeypatch
+):
+    [pod] = pods(1)
+    [proxy] = await proxies_sharing(1, pod, redis_server.url, make_proxy, api_keys=alice_limited(1))
+    gate = Gate(monkeypatch)
+    _, writer = await send_json(proxy, b"POST", b"/api/chat", chat("leaving", stream=False), ALICE)
+    await until(lambda: gate.asked == 1)  # a slot was free: no line, its lease is being asked for
+    writer.close()
+    await until(lambda: not proxy.proxy.exchanges)  # the request has ended
+    gate.open.set_result(None)  # then the lease comes
+    queue, [member] = proxy.proxy.queue, proxy.proxy.pool.members
+    await until(lambda: not queue.leases.held and member.busy == 0)
+    await until_given_back(redis)
+    assert queue.keys_running == {} and queue.running == {}
+    reader, writer = await send_json(proxy, b"POST", b"/api/chat", chat("next", stream=False), ALICE)
+    assert (await read_response(reader))[0] == 200  # alice is not locked out, the slot not lost
+    writer.close()
+
+
+async def test_a_keys_generations_at_once_hold_while_their_leases_are_asked_for(
+    pods, make_proxy, redis_server, monkeypatch
+):
+    [pod] = pods(1)
+    [proxy] = await proxies_sharing(1, pod, redis_server.url, make_proxy, slots=8, api_keys=alice_limited(1))
+    gate = Gate(monkeypatch)
+    held = [await send_json(proxy, b"POST", b"/api/chat", chat(f"alice {n}", model="stall"), ALICE) for n in range(3)]
+    await queued(proxy, 2)  # the first counts for alice from the moment its slot was taken
+    gate.open.set_result(None)
+    await held[0][0].readuntil(b"\r\n\r\n")
+    assert gate.asked == 1 and proxy.proxy.queue.size == 2 and pod.state.running == 1
+    for _, writer in held:
+        writer.close()
+
+
+async def test_a_keys_waiters_are_not_sent_past_its_limit_while_a_lease_is_asked_for(
+    pods, make_proxy, redis_server, monkeypatch
+):
+    [pod] = pods(1)
+    [proxy] = await proxies_sharing(1, pod, redis_server.url, make_proxy, slots=2, api_keys=alice_limited(1))
+    bob = f"Authorization: Bearer {'b' * 43}\r\n".encode()
+    bobs = [await send_json(proxy, b"POST", b"/api/chat", chat(f"bob {n}", model="stall"), bob) for n in range(2)]
+    for reader, _ in bobs:
+        await reader.readuntil(b"\r\n\r\n")
+    alices = [await send_json(proxy, b"POST", b"/api/chat", chat(f"alice {n}", model="stall"), ALICE) for n in range(2)]
+    await queued(proxy, 2)
+    gate = Gate(monkeypatch)
+    for _, writer in bobs:
+        writer.close()  # two slots free at once
+    await until(lambda: gate.asked == 1)
+    await until(lambda: pod.state.running == 0)
+    assert gate.asked == 1 and proxy.proxy.queue.size == 2  # alice's second waits for her first
+    gate.open.set_result(None)
+    await alices[0][0].readuntil(b"\r\n\r\n")
+    assert proxy.proxy.queue.size == 1 and pod.state.running == 1
+    for _, writer in alices:
+        writer.close()
+
+
+async def test_leases_of_generations_cut_at_shutdown_are_given_back(pods, make_proxy, redis_server, redis, servers):
+    [pod] = pods(1)
+    [proxy] = await proxies_sharing(1, pod, redis_server.url, make_proxy, slots=2)
+    holders = [await hold(proxy) for _ in range(2)]
+    assert len(await leases_held(redis)) == 2
+    [server] = [
+        server for server, app in servers.running if app is not None and app.settings.get("proxy") is proxy.proxy
+    ]
+    await server.close_all_connections()  # as a shutdown's grace ends
+    await proxy.proxy.close()
+    assert await leases_held(redis) == []  # no other process waits for them to lapse
+    for writer in holders:
+        writer.close()

@@ -121,10 +121,9 @@ class Ticket:
             self.queue.abandon(self.waiter)
 
     def ended(self, used: int | None) -> None:
-        """Its generation ended at the pod, having `used` tokens (None: not reported)."""
-        if self.running:
-            self.running = False
-            self.queue.ended(self.share, used, self.lease)
+        """Its generation, `running`, has ended, having `used` tokens (None: not reported)."""
+        self.running = False
+        self.queue.ended(self.share, used, self.lease)
 
     @property
     def waited_ms(self) -> float:
@@ -239,12 +238,14 @@ class FairQueue:
         member = self.pool.pick([member for member in members if self.free(member)]) if self.room(share) else None
         if member is not None:
             hold = Hold(self.pool, member, slot=True)
+            self._claim(share)
             lease = await self._lease(member)
             if lease is not None:
                 self._went(share, time.monotonic())
                 start(hold, lease)
                 return
-            hold.let_go()  # another process took it meanwhile: wait in line
+            self._unclaim(share)  # another process took it meanwhile: wait in line
+            hold.let_go()
         waiter = Waiter(share, wanted, targets, start, time.monotonic())
         self._join(waiter)
         waiting(waiter)
@@ -254,14 +255,15 @@ class FairQueue:
             self._leave(waiter)
         if not waiter.started.done():
             waiter.started.cancel()  # a lease being asked for meanwhile is given back
-            self.metrics.queue_refused.labels("timeout").inc()
             waited = f"within {self.settings.queue_timeout:g} s (queue_timeout)"
             if not self.room(share):
+                self.metrics.queue_refused.labels("max_concurrent").inc()
                 raise Rejection(
                     429,
                     f"none of your key's {share.max_concurrent} generations at once (max_concurrent) ended {waited}",
                     {"Retry-After": "5"},
                 )
+            self.metrics.queue_refused.labels("timeout").inc()
             raise Rejection(503, f"no slot came free {waited}: the pods are busy", {"Retry-After": "10"})
         waiter.started.result()  # its start's error, or Abandoned
 
@@ -366,6 +368,7 @@ class FairQueue:
         member = self.pool.pick([member for member in members if self.free(member)])
         assert member is not None  # `dispatch` found it a free pod a moment ago
         hold = Hold(self.pool, member, slot=True)  # kept for it: nothing else takes it meanwhile
+        self._claim(waiter.share)
         if self.leases is None or member.pod.slots is None:
             self._start(waiter, hold, "")
         else:
@@ -380,6 +383,7 @@ class FairQueue:
         if lease is None or waiter.started.done():
             if lease is not None:
                 self.leases.release(lease)  # type: ignore[union-attr]
+            self._unclaim(waiter.share)
             hold.let_go()
             return
         self._start(waiter, hold, lease)
@@ -409,9 +413,19 @@ class FairQueue:
         self.clock = start
         self.finish[share.requester] = start + share.cost / share.weight
         self.running[share.requester] = self.running.get(share.requester, 0) + 1
+        self.metrics.queue_wait.observe(time.monotonic() - since)
+
+    def _claim(self, share: Share) -> None:
+        """Its key counts it from the moment its slot is taken (its lease still to come)."""
         if share.key is not None:
             self.keys_running[share.key] = self.keys_running.get(share.key, 0) + 1
-        self.metrics.queue_wait.observe(time.monotonic() - since)
+
+    def _unclaim(self, share: Share) -> None:
+        if share.key is not None:
+            self.keys_running[share.key] -= 1
+            if not self.keys_running[share.key]:
+                del self.keys_running[share.key]
+            asyncio.get_running_loop().call_soon(self.dispatch)  # its key's next may go now
 
     def ended(self, share: Share, used: int | None, lease: str) -> None:
         """A generation that went has ended: its estimate is replaced by what it used, and
@@ -422,11 +436,7 @@ class FairQueue:
         if used is not None:
             self.finish[requester] += (used - share.cost) / share.weight
         self.running[requester] -= 1
-        if share.key is not None:
-            self.keys_running[share.key] -= 1
-            if not self.keys_running[share.key]:
-                del self.keys_running[share.key]
-            asyncio.get_running_loop().call_soon(self.dispatch)  # its key's next may go now
+        self._unclaim(share)
         self._forget(requester)
 
     def _forget(self, requester: str) -> None:

@@ -309,21 +309,20 @@ class ProxyHandler(BaseHandler):
 
     def _quota_counts(self, route: Route | None, target: str) -> bool:
         """Whether the request's key has a token quota that counts it (by its upstream
-        path); `Rejection` 403 for a call that may generate and that no quota counts (a
-        route it does not know, or any path outside the table): a quota that one route
-        walks around is none."""
+        path); `Rejection` 403 for a call that may generate and that neither its quota nor
+        its `max_concurrent` counts (a route it does not know, or any path outside the
+        table): a limit that one route walks around is none."""
         key = self.proxy.key_entries.get(self.record.key) if self.record.key is not None else None
-        if key is None or not windows_of(key):
+        quota = key is not None and bool(windows_of(key))
+        if key is None or (not quota and key.max_concurrent is None):
             return False
         if counted_path(target) is not None:
-            return True
+            return quota
         if route is not None and (route.scope != INFERENCE or uncounted_read(route)):
             return False
-        raise Rejection(
-            403,
-            f"key {key.name!r} has a token quota, which does not count {self.request.path[:200]}:"
-            " a key with a quota may not call it",
-        )
+        limit, holder = ("a token quota", "a key with a quota") if quota else ("max_concurrent", "a key with it")
+        path = self.request.path[:200]
+        raise Rejection(403, f"key {key.name!r} has {limit}, which does not count {path}: {holder} may not call it")
 
     def _match(self) -> tuple[Route | None, dict[str, str]]:
         """The route table's entry for the target (None outside it), or a `Rejection` for a bad target."""

@@ -186,7 +186,6 @@ class Journey:
             return
         self.settled = True
         self.body.stop()
-        self._leave_queue()
         self.failure = failure = attempt.ended()
         if failure is None and not self.relay.complete:
             # The exchange ended cleanly, but the answer it decoded did not.
@@ -216,6 +215,7 @@ class Journey:
             failure = self.failure
             if failure is None or failure.cause is None or not await self._again(failure.cause):
                 break
+        self._leave_queue()  # its last attempt has ended: the next of its key may go
         if attempt.held is not None and (failure is None or failure.cause in (Cause.BUSY, Cause.NOT_FOUND)):
             attempt.release()  # the pod's own answer, after all
             self.failure = None
@@ -247,6 +247,7 @@ class Journey:
             return False
         if self.reply.answered or self.hold is None:  # its client left while it waited (for its turn, or its quota)
             self._settle_quota(0)  # nothing was used
+            self._leave_queue()  # its slot (and lease) may have come after its end
             self._release_hold()
             return False
         member = self.hold.take()
@@ -441,9 +442,9 @@ class Journey:
             self.record.queued_ms = self.ticket.waited_ms
 
     def _leave_queue(self) -> None:
-        """A generation that went from the queue has ended at its pod: the queue learns what
-        it used (Ollama's counts, or its estimate when they are missing), before it chooses
-        who takes the slot next."""
+        """A generation that went from the queue has ended (its last attempt, when it was
+        sent again: its key counts it, and its lease is kept, until then): the queue learns
+        what it used (Ollama's counts, or its estimate when they are missing)."""
         if self.ticket is not None and self.ticket.running:  # its counts are read once
             self.ticket.ended(self._used())
 

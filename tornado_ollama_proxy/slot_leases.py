@@ -109,6 +109,7 @@ class Leases:
         self._release = self.redis.register_script(_RELEASE)
         self._renew = self.redis.register_script(_RENEW)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._giving: set[asyncio.Task[None]] = set()  # leases being given back
 
     @staticmethod
     def key(pod: str) -> str:
@@ -128,17 +129,22 @@ class Leases:
         except RedisDown:
             return ""
         taken, held = cast(list[int], answer)
-        if taken:
-            self.held[lease] = pod
+        if not taken:
+            # Full until Redis says otherwise (a release, a renewal): not asked again meanwhile.
+            self.others[pod] = max(held - self.mine(pod), slots)
+            return None
+        self.held[lease] = pod
         self._told(pod, held)
-        return lease if taken else None
+        return lease
 
     def release(self, lease: str) -> None:
         """Give `lease` back (in the background: nothing waits for it); "" holds nothing."""
         pod = self.held.pop(lease, None)
         if pod is None:
             return
-        self._keep(self._give_back(lease, pod))
+        giving = self._keep(self._give_back(lease, pod))
+        self._giving.add(giving)
+        giving.add_done_callback(self._giving.discard)
 
     async def _give_back(self, lease: str, pod: str) -> None:
         # Not given back (Redis down): it lapses LEASE seconds from now, unrenewed.
@@ -151,15 +157,20 @@ class Leases:
         self._keep(self._listening())
 
     async def close(self) -> None:
+        """Stop; the leases being given back go first (within EVERY), so that no other
+        process waits for them to lapse."""
+        if self._giving:
+            await asyncio.wait(self._giving, timeout=EVERY)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.redis.connection_pool.disconnect()
 
-    def _keep(self, work: Coroutine[Any, Any, None]) -> None:
+    def _keep(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _renewing(self) -> None:
         while True:
