@@ -79,6 +79,9 @@ def test_a_key_entry_and_a_key_file_line_carry_quotas():
         (f"alice:{KEY}:tokens_per_minute=lots", "tokens_per_minute must be a whole number from 1 to 1e+12"),
         (f"alice:{KEY}:tokens_per_minute=1.5", "tokens_per_minute must be a whole number"),
         (f"alice:{KEY}:weight=0", "weight must be a number from 0.01 to 1000"),
+        (f"alice:{KEY}:weight=inf", "weight must be a number from 0.01 to 1000"),
+        (f"alice:{KEY}:max_concurrent=1_000", "max_concurrent must be a whole number from 1 to 1e+06"),
+        (f"alice:{KEY}:tokens_per_day=\u0661\u0662", "tokens_per_day must be a whole number"),
         (f"alice:{KEY}:inference:chat:weight=2", "too many ':'"),
     ],
 )

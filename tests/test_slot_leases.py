@@ -385,3 +385,17 @@ async def test_leases_of_generations_cut_at_shutdown_are_given_back(pods, make_p
     assert await leases_held(redis) == []  # no other process waits for them to lapse
     for writer in holders:
         writer.close()
+
+
+async def test_slots_counted_by_each_process_are_said_to_be(log_lines):
+    from tornado_ollama_proxy.app import make_app
+    from tornado_ollama_proxy.settings import SCHEMA, Settings
+
+    validate, _ = SCHEMA["upstreams"]
+    upstreams = validate([{"name": "a", "url": "http://127.0.0.1:9", "slots": 1}])
+    for more in ({"workers": 2}, {"rate_limit_storage": "redis+sentinel://127.0.0.1:26379/main"}, {}):
+        proxy = make_app(Settings(host="127.0.0.1", upstreams=upstreams, **more)).settings["proxy"]
+        proxy.queue.start()
+        await proxy.close()
+    said = [line["message"] for line in log_lines() if line["message"].startswith("slots are")]
+    assert said == ["slots are each process's own count: every process may send a pod that many generations"] * 2

@@ -17,7 +17,6 @@ import math
 import re
 import time
 from collections.abc import Iterable, Mapping
-from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +39,8 @@ _HEX = re.compile(r"[0-9a-fA-F]+")
 _BASE64 = re.compile(r"[A-Za-z0-9+/_=-]+")
 STRONG_BITS = 128
 _NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+_WHOLE = re.compile(r"[0-9]+")
+_FRACTION = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
 class KeyEntryError(ValueError):
@@ -167,9 +168,10 @@ def _fields(text: str | None) -> dict[str, Any]:
         name, _, value = field.partition("=")
         if name not in LIMITS:
             raise KeyEntryError(f"unknown field {name!r}; allowed: {', '.join(LIMITS)}")
-        values[name] = value
-        with suppress(ValueError):
-            values[name] = float(value) if LIMITS[name][0] else int(value)
+        fraction = LIMITS[name][0]
+        values[name] = value  # as written, unless it is a number in ASCII digits (`_limits` names the field)
+        if (_FRACTION if fraction else _WHOLE).fullmatch(value):  # int() would read "1_000", "١٢"
+            values[name] = float(value) if fraction else int(value)
     return _limits(values)
 
 

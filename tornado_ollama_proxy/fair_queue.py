@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     from .metrics import Metrics
     from .pool import Member, Pool
     from .settings import Settings
+
+log = logging.getLogger(__name__)
 
 CHARACTERS_PER_TOKEN = 4  # how long a prompt is in tokens, roughly, for its place in line
 MAX_OUTPUT = 1 << 20  # no generation is reckoned to ask for more tokens than this
@@ -207,10 +210,18 @@ class FairQueue:
     def start(self) -> None:
         """With Redis as the storage, lease the pods' slots there: one limit for every process."""
         storage = self.settings.rate_limit_storage
+        scheme = urlsplit(storage).scheme
         slotted = [pod.name for pod in self.pool.pods if pod.slots is not None]
-        if self.leases is None and slotted and urlsplit(storage).scheme in ("redis", "rediss"):
+        if self.leases is not None or not slotted:
+            return
+        if scheme in ("redis", "rediss"):
             self.leases = Leases(storage, slotted, self.dispatch)
             self.leases.start()
+        elif scheme != "memory" or self.settings.worker_count > 1:
+            log.warning(
+                "slots are each process's own count: every process may send a pod that many generations",
+                extra={"fix": "set rate_limit_storage to a redis:// or rediss:// URL (see README, Sharing a pod)"},
+            )
 
     async def close(self) -> None:
         for task in self._tasks:
