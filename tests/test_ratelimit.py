@@ -48,6 +48,18 @@ def told(answer):
     return {name: value for name, value in answer.headers.items() if "ratelimit" in name or name == "retry-after"}
 
 
+def window(remaining, reset, openai_reset, limit="2"):
+    """The headers of a request rate limit's window: RateLimit-* and OpenAI's trio."""
+    return {
+        "ratelimit-limit": limit,
+        "ratelimit-remaining": remaining,
+        "ratelimit-reset": reset,
+        "x-ratelimit-limit-requests": limit,
+        "x-ratelimit-remaining-requests": remaining,
+        "x-ratelimit-reset-requests": openai_reset,
+    }
+
+
 async def test_answers_tell_the_requests_left_as_openai_does_and_refusals_too(make_proxy, http, clock):
     proxy = make_proxy(rate_limit="2/minute")
     first = await http.get(proxy + "/api/tags")
@@ -58,39 +70,10 @@ async def test_answers_tell_the_requests_left_as_openai_does_and_refusals_too(ma
     clock[0] += 0.75  # the first has left it
     again = await http.get(proxy + "/api/tags")
     assert [answer.status_code for answer in (first, second, refused, again)] == [200, 200, 429, 200]
-    assert told(first) == {
-        "ratelimit-limit": "2",
-        "ratelimit-remaining": "1",
-        "ratelimit-reset": "60",
-        "x-ratelimit-limit-requests": "2",
-        "x-ratelimit-remaining-requests": "1",
-        "x-ratelimit-reset-requests": "1m0s",
-    }
-    assert told(second) == {
-        "ratelimit-limit": "2",
-        "ratelimit-remaining": "0",
-        "ratelimit-reset": "45",
-        "x-ratelimit-limit-requests": "2",
-        "x-ratelimit-remaining-requests": "0",
-        "x-ratelimit-reset-requests": "45s",  # 44.25 s, in whole seconds as RateLimit-Reset
-    }
-    assert told(refused) == {
-        "retry-after": "1",
-        "ratelimit-limit": "2",
-        "ratelimit-remaining": "0",
-        "ratelimit-reset": "1",
-        "x-ratelimit-limit-requests": "2",
-        "x-ratelimit-remaining-requests": "0",
-        "x-ratelimit-reset-requests": "250ms",  # below a second, to the millisecond
-    }
-    assert told(again) == {
-        "ratelimit-limit": "2",
-        "ratelimit-remaining": "0",
-        "ratelimit-reset": "16",
-        "x-ratelimit-limit-requests": "2",
-        "x-ratelimit-remaining-requests": "0",
-        "x-ratelimit-reset-requests": "16s",  # when the second leaves the window
-    }
+    assert told(first) == window("1", "60", "1m0s")
+    assert told(second) == window("0", "45", "45s")  # 44.25 s, in whole seconds as RateLimit-Reset
+    assert told(refused) == {"retry-after": "1", **window("0", "1", "250ms")}  # below a second, to the millisecond
+    assert told(again) == window("0", "16", "16s")  # when the second leaves the window
 
 
 async def test_openai_clients_see_both_trios_on_a_stream_and_the_requests_one_on_a_refusal(
@@ -109,26 +92,14 @@ async def test_openai_clients_see_both_trios_on_a_stream_and_the_requests_one_on
         with pytest.raises(openai.RateLimitError) as refused:
             await chat.chat.completions.create(**hello)
     assert told(streamed) == {
-        "ratelimit-limit": "2",
-        "ratelimit-remaining": "1",
-        "ratelimit-reset": "60",
-        "x-ratelimit-limit-requests": "2",
-        "x-ratelimit-remaining-requests": "1",
-        "x-ratelimit-reset-requests": "1m0s",
+        **window("1", "60", "1m0s"),
         "x-ratelimit-limit-tokens": "1000",
         "x-ratelimit-remaining-tokens": "965",  # 25 for the prompt, 10 for the output
         "x-ratelimit-reset-tokens": "1m0s",
     }
     assert told(whole).items() >= {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "30s"}.items()
-    assert told(refused.value.response) == {  # refused before any quota is asked: no tokens trio
-        "retry-after": "30",
-        "ratelimit-limit": "2",
-        "ratelimit-remaining": "0",
-        "ratelimit-reset": "30",
-        "x-ratelimit-limit-requests": "2",
-        "x-ratelimit-remaining-requests": "0",
-        "x-ratelimit-reset-requests": "30s",
-    }
+    # Refused before any quota is asked: no tokens trio.
+    assert told(refused.value.response) == {"retry-after": "30", **window("0", "30", "30s")}
     message = refused.value.body["message"]
     assert message == "rate limit exceeded: 2 per 1 minute for /v1/chat/completions; retry in 30 s"
     assert [seen.path for seen in fake.seen] == ["/v1/chat/completions"] * 2  # not the refused one

@@ -130,56 +130,45 @@ async def test_the_leases_of_a_process_that_died_lapse(pods, make_proxy, redis_s
     writer.close()
 
 
+async def a_turn_leased_slowly(proxy, gate, who):
+    """A request whose turn comes (a generation of its pod's one slot ends) while its lease
+    waits at `gate`: its connection."""
+    loop = asyncio.get_running_loop()
+    gate.open = loop.create_future()
+    gate.open.set_result(None)  # the holder's lease comes at once
+    holder = await hold(proxy)
+    gate.open = loop.create_future()
+    asked = gate.asked
+    connection = await send_json(proxy, b"POST", b"/api/chat", chat(who, stream=False))
+    await queued(proxy, 1)
+    holder.close()
+    await until(lambda: gate.asked > asked)
+    return connection
+
+
 async def test_a_client_that_leaves_while_its_lease_is_asked_for_gives_it_back(
     pods, make_proxy, redis_server, redis, monkeypatch
 ):
     [pod] = pods(1)
     [proxy] = await proxies_sharing(1, pod, redis_server.url, make_proxy, queue_timeout=0.5)
-    asked = asyncio.Event()
-    answer = asyncio.get_running_loop().create_future()
-    acquire = Leases.acquire
-
-    async def slow(leases, pod_name, slots):
-        asked.set()
-        await answer
-        return await acquire(leases, pod_name, slots)
-
-    holder = await hold(proxy)
-    queue = proxy.proxy.queue
-    [member] = proxy.proxy.pool.members
-    # Redis tells the slot is taken before this process knows its own holder ended.
-    monkeypatch.setattr(Leases, "acquire", slow)
-    _, writer = await send_json(proxy, b"POST", b"/api/chat", chat("leaving", stream=False))
-    await queued(proxy, 1)
-    holder.close()
-    await asked.wait()  # its turn came: its lease is being asked for
+    queue, [member] = proxy.proxy.queue, proxy.proxy.pool.members
+    gate = Gate(monkeypatch)
+    _, writer = await a_turn_leased_slowly(proxy, gate, "leaving")
     writer.close()
     await queued(proxy, 0)
-    answer.set_result(None)
+    gate.open.set_result(None)
     await until(lambda: not queue._tasks and member.busy == 0)
     await until_given_back(redis)  # granted after it left, and given back
     # One that waits past queue_timeout while its lease is asked for: the same.
-    holder = await hold(proxy)
-    asked.clear()
-    answer = asyncio.get_running_loop().create_future()
-    reader, writer = await send_json(proxy, b"POST", b"/api/chat", chat("late", stream=False))
-    await queued(proxy, 1)
-    holder.close()
-    await asked.wait()
+    reader, writer = await a_turn_leased_slowly(proxy, gate, "late")
     status, _, _ = await read_response(reader)
     assert status == 503
-    answer.set_result(None)
+    gate.open.set_result(None)
     await until(lambda: not queue._tasks and member.busy == 0)
     await until_given_back(redis)
     writer.close()
     # One whose proxy stops while its lease is asked for: the asking ends with the proxy.
-    holder = await hold(proxy)
-    asked.clear()
-    answer = asyncio.get_running_loop().create_future()
-    _, writer = await send_json(proxy, b"POST", b"/api/chat", chat("stopped", stream=False))
-    await queued(proxy, 1)
-    holder.close()
-    await asked.wait()
+    _, writer = await a_turn_leased_slowly(proxy, gate, "stopped")
     await proxy.proxy.queue.close()
     assert not queue._tasks
     writer.close()
