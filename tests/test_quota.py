@@ -82,6 +82,7 @@ def test_a_key_entry_and_a_key_file_line_carry_quotas():
         (f"alice:{KEY}:weight=inf", "weight must be a number from 0.01 to 1000"),
         (f"alice:{KEY}:max_concurrent=1_000", "max_concurrent must be a whole number from 1 to 1e+06"),
         (f"alice:{KEY}:tokens_per_day=\u0661\u0662", "tokens_per_day must be a whole number"),
+        (f"alice:{KEY}:tokens_per_day={'9' * 5000}", "tokens_per_day must be a whole number"),
         (f"alice:{KEY}:inference:chat:weight=2", "too many ':'"),
     ],
 )

@@ -388,3 +388,79 @@ async def test_slots_counted_by_each_process_are_said_to_be(log_lines):
         await proxy.close()
     said = [line["message"] for line in log_lines() if line["message"].startswith("slots are")]
     assert said == ["slots are each process's own count: every process may send a pod that many generations"] * 2
+
+
+def three_keys():
+    from tornado_ollama_proxy.auth import parse_entries
+
+    return parse_entries([{"name": name, "key": name[0] * 43} for name in ("alice", "bob", "carol")])
+
+
+def bearer(name):
+    return f"Authorization: Bearer {name[0] * 43}\r\n".encode()
+
+
+async def test_slots_freed_together_are_shared_by_turns_while_their_leases_are_asked_for(
+    pods, make_proxy, redis_server
+):
+    [pod] = pods(1)
+    [proxy] = await proxies_sharing(1, pod, redis_server.url, make_proxy, slots=4, api_keys=three_keys())
+    holders = []
+    for _ in range(4):
+        reader, writer = await send_json(proxy, b"POST", b"/api/chat", chat("holder", model="stall"), bearer("carol"))
+        await reader.readuntil(b"\r\n\r\n")
+        holders.append(writer)
+    waiting = [
+        await send_json(proxy, b"POST", b"/api/chat", chat(f"{name} {n}", stream=False), bearer(name))
+        for name in ("alice", "bob")
+        for n in range(30)
+    ]
+    await queued(proxy, 60)
+    for writer in holders:
+        writer.close()  # four slots free at once: each lease takes a round trip to Redis
+    assert [(await read_response(reader))[0] for reader, _ in waiting] == [200] * 60
+    bodies = [json.loads(seen.body) for seen in pod.state.seen if seen.path == "/api/chat"]
+    went = [body["messages"][0]["content"].split()[0] for body in bodies][4:]  # after carol's four
+    # Turn by turn (a lease refused while another is given back gives its turn back), not
+    # alice's thirty first: equal shares within 10 %.
+    assert 18 <= went[:40].count("alice") <= 22, went
+    for _, writer in waiting:
+        writer.close()
+
+
+async def test_a_generation_sent_again_gives_its_first_lease_back_and_goes_only_to_a_free_slot(
+    pods, make_proxy, redis_server, redis
+):
+    a, b = pods(2)
+    a.state.busy = True  # "server busy" to every generation: each is sent again, to b
+    a.state.loaded = {"stall"}  # the pool tries a first
+    upstreams = [{"name": "a", "url": a.url, "slots": 1}, {"name": "b", "url": b.url, "slots": 1}]
+    proxy = make_proxy(upstreams=upstreams, rate_limit_storage=redis_server.url)
+    await ready(proxy)
+    first = await hold(proxy)  # at b, after a's 503
+    assert b.state.running == 1
+    await until_given_back(redis)  # a's lease went back as the request moved: a's slot is free
+    reader, writer = await send_json(proxy, b"POST", b"/api/chat", chat("second", model="stall"))
+    status, _, body = await read_response(reader)
+    assert status == 503 and json.loads(body)["error"].startswith("server busy")  # a's: b has no free slot
+    assert b.state.most_running == 1
+    first.close()
+    writer.close()
+
+
+async def test_a_client_that_left_while_its_slot_was_refused_never_waits_in_line(
+    pods, make_proxy, redis_server, redis, monkeypatch, no_second_looks
+):
+    [pod] = pods(1)
+    [proxy] = await proxies_sharing(1, pod, redis_server.url, make_proxy)
+    now = (await redis.time()).timestamp()
+    await redis.zadd(Leases.key("a"), {"another:1": now + 60})  # another process's generation
+    gate = Gate(monkeypatch)
+    _, writer = await send_json(proxy, b"POST", b"/api/chat", chat("leaving", stream=False))
+    await until(lambda: gate.asked == 1)  # the slot looks free here: its lease is asked for
+    writer.close()
+    await until(lambda: not proxy.proxy.exchanges)
+    gate.open.set_result(None)  # refused: the slot is the other process's
+    queue = proxy.proxy.queue
+    await until(lambda: not queue._tasks and queue.leases.others["a"] == 1)
+    assert queue.size == 0 and queue.lines == {} and queue.running == {}

@@ -39,8 +39,8 @@ _HEX = re.compile(r"[0-9a-fA-F]+")
 _BASE64 = re.compile(r"[A-Za-z0-9+/_=-]+")
 STRONG_BITS = 128
 _NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
-_WHOLE = re.compile(r"[0-9]+")
-_FRACTION = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+_WHOLE = re.compile(r"[0-9]{1,13}")
+_FRACTION = re.compile(r"[0-9]{1,13}(?:\.[0-9]{1,13})?")
 
 
 class KeyEntryError(ValueError):

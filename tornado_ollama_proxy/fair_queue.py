@@ -103,6 +103,7 @@ class Ticket:
         self.running = False  # at a pod: the queue counts it until it ends
         self.lease = ""  # its slot's lease in Redis, if any
         self.waiter: Waiter | None = None
+        self.left = False  # its client left before it had a place in line
 
     async def admit(
         self, members: Sequence[Member], wanted: Wanted, targets: Sequence[str] | None, start: Callable[[Hold], None]
@@ -117,11 +118,21 @@ class Ticket:
 
     def _waiting(self, waiter: Waiter) -> None:
         self.waiter = waiter
+        if self.left:  # while a slot that looked free was asked of Redis, and refused
+            self.queue.abandon(waiter)
+
+    def moved(self) -> None:
+        """It is sent again, to another pod: its lease at the first goes back (its turn,
+        and its key's count, stay until it ends)."""
+        self.queue.give_back(self.lease)
+        self.lease = ""
 
     def abandon(self) -> None:
-        """Its client left: out of line, if it is still in it."""
+        """Its client left: out of line, if it is in it (or as soon as it is)."""
         if self.waiter is not None:
             self.queue.abandon(self.waiter)
+        else:
+            self.left = True
 
     def ended(self, used: int | None) -> None:
         """Its generation, `running`, has ended, having `used` tokens (None: not reported)."""
@@ -249,13 +260,13 @@ class FairQueue:
         member = self.pool.pick([member for member in members if self.free(member)]) if self.room(share) else None
         if member is not None:
             hold = Hold(self.pool, member, slot=True)
-            self._claim(share)
+            self._take_turn(share)
             lease = await self._lease(member)
             if lease is not None:
-                self._went(share, time.monotonic())
+                self.metrics.queue_wait.observe(0.0)
                 start(hold, lease)
                 return
-            self._unclaim(share)  # another process took it meanwhile: wait in line
+            self._give_turn_back(share)  # another process took the slot meanwhile: wait in line
             hold.let_go()
         waiter = Waiter(share, wanted, targets, start, time.monotonic())
         self._join(waiter)
@@ -379,7 +390,7 @@ class FairQueue:
         member = self.pool.pick([member for member in members if self.free(member)])
         assert member is not None  # `dispatch` found it a free pod a moment ago
         hold = Hold(self.pool, member, slot=True)  # kept for it: nothing else takes it meanwhile
-        self._claim(waiter.share)
+        self._take_turn(waiter.share)
         if self.leases is None or member.pod.slots is None:
             self._start(waiter, hold, "")
         else:
@@ -394,14 +405,14 @@ class FairQueue:
         if lease is None or waiter.started.done():
             if lease is not None:
                 self.leases.release(lease)  # type: ignore[union-attr]
-            self._unclaim(waiter.share)
+            self._give_turn_back(waiter.share)
             hold.let_go()
             return
         self._start(waiter, hold, lease)
 
     def _start(self, waiter: Waiter, hold: Hold, lease: str) -> None:
         self._leave(waiter)
-        self._went(waiter.share, waiter.since)
+        self.metrics.queue_wait.observe(time.monotonic() - waiter.since)
         waiter.start(hold, lease)
         waiter.started.set_result(None)
 
@@ -419,36 +430,42 @@ class FairQueue:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _went(self, share: Share, since: float) -> None:
+    def _take_turn(self, share: Share) -> None:
+        """Its turn counts from the moment its slot is taken, its lease still to come: the
+        service its requester has had (the next free slot goes to another), and its key's
+        generations at once."""
         start = max(self.clock, self.finish.get(share.requester, 0.0))
         self.clock = start
         self.finish[share.requester] = start + share.cost / share.weight
         self.running[share.requester] = self.running.get(share.requester, 0) + 1
-        self.metrics.queue_wait.observe(time.monotonic() - since)
-
-    def _claim(self, share: Share) -> None:
-        """Its key counts it from the moment its slot is taken (its lease still to come)."""
         if share.key is not None:
             self.keys_running[share.key] = self.keys_running.get(share.key, 0) + 1
 
-    def _unclaim(self, share: Share) -> None:
+    def _give_turn_back(self, share: Share) -> None:
+        """A turn that did not go: its lease was refused (it waits on), or its client left."""
+        self.finish[share.requester] -= share.cost / share.weight
+        self._count_down(share)
+
+    def ended(self, share: Share, used: int | None, lease: str) -> None:
+        """A generation that went has ended: its estimate is replaced by what it used, and
+        its lease is given back."""
+        self.give_back(lease)
+        if used is not None:
+            self.finish[share.requester] += (used - share.cost) / share.weight
+        self._count_down(share)
+
+    def give_back(self, lease: str) -> None:
+        if self.leases is not None:
+            self.leases.release(lease)
+
+    def _count_down(self, share: Share) -> None:
+        self.running[share.requester] -= 1
         if share.key is not None:
             self.keys_running[share.key] -= 1
             if not self.keys_running[share.key]:
                 del self.keys_running[share.key]
             asyncio.get_running_loop().call_soon(self.dispatch)  # its key's next may go now
-
-    def ended(self, share: Share, used: int | None, lease: str) -> None:
-        """A generation that went has ended: its estimate is replaced by what it used, and
-        its lease is given back."""
-        if self.leases is not None:
-            self.leases.release(lease)
-        requester = share.requester
-        if used is not None:
-            self.finish[requester] += (used - share.cost) / share.weight
-        self.running[requester] -= 1
-        self._unclaim(share)
-        self._forget(requester)
+        self._forget(share.requester)
 
     def _forget(self, requester: str) -> None:
         """A requester with nothing waiting and nothing running is forgotten: what it had

@@ -327,9 +327,15 @@ class Journey:
         if cause is Cause.NOT_FOUND:
             self.pool.refresh(attempt.member)  # its list is behind
         avoid = () if attempt.stale else self.tried
-        member = self.pool.pick(await self._choose(avoid))
+        members = await self._choose(avoid)
+        queue, ticket = self.proxy.queue, self.ticket
+        if queue is not None and ticket is not None:
+            members = [member for member in members if queue.free(member)]  # its slots hold for it too
+        member = self.pool.pick(members)
         if member is None:
             return False
+        if ticket is not None and member is not attempt.member:
+            ticket.moved()  # the first pod's lease is of no use to it now
         self.proxy.metrics.retries.labels(attempt.member.pod.name, cause.value).inc()
         self._go_to(member)
         return True
