@@ -93,6 +93,7 @@ class Journey:
         self.plan = plan
         self.attempt: Attempt | None = None
         self.tried: list[str] = []  # pods an attempt went to, in order
+        self.stale = 0  # of them, attempts that met a kept connection the pod had closed
         self.relay = self._relay(plan)
         self.failure: Failure | None = None  # what the last attempt's end means, once it has ended
         self.settled = False
@@ -322,6 +323,9 @@ class Journey:
         one when it only met a kept connection it had closed."""
         attempt = self.attempt
         assert attempt is not None
+        # A kept connection the pod had closed is no try at the pod: a dead pod's several
+        # kept connections must not use up the tries that would take the request elsewhere.
+        self.stale += attempt.stale
         if not self._may_go_again(cause) or not self.pool.budget.allow(int(time.monotonic())):
             return False
         if cause is Cause.NOT_FOUND:
@@ -343,7 +347,7 @@ class Journey:
     def _may_go_again(self, cause: Cause | None = None) -> bool:
         plan = self.plan
         route = self.route
-        return len(self.tried) <= self.proxy.settings.pool_retries and may_go_again(
+        return len(self.tried) - self.stale <= self.proxy.settings.pool_retries and may_go_again(
             cause or Cause.BUSY,
             method=plan.method,
             inference=route is not None and route.scope == INFERENCE,
