@@ -176,6 +176,20 @@ def test_a_stream_keeps_only_its_last_line():
     assert pieces.tail() == b'{"a": 1}\n{"b": 2}\n'
 
 
+def test_the_counters_are_read_once_until_more_of_the_answer_comes():
+    ends = AnswerEnds("ndjson")
+    ends.add(b'{"done": true, "eval_count": 9}\n')
+    first = ends.counters()
+    assert ends.counters() is first  # the queue and the record both ask: one reading
+    ends.add(b'{"done": true, "eval_count": 10}\n')
+    assert ends.counters().completion_tokens == 10
+    whole = AnswerEnds("json", start=True)
+    whole.add(b'{"eval_count": ')  # no event ends: all of it is the start so far
+    assert whole.counters() == Counters()
+    whole.add(b'3, "prompt_eval_count": 2}')
+    assert whole.counters() == Counters(prompt_tokens=2, completion_tokens=3) == whole.counters()
+
+
 def test_an_event_stream_keeps_its_last_two_events():
     usage = b'data: {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 2}}\n\n'
     ends = AnswerEnds("sse")

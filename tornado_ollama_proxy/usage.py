@@ -183,7 +183,9 @@ class AnswerEnds:
     per piece; a long stream of tokens holds one line, not 64 KiB of them. Only the
     first pieces are copied, while the first event arrives. That event is never part
     of the tail: what it says of the output (nothing yet) is no count of an answer cut
-    short, however short.
+    short, however short. The counters are read once per answer: read again with no
+    piece added since (the queue learns them as the exchange ends, the record as the
+    request does), they are those read before.
     """
 
     def __init__(self, answer_format: str | None = None, *, start: bool = False) -> None:
@@ -193,8 +195,10 @@ class AnswerEnds:
         self.ended = 0  # held pieces that end a record
         self.start = b""  # the first event, once it has arrived whole
         self.starting: bytes | None = b"" if start else None  # its bytes while they arrive
+        self.read: Counters | None = None  # the counters, while no piece has come since
 
     def add(self, piece: bytes) -> None:
+        self.read = None
         if self.starting is not None:
             piece = self._take_start(self.starting, piece)
             if not piece:
@@ -235,9 +239,12 @@ class AnswerEnds:
         return b"".join(self.pieces)[-ANSWER_TAIL:]
 
     def counters(self) -> Counters:
-        if self.starting is not None:  # no event has ended (a whole JSON answer, or one cut short): all is tail
-            return read_counters(self.starting)
-        return read_counters(self.tail(), self.start)
+        if self.read is None:
+            if self.starting is not None:  # no event has ended (a whole JSON answer, or one cut short): all is tail
+                self.read = read_counters(self.starting)
+            else:
+                self.read = read_counters(self.tail(), self.start)
+        return self.read
 
 
 class ModelLabels:
