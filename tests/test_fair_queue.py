@@ -14,6 +14,7 @@ from tornado_ollama_proxy.app import make_app
 from tornado_ollama_proxy.auth import KeyEntryError, parse_entries, parse_key_file
 from tornado_ollama_proxy.fair_queue import estimate, requester_of
 from tornado_ollama_proxy.settings import Settings
+from tornado_ollama_proxy.usage import read_request
 
 from .helpers import parse_metrics, read_response, ready, scrape, send_json, until, value
 
@@ -73,13 +74,14 @@ async def queued(proxy, count):
     ],
 )
 def test_a_generation_is_estimated_by_its_prompt_and_the_output_its_api_asks_for(data, openai, tokens):
-    assert estimate(None if data is None else json.dumps(data).encode(), 256, openai) == tokens
+    body = None if data is None else json.dumps(data).encode()
+    assert estimate(read_request(body).asks, len(body or b""), 256, openai) == tokens
 
 
 def test_a_body_too_large_to_read_or_not_json_is_estimated_by_its_size():
     large = json.dumps({"prompt": "x" * (2 << 20)}).encode()
-    assert estimate(large, 256, False) == len(large) // 4 + 256
-    assert estimate(b"not json", 256, False) == 2 + 256
+    assert estimate(read_request(large).asks, len(large), 256, False) == len(large) // 4 + 256
+    assert estimate(read_request(b"not json").asks, 8, 256, False) == 2 + 256
 
 
 def test_each_requester_has_its_own_line():

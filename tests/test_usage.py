@@ -20,6 +20,7 @@ from tornado_ollama_proxy.usage import (
     START_LIMIT,
     UNKNOWN,
     AnswerEnds,
+    Asks,
     Counters,
     ModelLabels,
     RequestInfo,
@@ -47,10 +48,10 @@ MESSAGES = [{"role": "user", "content": "why is the sky blue?"}]
 @pytest.mark.parametrize(
     "body, info",
     [
-        (b'{"model": "llama3.2", "stream": false}', RequestInfo("llama3.2", False)),
-        (b'{"model": "llama3.2"}', RequestInfo("llama3.2", None)),
-        (b'{"name": "llama3.2", "stream": true}', RequestInfo("llama3.2", True)),  # /api/pull's older spelling
-        (b'{"model": 5, "stream": "yes"}', RequestInfo(None, None)),
+        (b'{"model": "llama3.2", "stream": false}', RequestInfo("llama3.2", False, asks=Asks())),
+        (b'{"model": "llama3.2"}', RequestInfo("llama3.2", None, asks=Asks())),
+        (b'{"name": "llama3.2", "stream": true}', RequestInfo("llama3.2", True, asks=Asks())),  # /api/pull's
+        (b'{"model": 5, "stream": "yes"}', RequestInfo(None, None, asks=Asks())),
         (b"[1, 2]", UNKNOWN),
         (b"not json", UNKNOWN),
         (b"", UNKNOWN),

@@ -31,21 +31,19 @@ from urllib.parse import urlsplit
 
 from .balancer import Wanted
 from .errors import Rejection
-from .peer_json import json_object
 from .pool import Hold
 from .slot_leases import Leases
-from .usage import REQUEST_COPY_LIMIT
 
 if TYPE_CHECKING:
     from .metrics import Metrics
     from .pool import Member, Pool
     from .settings import Settings
+    from .usage import Asks
 
 log = logging.getLogger(__name__)
 
 CHARACTERS_PER_TOKEN = 4  # how long a prompt is in tokens, roughly, for its place in line
 MAX_OUTPUT = 1 << 20  # no generation is reckoned to ask for more tokens than this
-OPENAI_OUTPUT = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 # Queued requests hold their bodies: at most this much in all, and per requester.
 QUEUE_BYTES = 256 * 1024 * 1024
 QUEUE_BYTES_PER_REQUESTER = 64 * 1024 * 1024
@@ -105,16 +103,16 @@ class Ticket:
         self.waiter: Waiter | None = None
         self.left = False  # its client left before it had a place in line
 
-    async def admit(
+    def admit(
         self, members: Sequence[Member], wanted: Wanted, targets: Sequence[str] | None, start: Callable[[Hold], None]
-    ) -> None:
-        """See `FairQueue.admit`."""
+    ) -> Coroutine[Any, Any, None]:
+        """See `FairQueue.admit`: its coroutine, for the caller to await (no second one around it)."""
 
         def went(hold: Hold, lease: str) -> None:
             self.went_at, self.running, self.lease = time.monotonic(), True, lease
             start(hold)
 
-        await self.queue.admit(self.share, members, wanted, targets, went, self._waiting)
+        return self.queue.admit(self.share, members, wanted, targets, went, self._waiting)
 
     def _waiting(self, waiter: Waiter) -> None:
         self.waiter = waiter
@@ -156,47 +154,16 @@ def requester_of(key: str | None, client: str, shared: bool) -> str:
     return "address:" + client if key is None else f"key:{key}@{client}"
 
 
-def estimate(body: bytes | None, default_output: int, openai: bool) -> int:
+def estimate(asks: Asks | None, size: int, default_output: int, openai: bool) -> int:
     """A generation's tokens before it runs: its prompt's characters / 4, plus the output
-    it asks for in its own API's terms (`options.num_predict` on /api/*, `max_tokens` and
-    kin on /v1/*: Ollama ignores the other's), else `default_output`; at most MAX_OUTPUT.
-    A body too large to read counts by its size."""
-    if body is None:
-        return default_output
-    data = json_object(body) if len(body) <= REQUEST_COPY_LIMIT else None
-    if data is None:
-        return len(body) // CHARACTERS_PER_TOKEN + default_output
-    characters = sum(_text_length(data.get(name)) for name in ("prompt", "system", "input", "instructions"))
-    messages = data.get("messages")
-    if isinstance(messages, list):
-        characters += sum(_text_length(message.get("content")) for message in messages if isinstance(message, dict))
-    if openai:
-        asked = next((data[name] for name in OPENAI_OUTPUT if data.get(name) is not None), None)
-    else:
-        options = data.get("options")
-        asked = options.get("num_predict") if isinstance(options, dict) else None
-    output = asked if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0 else default_output
-    return characters // CHARACTERS_PER_TOKEN + min(output, MAX_OUTPUT)
-
-
-def _text_length(value: Any) -> int:
-    """The characters of a prompt field: a string, or a list of strings or of parts (and,
-    for /v1/responses, of messages whose content is either); nothing deeper exists."""
-    if isinstance(value, str):
-        return len(value)
-    if not isinstance(value, list):
-        return 0
-    total = 0
-    for item in value:
-        if isinstance(item, dict):
-            item = item.get("text", item.get("content"))
-        if isinstance(item, str):
-            total += len(item)
-        elif isinstance(item, list):
-            total += sum(
-                len(part["text"]) for part in item if isinstance(part, dict) and isinstance(part.get("text"), str)
-            )
-    return total
+    it asks for in its own API's terms, else `default_output`; at most MAX_OUTPUT. A
+    body of `size` bytes that was not read (too large, not a JSON object: `asks` None)
+    counts by its size."""
+    if asks is None:
+        return size // CHARACTERS_PER_TOKEN + default_output
+    asked = asks.max_tokens if openai else asks.num_predict
+    output = default_output if asked is None else asked
+    return asks.characters // CHARACTERS_PER_TOKEN + min(output, MAX_OUTPUT)
 
 
 class FairQueue:
@@ -261,7 +228,11 @@ class FairQueue:
         if member is not None:
             hold = Hold(self.pool, member, slot=True)
             self._take_turn(share)
-            lease = await self._lease(member)
+            # Its lease in Redis, where there is Redis and the pod has slots ("" for none to
+            # take: no Redis, a pod without `slots`, Redis down), or None when every
+            # process's leases fill them (no coroutine to await without Redis).
+            slots = member.pod.slots
+            lease = "" if self.leases is None or slots is None else await self.leases.acquire(member.pod.name, slots)
             if lease is not None:
                 self.metrics.queue_wait.observe(0.0)
                 start(hold, lease)
@@ -400,11 +371,13 @@ class FairQueue:
     async def _send_leased(self, waiter: Waiter, hold: Hold) -> None:
         """Lease the slot `hold` keeps, then start `waiter` there; refused (another process
         took it meanwhile), it waits on in its place; gone meanwhile, the lease goes back."""
-        lease = await self._lease(hold.member)
+        pod = hold.member.pod
+        assert self.leases is not None and pod.slots is not None  # `_send` leases only those
+        lease = await self.leases.acquire(pod.name, pod.slots)
         waiter.leasing = False
         if lease is None or waiter.started.done():
             if lease is not None:
-                self.leases.release(lease)  # type: ignore[union-attr]
+                self.leases.release(lease)
             self._give_turn_back(waiter.share)
             hold.let_go()
             return
@@ -415,14 +388,6 @@ class FairQueue:
         self.metrics.queue_wait.observe(time.monotonic() - waiter.since)
         waiter.start(hold, lease)
         waiter.started.set_result(None)
-
-    async def _lease(self, member: Member) -> str | None:
-        """The pod's slot leased in Redis ("" when there is no lease to take: no Redis, a
-        pod without `slots`, Redis down), or None when every process's leases fill them."""
-        slots = member.pod.slots
-        if self.leases is None or slots is None:
-            return ""
-        return await self.leases.acquire(member.pod.name, slots)
 
     def _keep(self, work: Coroutine[Any, Any, None]) -> None:
         """Run `work` in the background, held until it ends."""

@@ -293,12 +293,18 @@ class Journey:
         (the client has been answered, or has left)."""
         record, settings = self.record, self.proxy.settings
         key = self.proxy.key_entries.get(record.key) if record.key is not None else None
-        body = self.body.whole() if self.body.present else None
+        present = self.body.present
+        size = len(self.body.whole()) if present else 0
         share = Share(
             requester_of(record.key, record.client, key is not None and key.shared),
             key.weight if key is not None else 1.0,
-            estimate(body, settings.queue_default_output_tokens, shape_for(record.path) == OPENAI),
-            len(body or b""),
+            estimate(
+                self.body.info().asks if present else None,
+                size,
+                settings.queue_default_output_tokens,
+                shape_for(record.path) == OPENAI,
+            ),
+            size,
             *((key.name, key.max_concurrent) if key is not None and key.max_concurrent is not None else ()),
         )
         self.ticket = ticket = Ticket(queue, share)

@@ -24,17 +24,33 @@ MODEL_LIMIT = 256  # characters of a model name kept for records and the status 
 OPENING_LIMIT = 1024  # characters of a conversation's opening that key its pod
 ANSWER_TAIL = 64 * 1024  # the counters are read from at most this much of an answer's end
 START_LIMIT = 4 * 1024  # an answer's first event is kept apart if it ends within this much (AnswerEnds)
+OPENAI_OUTPUT = ("max_tokens", "max_completion_tokens", "max_output_tokens")  # the output asked, on /v1/*
 OTHER = "other"  # the model label of every model past the bound, or that Ollama did not answer
 
 
 @dataclass(frozen=True, slots=True)
 class RequestInfo:
-    """The model a request names and its "stream" flag, when its body says so, and the
-    opening of its conversation (what every later turn repeats: see `opening`)."""
+    """The model a request names and its "stream" flag, when its body says so, the
+    opening of its conversation (what every later turn repeats: see `opening`), and
+    what a generation's place in the fair queue is reckoned by (`Asks`), read in the
+    same parse."""
 
     model: str | None = None
     stream: bool | None = None
     opening: str | None = None
+    asks: Asks | None = None  # None: the body is no JSON object that was read
+
+
+@dataclass(frozen=True, slots=True)
+class Asks:
+    """What a generation asks of a pod before it runs: its prompt's characters, and the
+    output it asks for in each API's terms (a positive whole number, else None):
+    `options.num_predict` for /api/*, `max_tokens` and kin for /v1/* (Ollama ignores
+    the other's)."""
+
+    characters: int = 0
+    num_predict: int | None = None
+    max_tokens: int | None = None
 
 
 UNKNOWN = RequestInfo()
@@ -53,7 +69,46 @@ def read_request(body: bytes | None) -> RequestInfo:
         bounded(model, MODEL_LIMIT) if isinstance(model, str) else None,
         stream if isinstance(stream, bool) else None,
         opening(data),
+        asks(data),
     )
+
+
+def asks(data: dict[str, Any]) -> Asks:
+    """What a request body's JSON object asks of a pod (`Asks`)."""
+    characters = sum(_text_length(data.get(name)) for name in ("prompt", "system", "input", "instructions"))
+    messages = data.get("messages")
+    if isinstance(messages, list):
+        characters += sum(_text_length(message.get("content")) for message in messages if isinstance(message, dict))
+    options = data.get("options")
+    return Asks(
+        characters,
+        _output(options.get("num_predict") if isinstance(options, dict) else None),
+        _output(next((data[name] for name in OPENAI_OUTPUT if data.get(name) is not None), None)),
+    )
+
+
+def _output(asked: Any) -> int | None:
+    return asked if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0 else None
+
+
+def _text_length(value: Any) -> int:
+    """The characters of a prompt field: a string, or a list of strings or of parts (and,
+    for /v1/responses, of messages whose content is either); nothing deeper exists."""
+    if isinstance(value, str):
+        return len(value)
+    if not isinstance(value, list):
+        return 0
+    total = 0
+    for item in value:
+        if isinstance(item, dict):
+            item = item.get("text", item.get("content"))
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, list):
+            total += sum(
+                len(part["text"]) for part in item if isinstance(part, dict) and isinstance(part.get("text"), str)
+            )
+    return total
 
 
 def opening(data: dict[str, Any]) -> str | None:
