@@ -556,37 +556,65 @@ async def test_a_usage_event_that_arrives_alone_sends_the_client_nothing(make_pr
     writer.close()
 
 
-async def test_a_usage_event_split_across_two_pieces_still_never_reaches_the_client(make_proxy):
-    content = b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
-    usage = b'data: {"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":3,'
-    usage += b'"completion_tokens":1,"total_tokens":4}}\n\n'
-    done = b"data: [DONE]\n\n"
-    first_half_in = asyncio.Event()
+CONTENT_EVENT = (
+    b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+)
+USAGE_EVENT = b'data: {"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":3,'
+USAGE_EVENT += b'"completion_tokens":1,"total_tokens":4}}\n\n'
+DONE_EVENT = b"data: [DONE]\n\n"
+STREAMED_CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hello there"}], "stream": True}
+
+
+def event_stream(*pieces: bytes, pause: asyncio.Event | None = None) -> ScriptedUpstream:
+    """An upstream that answers with `pieces` as chunks of an event stream, each read
+    apart; at an empty piece it waits for `pause`, as the network may."""
 
     async def script(reader, writer):
         head = await reader.readuntil(b"\r\n\r\n")
-        length = int(re.search(rb"(?i)content-length: (\d+)", head)[1])
-        await reader.readexactly(length)
+        await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head)[1]))
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
-        for piece in (content, usage[:40]):
-            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-        await writer.drain()
-        await first_half_in.wait()  # the network split the usage event: its end comes later
-        for piece in (usage[40:], done, b""):
-            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        for piece in pieces:
+            if not piece:
+                await writer.drain()
+                await pause.wait()
+            else:
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        writer.write(b"0\r\n\r\n")
         await writer.drain()
         await reader.read()
 
-    upstream = ScriptedUpstream(script)
+    return ScriptedUpstream(script)
+
+
+async def test_a_usage_event_split_across_two_pieces_still_never_reaches_the_client(make_proxy):
+    first_half_in = asyncio.Event()  # the network split the usage event: its end comes later
+    upstream = event_stream(CONTENT_EVENT, USAGE_EVENT[:40], b"", USAGE_EVENT[40:], DONE_EVENT, pause=first_half_in)
     proxy = make_proxy(upstream=await upstream.start(), api_keys=keys(tokens_per_minute=1000))
-    body = {"model": "llama3.2", "messages": [{"role": "user", "content": "hello there"}], "stream": True}
-    reader, writer = await send_json(proxy, b"POST", b"/v1/chat/completions", body, ALICE)
-    await until(lambda: any(journey.record.bytes_out == len(content) + 40 for journey in proxy.proxy.exchanges))
+    reader, writer = await send_json(proxy, b"POST", b"/v1/chat/completions", STREAMED_CHAT, ALICE)
+    await until(lambda: any(journey.record.bytes_out == len(CONTENT_EVENT) + 40 for journey in proxy.proxy.exchanges))
     first_half_in.set()
     status, _, answer = await read_response(reader)
-    assert (status, answer) == (200, content + done)  # every byte but the usage event's
+    assert (status, answer) == (200, CONTENT_EVENT + DONE_EVENT)  # every byte but the usage event's
     await drained(proxy)
     assert used(proxy) == 4  # counted by it all the same
+    writer.close()
+    await upstream.stop()
+
+
+@pytest.mark.parametrize(
+    "last, relayed",
+    [
+        (DONE_EVENT[:-2], DONE_EVENT[:-2]),  # no blank line after the last event: it goes on as it came
+        (DONE_EVENT[:-1], DONE_EVENT[:-1]),
+        (USAGE_EVENT[:-2], b""),  # the usage event, all the same, does not
+    ],
+)
+async def test_a_stream_that_ends_inside_an_event_loses_nothing_but_the_usage_event(make_proxy, last, relayed):
+    upstream = event_stream(CONTENT_EVENT, last)
+    proxy = make_proxy(upstream=await upstream.start(), api_keys=keys(tokens_per_minute=1000))
+    reader, writer = await send_json(proxy, b"POST", b"/v1/chat/completions", STREAMED_CHAT, ALICE)
+    status, _, answer = await read_response(reader)
+    assert (status, answer) == (200, CONTENT_EVENT + relayed)
     writer.close()
     await upstream.stop()
 

@@ -126,6 +126,15 @@ def test_a_stream_split_anywhere_loses_nothing_but_the_usage_event():
     assert strip.held == b""
 
 
+def test_what_a_stream_ends_inside_goes_on_unless_it_is_the_usage_event():
+    strip = UsageStrip()
+    assert strip(CONTENT + DONE[:-2]) == CONTENT and strip.rest() == DONE[:-2]
+    assert strip.rest() == b""  # once
+    for cut in (1, 2):
+        strip = UsageStrip()
+        assert strip(CONTENT + USAGE[:-cut]) == CONTENT and strip.rest() == b""
+
+
 def test_what_is_no_event_or_too_long_for_one_is_not_held():
     strip = UsageStrip()
     assert strip(b'{"error": "not found"}') == b'{"error": "not found"}'  # not an event stream

@@ -225,6 +225,8 @@ class Journey:
             return
         if self.relay.error_body is not None:
             self.relay.tell_in_band()  # after a heartbeat's head, Ollama's error goes in-band
+        else:
+            self.relay.end()
         self.reply.finish()
 
     async def _first(self) -> bool:

@@ -211,3 +211,9 @@ class UsageStrip:
         if self.held:
             data = data[: len(data) - len(rest)]
         return _USAGE_EVENT.sub(b"", data)
+
+    def rest(self) -> bytes:
+        """At the stream's end, what is held (the stream ended inside an event, without
+        the blank line after it): as it came, unless it is the usage event."""
+        held, self.held = self.held, b""
+        return b"" if _USAGE_EVENT.fullmatch(held.rstrip(b"\n") + b"\n\n") else held

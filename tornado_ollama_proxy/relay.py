@@ -27,6 +27,8 @@ from .usage import AnswerEnds
 if TYPE_CHECKING:
     from tornado.http1connection import HTTP1Connection
 
+    from .quota_ask import UsageStrip
+
 UPSTREAM_HEADER = "X-Ollama-Upstream"  # which pod answered (and, in a request, which may)
 # The answer's own framing is the relay's to decide, and which pod answered its to say.
 _OURS = frozenset({"content-length", "transfer-encoding", UPSTREAM_HEADER.lower()})
@@ -142,7 +144,7 @@ class AnswerRelay:
         self.first_body_at: float | None = None  # monotonic time of the first body byte
         self.usage = usage  # the answer's ends, for its token counters
         self.lines = 0  # the answer's lines, where its counters are read: what a stream relayed
-        self.strip: Callable[[bytes], bytes] | None = None  # takes out what the client did not ask for
+        self.strip: UsageStrip | None = None  # takes out what the client did not ask for
         self.tail = b""  # the last two bytes relayed: where a heartbeat may go
         self.error_body: list[bytes] | None = None  # an error answer after the proxy's own head
         self.error_size = 0
@@ -234,6 +236,18 @@ class AnswerRelay:
             self.reply.send_head(data)
             return None
         return self.flow.send(data)
+
+    def end(self) -> None:
+        """The answer has ended whole: what the strip held back (the stream ended inside
+        an event) goes on as it came."""
+        rest = self.strip.rest() if self.strip is not None else b""
+        if not rest or self.reply.answered:
+            return
+        if not self.head_sent:
+            self.head_sent = True
+            self.reply.send_head(rest)
+        else:
+            self.flow.send(rest)
 
     # -- heartbeats ------------------------------------------------------------------
 
