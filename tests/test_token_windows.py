@@ -3,6 +3,7 @@ refusal may retry, the clock they count by, and a reservation given up by its ti
 
 import time
 
+import coredis
 import pytest
 
 from tornado_ollama_proxy.token_windows import MemoryTokens, RedisTokens, Window, retry_after
@@ -66,8 +67,29 @@ async def test_a_ticket_given_up_before_its_reservation_runs_gets_nothing(redis_
     tokens = RedisTokens(redis_server.url)
     keys_ = ["{ollama-proxy}:quota:alice:tokens_per_minute", "{ollama-proxy}:quota:ticket:t1"]
     await tokens.undo_script(keys=keys_)  # the proxy gave up first
-    assert await tokens.take_script(keys=keys_, args=[NOW, 1, 50, 60, 1, 100]) == [0, NOW]
+    with pytest.raises(coredis.exceptions.ResponseError, match="gave this reservation up"):
+        await tokens.take_script(keys=keys_, args=[NOW, 1, 50, 60, 1, 100])
     assert (await tokens.take("alice", [MINUTE], 1, 1, NOW)).used == (0,)
+
+
+async def test_a_reservation_sent_again_answers_as_it_did_and_takes_once(redis_server):
+    # A client library sends a command again on a new connection when the one it was on
+    # dropped (another call's timeout drops it), though Redis may have run it already.
+    tokens = RedisTokens(redis_server.url)
+    await tokens.take("alice", [MINUTE, DAY], 1, 7, NOW - 30)
+    keys_ = [
+        "{ollama-proxy}:quota:alice:tokens_per_minute",
+        "{ollama-proxy}:quota:alice:tokens_per_day",
+        "{ollama-proxy}:quota:ticket:t2",
+    ]
+    windows = [60, 1, 100, 86400, 60, 150]
+    assert await tokens.take_script(keys=keys_, args=[NOW, 1, 50, *windows]) == [50, NOW, 7, 7]
+    # Sent again a second later: its grant, its clock and the uses it saw, and nothing more taken.
+    assert await tokens.take_script(keys=keys_, args=[NOW + 1, 1, 50, *windows]) == [50, NOW, 7, 7]
+    assert (await tokens.take("alice", [MINUTE, DAY], 1, 1, NOW + 1)).used == (57, 57)
+    await tokens.undo_script(keys=keys_)  # given up all the same: what it took goes back, once
+    await tokens.undo_script(keys=keys_)
+    assert (await tokens.take("alice", [MINUTE, DAY], 1, 1, NOW + 1)).used == (8, 8)
 
 
 async def test_a_ticket_given_up_after_its_reservation_ran_gives_it_back(redis_server):

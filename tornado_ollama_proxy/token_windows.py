@@ -94,14 +94,28 @@ class MemoryTokens:
 # KEYS: a hash per window, then this reservation's ticket. ARGV: now ('' for Redis's own
 # clock, one for every proxy), need, want, then seconds, bucket, limit per window. Drops
 # buckets that have left their window, and grants min(want, what every window has left)
-# when that is at least `need`: {granted, now, used...}, noting the grant on its ticket;
-# else {0, now, used, buckets, ...}. A ticket its proxy gave up on is granted nothing.
+# when that is at least `need`: {granted, now, used...}, noting on its ticket the grant,
+# the bucket charged in each window, its clock and each window's use; else {0, now, used,
+# buckets, ...}. Run again with a ticket noted (a client library that sent it again after
+# a connection it dropped), it answers as it did and takes nothing more; a ticket its
+# proxy gave up on is an error, and granted nothing.
 _TAKE = """
 local ticket = KEYS[#KEYS]
-local now = tonumber(ARGV[1] == '' and redis.call('TIME')[1] or ARGV[1])
-if redis.call('EXISTS', ticket) == 1 then
-  return {0, now}
+local noted = redis.call('GET', ticket)
+if noted == 'given up' then
+  return redis.error_reply('its proxy gave this reservation up')
+elseif noted then
+  local values = {}
+  for value in string.gmatch(noted, '%d+') do
+    table.insert(values, tonumber(value))
+  end
+  local answer = {values[1], values[#KEYS + 1]}
+  for i = 1, #KEYS - 1 do
+    table.insert(answer, values[#KEYS + 1 + i])
+  end
+  return answer
 end
+local now = tonumber(ARGV[1] == '' and redis.call('TIME')[1] or ARGV[1])
 local need, want = tonumber(ARGV[2]), tonumber(ARGV[3])
 local used, granted = {}, want
 for i = 1, #KEYS - 1 do
@@ -133,6 +147,10 @@ for i = 1, #KEYS - 1 do
   redis.call('EXPIRE', KEYS[i], seconds + bucket)
   table.insert(noted, now - now % bucket)
 end
+table.insert(noted, now)
+for i = 1, #KEYS - 1 do
+  table.insert(noted, used[i])
+end
 redis.call('SET', ticket, table.concat(noted, ' '), 'EX', TICKET_LIVES)
 return {granted, now, unpack(used)}
 """
@@ -161,7 +179,7 @@ local granted, i = nil, 0
 for value in string.gmatch(noted, '%d+') do
   if granted == nil then
     granted = value
-  else
+  elseif i < #KEYS - 1 then  -- the buckets charged (then its clock and uses, for a repeat)
     i = i + 1
     if redis.call('HEXISTS', KEYS[i], value) == 1 then
       redis.call('HINCRBY', KEYS[i], value, -granted)
