@@ -3,6 +3,9 @@ collecting those costs a busy proxy a fifth of its CPU or more."""
 
 import gc
 import json
+import weakref
+
+from tornado_ollama_proxy.server import YOUNG_COLLECTION, rare_collections
 
 from .helpers import open_raw, read_response, until
 
@@ -40,3 +43,24 @@ async def test_requests_that_ended_leave_no_cycle_of_the_proxys_objects(proxy_ur
 def _ours(found: object) -> bool:
     module = type(found).__module__ or ""
     return module.startswith(("tornado_ollama_proxy", "tornado.", "httptools"))
+
+
+class Node:
+    """An object that can be part of a cycle, and be watched go."""
+
+
+def test_while_serving_start_up_objects_are_out_of_collections_and_young_ones_collected_rarely():
+    before = gc.get_threshold()
+    with rare_collections():
+        assert gc.get_freeze_count() > 10_000  # what exists at start-up
+        assert gc.get_threshold() == (YOUNG_COLLECTION, *before[1:])
+        node = Node()
+        node.itself = node  # a cycle: its count never falls to nothing
+        gone = weakref.ref(node)
+        del node
+        assert gone() is not None
+        kept = [[] for _ in range(YOUNG_COLLECTION // 2)]
+        assert gone() is not None  # not every 700 objects
+        kept += [[] for _ in range(YOUNG_COLLECTION)]
+        assert gone() is None  # but the collector is not off
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
