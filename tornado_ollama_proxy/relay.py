@@ -241,12 +241,8 @@ class AnswerRelay:
         """The answer has ended whole: what the strip held back (the stream ended inside
         an event) goes on as it came."""
         rest = self.strip.rest() if self.strip is not None else b""
-        if not rest or self.reply.answered:
-            return
-        if not self.head_sent:
-            self.head_sent = True
-            self.reply.send_head(rest)
-        else:
+        if rest and not self.reply.answered:
+            self.send_head()  # out already, unless every byte so far was held
             self.flow.send(rest)
 
     # -- heartbeats ------------------------------------------------------------------
