@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -177,11 +177,9 @@ class Pool:
         if generation:
             member.busy -= 1
             if self.slot_freed is not None:
-                # After the exchange's other callbacks: its journey tells the queue what it
-                # used before the queue chooses who goes next.
-                asyncio.get_running_loop().call_soon(self.slot_freed)
+                self.slot_freed()
 
-    def pick(self, members: Sequence[Member]) -> Member | None:
+    def pick(self, members: Iterable[Member]) -> Member | None:
         """The first of `members` that may take a request now (see `claim`)."""
         return next((member for member in members if self.claim(member)), None)
 
@@ -337,6 +335,6 @@ class Hold:
         if self.slot:
             self.member.busy -= 1
             assert self.pool.slot_freed is not None  # a slot is kept only where a queue waits for one
-            asyncio.get_running_loop().call_soon(self.pool.slot_freed)
+            self.pool.slot_freed()
         if self.probe:
             self.pool.report(self.member, None, learned=False)
