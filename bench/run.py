@@ -670,6 +670,32 @@ GENERATIONS = {  # a title's words for each, and what it sends (GET-converted to
 }
 
 
+def print_pairs(pairs: list[tuple[dict, dict]]) -> None:
+    """Scenario 8's table: each run's CPU per request without and with the queue, and their ratio."""
+    print(
+        "| run | no queue: CPU per request (µs) | queue: CPU per request (µs) | queue / no queue "
+        "| requests/s, no queue / queue | other load (cores), no queue / queue |"
+    )
+    print("|---|---|---|---|---|---|")
+    for number, (alone, through) in enumerate(pairs, 1):
+        print(
+            f"| {number} | {alone['cpu_us_per_request']:.1f} | {through['cpu_us_per_request']:.1f} "
+            f"| {through['cpu_us_per_request'] / alone['cpu_us_per_request']:.3f}x "
+            f"| {alone['requests_per_s']:.0f} / {through['requests_per_s']:.0f} "
+            f"| {alone['others']:.2f} / {through['others']:.2f} |"
+        )
+    medians = [
+        {metric: statistics.median(pair[side][metric] for pair in pairs) for metric in pairs[0][side]}
+        for side in (0, 1)
+    ]
+    ratios = [through["cpu_us_per_request"] / alone["cpu_us_per_request"] for alone, through in pairs]
+    print(
+        f"| median (min to max) | {medians[0]['cpu_us_per_request']:.1f} "
+        f"| {medians[1]['cpu_us_per_request']:.1f} | {spread(ratios)} "
+        f"| {medians[0]['requests_per_s']:.0f} / {medians[1]['requests_per_s']:.0f} | |"
+    )
+
+
 async def scenario_idle_queue(seconds: float, repeats: int) -> None:
     """The proxy whose pod has `slots`, so that every generation goes through the fair queue,
     against the same proxy whose pod has none, in interleaved runs, on a pod that answers at
@@ -692,35 +718,21 @@ async def scenario_idle_queue(seconds: float, repeats: int) -> None:
             return {**await scenario_small(target, "/api/generate", "POST", seconds, body), "others": others()}
 
         for words, body in GENERATIONS.items():
+            title = (
+                f"/api/generate, {words}, 50 connections, one pod answering at once: "
+                f"its slots {IDLE_SLOTS} (queue) against not set (no queue)"
+            )
             others = outside(own)
             results = await interleaved([plain, queued], repeats, lambda t, b=body: measure(t, b))
-            print(
-                f"\n## 8. the fair queue on an idle pool: /api/generate, {words}, 50 connections, "
-                f"one pod answering at once: its slots {IDLE_SLOTS} (queue) against not set (no queue)\n"
-            )
-            print(
-                "| run | no queue: CPU per request (µs) | queue: CPU per request (µs) | queue / no queue "
-                "| requests/s, no queue / queue | other load (cores), no queue / queue |"
-            )
-            print("|---|---|---|---|---|---|")
-            pairs = list(zip(results[plain.name], results[queued.name], strict=True))
-            for number, (alone, through) in enumerate(pairs, 1):
-                print(
-                    f"| {number} | {alone['cpu_us_per_request']:.1f} | {through['cpu_us_per_request']:.1f} "
-                    f"| {through['cpu_us_per_request'] / alone['cpu_us_per_request']:.3f}x "
-                    f"| {alone['requests_per_s']:.0f} / {through['requests_per_s']:.0f} "
-                    f"| {alone['others']:.2f} / {through['others']:.2f} |"
-                )
-            medians = {
-                name: {metric: statistics.median(run[metric] for run in runs) for metric in runs[0]}
-                for name, runs in results.items()
-            }
-            ratios = [through["cpu_us_per_request"] / alone["cpu_us_per_request"] for alone, through in pairs]
-            print(
-                f"| median (min to max) | {medians[plain.name]['cpu_us_per_request']:.1f} "
-                f"| {medians[queued.name]['cpu_us_per_request']:.1f} | {spread(ratios)} "
-                f"| {medians[plain.name]['requests_per_s']:.0f} / {medians[queued.name]['requests_per_s']:.0f} | |"
-            )
+            print(f"\n## 8. the fair queue on an idle pool: {title}\n")
+            print_pairs(list(zip(results[plain.name], results[queued.name], strict=True)))
+            print(f"\nOther load meanwhile: {others():.2f} cores.")
+            # The same, both proxies loaded at once in each run: what the machine does
+            # meanwhile (other load, its clock's speed) weighs on both alike.
+            others = outside(own)
+            pairs = [await asyncio.gather(measure(plain, body), measure(queued, body)) for _ in range(repeats)]
+            print(f"\n## 8. side by side, each run loading both at once: {title}\n")
+            print_pairs([(alone, through) for alone, through in pairs])
             print(f"\nOther load meanwhile: {others():.2f} cores.")
         waits = {
             (sample.name, sample.labels.get("le")): sample.value
@@ -790,7 +802,7 @@ async def suite(args: argparse.Namespace, source: Path | None) -> None:
         targets = [
             Target("direct", upstream_port, upstream_process.pid, corrects=False),
             Target("nginx", nginx_port, nginx_worker(nginx), corrects=True),
-            Target("proxy", proxy_port, proxy.pid, corrects=True),
+            proxy_target := Target("proxy", proxy_port, proxy.pid, corrects=True),
         ]
         # Scenarios 1 and 2 also run against the proxy with two worker processes, and the
         # baseline when given; scenario 2 also against the seed's Node original and bare
@@ -831,6 +843,20 @@ async def suite(args: argparse.Namespace, source: Path | None) -> None:
                 args.repeats,
                 lambda t, p=path, m=method: scenario_small(t, p, m, seconds),
             )
+            others = outside(own)
+            references = [t for t in small_targets if t.name in ("tornado floor", "node original", "baseline")]
+            print("\nLoaded at once with the proxy, each pair in turn: CPU per request, proxy / reference\n")
+            print("| reference | each run's: median (min to max) |\n|---|---|")
+            for reference in references:
+                ratios = []
+                for _ in range(args.repeats):
+                    mine, theirs = await asyncio.gather(
+                        scenario_small(proxy_target, path, method, seconds),
+                        scenario_small(reference, path, method, seconds),
+                    )
+                    ratios.append(mine["cpu_us_per_request"] / theirs["cpu_us_per_request"])
+                print(f"| {reference.name} | {spread(ratios)} |")
+            print(f"\nOther load meanwhile: {others():.2f} cores.")
         if "3" in only:
             await compare(
                 f"3a. bulk upload of {bulk >> 20} MiB to /api/blobs",
