@@ -5,7 +5,7 @@ import gc
 import json
 import weakref
 
-from tornado_ollama_proxy.server import YOUNG_COLLECTION, rare_collections
+from tornado_ollama_proxy.server import start_up_frozen
 
 from .helpers import open_raw, read_response, until
 
@@ -49,18 +49,15 @@ class Node:
     """An object that can be part of a cycle, and be watched go."""
 
 
-def test_while_serving_start_up_objects_are_out_of_collections_and_young_ones_collected_rarely():
+def test_while_serving_start_up_objects_are_out_of_collections_and_new_cycles_are_collected_as_ever():
     before = gc.get_threshold()
-    with rare_collections():
+    with start_up_frozen():
         assert gc.get_freeze_count() > 10_000  # what exists at start-up
-        assert gc.get_threshold() == (YOUNG_COLLECTION, *before[1:])
+        assert gc.get_threshold() == before
         node = Node()
         node.itself = node  # a cycle: its count never falls to nothing
         gone = weakref.ref(node)
         del node
-        assert gone() is not None
-        kept = [[] for _ in range(YOUNG_COLLECTION // 2)]
-        assert gone() is not None  # not every 700 objects
-        kept += [[] for _ in range(YOUNG_COLLECTION)]
-        assert gone() is None  # but the collector is not off
-    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+        kept = [[] for _ in range(2 * before[0])]
+        assert gone() is None and kept  # collected with the youngest generation, as without
+    assert gc.get_freeze_count() == 0
