@@ -607,6 +607,8 @@ async def test_a_usage_event_split_across_two_pieces_still_never_reaches_the_cli
         (DONE_EVENT[:-2], DONE_EVENT[:-2]),  # no blank line after the last event: it goes on as it came
         (DONE_EVENT[:-1], DONE_EVENT[:-1]),
         (USAGE_EVENT[:-2], b""),  # the usage event, all the same, does not
+        (USAGE_EVENT[:40], b""),  # nor a line cut short, which may have been it
+        (USAGE_EVENT[:-1] + DONE_EVENT[:-1], DONE_EVENT[:-1]),  # lines apart: the usage line alone is left out
     ],
 )
 async def test_a_stream_that_ends_inside_an_event_loses_nothing_but_the_usage_event(make_proxy, last, relayed):

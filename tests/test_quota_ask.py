@@ -130,9 +130,15 @@ def test_what_a_stream_ends_inside_goes_on_unless_it_is_the_usage_event():
     strip = UsageStrip()
     assert strip(CONTENT + DONE[:-2]) == CONTENT and strip.rest() == DONE[:-2]
     assert strip.rest() == b""  # once
-    for cut in (1, 2):
+    for cut in (1, 2, 30):  # the usage event without its blank line, or cut short
         strip = UsageStrip()
         assert strip(CONTENT + USAGE[:-cut]) == CONTENT and strip.rest() == b""
+    strip = UsageStrip()
+    content = CONTENT.rstrip(b"\n")  # its lines, held whole: they go on, the usage line does not
+    assert strip(content + b"\n" + USAGE[:-1] + DONE[:-1]) == b"" and strip.rest() == content + b"\n" + DONE[:-1]
+    strip = UsageStrip()
+    held = b"data: [DONE]\r\n: comment\r\n"
+    assert strip(held + b'data: {"choices": [1]') == b"" and strip.rest() == held
 
 
 def test_what_is_no_event_or_too_long_for_one_is_not_held():

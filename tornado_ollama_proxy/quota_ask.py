@@ -214,6 +214,19 @@ class UsageStrip:
 
     def rest(self) -> bytes:
         """At the stream's end, what is held (the stream ended inside an event, without
-        the blank line after it): as it came, unless it is the usage event."""
+        the blank line after it): its lines as they came, but for a usage line and a
+        line cut short (its JSON unfinished: it may have been one)."""
         held, self.held = self.held, b""
-        return b"" if _USAGE_EVENT.fullmatch(held.rstrip(b"\n") + b"\n\n") else held
+        return b"".join(line for line in held.splitlines(keepends=True) if _whole_and_asked(line))
+
+
+def _whole_and_asked(line: bytes) -> bool:
+    """Whether a line of a stream's held end goes to the client: a `data:` line that is
+    `[DONE]` or a whole JSON object other than the usage event; any other line."""
+    data = line.rstrip(b"\r\n")
+    if not data.startswith(b"data:"):
+        return True
+    payload = data[5:].strip()
+    if payload == b"[DONE]":
+        return True
+    return json_object(payload) is not None and not _USAGE_EVENT.fullmatch(data + b"\n\n")
