@@ -97,3 +97,15 @@ async def test_a_ticket_given_up_after_its_reservation_ran_gives_it_back(redis_s
     taken = await tokens.take("alice", [MINUTE], 10, 50, NOW)
     await tokens.undo_script(keys=["{ollama-proxy}:quota:alice:tokens_per_minute", taken.ticket])
     assert (await tokens.take("alice", [MINUTE], 1, 1, NOW + 1)).used == (0,)
+
+
+async def test_a_reservation_sent_again_reads_back_its_numbers_exactly(redis_server):
+    tokens = RedisTokens(redis_server.url)
+    window = "{ollama-proxy}:quota:bob:tokens_per_minute"
+    await coredis.Redis.from_url(redis_server.url).hset(window, {str(NOW - 5): -7})  # a use corrected below 0
+    keys_ = [window, "{ollama-proxy}:quota:ticket:t3"]
+    limit = 10**12  # the largest a key entry may set
+    arguments = [NOW, 1, limit, 60, 1, limit]
+    first = await tokens.take_script(keys=keys_, args=arguments)
+    assert first == [limit, NOW, -7]
+    assert await tokens.take_script(keys=keys_, args=arguments) == first

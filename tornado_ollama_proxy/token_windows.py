@@ -106,7 +106,7 @@ if noted == 'given up' then
   return redis.error_reply('its proxy gave this reservation up')
 elseif noted then
   local values = {}
-  for value in string.gmatch(noted, '%d+') do
+  for value in string.gmatch(noted, '-?%d+') do
     table.insert(values, tonumber(value))
   end
   local answer = {values[1], values[#KEYS + 1]}
@@ -151,6 +151,9 @@ table.insert(noted, now)
 for i = 1, #KEYS - 1 do
   table.insert(noted, used[i])
 end
+for i = 1, #noted do
+  noted[i] = string.format('%d', noted[i])  -- whole numbers, never 1e+14
+end
 redis.call('SET', ticket, table.concat(noted, ' '), 'EX', TICKET_LIVES)
 return {granted, now, unpack(used)}
 """
@@ -176,7 +179,7 @@ if not noted or noted == 'given up' then
   return
 end
 local granted, i = nil, 0
-for value in string.gmatch(noted, '%d+') do
+for value in string.gmatch(noted, '-?%d+') do
   if granted == nil then
     granted = value
   elseif i < #KEYS - 1 then  -- the buckets charged (then its clock and uses, for a repeat)
