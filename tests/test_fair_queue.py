@@ -6,13 +6,14 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
 
 import ollama
 import pytest
 
 from tornado_ollama_proxy.app import make_app
 from tornado_ollama_proxy.auth import KeyEntryError, parse_entries, parse_key_file
-from tornado_ollama_proxy.fair_queue import estimate, requester_of
+from tornado_ollama_proxy.fair_queue import TICK, estimate, requester_of
 from tornado_ollama_proxy.settings import Settings
 from tornado_ollama_proxy.usage import read_request
 
@@ -176,6 +177,30 @@ async def test_a_request_for_a_free_model_waits_for_no_request_for_a_busy_one(po
     assert (other.status_code, other.headers["x-ollama-upstream"]) == (200, "b")  # past its own three, at once
     gate.close()
     assert [answer.status_code for answer in await asyncio.gather(*waiting)] == [200] * 3
+
+
+async def test_a_request_waiting_when_its_pods_are_ejected_gets_the_pools_502_not_the_rest_of_its_wait(
+    pods, make_proxy, http
+):
+    a, b = pods(2, slots=1)
+    proxy = make_proxy(
+        upstreams=[{"name": "a", "url": a.url, "slots": 1}, {"name": "b", "url": b.url, "slots": 1}],
+        pool_max_fails=1,
+        pool_eject_seconds=60,
+    )
+    await ready(proxy)
+    gates = [await hold_the_slot(proxy), await hold_the_slot(proxy)]  # a slot at each pod
+    waiting = asyncio.ensure_future(http.post(proxy + "/api/chat", json=chat("me", 1, stream=False)))
+    await queued(proxy, 1)
+    started = time.monotonic()
+    await asyncio.gather(a.kill(), b.kill())  # the generations at both fail, and eject them
+    answer = await waiting
+    assert answer.status_code == 502 and answer.json()["error"].startswith("no upstream can take the request")
+    assert all(member.health.state == "ejected" for member in proxy.proxy.pool.members)
+    assert time.monotonic() - started < 2 * TICK  # at its next look, not after queue_timeout
+    assert proxy.proxy.queue.size == 0
+    for gate in gates:
+        gate.close()
 
 
 async def test_full_lines_are_answered_at_once_in_the_clients_shape(pods, make_proxy, http):

@@ -314,7 +314,18 @@ class FairQueue:
         load tells; a pod back from an ejection)."""
         while self.lines:
             await asyncio.sleep(TICK)
+            self._refuse_unservable()
             self.dispatch()
+
+    def _refuse_unservable(self) -> None:
+        """A request waits only while a pod that can serve it is available: one whose pods
+        have all been ejected meanwhile gets the pool's 502, as a request that comes then
+        does, not the rest of `queue_timeout`."""
+        for line in list(self.lines.values()):
+            for waiter in list(line):
+                if not waiter.leasing and not self.pool.choose(waiter.wanted, waiter.targets):
+                    self._leave(waiter)
+                    waiter.started.set_exception(self.pool.unavailable())
 
     # -- going -------------------------------------------------------------------------
 
