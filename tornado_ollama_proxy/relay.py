@@ -239,7 +239,7 @@ class AnswerRelay:
 
     def end(self) -> None:
         """The answer has ended whole: what the strip held back (the stream ended inside
-        an event) goes on as it came."""
+        an event) goes on, less what the client did not ask for (`UsageStrip.rest`)."""
         rest = self.strip.rest() if self.strip is not None else b""
         if rest and not self.reply.answered:
             self.send_head()  # out already, unless every byte so far was held
