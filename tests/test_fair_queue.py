@@ -187,6 +187,7 @@ async def test_a_request_waiting_when_its_pods_are_ejected_gets_the_pools_502_no
         upstreams=[{"name": "a", "url": a.url, "slots": 1}, {"name": "b", "url": b.url, "slots": 1}],
         pool_max_fails=1,
         pool_eject_seconds=60,
+        queue_timeout=30,
     )
     await ready(proxy)
     gates = [await hold_the_slot(proxy), await hold_the_slot(proxy)]  # a slot at each pod
@@ -197,7 +198,7 @@ async def test_a_request_waiting_when_its_pods_are_ejected_gets_the_pools_502_no
     answer = await waiting
     assert answer.status_code == 502 and answer.json()["error"].startswith("no upstream can take the request")
     assert all(member.health.state == "ejected" for member in proxy.proxy.pool.members)
-    assert time.monotonic() - started < 2 * TICK  # at its next look, not after queue_timeout
+    assert time.monotonic() - started < 10 * TICK  # at its next look, not after queue_timeout
     assert proxy.proxy.queue.size == 0
     for gate in gates:
         gate.close()
