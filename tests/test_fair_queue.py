@@ -204,6 +204,21 @@ async def test_a_request_waiting_when_its_pods_are_ejected_gets_the_pools_502_no
         gate.close()
 
 
+async def test_a_proxy_that_stops_while_requests_wait_leaves_no_look_for_slots_running(pods, make_proxy, http):
+    [pod] = pods(1, slots=1)
+    proxy = make_proxy(upstreams=[{"name": "a", "url": pod.url, "slots": 1}])
+    await ready(proxy)
+    gate = await hold_the_slot(proxy)
+    waiting = asyncio.ensure_future(http.post(proxy + "/api/chat", json=chat("me", 1, stream=False)))
+    await queued(proxy, 1)
+    queue = proxy.proxy.queue
+    looking = queue._ticking
+    await queue.close()
+    assert looking is not None and looking.cancelled()
+    gate.close()
+    waiting.cancel()
+
+
 async def test_full_lines_are_answered_at_once_in_the_clients_shape(pods, make_proxy, http):
     [pod] = pods(1, slots=1)
     proxy = make_proxy(

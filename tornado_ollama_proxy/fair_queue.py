@@ -202,9 +202,10 @@ class FairQueue:
             )
 
     async def close(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *((self._ticking,) if self._ticking is not None else ())]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.leases is not None:
             await self.leases.close()
 
