@@ -1,6 +1,6 @@
 from tornado.httputil import HTTPHeaders
 
-from tornado_ollama_proxy.headers import end_to_end, upstream_request_headers
+from tornado_ollama_proxy.headers import end_to_end, upstream_request_headers, value_of
 
 
 def headers(*pairs):
@@ -97,3 +97,33 @@ def test_headers_the_proxy_consumed_are_not_forwarded():
 def test_a_request_without_host_or_peer_address_still_gets_sane_headers():
     out = upstream_request_headers(HTTPHeaders(), client_ip=None, scheme="https", trusted_peer=False)
     assert dict(out) == {"X-Forwarded-For": "unknown", "X-Forwarded-Proto": "https"}
+
+
+def test_repeated_headers_go_upstream_each_as_it_came():
+    incoming = headers(("Cookie", "a=1"), ("Accept", "*/*"), ("Cookie", "b=2"), ("X-Tag", "1"), ("x-tag", "2"))
+    out = upstream_request_headers(incoming, client_ip="10.0.0.1", scheme="http", trusted_peer=False)
+    assert out.get_list("Cookie") == ["a=1", "b=2"]
+    assert out.get_list("X-Tag") == ["1", "2"]
+    assert out["Accept"] == "*/*"
+
+
+class Counted(dict):
+    """A mapping that counts the lookups of its values."""
+
+    looked_up = 0
+
+    def __getitem__(self, name):
+        self.looked_up += 1
+        return super().__getitem__(name)
+
+
+def test_value_of_is_get_without_looking_up_an_absent_header():
+    incoming = headers(("X-Request-ID", "abc"), ("Cookie", "a=1"), ("Cookie", "b=2"))
+    assert value_of(incoming, "x-request-id") == "abc"
+    assert value_of(incoming, "Cookie") == incoming.get("Cookie") == "a=1,b=2"
+    assert value_of(incoming, "Origin") is None
+    counted = Counted({"Origin": "x"})
+    assert value_of(counted, "Host") is None
+    assert counted.looked_up == 0
+    assert value_of(counted, "Origin") == "x"
+    assert counted.looked_up == 1

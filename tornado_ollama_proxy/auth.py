@@ -24,6 +24,7 @@ from limits import parse_many
 from limits.aio.strategies import MovingWindowRateLimiter
 
 from .errors import Rejection
+from .headers import value_of
 from .storage import SharedStorage, StorageDown
 
 if TYPE_CHECKING:
@@ -223,12 +224,12 @@ def _unique(keys: list[ApiKey]) -> tuple[ApiKey, ...]:
 
 def offered_key(headers: Mapping[str, str]) -> str | None:
     """The key a request offers: ``Authorization: Bearer <key>``, else ``X-API-Key``."""
-    authorization = headers.get("Authorization")
+    authorization = value_of(headers, "Authorization")
     if authorization is not None:
         scheme, _, key = authorization.partition(" ")
         if scheme.lower() == "bearer" and key.strip():
             return key.strip()
-    return headers.get("X-API-Key") or None
+    return value_of(headers, "X-API-Key") or None
 
 
 def load_keys(keys: Iterable[ApiKey], key_file: str | None) -> tuple[ApiKey, ...]:

@@ -19,6 +19,7 @@ import httptools
 from tornado.httputil import HTTPHeaders
 
 from .errors import Rejection
+from .headers import value_of
 
 # Tornado's server caps bodies at 100 MB by default; the handler lifts its cap to
 # this (max_body_size is the proxy's own limit). A longer declared body is refused
@@ -49,8 +50,8 @@ def declared_body(headers: HTTPHeaders) -> int | None:
     proxy acts on the request: Content-Length with Transfer-Encoding, a coding
     other than exactly ``chunked``, unequal or non-numeric lengths.
     """
-    coding = headers.get("Transfer-Encoding")
-    length = headers.get("Content-Length")
+    coding = value_of(headers, "Transfer-Encoding")
+    length = value_of(headers, "Content-Length")
     if coding is not None:
         if length is not None:
             raise Rejection(400, "a request may not have both Content-Length and Transfer-Encoding")

@@ -31,7 +31,7 @@ from .codings import decodable
 from .errors import Rejection, error_answer
 from .fanout import FanOut, kind_of
 from .framing import LARGEST_BODY, declared_body
-from .headers import upstream_request_headers
+from .headers import upstream_request_headers, value_of
 from .idle import Silence
 from .journey import Journey, Plan
 from .logs import REQUEST_ID_HEADER, accept_request_id, bounded, request_id_var
@@ -83,7 +83,7 @@ class BaseHandler(RequestHandler):
     def __init__(self, application: Any, request: httputil.HTTPServerRequest, **kwargs: Any) -> None:
         # Set before Tornado starts the handler's task, so the task and every
         # task it starts carry the id into their log records.
-        self.request_id = accept_request_id(request.headers.get(REQUEST_ID_HEADER))
+        self.request_id = accept_request_id(value_of(request.headers, REQUEST_ID_HEADER))
         request_id_var.set(self.request_id)
         self.proxy: Proxy = application.settings["proxy"]
         client = client_address(request.remote_ip, request.headers, self.proxy.trusted_networks)
@@ -216,7 +216,7 @@ class ProxyHandler(BaseHandler):
             self.set_header("Connection", "close")
             self.answer_early(self._answer, Rejection(503, "the proxy is shutting down; retry", {"Retry-After": "1"}))
             return
-        origin = cors.allowed_origin(request.headers.get("Origin"), settings.cors_origins)
+        origin = cors.allowed_origin(value_of(request.headers, "Origin"), settings.cors_origins)
         preflight = cors.is_preflight(request.headers) and declared == 0
         if origin is not None and preflight:
             self.answer_early(self._answer_preflight, origin)
@@ -340,7 +340,7 @@ class ProxyHandler(BaseHandler):
     async def _targets(self, route: Route | None) -> list[str] | None:
         """The pods `X-Ollama-Upstream` names (all of them for "all"), which only a key
         with the manage scope may choose; None without the header."""
-        value = self.request.headers.get(UPSTREAM_HEADER)
+        value = value_of(self.request.headers, UPSTREAM_HEADER)
         if value is None:
             return None
         if route is None or route.scope != MANAGE:
@@ -503,7 +503,7 @@ class ProxyHandler(BaseHandler):
 
     def finish(self, chunk: Any = None) -> asyncio.Future[None]:
         self.answered = True
-        if chunk is not None and self._headers.get("Connection") == "close" and self._body_arriving():
+        if chunk is not None and value_of(self._headers, "Connection") == "close" and self._body_arriving():
             self.set_header("Content-Length", str(len(chunk)))  # whole now: the client need not wait
             self.write(chunk)
             self.flush()
@@ -512,7 +512,7 @@ class ProxyHandler(BaseHandler):
             done.set_result(None)
             return done
         finishing = super().finish(chunk)
-        if self._headers.get("Connection") == "close":
+        if value_of(self._headers, "Connection") == "close":
             # Said, so done: once the answer is out (Tornado closes by itself only
             # when the body was left unread).
             finishing.add_done_callback(lambda _: self.request.connection.close())  # type: ignore[union-attr]

@@ -1,10 +1,10 @@
 """Which headers cross the proxy, in each direction (RFC 9110 §7.6.1)."""
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from tornado.httputil import HTTPHeaders
 
-from .routes import OVERRIDE_HEADER
+OVERRIDE_HEADER = "X-HTTP-Method-Override"
 
 HOP_BY_HOP = frozenset(
     {
@@ -21,6 +21,13 @@ HOP_BY_HOP = frozenset(
 )
 
 Pairs = Iterable[tuple[str, str]]
+
+
+def value_of(headers: Mapping[str, str], name: str) -> str | None:
+    """`headers.get(name)` without the KeyError that `Mapping.get` raises and catches
+    inside Tornado's `HTTPHeaders` for an absent header: most of those a request's
+    way reads are absent."""
+    return headers[name] if name in headers else None  # noqa: SIM401 (the point)
 
 
 def end_to_end(pairs: Pairs) -> list[tuple[str, str]]:
@@ -64,8 +71,12 @@ def upstream_request_headers(
         dropped |= _FORWARDED - {"x-forwarded-for"}
     headers = HTTPHeaders()
     for name, value in end_to_end(incoming.get_all()):
-        if name.lower() not in dropped:
+        if name.lower() in dropped:
+            continue
+        if name in headers:
             headers.add(name, value)
+        else:  # valid, as Tornado parsed it: without `add`'s checks again
+            headers[name] = value
     headers["X-Forwarded-For"] = ", ".join([*incoming.get_list("X-Forwarded-For"), client_ip or "unknown"])
     headers.setdefault("X-Forwarded-Proto", scheme)
     if "Host" in incoming:

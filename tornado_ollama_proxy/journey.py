@@ -29,6 +29,7 @@ from .errors import OPENAI, Rejection, shape_for
 from .fair_queue import Abandoned as QueueLeft
 from .fair_queue import FairQueue, Share, Ticket, estimate, requester_of
 from .framing import Head, MalformedAnswer
+from .headers import value_of
 from .idle import Silence
 from .model_names import canonical
 from .peer_json import json_object
@@ -381,7 +382,7 @@ class Journey:
         info = self.body.info()
         named = info.model or self.plan.model
         model = canonical(named) if named is not None else None
-        session = self.plan.headers.get(SESSION_HEADER)
+        session = value_of(self.plan.headers, SESSION_HEADER)
         return Wanted(model, affinity_key(session, self.record.key, model, info.opening))
 
     def _nowhere(self) -> Rejection:

@@ -13,11 +13,11 @@ from urllib.parse import unquote
 
 from .auth import SCOPES
 from .errors import Rejection
+from .headers import OVERRIDE_HEADER, value_of
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 # Methods that carry a request body by convention (Ollama's DELETE does).
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-OVERRIDE_HEADER = "X-HTTP-Method-Override"
 RESERVED_PREFIX = "/_proxy/"  # the proxy's own endpoints, never forwarded
 ROUTE_KEYS = ("path", "methods", "upstream_path", "body_defaults", "requires_body", "scope", "answer", "tokens")
 # How the upstream answers (what a heartbeat may look like): "ndjson" streams lines
@@ -222,7 +222,7 @@ def decide_method(route: Route | None, method: str, headers: Mapping[str, str], 
     A body-requiring route reached by a changed method without a body is
     refused: the body was lost on the way and cannot be recovered.
     """
-    override = headers.get(OVERRIDE_HEADER)
+    override = value_of(headers, OVERRIDE_HEADER)
     if override is not None:
         wanted = override.strip().upper()
         if wanted not in METHODS:

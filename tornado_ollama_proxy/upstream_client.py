@@ -25,7 +25,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from functools import cached_property
+from functools import cached_property, lru_cache
 from io import BytesIO
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -263,6 +263,16 @@ class UpstreamConnection(asyncio.Protocol):
         _wake(self._writable)  # a body writer waiting for room wakes, and its next write raises
 
 
+@lru_cache(maxsize=64)
+def _where(url: str) -> tuple[Address, str, str]:
+    """Where a URL leads: its address, its Host and its path and query. Parsed once per
+    URL: every request to a pod has its base as its URL (and its own target)."""
+    parts = urlsplit(url)
+    assert parts.hostname is not None
+    address = (parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+    return address, parts.netloc, (parts.path or "/") + ("?" + parts.query if parts.query else "")
+
+
 class Exchange:
     """One request and its answer, from connecting to the last byte."""
 
@@ -272,11 +282,8 @@ class Exchange:
         self.callback = callback
         self.loop = asyncio.get_running_loop()
         self.context = contextvars.copy_context()
-        url = urlsplit(request.url)
-        assert url.hostname is not None
-        self.address: Address = (url.scheme, url.hostname, url.port or (443 if url.scheme == "https" else 80))
-        self.host = url.netloc
-        self.target = getattr(request, "target", None) or (url.path or "/") + ("?" + url.query if url.query else "")
+        self.address, self.host, target = _where(request.url)
+        self.target: str = getattr(request, "target", None) or target
         self.started = self.loop.time()
         self.started_wall = time.time()
         self.connection: UpstreamConnection | None = None
