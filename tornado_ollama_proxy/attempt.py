@@ -129,6 +129,11 @@ class Attempt:
         for piece in held:
             self.relay_piece(piece)
 
+    def let_go(self) -> None:
+        """Its request has ended: its callbacks, which hold their owner (which holds
+        this attempt: a cycle), are dropped; nothing more goes to the client."""
+        self.relay_head = self.relay_piece = _dropped
+
     def abort(self, error: Exception) -> None:
         """End the exchange now (a no-op once it has ended)."""
         self.request.abort(error)
@@ -179,3 +184,7 @@ class Attempt:
         elif self.status in SICK_STATUSES:
             failure = f"answered {self.status}"
         self.pool.report(self.member, failure, learned=not isinstance(error, Abandoned))
+
+
+def _dropped(_: object) -> None:
+    """A let-go attempt's relay: nothing goes on."""

@@ -81,7 +81,12 @@ class Waiter:
     targets: Sequence[str] | None
     start: Start
     since: float
-    started: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    # None once it has its slot, or what makes the error it gets instead: made as it is
+    # raised, for an error kept here and raised where it waited would hold that frame, and
+    # the frame this waiter and its future, in a cycle.
+    started: asyncio.Future[Callable[[], Exception] | None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
     leasing: bool = False  # its pod is being asked of Redis: it stays in line, and is passed over
 
     @property
@@ -131,6 +136,11 @@ class Ticket:
             self.queue.abandon(self.waiter)
         else:
             self.left = True
+
+    def let_go(self) -> None:
+        """Its request has ended: its place in line, whose `start` holds the request, is
+        let go (the two would otherwise stay in a cycle)."""
+        self.waiter = None
 
     def ended(self, used: int | None) -> None:
         """Its generation, `running`, has ended, having `used` tokens (None: not reported)."""
@@ -259,12 +269,14 @@ class FairQueue:
                 )
             self.metrics.queue_refused.labels("timeout").inc()
             raise Rejection(503, f"no slot came free {waited}: the pods are busy", {"Retry-After": "10"})
-        waiter.started.result()  # its start's error, or Abandoned
+        refusal = waiter.started.result()
+        if refusal is not None:  # its client left, or no pod that can serve it is available
+            raise refusal()
 
     def abandon(self, waiter: Waiter) -> None:
         """Its client left: out of line at once, and no pod ever sees the request."""
         if self._leave(waiter):  # still in line: its turn has not come
-            waiter.started.set_exception(Abandoned())
+            waiter.started.set_result(Abandoned)
 
     def _join(self, waiter: Waiter) -> None:
         settings, share = self.settings, waiter.share
@@ -326,7 +338,7 @@ class FairQueue:
             for waiter in list(line):
                 if not waiter.leasing and not self.pool.choose(waiter.wanted, waiter.targets):
                     self._leave(waiter)
-                    waiter.started.set_exception(self.pool.unavailable())
+                    waiter.started.set_result(self.pool.unavailable)
 
     # -- going -------------------------------------------------------------------------
 

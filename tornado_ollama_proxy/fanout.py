@@ -192,8 +192,10 @@ class FanOut(Journey):
             for member in members:
                 self._start(member, body=self.body.whole() if self.body.present else None)
         for share in self.shares:
-            with suppress(Exception):  # each share reads its own end
+            try:
                 await share.attempt.fetching
+            except Exception as error:  # each share reads its own end
+                error.__traceback__ = None  # which would hold this frame, and it this fan-out: a cycle
         self.body.stop()
         if self.reply.answered:
             return
@@ -280,4 +282,6 @@ class FanOut(Journey):
 
     def end(self) -> None:
         super().end()
+        for share in self.shares:
+            share.attempt.let_go()  # its callbacks hold its share
         self.shares = []  # their callbacks hold this fan-out

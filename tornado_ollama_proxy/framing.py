@@ -156,8 +156,8 @@ class AnswerReader:
     """
 
     def __init__(self, method: str):
-        # None once the answer has ended: the parser holds this reader, and the
-        # two would otherwise stay in a cycle, for the garbage collector to find.
+        # None once the answer has ended (`close`): the parser holds this reader, and
+        # the two would otherwise stay in a cycle, for the garbage collector to find.
         parser = httptools.HttpResponseParser(self)
         # Chunked with a Content-Length is relayed as chunked (RFC 9112 §6.3),
         # and the connection is not reused after it.
@@ -228,6 +228,10 @@ class AnswerReader:
     def _finish(self) -> None:
         self._take_body()
         self._events.append(End(self._reusable))
+        self.close()
+
+    def close(self) -> None:
+        """Read no more of this answer (it has ended, or its exchange has failed)."""
         self._state = _DONE
         self._parser = None
 

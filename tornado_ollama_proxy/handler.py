@@ -42,6 +42,7 @@ from .record import AccessRecord
 from .relay import UPSTREAM_HEADER, peer_closed
 from .routes import METHODS, Route, check_target, decide_method, is_reserved
 from .token_windows import windows_of
+from .tornado_private import body_failure
 
 JSON_TYPE = "application/json; charset=utf-8"
 # A refusal waits for a body up to this size, read and dropped, so that the
@@ -154,6 +155,14 @@ class BaseHandler(RequestHandler):
         if self._ended:
             return
         self._ended = True
+        # Tornado lets go of its template namespace, which holds the handler, only as it
+        # finishes: a request that ended otherwise (its client left) would keep the two
+        # in a cycle. So would the traceback of the error that closed the connection,
+        # through the frames that were writing to it.
+        self.ui = None  # type: ignore[assignment]
+        closed_by = self.request.connection.stream.error  # type: ignore[union-attr]
+        if closed_by is not None:
+            closed_by.__traceback__ = None
         self.proxy.in_flight.leave()
         record = self.record
         if not record.in_band:
@@ -212,6 +221,10 @@ class ProxyHandler(BaseHandler):
             return
         settings = self.proxy.settings
         self.body = body = BodyPump(declared, settings.max_body_size, self.record)
+        if body.present:
+            task = asyncio.current_task()  # Tornado's, which awaits the body once this returns
+            assert task is not None
+            task.add_done_callback(functools.partial(_forget_body_failure, request))
         if self.proxy.draining:
             self.set_header("Connection", "close")
             self.answer_early(self._answer, Rejection(503, "the proxy is shutting down; retry", {"Retry-After": "1"}))
@@ -244,7 +257,7 @@ class ProxyHandler(BaseHandler):
             # for leaving too: nothing goes upstream, nothing is answered, and what the
             # request holds is given back as it ends.
             self.record.outcome = "client_gone"
-            self.early = lambda: None
+            self.early = _nothing_more
             self.cut()
             return
         authenticator = self.proxy.authenticator
@@ -564,9 +577,25 @@ class ProxyHandler(BaseHandler):
                     self.admission.release()
                 if self.early_watch is not None:
                     self.early_watch.stop()
+                if self.early is not None:  # it holds this handler: a cycle, kept
+                    self.early = _nothing_more
                 if self.lingering is not None:
                     self._stop_linger_timers()
         super().end()
+
+
+def _forget_body_failure(request: httputil.HTTPServerRequest, _: object) -> None:
+    """When a client leaves mid-body, Tornado fails the wait for the body, and the
+    handler's task raises that error where it waited: its traceback holds the task's
+    frame, the frame the handler, the handler the request, the request the error, in a
+    cycle until the garbage collector finds it. Let go once the task has ended."""
+    error = body_failure(request)
+    if error is not None:
+        error.__traceback__ = None
+
+
+def _nothing_more() -> None:
+    """The early answer of a request that has none to give, or no more (it has ended)."""
 
 
 class OwnEndpointHandler(BaseHandler):

@@ -15,7 +15,6 @@ import functools
 import json
 import time
 from collections.abc import Sequence
-from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -208,8 +207,10 @@ class Journey:
         while True:
             attempt = self.attempt
             assert attempt is not None
-            with suppress(Exception):  # _on_fetched reads it
+            try:
                 await attempt.fetching
+            except Exception as error:  # _on_fetched reads it
+                error.__traceback__ = None  # which would hold this frame, and it this journey: a cycle
             # An end that came before this wait began may not have been seen yet.
             self._on_fetched(attempt.fetching)
             if self.reply.answered:
@@ -459,6 +460,7 @@ class Journey:
         self._release_hold()
         if self.ticket is not None:
             self.record.queued_ms = self.ticket.waited_ms
+            self.ticket.let_go()
 
     def _leave_queue(self) -> None:
         """A generation that went from the queue has ended (its last attempt, when it was

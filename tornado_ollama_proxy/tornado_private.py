@@ -4,7 +4,9 @@ The relay frames each body piece with the connection's own `_format_chunk`
 (so that Tornado's Content-Length accounting stays right) and writes it
 straight to the stream's socket; the keep-alive watch asks the stream how
 many bytes of a request it holds (`_read_buffer_size`), and the idle watch how
-many queued bytes a client has taken (`_total_write_done_index`); the handlers reset
+many queued bytes a client has taken (`_total_write_done_index`); a handler whose client
+left mid-body finds the error Tornado failed the body's wait with (`_body_future`), to
+let go of its traceback; the handlers reset
 an answer as `RequestHandler.clear` does, with a Date formatted once a second; a
 client's connection keeps Nagle's algorithm off (`keep_nodelay`). A Tornado
 without them fails at start-up with one clear line (`require`), not on every
@@ -12,6 +14,7 @@ stream.
 """
 
 from tornado.http1connection import HTTP1Connection
+from tornado.httputil import HTTPServerRequest
 from tornado.iostream import BaseIOStream, IOStream
 from tornado.web import RequestHandler
 
@@ -23,6 +26,7 @@ MISSING = [
         ("IOStream.socket", "socket" in IOStream.__init__.__code__.co_names),
         ("BaseIOStream._total_write_done_index", "_total_write_done_index" in BaseIOStream.__init__.__code__.co_names),
         ("IOStream.set_nodelay", "set_nodelay" in HTTP1Connection.finish.__code__.co_names),
+        ("HTTPServerRequest._body_future", "_body_future" in RequestHandler.on_connection_close.__code__.co_names),
         (
             "RequestHandler.clear's attributes",
             {"_headers", "_write_buffer", "_status_code", "_reason"} <= set(RequestHandler.clear.__code__.co_names),
@@ -59,6 +63,12 @@ def buffered_bytes(stream: BaseIOStream) -> int:
 def written_bytes(stream: BaseIOStream) -> int:
     """How many bytes queued on the stream the kernel has taken so far (a running count)."""
     return stream._total_write_done_index
+
+
+def body_failure(request: HTTPServerRequest) -> BaseException | None:
+    """The error a streamed body's wait failed with (its client left before the end), if any."""
+    waited = request._body_future
+    return waited.exception() if waited.done() and not waited.cancelled() else None
 
 
 def keep_nodelay(stream: IOStream) -> None:

@@ -119,6 +119,9 @@ class PooledHTTPClient(AsyncHTTPClient):
             if response.code == 599 and response.error is not None:  # Tornado's mark of no answer
                 future_set_exception_unless_cancelled(answered, response.error)
             else:
+                # Any answer is an answer here, whatever its status: without Tornado's
+                # error for a status outside 2xx, which holds the response in a cycle.
+                response.error = None
                 future_set_result_unless_cancelled(answered, response)
 
         self.fetch_impl(request, done)
@@ -546,10 +549,14 @@ class Exchange:
             self._end()
             if self.connecting is not None and not self.connecting.done():
                 self.connecting.cancel()  # asyncio closes whatever it is still opening
-            connection = self.connection
-            if connection is not None and connection.transport is not None:
+            connection, self.connection = self.connection, None
+            if connection is not None:
                 connection.exchange = None
-                connection.abort()
+                if connection.transport is not None:
+                    connection.abort()
+        # Raised in this exchange (a connection refused, a callback's bug), its traceback
+        # holds the exchange, which holds the fetch's future, which holds the error: a cycle.
+        error.__traceback__ = None
         self._settle(
             HTTPResponse(
                 self.request,
@@ -568,13 +575,15 @@ class Exchange:
 
     def _end(self) -> None:
         self.ended = True
-        # The request, its callbacks and their owner would otherwise stay in a
-        # cycle (with this exchange, and through the fetch's response) until the
-        # garbage collector finds it.
+        # The request, its callbacks and body producer and their owner would otherwise
+        # stay in a cycle (with this exchange, and through the fetch's response) until
+        # the garbage collector finds it; so would the parser and its reader.
+        self.streaming_callback = self.head_callback = self.header_callback = None
+        self.reader.close()
         original = getattr(self.request, "request", self.request)
         if isinstance(original, AbortableRequest):
             original.exchange = None
-            original.head_callback = original.streaming_callback = None
+            original.head_callback = original.streaming_callback = original.body_producer = None
         for timer in (self.deadline, self.connect_timer):
             if timer is not None:
                 timer.cancel()
