@@ -579,6 +579,8 @@ class ProxyHandler(BaseHandler):
                     self.early_watch.stop()
                 if self.early is not None:  # it holds this handler: a cycle, kept
                     self.early = _nothing_more
+                # Tornado's frames reading a chunked body its client left hold the handler.
+                self.body = None
                 if self.lingering is not None:
                     self._stop_linger_timers()
         super().end()

@@ -514,6 +514,7 @@ class Exchange:
     def finish(self, reusable: bool) -> None:
         """The answer is complete: keep or close the connection; the fetch resolves
         once the last piece has been relayed (its failure fails the fetch)."""
+        headed = self.head_callback is not None  # the head went to its caller: not built again
         self._end()
         connection, self.connection = self.connection, None
         assert connection is not None and connection.transport is not None
@@ -531,7 +532,7 @@ class Exchange:
             self.request,
             head.code,
             reason=head.reason,
-            headers=head.http_headers() if self.head_callback is None else None,
+            headers=None if headed else head.http_headers(),
             buffer=BytesIO(self.buffered or b""),
             effective_url=self.request.url,
             request_time=self.loop.time() - self.started,
@@ -547,8 +548,9 @@ class Exchange:
         could not be relayed fails with it too."""
         if not self.ended:
             self._end()
-            if self.connecting is not None and not self.connecting.done():
-                self.connecting.cancel()  # asyncio closes whatever it is still opening
+            connecting, self.connecting = self.connecting, None  # its cancellation's traceback holds this exchange
+            if connecting is not None and not connecting.done():
+                connecting.cancel()  # asyncio closes whatever it is still opening
             connection, self.connection = self.connection, None
             if connection is not None:
                 connection.exchange = None
