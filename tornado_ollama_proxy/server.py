@@ -25,7 +25,7 @@ from tornado.web import Application
 
 from .proxy import Proxy
 from .settings import SettingsError
-from .tornado_private import buffered_bytes, keep_nodelay
+from .tornado_private import ClientStream, buffered_bytes, keep_nodelay
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,12 @@ class ProxyHTTPServer(HTTPServer):
     def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
         for sock in sockets:
             self._sockets[sock.fileno()] = sock
-            self._handlers[sock.fileno()] = Acceptor(sock, self._handle_connection).remove
+            self._handlers[sock.fileno()] = Acceptor(sock, self._open).remove
+
+    def _open(self, connection: socket.socket, address: Any) -> None:
+        """Serve a new connection (the proxy speaks plain HTTP: a front ends TLS)."""
+        stream = ClientStream(connection, max_buffer_size=self.max_buffer_size, read_chunk_size=self.read_chunk_size)
+        self.handle_stream(stream, address)
 
     def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
         keep_nodelay(stream)
