@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import ClassVar
 
 
 class Silence:
@@ -11,31 +12,67 @@ class Silence:
     and again every `period` while that lasts.
 
     `progress` is a counter of what has moved, looked at four times a period:
-    nothing is done per byte that moves. `stop` is for good: it lets go of both
-    callbacks, which are usually bound to the watch's owner (that would keep
-    the two in a cycle, for the garbage collector to find).
+    nothing is done per byte that moves. Every watch of one period is looked
+    at in the same round (`_Round`), so a request's watches cost it no timer of
+    their own. `stop` is for good: it lets go of both callbacks, which are
+    usually bound to the watch's owner.
     """
 
     def __init__(self, period: float, progress: Callable[[], int], on_silence: Callable[[], None]):
-        self.loop = asyncio.get_running_loop()
         self.period = period
         self.calls: tuple[Callable[[], int], Callable[[], None]] | None = (progress, on_silence)
         self.seen = progress()
-        self.quiet_since = self.loop.time()
-        self._timer = self.loop.call_later(period / 4, self._look)
+        self.round = _Round.of(period)
+        self.quiet_since = self.round.loop.time()
+        self.round.watches[self] = None
 
     def stop(self) -> None:
-        self._timer.cancel()
         self.calls = None
+        self.round.watches.pop(self, None)
 
-    def _look(self) -> None:
-        assert self.calls is not None  # a stopped watch's timer is cancelled
+    def look(self, now: float) -> None:
+        assert self.calls is not None  # a stopped watch has left its round
         progress_of, on_silence = self.calls
-        now = self.loop.time()
         progress = progress_of()
-        self._timer = self.loop.call_later(self.period / 4, self._look)  # before on_silence, which may stop it
         if progress != self.seen:
             self.seen, self.quiet_since = progress, now
         elif now - self.quiet_since >= self.period:
             self.quiet_since = now
             on_silence()
+
+
+class _Round:
+    """One timer that looks at every watch of one period, four times a period, on
+    one event loop; it ends when no watch is left. A watch started between two
+    looks is first looked at in the next: silence is noticed after `period`,
+    and at most a quarter of it later."""
+
+    rounds: ClassVar[dict[tuple[asyncio.AbstractEventLoop, float], _Round]] = {}
+
+    @classmethod
+    def of(cls, period: float) -> _Round:
+        loop = asyncio.get_running_loop()
+        found = cls.rounds.get((loop, period))
+        if found is None:
+            found = cls.rounds[(loop, period)] = cls(loop, period)
+        return found
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, period: float):
+        self.loop = loop
+        self.period = period
+        self.watches: dict[Silence, None] = {}  # in the order they started
+        self.timer = loop.call_later(period / 4, self._look)
+
+    def _look(self) -> None:
+        if not self.watches:
+            del _Round.rounds[(self.loop, self.period)]
+            return
+        self.timer = self.loop.call_later(self.period / 4, self._look)  # whatever a watch's callback does
+        now = self.loop.time()
+        for watch in list(self.watches):
+            if watch.calls is None:  # stopped by one looked at before it
+                continue
+            try:
+                watch.look(now)
+            except Exception as error:  # a bug in one watch's callback: the others are still looked at
+                self.loop.call_exception_handler({"message": "an idle watch failed", "exception": error})

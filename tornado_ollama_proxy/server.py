@@ -23,6 +23,7 @@ from tornado.iostream import IOStream
 from tornado.netutil import bind_sockets
 from tornado.web import Application
 
+from .idle import Silence
 from .proxy import Proxy
 from .settings import SettingsError
 from .tornado_private import ClientStream, buffered_bytes, keep_nodelay
@@ -134,6 +135,8 @@ class HeadTimer(httputil.HTTPMessageDelegate):
     A new connection has `header_timeout` to send its first head; a kept one
     `keepalive_timeout` to start its next, and once it has started, the head
     gets `header_timeout` more. Wraps the application's delegate for one request.
+    Each time is an idle watch on nothing that moves: the watches of all
+    connections share a timer (`idle`), and it is up to a quarter longer.
     """
 
     def __init__(
@@ -146,23 +149,26 @@ class HeadTimer(httputil.HTTPMessageDelegate):
         self.server = server
         self.connection = connection
         self.delegate = delegate
-        loop = IOLoop.current()
-        self.timer: object | None = loop.call_later(
-            server.keepalive_timeout if kept else server.header_timeout, self._expired, kept
+        self.kept = kept
+        self.watch: Silence | None = Silence(
+            server.keepalive_timeout if kept else server.header_timeout, _unmoving, self._expired
         )
 
-    def _expired(self, kept: bool) -> None:
-        self.timer = None
-        if kept and buffered_bytes(self.connection.stream):
+    def _expired(self) -> None:
+        assert self.watch is not None
+        self.watch.stop()
+        if self.kept and buffered_bytes(self.connection.stream):
             # The head has begun: it gets the time any head gets.
-            self.timer = IOLoop.current().call_later(self.server.header_timeout, self._expired, False)
+            self.kept = False
+            self.watch = Silence(self.server.header_timeout, _unmoving, self._expired)
         else:
+            self.watch = None
             self.connection.stream.close()
 
     def cancel(self) -> None:
-        if self.timer is not None:
-            IOLoop.current().remove_timeout(self.timer)
-            self.timer = None
+        if self.watch is not None:
+            self.watch.stop()
+            self.watch = None
         if self.server.waiting.get(self.connection) is self:
             del self.server.waiting[self.connection]
 
@@ -179,6 +185,11 @@ class HeadTimer(httputil.HTTPMessageDelegate):
     def on_connection_close(self) -> None:
         self.cancel()
         self.delegate.on_connection_close()
+
+
+def _unmoving() -> int:
+    """What a head's deadline watches: nothing, so that it comes."""
+    return 0
 
 
 class ProxyHTTPServer(HTTPServer):
