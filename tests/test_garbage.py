@@ -112,6 +112,12 @@ ENDINGS = {
         dict(),
         lambda url: left_halfway(url, post(BLOB_PATH, BLOB[:100_000], len(BLOB))),
     ),
+    "the client leaves mid-way through a chunked body": (
+        dict(),
+        lambda url: left_halfway(
+            url, b"POST /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s" % (20, CHAT[:20])
+        ),
+    ),
     "the client leaves mid-answer": (dict(), lambda url: left_halfway(url, post(b"/api/chat", CHAT), answer_head=True)),
 }
 

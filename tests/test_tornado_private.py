@@ -5,7 +5,7 @@ import socket
 
 import pytest
 from tornado.ioloop import IOLoop
-from tornado.iostream import IOStream
+from tornado.iostream import IOStream, StreamClosedError
 
 from tornado_ollama_proxy.tornado_private import READ_AHEAD, ClientStream, buffered_bytes
 
@@ -75,3 +75,23 @@ async def test_a_client_closing_after_its_next_request_is_told_as_tornado_tells_
     await closed
     assert stream.closed()
     assert await stream.read_until(b"\r\n\r\n") == NEXT  # what came before the close is still read
+
+
+async def test_a_read_failed_by_the_close_is_kept_until_its_traceback_may_go(io_loop):
+    stream, client, _ = listening(ClientStream)
+    waiting = stream.read_until(b"\r\n\r\n")
+    client.close()
+    with pytest.raises(StreamClosedError) as raised:
+        await waiting
+    assert stream.read_failure is raised.value and raised.value.__traceback__ is not None
+    stream.forget_read_failure()
+    assert stream.read_failure is None and raised.value.__traceback__ is None
+    stream.forget_read_failure()  # once is enough: nothing more to forget
+
+
+async def test_a_read_cancelled_before_the_close_is_no_failure(io_loop):
+    stream, client, closed = listening(ClientStream)
+    stream.read_until(b"\r\n\r\n").cancel()
+    client.close()
+    await closed
+    assert stream.read_failure is None

@@ -236,6 +236,8 @@ class ProxyHTTPServer(HTTPServer):
         timer = self.waiting.get(server_conn)
         if timer is not None:
             timer.cancel()
+        assert isinstance(server_conn.stream, ClientStream)
+        server_conn.stream.forget_read_failure()  # it has reached Tornado's server loop, the last to wait
         super().on_close(server_conn)
 
     def close_idle(self) -> None:

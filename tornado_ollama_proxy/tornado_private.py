@@ -30,6 +30,7 @@ MISSING = [
         ("IOStream.socket", "socket" in IOStream.__init__.__code__.co_names),
         ("BaseIOStream._read_future", "_read_future" in BaseIOStream.__init__.__code__.co_names),
         ("BaseIOStream._handle_read", hasattr(BaseIOStream, "_handle_read")),
+        ("BaseIOStream._signal_closed", hasattr(BaseIOStream, "_signal_closed")),
         ("BaseIOStream._total_write_done_index", "_total_write_done_index" in BaseIOStream.__init__.__code__.co_names),
         ("IOStream.set_nodelay", "set_nodelay" in HTTP1Connection.finish.__code__.co_names),
         ("HTTPServerRequest._body_future", "_body_future" in RequestHandler.on_connection_close.__code__.co_names),
@@ -108,6 +109,8 @@ class ClientStream(IOStream):
     more than it is answered for is held back by TCP, as before.
     """
 
+    read_failure: BaseException | None = None  # what a read waiting as the stream closed failed with
+
     def _handle_events(self, fd: Any, events: int) -> None:
         if events != IOLoop.READ or self._read_future is not None or self.closed():
             super()._handle_events(fd, events)
@@ -115,3 +118,18 @@ class ClientStream(IOStream):
         self._handle_read()  # into the buffer, as Tornado reads with no read waiting
         if not self.closed() and self._read_buffer_size >= READ_AHEAD:
             super()._handle_events(fd, 0)  # no event: Tornado's reckoning alone, which stops listening
+
+    def _signal_closed(self) -> None:
+        waiting = self._read_future
+        super()._signal_closed()  # fails it with a StreamClosedError
+        if waiting is not None and not waiting.cancelled():
+            self.read_failure = waiting.exception()
+
+    def forget_read_failure(self) -> None:
+        """Let go of the failed read's traceback, once it has reached whatever waited for
+        it: its frames hold the read, which holds the failure. Tornado's reading of a
+        chunked body, whose client leaves mid-way, leaves that cycle (and the request's
+        handler in it) otherwise."""
+        if self.read_failure is not None:
+            self.read_failure.__traceback__ = None
+            self.read_failure = None
