@@ -231,6 +231,36 @@ async def test_messages_that_are_no_release_of_a_known_pod_are_ignored(redis_ser
         await leases.close()
 
 
+async def test_a_refusal_older_than_a_release_heard_meanwhile_leaves_the_slot_free(redis_server, no_second_looks):
+    """Another process's release, published after Redis refused this one's lease but heard
+    before that refusal's answer, is the newer news: the pod is not taken for full until
+    the next renewal (a second), and the queue sends its next waiter there at once."""
+    other = Leases(redis_server.url, ["a"], list)
+    held = await other.acquire("a", 1)
+    leases = Leases(redis_server.url, ["a"], list)
+    leases.start()
+    try:
+        await until_subscribed(coredis.Redis.from_url(redis_server.url, decode_responses=True))
+        await until(lambda: leases.others["a"] == 1)  # the first renewal: the other's lease
+        ask = leases._acquire
+
+        async def refused_then_released(**arguments):
+            answer = await ask(**arguments)  # refused: the other process holds the only slot
+            assert held is not None
+            other.release(held)
+            await until(lambda: leases.others["a"] == 0)  # its release, heard
+            return answer
+
+        leases._acquire = refused_then_released
+        assert await leases.acquire("a", 1) is None
+        assert leases.others["a"] == 0
+        leases._acquire = ask
+        assert await leases.acquire("a", 1)  # and it is free indeed
+    finally:
+        await leases.close()
+        await other.close()
+
+
 async def until_subscribed(redis):
     async def subscribers():
         return (await redis.pubsub_numsub(CHANNEL))[CHANNEL]

@@ -104,6 +104,7 @@ class Leases:
         self.numbers = itertools.count()
         self.held: dict[str, str] = {}  # this process's leases: lease -> pod
         self.others: Counter[str] = Counter()
+        self.news: Counter[str] = Counter()  # per pod, how many times Redis has told its count
         self.failing = False
         self._acquire = self.redis.register_script(_ACQUIRE)
         self._release = self.redis.register_script(_RELEASE)
@@ -124,6 +125,7 @@ class Leases:
         if self.failing:  # until a renewal finds Redis again
             return ""
         lease = f"{self.process}:{next(self.numbers)}"
+        heard = self.news[pod]
         try:
             answer = await self._call(lambda: self._acquire(keys=[self.key(pod)], args=[slots, lease, LEASE]))
         except RedisDown:
@@ -131,7 +133,9 @@ class Leases:
         taken, held = cast(list[int], answer)
         if not taken:
             # Full until Redis says otherwise (a release, a renewal): not asked again meanwhile.
-            self.others[pod] = max(held - self.mine(pod), slots)
+            # Unless it has, while this was asked: a release heard meanwhile is the newer news.
+            if self.news[pod] == heard:
+                self.others[pod] = max(held - self.mine(pod), slots)
             return None
         self.held[lease] = pod
         self._told(pod, held)
@@ -217,6 +221,7 @@ class Leases:
     def _told(self, pod: str, held: int) -> None:
         """Redis says `held` of `pod`'s slots are leased: the others' are those not ours."""
         self.others[pod] = max(0, held - self.mine(pod))
+        self.news[pod] += 1
 
     async def _call(self, call: Callable[[], Awaitable[Any]]) -> Any:
         """One call to Redis, within EVERY; `RedisDown` when it fails (the outage logged
