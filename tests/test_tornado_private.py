@@ -2,23 +2,29 @@
 
 import asyncio
 import socket
+import struct
 
 import pytest
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, StreamClosedError
 
-from tornado_ollama_proxy.tornado_private import READ_AHEAD, ClientStream, buffered_bytes
+from tornado_ollama_proxy.tornado_private import ClientStream, buffered_bytes
 
 from .helpers import until
 
 NEXT = b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n"
+HEAD_LIMIT = 65536  # Tornado's server reads a head with this max_bytes, as the proxy's does
 
 
-def listening(stream_class):
-    """A stream listening for a close while it serves a request, as Tornado's server
-    connection sets it (a close callback, no read waiting), and the client's socket."""
-    served, client = socket.socketpair()
+async def serving(stream_class):
+    """A loopback connection as Tornado's server holds it while it serves a request: the
+    request's head read, a close callback set (listening for a close), no read waiting."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        served, _ = listener.accept()
     stream = stream_class(served)
+    client.sendall(NEXT)
+    assert await stream.read_until_regex(b"\r?\n\r?\n", max_bytes=HEAD_LIMIT) == NEXT
     closed = asyncio.get_running_loop().create_future()
     stream.set_close_callback(lambda: closed.set_result(None))
     return stream, client, closed
@@ -37,11 +43,15 @@ def registrations(io_loop, monkeypatch) -> list[int]:
     return changes
 
 
+def stopped_listening(changes: list[int]) -> bool:
+    return bool(changes) and not changes[-1] & IOLoop.READ
+
+
 @pytest.mark.parametrize(("stream_class", "changes"), [(IOStream, 2), (ClientStream, 0)])
 async def test_a_next_request_come_before_it_is_asked_for_keeps_the_loop_listening(
     io_loop, monkeypatch, stream_class, changes
 ):
-    stream, client, _ = listening(stream_class)
+    stream, client, _ = await serving(stream_class)
     changed = registrations(io_loop, monkeypatch)
     client.sendall(NEXT)
     await until(lambda: buffered_bytes(stream) == len(NEXT))
@@ -52,15 +62,43 @@ async def test_a_next_request_come_before_it_is_asked_for_keeps_the_loop_listeni
     client.close()
 
 
+async def test_more_on_top_of_bytes_nobody_asked_for_stops_the_listening_unread(io_loop, monkeypatch):
+    stream, client, _ = await serving(ClientStream)
+    changed = registrations(io_loop, monkeypatch)
+    client.sendall(NEXT)
+    await until(lambda: buffered_bytes(stream) == len(NEXT))
+    client.sendall(NEXT)  # a second request, pipelined behind the first
+    await until(lambda: stopped_listening(changed))
+    assert buffered_bytes(stream) == len(NEXT)  # left to TCP
+    assert await stream.read_until(b"\r\n\r\n") == NEXT
+    assert await stream.read_until(b"\r\n\r\n") == NEXT  # read when asked for, in order
+    stream.close()
+    client.close()
+
+
+async def test_a_close_behind_a_pipelined_request_is_not_seen_before_it_is_asked_for(io_loop, monkeypatch):
+    stream, client, closed = await serving(ClientStream)
+    changed = registrations(io_loop, monkeypatch)
+    client.sendall(NEXT)
+    await until(lambda: buffered_bytes(stream) == len(NEXT))
+    client.shutdown(socket.SHUT_WR)
+    await until(lambda: stopped_listening(changed))
+    assert not stream.closed() and not closed.done()  # the answer in progress can go out
+    assert await stream.read_until(b"\r\n\r\n") == NEXT
+    with pytest.raises(StreamClosedError):
+        await stream.read_until(b"\r\n\r\n")
+    await closed
+    client.close()
+
+
 async def test_a_client_sending_more_than_it_is_asked_for_is_held_back_and_loses_nothing(io_loop, monkeypatch):
-    stream, client, _ = listening(ClientStream)
+    stream, client, _ = await serving(ClientStream)
     changed = registrations(io_loop, monkeypatch)
     client.setblocking(False)
     flood = bytes(range(256)) * (4 * 1024 * 1024 // 256)
     sending = asyncio.ensure_future(asyncio.get_running_loop().sock_sendall(client, flood))
-    await until(lambda: changed and not changed[-1] & IOLoop.READ)  # stopped listening
-    held = buffered_bytes(stream)
-    assert READ_AHEAD <= held < READ_AHEAD + stream.read_chunk_size
+    await until(lambda: stopped_listening(changed))
+    assert 0 < buffered_bytes(stream) < HEAD_LIMIT + stream.read_chunk_size  # one read's worth, as Tornado's
     assert not sending.done()  # TCP holds the rest back
     assert await stream.read_bytes(len(flood)) == flood
     await sending
@@ -68,29 +106,39 @@ async def test_a_client_sending_more_than_it_is_asked_for_is_held_back_and_loses
     client.close()
 
 
-async def test_a_client_closing_after_its_next_request_is_told_as_tornado_tells_it(io_loop):
-    stream, client, closed = listening(ClientStream)
+async def test_a_close_that_comes_with_the_next_request_is_told_and_the_request_still_read(io_loop):
+    stream, client, closed = await serving(ClientStream)
     client.sendall(NEXT)
     client.close()
     await closed
     assert stream.closed()
-    assert await stream.read_until(b"\r\n\r\n") == NEXT  # what came before the close is still read
+    assert await stream.read_until(b"\r\n\r\n") == NEXT
 
 
 async def test_a_read_failed_by_the_close_is_kept_until_its_traceback_may_go(io_loop):
-    stream, client, _ = listening(ClientStream)
+    stream, client, _ = await serving(ClientStream)
     waiting = stream.read_until(b"\r\n\r\n")
     client.close()
     with pytest.raises(StreamClosedError) as raised:
         await waiting
     assert stream.read_failure is raised.value and raised.value.__traceback__ is not None
-    stream.forget_read_failure()
+    stream.forget_failures()
     assert stream.read_failure is None and raised.value.__traceback__ is None
-    stream.forget_read_failure()  # once is enough: nothing more to forget
+    stream.forget_failures()  # once is enough: nothing more to forget
+
+
+async def test_a_reset_connections_error_lets_go_of_its_traceback(io_loop):
+    stream, client, closed = await serving(ClientStream)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()  # a reset
+    await closed
+    assert isinstance(stream.error, ConnectionResetError) and stream.error.__traceback__ is not None
+    stream.forget_failures()
+    assert stream.error.__traceback__ is None
 
 
 async def test_a_read_cancelled_before_the_close_is_no_failure(io_loop):
-    stream, client, closed = listening(ClientStream)
+    stream, client, closed = await serving(ClientStream)
     stream.read_until(b"\r\n\r\n").cancel()
     client.close()
     await closed

@@ -237,7 +237,7 @@ class ProxyHTTPServer(HTTPServer):
         if timer is not None:
             timer.cancel()
         assert isinstance(server_conn.stream, ClientStream)
-        server_conn.stream.forget_read_failure()  # it has reached Tornado's server loop, the last to wait
+        server_conn.stream.forget_failures()  # they have reached Tornado's server loop, the last to wait
         super().on_close(server_conn)
 
     def close_idle(self) -> None:

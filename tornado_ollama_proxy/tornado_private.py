@@ -43,11 +43,6 @@ MISSING = [
 ]
 
 
-# Bytes of a client's next request read ahead while the event loop goes on listening
-# (Tornado's own read ahead of a waiting request stops at its head size, 64 KiB, too).
-READ_AHEAD = 64 * 1024
-
-
 class IncompatibleTornado(RuntimeError):
     """This Tornado lacks what the proxy relies on; the message names it."""
 
@@ -103,10 +98,12 @@ class ClientStream(IOStream):
     later. Tornado reads the bytes into the stream's buffer, then stops
     listening (with bytes held, a close could not be told yet), and listens
     again while the request is served: two changes to the event loop's
-    registration, each a system call, per request. This stream keeps
-    listening while it holds less than READ_AHEAD bytes nobody has asked for;
-    beyond that, Tornado's own reckoning stops it, so that a client sending
-    more than it is answered for is held back by TCP, as before.
+    registration, each a system call, per request. This stream reads them
+    the same way and goes on listening; only if more comes on top of bytes
+    nobody has asked for yet does it stop, without reading them, as Tornado
+    would have: a client sending more than it is answered for is held back by
+    TCP, and a close behind a pipelined request is not seen before the answer
+    in progress has gone out.
     """
 
     read_failure: BaseException | None = None  # what a read waiting as the stream closed failed with
@@ -114,10 +111,10 @@ class ClientStream(IOStream):
     def _handle_events(self, fd: Any, events: int) -> None:
         if events != IOLoop.READ or self._read_future is not None or self.closed():
             super()._handle_events(fd, events)
-            return
-        self._handle_read()  # into the buffer, as Tornado reads with no read waiting
-        if not self.closed() and self._read_buffer_size >= READ_AHEAD:
+        elif self._read_buffer_size:
             super()._handle_events(fd, 0)  # no event: Tornado's reckoning alone, which stops listening
+        else:
+            self._handle_read()  # into the buffer, as Tornado reads with no read waiting
 
     def _signal_closed(self) -> None:
         waiting = self._read_future
@@ -125,11 +122,13 @@ class ClientStream(IOStream):
         if waiting is not None and not waiting.cancelled():
             self.read_failure = waiting.exception()
 
-    def forget_read_failure(self) -> None:
-        """Let go of the failed read's traceback, once it has reached whatever waited for
-        it: its frames hold the read, which holds the failure. Tornado's reading of a
-        chunked body, whose client leaves mid-way, leaves that cycle (and the request's
-        handler in it) otherwise."""
-        if self.read_failure is not None:
-            self.read_failure.__traceback__ = None
-            self.read_failure = None
+    def forget_failures(self) -> None:
+        """Let go of the tracebacks of what failed the stream, once they have reached
+        whatever waited for them: their frames hold the stream or its failed read,
+        which hold them. Tornado's reading of a chunked body whose client leaves
+        mid-way, and a client resetting its connection, leave such a cycle (and the
+        request's handler in the first) otherwise."""
+        for failure in (self.read_failure, self.error):
+            if failure is not None:
+                failure.__traceback__ = None
+        self.read_failure = None
