@@ -43,6 +43,16 @@ def registrations(io_loop, monkeypatch) -> list[int]:
     return changes
 
 
+async def next_request_come(stream_class, io_loop, monkeypatch):
+    """`serving`, and the client's next request come and read ahead, with the changes to the
+    loop's registration counted from before it came."""
+    stream, client, closed = await serving(stream_class)
+    changed = registrations(io_loop, monkeypatch)
+    client.sendall(NEXT)
+    await until(lambda: buffered_bytes(stream) == len(NEXT))
+    return stream, client, closed, changed
+
+
 def stopped_listening(changes: list[int]) -> bool:
     return bool(changes) and not changes[-1] & IOLoop.READ
 
@@ -51,10 +61,7 @@ def stopped_listening(changes: list[int]) -> bool:
 async def test_a_next_request_come_before_it_is_asked_for_keeps_the_loop_listening(
     io_loop, monkeypatch, stream_class, changes
 ):
-    stream, client, _ = await serving(stream_class)
-    changed = registrations(io_loop, monkeypatch)
-    client.sendall(NEXT)
-    await until(lambda: buffered_bytes(stream) == len(NEXT))
+    stream, client, _, changed = await next_request_come(stream_class, io_loop, monkeypatch)
     assert await stream.read_until(b"\r\n\r\n") == NEXT
     # Tornado's own stream stops listening, then listens again: two system calls.
     assert len(changed) == changes
@@ -63,10 +70,7 @@ async def test_a_next_request_come_before_it_is_asked_for_keeps_the_loop_listeni
 
 
 async def test_more_on_top_of_bytes_nobody_asked_for_stops_the_listening_unread(io_loop, monkeypatch):
-    stream, client, _ = await serving(ClientStream)
-    changed = registrations(io_loop, monkeypatch)
-    client.sendall(NEXT)
-    await until(lambda: buffered_bytes(stream) == len(NEXT))
+    stream, client, _, changed = await next_request_come(ClientStream, io_loop, monkeypatch)
     client.sendall(NEXT)  # a second request, pipelined behind the first
     await until(lambda: stopped_listening(changed))
     assert buffered_bytes(stream) == len(NEXT)  # left to TCP
@@ -77,10 +81,7 @@ async def test_more_on_top_of_bytes_nobody_asked_for_stops_the_listening_unread(
 
 
 async def test_a_close_behind_a_pipelined_request_is_not_seen_before_it_is_asked_for(io_loop, monkeypatch):
-    stream, client, closed = await serving(ClientStream)
-    changed = registrations(io_loop, monkeypatch)
-    client.sendall(NEXT)
-    await until(lambda: buffered_bytes(stream) == len(NEXT))
+    stream, client, closed, changed = await next_request_come(ClientStream, io_loop, monkeypatch)
     client.shutdown(socket.SHUT_WR)
     await until(lambda: stopped_listening(changed))
     assert not stream.closed() and not closed.done()  # the answer in progress can go out
