@@ -1,14 +1,16 @@
-"""The stream a client's connection is served on, at the socket and event-loop level."""
+"""The stream a client's connection is served on, at the socket and event-loop level, and
+how its connection frames an answer's pieces."""
 
 import asyncio
 import socket
 import struct
 
 import pytest
+from tornado.http1connection import HTTP1Connection
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, StreamClosedError
 
-from tornado_ollama_proxy.tornado_private import ClientStream, buffered_bytes
+from tornado_ollama_proxy.tornado_private import ClientStream, buffered_bytes, format_chunk
 
 from .helpers import until
 
@@ -144,3 +146,17 @@ async def test_a_read_cancelled_before_the_close_is_no_failure(io_loop):
     client.close()
     await closed
     assert stream.read_failure is None
+
+
+@pytest.mark.parametrize(
+    ("chunking", "length"), [(True, None), (False, 400), (False, None)], ids=["chunked", "sized", "to the close"]
+)
+@pytest.mark.parametrize("piece", [b"", b"x", b"y" * 300], ids=["empty", "1 byte", "300 bytes"])
+async def test_a_piece_is_framed_as_tornados_own_connection_frames_it(chunking, length, piece):
+    with socket.socket() as sock:
+        stream = IOStream(sock)
+        ours, tornados = HTTP1Connection(stream, is_client=False), HTTP1Connection(stream, is_client=False)
+        for connection in (ours, tornados):  # as write_headers leaves them
+            connection._chunking_output, connection._expected_content_remaining = chunking, length
+        assert format_chunk(ours, piece) == tornados._format_chunk(piece)
+        assert ours._expected_content_remaining == tornados._expected_content_remaining  # the length counted down
