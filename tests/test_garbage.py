@@ -180,3 +180,25 @@ def test_while_serving_start_up_objects_are_out_of_collections_and_the_young_col
         kept = [[] for _ in range(2 * YOUNG_COLLECTION)]
         assert gone() is None and kept  # collected with the youngest generation, if later
     assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
+
+
+BAD_FRAMING = {  # a chunked body whose framing goes wrong after the proxy has begun to send it on
+    "a bad second chunk size": b"zz\r\n",
+    "a trailer": b"0\r\nX-Bad: 1\r\n\r\n",
+    "a chunk longer than its size": b"5\r\nabcdeXX",
+}
+
+
+@pytest.mark.parametrize("rest", BAD_FRAMING.values(), ids=BAD_FRAMING)
+async def test_a_body_whose_framing_goes_wrong_midway_leaves_no_cycle(proxy_url, log_lines, servers, rest):
+    async def cut():
+        reader, writer = await open_raw(proxy_url)
+        writer.write(b"POST %s HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" % BLOB_PATH)
+        writer.write(b"%x\r\n%s\r\n" % (100_000, BLOB[:100_000]))
+        await until(lambda: proxy_url.proxy.exchanges)  # the proxy is taking the body upstream
+        writer.write(rest)
+        assert await reader.read() == b"HTTP/1.1 400 Bad Request\r\n\r\n"  # Tornado's, as the request ends
+        writer.close()
+        return 1
+
+    assert await left_in_cycles(cut, log_lines, servers, proxy_url) == []
