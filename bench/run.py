@@ -419,7 +419,7 @@ def table(title: str, results: dict[str, list[dict]]) -> None:
         ratios = [medians[name][m] / medians["nginx"][m] if medians["nginx"][m] else float("nan") for m in metrics]
         print(f"| {name} / nginx | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
     # Repeat by repeat: single runs on a shared machine differ more than the changes worth seeing.
-    for other in ("nginx", "tornado floor", "node original", "baseline"):
+    for other in ("nginx", "relay floor", "tornado floor", "tornado web on llhttp", "node original", "baseline"):
         if other in results:
             pairs = list(zip(results["proxy"], results[other], strict=True))
             cells = (spread([run[m] / base[m] for run, base in pairs if base[m]]) for m in metrics)
@@ -787,9 +787,12 @@ async def suite(args: argparse.Namespace, source: Path | None) -> None:
     upstream_port, nginx_port, proxy_port, workers_port, floor_port, node_port, baseline_port = (
         free_port() for _ in range(7)
     )
+    llhttp_port, relay_port = free_port(), free_port()
     processes = [
         upstream_process := start_server("upstream.py", upstream_port),
         floor := start_server("floor.py", floor_port),
+        llhttp := start_server("llhttp_floor.py", llhttp_port),
+        relay := start_server("relay_floor.py", relay_port, str(upstream_port)),
         nginx := start_nginx("nginx.conf", PORT=nginx_port, UPSTREAM=f"127.0.0.1:{upstream_port}", KEEPALIVE=64),
         proxy := start_proxy(proxy_port, upstream(upstream_port)),
         workers := start_proxy(workers_port, {**upstream(upstream_port), "OLLAMA_PROXY_WORKERS": "2"}),
@@ -798,22 +801,28 @@ async def suite(args: argparse.Namespace, source: Path | None) -> None:
         await wait_for_port(nginx_port)
         await wait_for_port(proxy_port)
         worker_pids = await wait_for_workers(workers_port, 2)
-        own = [upstream_process.pid, floor.pid, nginx_worker(nginx), proxy.pid, *worker_pids]
+        own = [upstream_process.pid, floor.pid, llhttp.pid, relay.pid, nginx_worker(nginx), proxy.pid, *worker_pids]
         targets = [
             Target("direct", upstream_port, upstream_process.pid, corrects=False),
             Target("nginx", nginx_port, nginx_worker(nginx), corrects=True),
             proxy_target := Target("proxy", proxy_port, proxy.pid, corrects=True),
         ]
         # Scenarios 1 and 2 also run against the proxy with two worker processes, and the
-        # baseline when given; scenario 2 also against the seed's Node original and bare
-        # Tornado answering a constant (the floor).
+        # baseline when given; scenario 1 also against uvloop passing bytes on (the relay
+        # floor); scenario 2 against the seed's Node original and bare Tornado answering a
+        # constant (the floor), on its own HTTP/1.1 server and on llhttp.
         with_workers = [*targets, Target("proxy x2", workers_port, workers.pid, corrects=True, workers=True)]
         if source:
             processes.append(baseline := start_proxy(baseline_port, upstream(upstream_port), source))
             await wait_for_port(baseline_port)
             with_workers.append(Target("baseline", baseline_port, baseline.pid, corrects=True))
             own.append(baseline.pid)
-        small_targets = [*with_workers, Target("tornado floor", floor_port, floor.pid, corrects=False)]
+        stream_targets = [*with_workers, Target("relay floor", relay_port, relay.pid, corrects=False)]
+        small_targets = [
+            *with_workers,
+            Target("tornado floor", floor_port, floor.pid, corrects=False),
+            Target("tornado web on llhttp", llhttp_port, llhttp.pid, corrects=False),
+        ]
         if "2" in only:
             processes.append(node := start_node_original(node_port, upstream_port))
             await wait_for_port(node_port)
@@ -832,7 +841,7 @@ async def suite(args: argparse.Namespace, source: Path | None) -> None:
         for streams in (1, 100, 500) if "1" in only else ():
             await compare(
                 f"1. token streams: {streams} x 50 chunks/s",
-                with_workers,
+                stream_targets,
                 args.repeats,
                 lambda t, s=streams: scenario_streams(t, s, seconds),
             )
