@@ -4,6 +4,8 @@ how its connection frames an answer's pieces."""
 import asyncio
 import socket
 import struct
+import subprocess
+import sys
 
 import pytest
 from tornado.http1connection import HTTP1Connection
@@ -160,3 +162,13 @@ async def test_a_piece_is_framed_as_tornados_own_connection_frames_it(chunking, 
             connection._chunking_output, connection._expected_content_remaining = chunking, length
         assert format_chunk(ours, piece) == tornados._format_chunk(piece)
         assert ours._expected_content_remaining == tornados._expected_content_remaining  # the length counted down
+
+
+def test_a_tornado_without_the_framing_method_is_named_at_start_up_not_crashed_on():
+    script = (
+        "import tornado.http1connection as c; del c.HTTP1Connection._format_chunk; "
+        "from tornado_ollama_proxy import tornado_private; tornado_private.require()"
+    )
+    ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 1
+    assert "lacks HTTP1Connection._format_chunk, HTTP1Connection's output framing state, which" in ran.stderr

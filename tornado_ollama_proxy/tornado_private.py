@@ -27,7 +27,9 @@ MISSING = [
         ("HTTP1Connection._format_chunk", hasattr(HTTP1Connection, "_format_chunk")),
         (
             "HTTP1Connection's output framing state",
-            {"_chunking_output", "_expected_content_remaining"} <= set(HTTP1Connection._format_chunk.__code__.co_names),
+            hasattr(HTTP1Connection, "_format_chunk")
+            and {"_chunking_output", "_expected_content_remaining"}
+            <= set(HTTP1Connection._format_chunk.__code__.co_names),
         ),
         ("BaseIOStream._read_buffer_size", "_read_buffer_size" in BaseIOStream.__init__.__code__.co_names),
         ("IOStream.socket", "socket" in IOStream.__init__.__code__.co_names),
