@@ -293,3 +293,25 @@ def tokens_reported(path: str, body: bytes, stream: bool) -> tuple[int, int]:
         assert (name, end) == ("message_delta", "message_stop")
         usage = delta["usage"]
     return usage["input_tokens"], usage["output_tokens"]
+
+
+async def http_1_0_answers(url, *requests: bytes) -> tuple[bytes, bytes]:
+    """Send `requests` at once on one connection, as an HTTP/1.0 client keeping it alive
+    does; what comes back before the proxy closes it (or stops sending for a second), and
+    b"closed" if it closed it, else b"open"."""
+    reader, writer = await open_raw(url)
+    writer.write(b"".join(requests))
+    received = b""
+    try:
+        while piece := await asyncio.wait_for(reader.read(1 << 16), 1):
+            received += piece
+    except TimeoutError:
+        writer.close()
+        return received, b"open"
+    writer.close()
+    return received, b"closed"
+
+
+def keep_alive_1_0(method: bytes, path: bytes, body: bytes = b"") -> bytes:
+    length = b"Content-Length: %d\r\n" % len(body) if body else b""
+    return b"%s %s HTTP/1.0\r\nConnection: keep-alive\r\n%s\r\n%s" % (method, path, length, body)

@@ -20,6 +20,8 @@ from tornado_ollama_proxy.routes import parse_routes
 from .helpers import (
     BlackHole,
     CannedUpstream,
+    http_1_0_answers,
+    keep_alive_1_0,
     open_raw,
     raw_request,
     read_chunked_to_end,
@@ -278,6 +280,24 @@ async def test_http_1_0_clients_get_the_stream_ended_by_close(proxy_url, fake):
     status, headers, payload = split_response(raw)
     assert status == 200 and "transfer-encoding" not in headers
     assert [part["done"] for part in lines(payload)] == [False, False, False, True]
+
+
+async def test_an_http_1_0_client_keeping_alive_gets_an_unsized_stream_ended_by_the_close(proxy_url, fake):
+    chat = keep_alive_1_0(b"GET", b"/api/chat", json.dumps(CHAT).encode())
+    received, end = await http_1_0_answers(proxy_url, chat, keep_alive_1_0(b"GET", b"/api/tags"))
+    status, headers, payload = split_response(received)
+    assert (status, headers["connection"], end) == (200, ["close"], b"closed")
+    assert "transfer-encoding" not in headers and "content-length" not in headers
+    assert [part["done"] for part in lines(payload)] == [False, False, False, True]  # the next answer not in it
+
+
+async def test_an_http_1_0_client_keeping_alive_keeps_its_connection_after_a_sized_answer(proxy_url, fake):
+    received, end = await http_1_0_answers(proxy_url, *[keep_alive_1_0(b"GET", b"/api/tags")] * 2)
+    first, second = received.split(b"HTTP/1.1 ")[1:]
+    for answer in (first, second):
+        status, headers, payload = split_response(b"HTTP/1.1 " + answer)
+        assert (status, headers["connection"], len(payload)) == (200, ["Keep-Alive"], int(headers["content-length"][0]))
+    assert end == b"open"
 
 
 # -- requests the proxy refuses ---------------------------------------------------

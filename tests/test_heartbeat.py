@@ -14,6 +14,8 @@ from tornado_ollama_proxy.heartbeat import may_beat, strip_beats, told_error
 from .fake_ollama import NO_SPACE
 from .helpers import (
     ScriptedUpstream,
+    http_1_0_answers,
+    keep_alive_1_0,
     open_raw,
     read_body,
     read_chunked_to_end,
@@ -182,6 +184,20 @@ async def test_the_first_heartbeat_sends_the_head_then_spaces_then_the_answer(pr
     [record] = records(log_lines)
     assert (record["heartbeats"], record["status"], record["upstream_status"]) == (spaces, 200, 200)
     writer.close()
+
+
+async def test_an_http_1_0_client_keeping_alive_gets_the_heartbeats_head_and_the_close(proxy):
+    chat = keep_alive_1_0(b"GET", b"/api/chat", json.dumps({"model": "slow", "messages": MESSAGES}).encode())
+    received, end = await http_1_0_answers(proxy, chat, keep_alive_1_0(b"GET", b"/api/tags"))
+    status, headers, answer = split_response(received)
+    assert (status, headers["x-ollama-proxy-heartbeat"], headers["connection"], end) == (
+        200,
+        ["1"],
+        ["close"],
+        b"closed",
+    )
+    assert answer.startswith(b"  ") and "transfer-encoding" not in headers
+    assert [json.loads(line)["done"] for line in answer.splitlines()] == [False, False, False, True]
 
 
 async def test_event_streams_get_comment_lines(proxy):

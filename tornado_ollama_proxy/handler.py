@@ -42,7 +42,7 @@ from .record import AccessRecord
 from .relay import UPSTREAM_HEADER, peer_closed
 from .routes import METHODS, Route, check_target, decide_method, is_reserved
 from .token_windows import windows_of
-from .tornado_private import body_failure
+from .tornado_private import ask_no_keep_alive, body_failure
 
 JSON_TYPE = "application/json; charset=utf-8"
 # A refusal waits for a body up to this size, read and dropped, so that the
@@ -452,7 +452,13 @@ class ProxyHandler(BaseHandler):
             self.clear_header("Date")
         for name, value in headers:
             self.add_header(name, value)
+        if self.request.version == "HTTP/1.0" and not self._delimited(code):
+            self.set_header("Connection", "close")  # the close is where the body ends
         self._add_headers()
+
+    def _delimited(self, code: int) -> bool:
+        """Whether an answer's end is clear without a close: it has no body, or its length."""
+        return self.request.method == "HEAD" or code in (204, 304) or "Content-Length" in self._headers
 
     def add_answer_headers(self, headers: Mapping[str, str]) -> None:
         self.added_headers.update(headers)
@@ -513,6 +519,11 @@ class ProxyHandler(BaseHandler):
         self.set_header("Connection", "close")  # a method it does not know, or worse: start afresh
         self.answered = True
         super().write_error(status_code, **kwargs)
+
+    def flush(self, include_footers: bool = False) -> asyncio.Future[None]:
+        if self.request.version == "HTTP/1.0" and value_of(self._headers, "Connection") == "close":
+            ask_no_keep_alive(self.request)  # else Tornado tells it "Keep-Alive"
+        return super().flush(include_footers)
 
     def finish(self, chunk: Any = None) -> asyncio.Future[None]:
         self.answered = True

@@ -8,9 +8,12 @@ the keep-alive watch asks the stream how many bytes of a request it holds
 (`_total_write_done_index`); a handler whose client left mid-body finds the error
 Tornado failed the body's wait with (`_body_future`), to let go of its traceback; the
 handlers reset an answer as `RequestHandler.clear` does, with a Date formatted once a
-second; a client's connection keeps Nagle's algorithm off (`keep_nodelay`), and reads
-its next request ahead without ceasing to listen (`ClientStream`). A Tornado without
-them fails at start-up with one clear line (`require`), not on every stream.
+second; an answer to an HTTP/1.0 client that only its close can end drops the client's
+ask to keep the connection, which Tornado reads from the request's own headers
+(`_request_headers`); a client's connection keeps Nagle's algorithm off
+(`keep_nodelay`), and reads its next request ahead without ceasing to listen
+(`ClientStream`). A Tornado without them fails at start-up with one clear line
+(`require`), not on every stream.
 """
 
 from typing import Any
@@ -38,6 +41,10 @@ MISSING = [
         ("BaseIOStream._signal_closed", hasattr(BaseIOStream, "_signal_closed")),
         ("BaseIOStream._total_write_done_index", "_total_write_done_index" in BaseIOStream.__init__.__code__.co_names),
         ("IOStream.set_nodelay", "set_nodelay" in HTTP1Connection.finish.__code__.co_names),
+        (
+            "HTTP1Connection._request_headers",
+            "_request_headers" in HTTP1Connection.write_headers.__code__.co_names,
+        ),
         ("HTTPServerRequest._body_future", "_body_future" in RequestHandler.on_connection_close.__code__.co_names),
         (
             "RequestHandler.clear's attributes",
@@ -70,6 +77,15 @@ def format_chunk(connection: HTTP1Connection, piece: bytes) -> bytes:
     if connection._chunking_output and connection._expected_content_remaining is None and piece:
         return b"%x\r\n%b\r\n" % (len(piece), piece)
     return connection._format_chunk(piece)
+
+
+def ask_no_keep_alive(request: HTTPServerRequest) -> None:
+    """Let the answer's own `Connection: close` stand. Tornado's connection tells an HTTP/1.0
+    client that asked to keep the connection alive `Connection: Keep-Alive`, whatever the
+    answer says (from its `_request_headers`: the request's own headers), even when the
+    answer has no length and only the close can end it. The ask has been read by then
+    (hop-by-hop: it never goes upstream)."""
+    request.headers.pop("Connection", None)
 
 
 def buffered_bytes(stream: BaseIOStream) -> int:
