@@ -3,17 +3,20 @@ however it ends: collecting those costs a busy proxy a fifth of its CPU or more,
 cycle holds what its request held (its body among them) until a collection finds it,
 later the longer it lived."""
 
+import asyncio
 import gc
 import hashlib
 import json
+import logging
 import weakref
 
 import pytest
+from _pytest.logging import LogCaptureHandler
 
 from tornado_ollama_proxy.auth import parse_entries
 from tornado_ollama_proxy.server import YOUNG_COLLECTION, start_up_frozen
 
-from .helpers import open_raw, pool_of, read_response, ready, send_json, until, unused_url
+from .helpers import ScriptedUpstream, open_raw, pool_of, read_response, ready, send_json, until, unused_url
 
 CHAT = json.dumps({"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}).encode()
 SHOW = json.dumps({"model": "llama3.2"}).encode()
@@ -32,6 +35,11 @@ async def left_in_cycles(action, log_lines, servers, proxy) -> list[str]:
         requests = await action()
         await until(lambda: len([line for line in log_lines() if line["message"] == "request"]) == requests)
         await until(lambda: not server.served)
+        # pytest's log capture keeps each record, and what it names (an error, its
+        # traceback): a running proxy's handler lets go of them once written.
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, LogCaptureHandler):
+                handler.clear()
         gc.collect()
         return sorted({type(found).__qualname__ for found in gc.garbage if _ours(found) and id(found) not in earlier})
     finally:
@@ -202,3 +210,38 @@ async def test_a_body_whose_framing_goes_wrong_midway_leaves_no_cycle(proxy_url,
         return 1
 
     assert await left_in_cycles(cut, log_lines, servers, proxy_url) == []
+
+
+BAD_ANSWERS = {  # a chunked answer from the pod whose framing goes wrong
+    "a bad first chunk size": (b"", b"zz\r\n"),
+    "a bad second chunk size": (b'{"done": false}\n', b"zz\r\n"),
+    "a chunk longer than its size": (b'{"done": false}\n', b"5\r\nabcdeXX"),
+}
+
+
+@pytest.mark.parametrize(("first", "rest"), BAD_ANSWERS.values(), ids=BAD_ANSWERS)
+async def test_an_answer_whose_framing_goes_wrong_leaves_no_cycle(make_proxy, log_lines, servers, first, rest):
+    relayed = asyncio.Event()  # the client has the first piece: the rest comes in a read of its own
+
+    async def answer(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n")
+        if first:
+            writer.write(b"%x\r\n%s\r\n" % (len(first), first))
+            await relayed.wait()
+        writer.write(rest)
+        await reader.read()  # until the proxy drops the connection
+
+    proxy = make_proxy(upstream=await ScriptedUpstream(answer).start())
+
+    async def cut_short():
+        reader, writer = await open_raw(proxy)
+        writer.write(b"GET /x/stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        if first:
+            await reader.readuntil(first)
+            relayed.set()
+        await reader.read()  # cut short, or a 502
+        writer.close()
+        return 1
+
+    assert await left_in_cycles(cut_short, log_lines, servers, proxy) == []

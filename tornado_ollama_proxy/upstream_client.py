@@ -557,8 +557,11 @@ class Exchange:
                 if connection.transport is not None:
                     connection.abort()
         # Raised in this exchange (a connection refused, a callback's bug), its traceback
-        # holds the exchange, which holds the fetch's future, which holds the error: a cycle.
-        error.__traceback__ = None
+        # holds the exchange, which holds the fetch's future, which holds the error: a cycle;
+        # so does that of the error it was raised in the handling of (the parser's).
+        cause: BaseException | None = error
+        while cause is not None:
+            cause.__traceback__, cause = None, cause.__context__
         self._settle(
             HTTPResponse(
                 self.request,
