@@ -8,7 +8,9 @@ import struct
 import pytest
 from tornado.iostream import IOStream
 
-from tornado_ollama_proxy.relay import send_now_or_queue
+from tornado_ollama_proxy.framing import Head
+from tornado_ollama_proxy.record import AccessRecord
+from tornado_ollama_proxy.relay import AnswerRelay, send_now_or_queue
 
 from .helpers import CannedUpstream, ScriptedUpstream, open_raw, read_response
 
@@ -85,6 +87,45 @@ async def test_a_client_that_reset_closes_the_stream(io_loop):
 async def proxy_before(make_proxy, *answers, **settings):
     canned = CannedUpstream(*answers, linger=True)
     return canned, make_proxy(upstream=await canned.start(), **settings)
+
+
+class Noted:
+    """A client's side of an answer that notes what the relay tells it."""
+
+    client_head = False
+    answered = False
+
+    def __init__(self):
+        self.told: list[str] = []
+
+    def take_head(self, code, reason, headers, *, relayed):
+        self.told.append(f"head {code} taken")
+
+    def send_head(self, first=b""):
+        self.told.append("head sent")
+
+    def finish(self):
+        self.answered = True
+        self.told.append("finished")
+
+
+@pytest.mark.parametrize("code", [200, 204, 304])
+async def test_an_answer_that_ends_before_its_heads_turn_sends_the_head_first(io_loop, code):
+    reply = Noted()
+    relay = AnswerRelay(
+        reply,
+        None,
+        AccessRecord("id", "127.0.0.1", "HEAD", "/api/tags", "/api/tags"),
+        started=0.0,
+        upstream_head=True,
+        answer_format=lambda: None,
+        heartbeat=None,
+    )
+    relay.on_head(Head("HTTP/1.1", code, "", [("Content-Type", "application/json")], None), "pod")
+    relay.end()  # in the same loop turn, as the journey settles an answer already whole
+    reply.finish()
+    await asyncio.sleep(0)  # the turn the head was to go out in
+    assert reply.told == [f"head {code} taken", "head sent", "finished"]
 
 
 @pytest.mark.parametrize("status", [b"HTTP/1.1 200 ", b"HTTP/1.1 200"])

@@ -238,11 +238,15 @@ class AnswerRelay:
         return self.flow.send(data)
 
     def end(self) -> None:
-        """The answer has ended whole: what the strip held back (the stream ended inside
-        an event) goes on, less what the client did not ask for (`UsageStrip.rest`)."""
+        """The answer has ended whole: its head goes out if it has not yet (an answer
+        without a body may end before the loop turn its head waits for, and Tornado's
+        finish would write one of its own, sized and trimmed its way), then what the
+        strip held back (the stream ended inside an event), less what the client did not
+        ask for (`UsageStrip.rest`)."""
+        assert self.head is not None  # an answer that ended whole had one
+        self.send_head()
         rest = self.strip.rest() if self.strip is not None else b""
         if rest and not self.reply.answered:
-            self.send_head()  # out already, unless every byte so far was held
             self.flow.send(rest)
 
     # -- heartbeats ------------------------------------------------------------------
