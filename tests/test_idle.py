@@ -1,6 +1,8 @@
 """The idle watch: silence noticed after its period, and again while it lasts."""
 
 import asyncio
+import gc
+import weakref
 
 from tornado_ollama_proxy.idle import Silence, _Round
 
@@ -44,6 +46,20 @@ async def test_watches_of_one_period_share_one_timer_which_ends_with_the_last(io
     renewed = Silence(0.2, lambda: 0, list)  # a new round, for a new watch
     assert renewed.round is not first.round
     renewed.stop()
+
+
+async def test_a_round_that_ended_is_freed_at_once_not_left_in_a_cycle(io_loop):
+    loop = asyncio.get_running_loop()
+    watch = Silence(0.1, lambda: 0, list)
+    ended = weakref.ref(watch.round)
+    watch.stop()
+    del watch  # which names its round
+    await until(lambda: (loop, 0.1) not in _Round.rounds)
+    gc.disable()  # only reference counting may free it
+    try:
+        await until(lambda: ended() is None)
+    finally:
+        gc.enable()
 
 
 async def test_a_watch_stopped_by_another_in_the_same_round_is_not_looked_at(io_loop):

@@ -61,13 +61,13 @@ class _Round:
         self.loop = loop
         self.period = period
         self.watches: dict[Silence, None] = {}  # in the order they started
-        self.timer = loop.call_later(period / 4, self._look)
+        loop.call_later(period / 4, self._look)  # not kept: a timer that has run would hold this round
 
     def _look(self) -> None:
         if not self.watches:
             del _Round.rounds[(self.loop, self.period)]
             return
-        self.timer = self.loop.call_later(self.period / 4, self._look)  # whatever a watch's callback does
+        self.loop.call_later(self.period / 4, self._look)  # whatever a watch's callback does
         now = self.loop.time()
         for watch in list(self.watches):
             if watch.calls is None:  # stopped by one looked at before it
