@@ -2,7 +2,8 @@
 
 Each client connection gets a connection of its own to the upstream, and every
 byte read on one is written to the other at once: no parsing, no framing, no
-method to restore (the client sends the real one). What any Python relay on
+method to restore (the client sends the real one), no backpressure (a token stream
+needs none). What any Python relay on
 uvloop pays per chunk before doing its job, as bench/floor.py is for small
 requests.
 
@@ -32,6 +33,9 @@ class Relay(asyncio.Protocol):
             _, self.peer = await loop.create_connection(lambda: Relay(self), "127.0.0.1", UPSTREAM)
         except OSError:
             self.transport.close()
+            return
+        if self.transport.is_closing():  # the client left meanwhile
+            self.peer.transport.close()
             return
         self.peer.transport.writelines(self.early)  # sent before the upstream answered the connect
 
