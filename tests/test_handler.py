@@ -28,6 +28,7 @@ from .helpers import (
     read_response,
     settled,
     split_response,
+    until,
     unused_url,
 )
 
@@ -289,6 +290,14 @@ async def test_an_http_1_0_client_keeping_alive_gets_an_unsized_stream_ended_by_
     assert (status, headers["connection"], end) == (200, ["close"], b"closed")
     assert "transfer-encoding" not in headers and "content-length" not in headers
     assert [part["done"] for part in lines(payload)] == [False, False, False, True]  # the next answer not in it
+
+
+async def test_the_access_record_keeps_the_ask_to_keep_alive_that_a_stream_could_not_grant(make_proxy, fake, log_lines):
+    proxy = make_proxy(log_headers=("Connection",))
+    _, end = await http_1_0_answers(proxy, keep_alive_1_0(b"GET", b"/api/chat", json.dumps(CHAT).encode()))
+    await until(lambda: [line for line in log_lines() if line["message"] == "request"])
+    [record] = [line for line in log_lines() if line["message"] == "request"]
+    assert (end, record["headers"]) == (b"closed", {"Connection": "keep-alive"})
 
 
 async def test_an_http_1_0_client_keeping_alive_keeps_its_connection_after_a_sized_answer(proxy_url, fake):

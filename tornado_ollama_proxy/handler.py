@@ -522,7 +522,7 @@ class ProxyHandler(BaseHandler):
 
     def flush(self, include_footers: bool = False) -> asyncio.Future[None]:
         if self.request.version == "HTTP/1.0" and value_of(self._headers, "Connection") == "close":
-            ask_no_keep_alive(self.request)  # else Tornado tells it "Keep-Alive"
+            ask_no_keep_alive(self.request.connection)  # type: ignore[arg-type]  # else Tornado tells it "Keep-Alive"
         return super().flush(include_footers)
 
     def finish(self, chunk: Any = None) -> asyncio.Future[None]:

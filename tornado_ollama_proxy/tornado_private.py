@@ -9,8 +9,8 @@ the keep-alive watch asks the stream how many bytes of a request it holds
 Tornado failed the body's wait with (`_body_future`), to let go of its traceback; the
 handlers reset an answer as `RequestHandler.clear` does, with a Date formatted once a
 second; an answer to an HTTP/1.0 client that only its close can end drops the client's
-ask to keep the connection, which Tornado reads from the request's own headers
-(`_request_headers`); a client's connection keeps Nagle's algorithm off
+ask to keep the connection from the request's headers as Tornado's connection holds
+them (`_request_headers`); a client's connection keeps Nagle's algorithm off
 (`keep_nodelay`), and reads its next request ahead without ceasing to listen
 (`ClientStream`). A Tornado without them fails at start-up with one clear line
 (`require`), not on every stream.
@@ -79,13 +79,16 @@ def format_chunk(connection: HTTP1Connection, piece: bytes) -> bytes:
     return connection._format_chunk(piece)
 
 
-def ask_no_keep_alive(request: HTTPServerRequest) -> None:
+def ask_no_keep_alive(connection: HTTP1Connection) -> None:
     """Let the answer's own `Connection: close` stand. Tornado's connection tells an HTTP/1.0
     client that asked to keep the connection alive `Connection: Keep-Alive`, whatever the
-    answer says (from its `_request_headers`: the request's own headers), even when the
-    answer has no length and only the close can end it. The ask has been read by then
-    (hop-by-hop: it never goes upstream)."""
-    request.headers.pop("Connection", None)
+    answer says, even when the answer has no length and only the close can end it: it
+    reads the ask from the request's headers as it holds them (`_request_headers`), which
+    now lack it. The request's own headers keep it, for the access record."""
+    assert connection._request_headers is not None  # it has read the request
+    headers = connection._request_headers.copy()
+    headers.pop("Connection", None)
+    connection._request_headers = headers
 
 
 def buffered_bytes(stream: BaseIOStream) -> int:
