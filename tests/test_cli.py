@@ -165,12 +165,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_an_incompatible_tornado_stops_start_up_with_one_line(monkeypatch, capsys, tmp_path):
+@pytest.mark.parametrize("command", [[], ["check"]], ids=["serve", "check"])
+def test_an_incompatible_tornado_stops_start_up_with_one_line(monkeypatch, capsys, tmp_path, command):
     from tornado_ollama_proxy import tornado_private
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(tornado_private, "MISSING", ["HTTP1Connection._format_chunk"])
-    assert main([]) == 2
+    assert main(command) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "lacks HTTP1Connection._format_chunk, which this proxy relies on" in err

@@ -2,7 +2,8 @@
 
 Validates the settings, reaches every upstream, and prints what would be served.
 Exits 0 when at least one upstream answers (as `/_proxy/health` says), 1 when
-none does, 2 on a settings error. It creates nothing: not even a generated key.
+none does, 2 on a settings error or a Tornado the proxy cannot run on. It creates
+nothing: not even a generated key.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .proxy import Proxy
 from .routes import RouteTable
 from .settings import Settings, SettingsError, load_settings
 from .startup import Look, addresses, local_addresses, look_at
+from .tornado_private import IncompatibleTornado, require
 
 PROG = "tornado-ollama-proxy"
 LIMITS = ("rate_limit", "concurrency_per_client", "concurrency_total", "max_body_size")
@@ -27,11 +29,12 @@ LIMITS = ("rate_limit", "concurrency_per_client", "concurrency_total", "max_body
 
 def check(settings_file: str | None, flags: dict[str, str]) -> int:
     try:
+        require()
         settings = load_settings(settings_file, flags=flags)
         pm = make_plugin_manager(settings)
         routes = build_route_table(pm)
         keys = access_keys(settings)
-    except (SettingsError, PluginError) as error:
+    except (SettingsError, PluginError, IncompatibleTornado) as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 2
     return _report(settings, routes, keys, asyncio.run(_look(Proxy(settings, routes))))
